@@ -1,0 +1,92 @@
+// CPU kernel of the fused spatial-statistics loss (see stats_loss_driver.cpp for the math).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cpu/cpu_loops.h"
+#include "spectral.h"
+#include "two_point.h"
+
+namespace pymks_vae {
+namespace {
+
+template <typename T>
+void loss_pass_t(const LossArgs& a, at::Tensor& partial, at::Tensor& gx) {
+  const int64_t B = a.x_hat.size(0), nu = a.x_hat.size(1), nq = a.pa.numel();
+  const int64_t K = a.x_hat.size(a.x_hat.dim() - 1);  // bins of the halved last axis
+  const int64_t H = a.x_hat.numel() / (B * nu), R = H / K;
+  const auto* X = reinterpret_cast<const cpx<T>*>(a.x_hat.data_ptr());
+  const auto* Tt = reinterpret_cast<const cpx<T>*>(a.t_hat.data_ptr());
+  auto* G = a.need_grad ? reinterpret_cast<cpx<T>*>(gx.data_ptr()) : nullptr;
+  const int32_t* pa = a.pa.data_ptr<int32_t>();
+  const int32_t* pb = a.pb.data_ptr<int32_t>();
+  T* part = partial.data_ptr<T>();
+  const T gs = static_cast<T>(a.grad_scale);
+  const int64_t m_last = a.m_last;
+
+  // One task per (sample, spectral row); each writes its own partial sum (deterministic).
+  at::parallel_for(0, B * R, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / R, r = task % R;
+      const int64_t off = b * nu * H + r * K;
+      if (G)
+        for (int64_t u = 0; u < nu; ++u)
+          for (int64_t k = 0; k < K; ++k) G[off + u * H + k] = {T(0), T(0)};
+      T acc = T(0);
+      for (int64_t q = 0; q < nq; ++q) {
+        const cpx<T>* xa = X + off + pa[q] * H;
+        const cpx<T>* xb = X + off + pb[q] * H;
+        const cpx<T>* ta = Tt + off + pa[q] * H;
+        const cpx<T>* tb = Tt + off + pb[q] * H;
+        T row = T(0);
+        for (int64_t k = 0; k < K; ++k) {
+          const cpx<T> d = pair_difference(xa[k], xb[k], ta[k], tb[k]);
+          row += parseval_weight<T>(k, m_last) * cnorm2(d);
+        }
+        acc += row;
+        if (G) {
+          cpx<T>* ga = G + off + pa[q] * H;
+          cpx<T>* gb = G + off + pb[q] * H;
+          for (int64_t k = 0; k < K; ++k) {
+            const cpx<T> d = cscale(pair_difference(xa[k], xb[k], ta[k], tb[k]), gs);
+            ga[k] = cadd(ga[k], cmul_conj(d, xb[k]));
+            gb[k] = cadd(gb[k], cmul(d, xa[k]));
+          }
+        }
+      }
+      part[task] = acc;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> loss_pass(const LossArgs& a) {
+  const auto real = at::toRealValueType(a.x_hat.scalar_type());
+  const int64_t B = a.x_hat.size(0);
+  const int64_t K = a.x_hat.size(a.x_hat.dim() - 1);
+  const int64_t R = a.x_hat.numel() / (B * a.x_hat.size(1) * K);
+  auto partial = at::empty({B, R}, a.x_hat.options().dtype(real));
+  auto gx = a.need_grad ? at::empty_like(a.x_hat) : at::empty({0}, a.x_hat.options());
+  AT_DISPATCH_FLOATING_TYPES(real, "stats_loss", [&] { loss_pass_t<scalar_t>(a, partial, gx); });
+  return {partial.sum(1) * a.value_scale, gx};
+}
+
+const StatsLossBackend kCpu{loss_pass};
+
+std::tuple<at::Tensor, at::Tensor> stats_loss_cpu(const at::Tensor& x, const at::Tensor& target,
+                                                  at::IntArrayRef pair_i, at::IntArrayRef pair_j,
+                                                  double scale, bool need_grad) {
+  return stats_loss_forward(x, target, pair_i, pair_j, scale, need_grad, kCpu);
+}
+
+at::Tensor stats_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& spectrum,
+                                   at::IntArrayRef spatial, int64_t n_state, at::IntArrayRef states) {
+  return stats_loss_backward(grad, spectrum, spatial, n_state, states);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pymks_vae, CPU, m) {
+  m.impl("stats_loss", &stats_loss_cpu);
+  m.impl("stats_loss_backward", &stats_loss_backward_cpu);
+}
+
+}  // namespace pymks_vae

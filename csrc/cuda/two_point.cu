@@ -1,0 +1,215 @@
+// CUDA kernels of the two-point operator: the same passes as csrc/cpu/two_point.cpp, one thread
+// per element, with the arithmetic of spectral.h.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/cuda_loops.cuh"
+#include "spectral.h"
+#include "two_point.h"
+
+namespace pymks_vae {
+namespace {
+
+using cuda::blocks_for;
+using cuda::kThreads;
+
+bool partition_check(const at::Tensor& x, double tol) {
+  // One fused reduction is not worth a custom kernel on a GPU; !(dev <= tol) also flags NaN.
+  auto dev = (x.sum(1) - 1.0).abs();
+  return (dev <= tol).all().item<bool>();
+}
+
+template <typename T>
+__global__ void pair_products_kernel(const cpx<T>* X, const int32_t* a, const int32_t* b, cpx<T>* P,
+                                     int64_t nf, int64_t nb, int64_t H, int64_t total) {
+  PVAE_GRID_STRIDE(idx, total) {
+    const int64_t i = idx % H, row = idx / H, k = row % nb, bb = row / nb;
+    P[idx] = cmul_conj(X[(bb * nf + a[k]) * H + i], X[(bb * nf + b[k]) * H + i]);
+  }
+}
+
+at::Tensor pair_products(const at::Tensor& xh, const at::Tensor& a, const at::Tensor& b) {
+  auto sizes = xh.sizes().vec();
+  sizes[1] = a.numel();
+  auto out = at::empty(sizes, xh.options());
+  const int64_t B = xh.size(0), nf = xh.size(1), nb = a.numel(), H = xh.numel() / (B * nf);
+  const int64_t total = B * nb * H;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(at::toRealValueType(xh.scalar_type()), "pair_products", [&] {
+    pair_products_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        reinterpret_cast<const cpx<scalar_t>*>(xh.data_ptr()), a.data_ptr<int32_t>(), b.data_ptr<int32_t>(),
+        reinterpret_cast<cpx<scalar_t>*>(out.data_ptr()), nf, nb, H, total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+template <typename T>
+__global__ void gather_kernel(const T* base, const T* dc, const T* zmask, const T* zlevel, int64_t Bm,
+                              const PairPlan* pairs, const Term* terms, const VfTerm* vfs, Geometry g,
+                              bool periodic, int64_t nb, int64_t nf, int64_t nq, int64_t grid, int64_t win,
+                              T s_total, T* out, int64_t total) {
+  PVAE_GRID_STRIDE(idx, total) {
+    const int64_t bq = idx / win, q = bq % nq, b = bq / nq;
+    int64_t rem = idx % win, midx[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
+    for (int d = g.ndim - 1; d >= 0; --d) {
+      midx[d] = rem % g.w[d];
+      rem /= g.w[d];
+    }
+    int64_t pos = 0, pos_rev = 0;
+    for (int d = 0; d < g.ndim; ++d) {
+      lag[d] = window_lag(midx[d], g.w[d]);
+      pos = pos * g.m[d] + lag_to_grid(lag[d], g.m[d]);
+      pos_rev = pos_rev * g.m[d] + lag_to_grid(-lag[d], g.m[d]);
+    }
+    const T v = assemble_pair(pairs[q], terms, vfs, base + b * nb * grid, grid, pos, pos_rev, dc + b * nf, s_total);
+    T norm;
+    if (zmask != nullptr) {
+      const int64_t bm = Bm == 1 ? 0 : b;
+      norm = inv_mask_norm(zmask[bm * grid + pos], zlevel[bm]);
+    } else {
+      norm = inv_norm_lag<T>(g, lag, periodic, T(1) / s_total);
+    }
+    out[idx] = v * norm;
+  }
+}
+
+at::Tensor gather(const GatherArgs& a) {
+  const Geometry g = a.geom;
+  std::vector<int64_t> sizes{a.base.size(0), a.n_pairs};
+  int64_t grid = 1, win = 1, s_total = 1;
+  for (int d = 0; d < g.ndim; ++d) {
+    sizes.push_back(g.w[d]);
+    grid *= g.m[d];
+    win *= g.w[d];
+    s_total *= g.n[d];
+  }
+  auto out = at::empty(sizes, a.base.options());
+  const int64_t total = out.numel();
+  const bool has_mask = a.zmask.defined();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.base.scalar_type(), "gather", [&] {
+    gather_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        a.base.data_ptr<scalar_t>(), a.dc.data_ptr<scalar_t>(),
+        has_mask ? a.zmask.data_ptr<scalar_t>() : nullptr, has_mask ? a.zlevel.data_ptr<scalar_t>() : nullptr,
+        has_mask ? a.zmask.size(0) : 1, reinterpret_cast<const PairPlan*>(a.plan.pairs.data_ptr()),
+        reinterpret_cast<const Term*>(a.plan.terms.data_ptr()), reinterpret_cast<const VfTerm*>(a.plan.vfs.data_ptr()),
+        g, a.periodic, a.base.size(1), a.dc.size(1), a.n_pairs, grid, win, static_cast<scalar_t>(s_total),
+        out.data_ptr<scalar_t>(), total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+template <typename T>
+__global__ void embed_grad_kernel(const T* grad, const T* zmask, const T* zlevel, int64_t Bm, Geometry g,
+                                  bool periodic, int64_t nq, int64_t grid, int64_t win, T s_total, T* out,
+                                  int64_t total) {
+  PVAE_GRID_STRIDE(idx, total) {
+    const int64_t bq = idx / grid, b = bq / nq, gpos = idx % grid;
+    int64_t rem = gpos, pos[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
+    for (int d = g.ndim - 1; d >= 0; --d) {
+      pos[d] = rem % g.m[d];
+      rem /= g.m[d];
+    }
+    int64_t wflat = 0;
+    bool inside = true;
+    for (int d = 0; d < g.ndim; ++d) {
+      const int64_t w = grid_to_window(pos[d], g.m[d], g.w[d]);
+      inside = inside && w >= 0;
+      lag[d] = window_lag(w, g.w[d]);
+      wflat = wflat * g.w[d] + w;
+    }
+    T v = T(0);
+    if (inside) {
+      T norm;
+      if (zmask != nullptr) {
+        const int64_t bm = Bm == 1 ? 0 : b;
+        norm = inv_mask_norm(zmask[bm * grid + gpos], zlevel[bm]);
+      } else {
+        norm = inv_norm_lag<T>(g, lag, periodic, T(1) / s_total);
+      }
+      v = grad[bq * win + wflat] * norm;
+    }
+    out[idx] = v;
+  }
+}
+
+at::Tensor embed_grad(const EmbedArgs& a) {
+  const Geometry g = a.geom;
+  std::vector<int64_t> sizes{a.grad.size(0), a.grad.size(1)};
+  int64_t grid = 1, win = 1, s_total = 1;
+  for (int d = 0; d < g.ndim; ++d) {
+    sizes.push_back(g.m[d]);
+    grid *= g.m[d];
+    win *= g.w[d];
+    s_total *= g.n[d];
+  }
+  auto out = at::empty(sizes, a.grad.options());
+  const int64_t total = out.numel();
+  const bool has_mask = a.zmask.defined();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.grad.scalar_type(), "embed_grad", [&] {
+    embed_grad_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        a.grad.data_ptr<scalar_t>(), has_mask ? a.zmask.data_ptr<scalar_t>() : nullptr,
+        has_mask ? a.zlevel.data_ptr<scalar_t>() : nullptr, has_mask ? a.zmask.size(0) : 1, g, a.periodic,
+        a.grad.size(1), grid, win, static_cast<scalar_t>(s_total), out.data_ptr<scalar_t>(), total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+template <typename T>
+__global__ void combine_grad_kernel(const cpx<T>* G, const cpx<T>* X, const int32_t* begin, const int32_t* end,
+                                    const CombineTerm* terms, int64_t nq, int64_t nu, int64_t ns, int64_t H,
+                                    cpx<T>* out, int64_t total) {
+  PVAE_GRID_STRIDE(idx, total) {
+    const int64_t i = idx % H, row = idx / H, u = row % ns, b = row / ns;
+    out[idx] = combine_bin(terms, begin[u], end[u], G + b * nq * H + i, X + b * nu * H + i, H);
+  }
+}
+
+at::Tensor combine_grad(const CombineArgs& a) {
+  auto sizes = a.x_hat.sizes().vec();
+  sizes[1] = a.n_states;
+  auto out = at::empty(sizes, a.x_hat.options());
+  const int64_t B = a.x_hat.size(0), nu = a.x_hat.size(1), H = a.x_hat.numel() / (B * nu);
+  const int64_t total = out.numel();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(at::toRealValueType(a.x_hat.scalar_type()), "combine_grad", [&] {
+    combine_grad_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        reinterpret_cast<const cpx<scalar_t>*>(a.g_hat.data_ptr()),
+        reinterpret_cast<const cpx<scalar_t>*>(a.x_hat.data_ptr()), a.begin.data_ptr<int32_t>(),
+        a.end.data_ptr<int32_t>(), reinterpret_cast<const CombineTerm*>(a.terms.data_ptr()), a.g_hat.size(1), nu,
+        a.n_states, H, reinterpret_cast<cpx<scalar_t>*>(out.data_ptr()), total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+const TwoPointBackend kCuda{partition_check, pair_products, gather, embed_grad, combine_grad};
+
+at::Tensor two_point_stats_cuda(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
+                                bool periodic, at::IntArrayRef window, const c10::optional<at::Tensor>& mask,
+                                int64_t partition) {
+  c10::cuda::CUDAGuard guard(x.device());
+  return two_point_forward(x, pair_i, pair_j, periodic, window, mask, partition, kCuda);
+}
+
+at::Tensor two_point_stats_backward_cuda(const at::Tensor& grad, const at::Tensor& x, at::IntArrayRef pair_i,
+                                         at::IntArrayRef pair_j, bool periodic, at::IntArrayRef window,
+                                         const c10::optional<at::Tensor>& mask) {
+  c10::cuda::CUDAGuard guard(x.device());
+  return two_point_backward(grad, x, pair_i, pair_j, periodic, window, mask, kCuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pymks_vae, CUDA, m) {
+  m.impl("two_point_stats", &two_point_stats_cuda);
+  m.impl("two_point_stats_backward", &two_point_stats_backward_cuda);
+}
+
+}  // namespace pymks_vae

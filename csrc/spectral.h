@@ -1,0 +1,177 @@
+// Arithmetic shared by the CPU and CUDA kernels of pymks-vae.
+//
+// Every function here is __host__ __device__: the CPU kernels (csrc/cpu) and the CUDA kernels
+// (csrc/cuda) call the same helpers, so a test of the CPU path exercises the arithmetic the GPU
+// runs. Nothing here allocates or touches ATen.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define PVAE_HD __host__ __device__ __forceinline__
+#else
+#define PVAE_HD inline
+#endif
+
+namespace pymks_vae {
+
+constexpr int kMaxDims = 3;
+
+// ------------------------------------------------------------------ complex numbers
+// Layout-compatible with c10::complex<T> and std::complex<T> (re, im).
+template <typename T>
+struct cpx {
+  T re, im;
+};
+
+template <typename T>
+PVAE_HD cpx<T> cadd(cpx<T> a, cpx<T> b) { return {a.re + b.re, a.im + b.im}; }
+
+template <typename T>
+PVAE_HD cpx<T> csub(cpx<T> a, cpx<T> b) { return {a.re - b.re, a.im - b.im}; }
+
+template <typename T>
+PVAE_HD cpx<T> cscale(cpx<T> a, T s) { return {a.re * s, a.im * s}; }
+
+// a * b
+template <typename T>
+PVAE_HD cpx<T> cmul(cpx<T> a, cpx<T> b) {
+  return {a.re * b.re - a.im * b.im, a.re * b.im + a.im * b.re};
+}
+
+// conj(a) * b: the spectrum of the correlation sum_x a(x) b(x + r).
+template <typename T>
+PVAE_HD cpx<T> cmul_conj(cpx<T> a, cpx<T> b) {
+  return {a.re * b.re + a.im * b.im, a.re * b.im - a.im * b.re};
+}
+
+template <typename T>
+PVAE_HD T cnorm2(cpx<T> a) { return a.re * a.re + a.im * a.im; }
+
+// ------------------------------------------------------------------ geometry of lags
+// n: spatial size, m: FFT grid size (n when periodic, padded otherwise), w: window of lags kept.
+// The window holds lags -w/2 .. w-1-w/2 (r = 0 at index w/2, numpy's fftshift convention).
+struct Geometry {
+  int ndim;
+  int64_t n[kMaxDims];
+  int64_t m[kMaxDims];
+  int64_t w[kMaxDims];
+};
+
+// Lag held at index `idx` of a window of size w.
+PVAE_HD int64_t window_lag(int64_t idx, int64_t w) { return idx - w / 2; }
+
+// Position of lag r (|r| < m) on a circular grid of size m.
+PVAE_HD int64_t lag_to_grid(int64_t r, int64_t m) { return r < 0 ? r + m : r; }
+
+// Window index whose lag sits at grid position `pos`, or -1 when that lag is outside the window.
+// Requires m >= w, so each grid position holds at most one lag of the window.
+PVAE_HD int64_t grid_to_window(int64_t pos, int64_t m, int64_t w) {
+  const int64_t hw = w / 2;
+  const int64_t r = pos <= w - 1 - hw ? pos : pos - m;
+  return r < -hw ? -1 : r + hw;
+}
+
+// Number of pixel pairs at lag r along an axis of n pixels without periodic wrap.
+template <typename T>
+PVAE_HD T overlap_count(int64_t n, int64_t r) { return static_cast<T>(n - (r < 0 ? -r : r)); }
+
+// Parseval weight of a bin of the last (halved) axis of a real-to-complex transform: interior
+// bins stand for themselves and their mirror (2); the DC bin and, for even m, the Nyquist bin
+// have no distinct mirror (1).
+template <typename T>
+PVAE_HD T parseval_weight(int64_t k, int64_t m) {
+  return (k == 0 || 2 * k == m) ? T(1) : T(2);
+}
+
+// ------------------------------------------------------------------ correlation relations
+// A requested correlation is assembled from "base" correlations (computed by FFT) as
+//   C_q(r) = constant * S + sum_v coef_v * sum_x x_{state_v}(x) + sum_t coef_t * C_{base_t}(+-r)
+// which covers the direct case (one term), the mirror C_ji(r) = C_ij(-r) (reversed term) and the
+// partition-of-unity relations, where the last state is 1 - sum of the others.
+struct Term {
+  int32_t base;
+  int32_t reversed;
+  double coef;
+};
+
+struct VfTerm {
+  int32_t state;  // position among the transformed states
+  int32_t pad;
+  double coef;
+};
+
+struct PairPlan {
+  int32_t term_begin, term_end;
+  int32_t vf_begin, vf_end;
+  double constant;
+};
+
+// The lag-independent part of a requested correlation: constant * S + sum_v coef_v * sum x_v.
+template <typename T>
+PVAE_HD T pair_constant(const PairPlan& p, const VfTerm* vfs, const T* dc_b, T s_total) {
+  T v = static_cast<T>(p.constant) * s_total;
+  for (int32_t k = p.vf_begin; k < p.vf_end; ++k) v += static_cast<T>(vfs[k].coef) * dc_b[vfs[k].state];
+  return v;
+}
+
+// Unnormalised value of one requested correlation at one lag, for one sample.
+//   base_b: this sample's base correlations, [n_base][grid_numel]
+//   dc_b:   this sample's sums over pixels of the transformed states
+template <typename T>
+PVAE_HD T assemble_pair(const PairPlan& p, const Term* terms, const VfTerm* vfs, const T* base_b,
+                        int64_t grid_numel, int64_t pos, int64_t pos_rev, const T* dc_b,
+                        T s_total) {
+  T v = pair_constant(p, vfs, dc_b, s_total);
+  for (int32_t k = p.term_begin; k < p.term_end; ++k) {
+    const Term t = terms[k];
+    v += static_cast<T>(t.coef) * base_b[t.base * grid_numel + (t.reversed ? pos_rev : pos)];
+  }
+  return v;
+}
+
+// 1 / normaliser of a lag: 1/S (periodic), 1/prod(n - |r|) (zero padded), or the mask's own
+// correlation z (0 where the mask has no overlap at that lag, i.e. z <= level).
+template <typename T>
+PVAE_HD T inv_norm_lag(const Geometry& g, const int64_t* lag, bool periodic, T inv_s) {
+  if (periodic) return inv_s;
+  T c = T(1);
+  for (int d = 0; d < g.ndim; ++d) c *= overlap_count<T>(g.n[d], lag[d]);
+  return T(1) / c;
+}
+
+template <typename T>
+PVAE_HD T inv_mask_norm(T z, T level) { return z > level ? T(1) / z : T(0); }
+
+// ------------------------------------------------------------------ gradient assembly
+// One term of the gradient spectrum of state s:  conj(G_q) X_other  when s is the first state of
+// pair q (sum_x x_s(x) x_o(x + r)), and  G_q X_other  when s is its second state.
+struct CombineTerm {
+  int32_t pair;
+  int32_t other;  // position among the transformed states
+  int32_t conj;
+  int32_t pad;
+};
+
+template <typename T>
+PVAE_HD cpx<T> combine_bin(const CombineTerm* terms, int32_t begin, int32_t end, const cpx<T>* g_bin,
+                           const cpx<T>* x_bin, int64_t stride) {
+  cpx<T> acc{T(0), T(0)};
+  for (int32_t k = begin; k < end; ++k) {
+    const CombineTerm t = terms[k];
+    const cpx<T> g = g_bin[t.pair * stride];
+    const cpx<T> xo = x_bin[t.other * stride];
+    acc = cadd(acc, t.conj ? cmul_conj(g, xo) : cmul(g, xo));
+  }
+  return acc;
+}
+
+// ------------------------------------------------------------------ fused loss (Parseval)
+// For a pair (a, b) at one spectral bin: D = conj(Xa) Xb - conj(Ta) Tb. The loss adds w |D|^2;
+// the gradient spectrum adds conj(D) Xb to state a and D Xa to state b.
+template <typename T>
+PVAE_HD cpx<T> pair_difference(cpx<T> xa, cpx<T> xb, cpx<T> ta, cpx<T> tb) {
+  return csub(cmul_conj(xa, xb), cmul_conj(ta, tb));
+}
+
+}  // namespace pymks_vae

@@ -1,0 +1,95 @@
+// Device-independent orchestration of the fused spatial-statistics loss.
+//
+// With X = rfftn(x), T = rfftn(t), D_q = conj(X_i) X_j - conj(T_i) T_j for each pair q and N the
+// number of pixels, Parseval gives
+//   sum_q sum_r (s f_q(x)(r) - s f_q(t)(r))^2 = (s^2 / N^3) sum_q sum_k w_k |D_q,k|^2
+// over the half spectrum (w_k: 1 or 2, see parseval_weight), and the gradient
+//   dL/dx_a = irfftn( (2 s^2 / N^2) * [sum_{q: i=a} conj(D_q) X_j + sum_{q: j=a} D_q X_i] ).
+// The forward pass therefore takes two forward transforms and prepares the gradient spectrum;
+// the backward pass is one inverse transform.
+#include <map>
+#include <set>
+
+#include "two_point.h"
+
+namespace pymks_vae {
+
+std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x_in, const at::Tensor& t_in,
+                                                      at::IntArrayRef pair_i, at::IntArrayRef pair_j,
+                                                      double scale, bool need_grad,
+                                                      const StatsLossBackend& be) {
+  const char* op = "spatial_stats_loss";
+  TORCH_CHECK_VALUE(x_in.sizes() == t_in.sizes(), op, ": target shape ", t_in.sizes(),
+                    " differs from x shape ", x_in.sizes());
+  TORCH_CHECK_TYPE(x_in.scalar_type() == t_in.scalar_type(), op, ": target dtype differs from x dtype");
+  const int64_t nd = x_in.dim() - 2;
+  TORCH_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": x must have 1-3 spatial dims");
+  TORCH_CHECK_VALUE(x_in.size(0) > 0, op, ": x is an empty batch");
+  TORCH_CHECK_VALUE(pair_i.size() == pair_j.size() && !pair_i.empty(), op,
+                    ": pair_i and pair_j must be non-empty and of equal length");
+  const int64_t n_state = x_in.size(1);
+  std::set<int64_t> used;
+  for (size_t k = 0; k < pair_i.size(); ++k) {
+    TORCH_CHECK_VALUE(pair_i[k] >= 0 && pair_i[k] < n_state && pair_j[k] >= 0 && pair_j[k] < n_state,
+                      op, ": correlation (", pair_i[k], ", ", pair_j[k], ") out of range for n_state=", n_state);
+    used.insert(pair_i[k]);
+    used.insert(pair_j[k]);
+  }
+  std::vector<int64_t> states(used.begin(), used.end());
+  std::map<int64_t, int32_t> pos;
+  for (size_t k = 0; k < states.size(); ++k) pos[states[k]] = static_cast<int32_t>(k);
+  std::vector<int32_t> pa, pb;
+  for (size_t k = 0; k < pair_i.size(); ++k) {
+    pa.push_back(pos[pair_i[k]]);
+    pb.push_back(pos[pair_j[k]]);
+  }
+
+  auto x = x_in.contiguous();
+  auto t = t_in.contiguous();
+  if (static_cast<int64_t>(states.size()) != n_state) {
+    auto idx = at::tensor(states, at::TensorOptions().dtype(at::kLong)).to(x.device());
+    x = x.index_select(1, idx);
+    t = t.index_select(1, idx);
+  }
+  const auto dims = spatial_dims(x.dim());
+  double n_pix = 1.0;
+  for (int64_t d = 2; d < x.dim(); ++d) n_pix *= static_cast<double>(x.size(d));
+
+  LossArgs a;
+  a.x_hat = at::fft_rfftn(x, c10::nullopt, dims).contiguous();
+  a.t_hat = at::fft_rfftn(t, c10::nullopt, dims).contiguous();
+  check_spectrum_finite(a.x_hat, op, "x");
+  check_spectrum_finite(a.t_hat, op, "target");
+  a.pa = ints_to(pa, x.device());
+  a.pb = ints_to(pb, x.device());
+  a.m_last = x.size(x.dim() - 1);
+  a.value_scale = scale * scale / (n_pix * n_pix * n_pix);
+  a.grad_scale = 2.0 * scale * scale / (n_pix * n_pix);
+  a.need_grad = need_grad;
+  return be.loss_pass(a);
+}
+
+at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectrum,
+                               at::IntArrayRef spatial, int64_t n_state, at::IntArrayRef states) {
+  const char* op = "spatial_stats_loss_backward";
+  TORCH_CHECK_VALUE(spectrum.dim() == static_cast<int64_t>(spatial.size()) + 2 && spectrum.is_complex(),
+                    op, ": the saved spectrum does not match the spatial shape");
+  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == spectrum.size(0), op,
+                    ": grad must have shape (batch,)");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(states.size()) == spectrum.size(1), op,
+                    ": states does not match the saved spectrum");
+  std::vector<int64_t> view(spectrum.dim(), 1);
+  view[0] = grad.size(0);
+  const auto dims = spatial_dims(spectrum.dim());
+  auto scaled = spectrum * grad.view(view);
+  auto gx = at::fft_irfftn(scaled, spatial, dims);
+  if (static_cast<int64_t>(states.size()) == n_state) return gx.contiguous();
+  std::vector<int64_t> sizes{grad.size(0), n_state};
+  for (auto s : spatial) sizes.push_back(s);
+  auto out = at::zeros(sizes, gx.options());
+  auto idx = at::tensor(states.vec(), at::TensorOptions().dtype(at::kLong)).to(gx.device());
+  out.index_copy_(1, idx, gx);
+  return out;
+}
+
+}  // namespace pymks_vae

@@ -1,0 +1,126 @@
+// Host-side orchestration shared by the CPU and CUDA backends.
+//
+// The drivers (two_point_driver.cpp, stats_loss_driver.cpp) do what is the same on every
+// device: planning which transforms to run, the FFTs themselves (ATen), data checks. Each
+// backend supplies only the fused element-wise passes, written with the helpers of spectral.h.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstring>
+#include <vector>
+
+#include "spectral.h"
+
+namespace pymks_vae {
+
+// What one two_point_stats call computes, decided on the host.
+struct TwoPointPlan {
+  std::vector<int64_t> fwd_states;  // states whose forward transform is taken
+  std::vector<int32_t> base_a;      // base correlation k = C_{base_a[k], base_b[k]} (positions)
+  std::vector<int32_t> base_b;
+  std::vector<PairPlan> pairs;      // one per requested correlation
+  std::vector<Term> terms;
+  std::vector<VfTerm> vfs;
+};
+
+// Gradient plan: for each transformed state, the CombineTerms that build its spectrum.
+struct CombinePlan {
+  std::vector<int64_t> states;        // states that receive a gradient (sorted)
+  std::vector<int32_t> begin, end;    // ranges into terms, per state position
+  std::vector<CombineTerm> terms;
+};
+
+// Device copies of plan tables (byte tensors), valid for the duration of one call.
+struct PlanTensors {
+  at::Tensor pairs, terms, vfs;
+};
+
+struct GatherArgs {
+  at::Tensor base;   // (B, n_base, *m) real
+  at::Tensor dc;     // (B, n_fwd) real: sums over pixels of the transformed states
+  at::Tensor zmask;  // (Bm, *m) mask correlation, or undefined
+  at::Tensor zlevel; // (Bm,) no-overlap level, or undefined
+  PlanTensors plan;
+  int64_t n_pairs;
+  Geometry geom;
+  bool periodic;
+};
+
+struct EmbedArgs {
+  at::Tensor grad;   // (B, n_pairs, *w)
+  at::Tensor zmask;  // as above
+  at::Tensor zlevel;
+  Geometry geom;
+  bool periodic;
+};
+
+struct CombineArgs {
+  at::Tensor g_hat;  // (B, n_pairs, *h) complex
+  at::Tensor x_hat;  // (B, n_used, *h) complex
+  at::Tensor begin, end, terms;  // plan tables on the device (int32, int32, bytes)
+  int64_t n_states;
+};
+
+// The per-device passes of the two-point operator.
+struct TwoPointBackend {
+  // True when sum over states of x is within tol of 1 at every pixel (and x is finite).
+  bool (*partition_check)(const at::Tensor& x, double tol);
+  // P[b, k] = conj(X[b, a_k]) * X[b, b_k]  ->  (B, n_base, *h)
+  at::Tensor (*pair_products)(const at::Tensor& x_hat, const at::Tensor& a, const at::Tensor& b);
+  // Output window: assemble, normalise, centre and crop  ->  (B, n_pairs, *w)
+  at::Tensor (*gather)(const GatherArgs& args);
+  // Adjoint of gather for the direct definition  ->  (B, n_pairs, *m)
+  at::Tensor (*embed_grad)(const EmbedArgs& args);
+  // Gradient spectra of the states  ->  (B, n_states, *h)
+  at::Tensor (*combine_grad)(const CombineArgs& args);
+};
+
+at::Tensor two_point_forward(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
+                             bool periodic, at::IntArrayRef window,
+                             const c10::optional<at::Tensor>& mask, int64_t partition,
+                             const TwoPointBackend& be);
+
+at::Tensor two_point_backward(const at::Tensor& grad, const at::Tensor& x, at::IntArrayRef pair_i,
+                              at::IntArrayRef pair_j, bool periodic, at::IntArrayRef window,
+                              const c10::optional<at::Tensor>& mask, const TwoPointBackend& be);
+
+// ------------------------------------------------------------------ fused loss
+struct LossArgs {
+  at::Tensor x_hat, t_hat;  // (B, n_used, *h) complex
+  at::Tensor pa, pb;        // int32 (n_pairs,) positions among the used states
+  int64_t m_last;           // size of the last spatial axis (for Parseval weights)
+  double value_scale;       // multiplies sum w |D|^2
+  double grad_scale;        // multiplies the gradient spectrum
+  bool need_grad;
+};
+
+struct StatsLossBackend {
+  // Returns per-sample values (B,) and, when need_grad, the gradient spectrum (B, n_used, *h).
+  std::tuple<at::Tensor, at::Tensor> (*loss_pass)(const LossArgs& args);
+};
+
+std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x, const at::Tensor& target,
+                                                      at::IntArrayRef pair_i, at::IntArrayRef pair_j,
+                                                      double scale, bool need_grad,
+                                                      const StatsLossBackend& be);
+
+at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectrum,
+                               at::IntArrayRef spatial, int64_t n_state, at::IntArrayRef states);
+
+// ------------------------------------------------------------------ shared host helpers
+std::vector<int64_t> spatial_dims(int64_t ndim);
+int64_t fast_fft_len(int64_t n);
+// Copies a vector of POD structs into a byte tensor on `device`.
+template <typename S>
+at::Tensor table_to(const std::vector<S>& v, const at::Device& device) {
+  auto bytes = static_cast<int64_t>(v.size() * sizeof(S));
+  auto t = at::empty({bytes > 0 ? bytes : 1}, at::TensorOptions().dtype(at::kByte));
+  if (bytes > 0) std::memcpy(t.data_ptr(), v.data(), bytes);
+  return device.is_cpu() ? t : t.to(device);
+}
+at::Tensor ints_to(const std::vector<int32_t>& v, const at::Device& device);
+// Raises ValueError naming `what` when the DC bins of a spectrum are not finite (NaN/Inf input).
+void check_spectrum_finite(const at::Tensor& spec, const char* op, const char* what);
+
+}  // namespace pymks_vae

@@ -1,0 +1,328 @@
+// Device-independent orchestration of the two-point operator (see two_point.h).
+#include "two_point.h"
+
+#include <algorithm>
+#include <limits>
+#include <map>
+#include <set>
+
+namespace pymks_vae {
+
+std::vector<int64_t> spatial_dims(int64_t ndim) {
+  std::vector<int64_t> dims;
+  for (int64_t d = 2; d < ndim; ++d) dims.push_back(d);
+  return dims;
+}
+
+// Smallest size >= n whose only prime factors are 2, 3, 5 and 7: fast for pocketfft, MKL and
+// cuFFT alike. Only used where the size is free (zero padding of non-periodic statistics).
+int64_t fast_fft_len(int64_t n) {
+  for (int64_t m = std::max<int64_t>(n, 1);; ++m) {
+    int64_t r = m;
+    for (int64_t p : {2, 3, 5, 7})
+      while (r % p == 0) r /= p;
+    if (r == 1) return m;
+  }
+}
+
+at::Tensor ints_to(const std::vector<int32_t>& v, const at::Device& device) {
+  auto t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kInt));
+  if (!v.empty()) std::memcpy(t.data_ptr(), v.data(), v.size() * sizeof(int32_t));
+  return device.is_cpu() ? t : t.to(device);
+}
+
+void check_spectrum_finite(const at::Tensor& spec, const char* op, const char* what) {
+  // A NaN or Inf anywhere in a field reaches its DC bin (the sum of all its values), so checking
+  // the DC bins catches bad input at the cost of reading B * n_state numbers.
+  auto dc = spec.flatten(2).select(2, 0);
+  TORCH_CHECK_VALUE(at::isfinite(dc).all().item<bool>(), op, ": ", what,
+                    " contains NaN or Inf (or values so large that their sum overflows)");
+}
+
+namespace {
+
+// Builds the plan for one choice of eliminated state L (L < 0: none).
+TwoPointPlan plan_for(const std::vector<std::pair<int64_t, int64_t>>& req, int64_t n_state,
+                      int64_t L) {
+  std::map<std::pair<int64_t, int64_t>, int32_t> base_index;
+  std::vector<std::pair<int64_t, int64_t>> base_pairs;
+  std::set<int64_t> fwd;
+  TwoPointPlan plan;
+  std::vector<std::pair<int64_t, double>> vf_states;  // state ids before remapping
+
+  auto add_term = [&](int64_t a, int64_t b, double coef) {
+    const bool reversed = a > b;
+    const auto key = reversed ? std::make_pair(b, a) : std::make_pair(a, b);
+    auto it = base_index.find(key);
+    int32_t idx;
+    if (it == base_index.end()) {
+      idx = static_cast<int32_t>(base_pairs.size());
+      base_index[key] = idx;
+      base_pairs.push_back(key);
+      fwd.insert(a);
+      fwd.insert(b);
+    } else {
+      idx = it->second;
+    }
+    // The auto-correlation is symmetric: a reversed auto term is the same term.
+    plan.terms.push_back({idx, (reversed && a != b) ? 1 : 0, coef});
+  };
+  auto add_vf = [&](int64_t s, double coef) {
+    fwd.insert(s);
+    vf_states.push_back({s, coef});
+  };
+
+  for (const auto& [i, j] : req) {
+    PairPlan p{};
+    p.term_begin = static_cast<int32_t>(plan.terms.size());
+    p.vf_begin = static_cast<int32_t>(vf_states.size());
+    p.constant = 0.0;
+    if (L < 0 || (i != L && j != L)) {
+      add_term(i, j, 1.0);
+    } else if (i != L) {  // C_iL = sum x_i - sum_k C_ik
+      add_vf(i, 1.0);
+      for (int64_t k = 0; k < n_state; ++k)
+        if (k != L) add_term(i, k, -1.0);
+    } else if (j != L) {  // C_Lj = sum x_j - sum_k C_kj
+      add_vf(j, 1.0);
+      for (int64_t k = 0; k < n_state; ++k)
+        if (k != L) add_term(k, j, -1.0);
+    } else {  // C_LL = S - 2 sum_k sum x_k + sum_kl C_kl
+      p.constant = 1.0;
+      for (int64_t k = 0; k < n_state; ++k)
+        if (k != L) add_vf(k, -2.0);
+      for (int64_t k = 0; k < n_state; ++k)
+        for (int64_t l = 0; l < n_state; ++l)
+          if (k != L && l != L) add_term(k, l, 1.0);
+    }
+    p.term_end = static_cast<int32_t>(plan.terms.size());
+    p.vf_end = static_cast<int32_t>(vf_states.size());
+    plan.pairs.push_back(p);
+  }
+  plan.fwd_states.assign(fwd.begin(), fwd.end());
+  std::map<int64_t, int32_t> pos;
+  for (size_t k = 0; k < plan.fwd_states.size(); ++k) pos[plan.fwd_states[k]] = static_cast<int32_t>(k);
+  for (const auto& [a, b] : base_pairs) {
+    plan.base_a.push_back(pos[a]);
+    plan.base_b.push_back(pos[b]);
+  }
+  for (const auto& [s, coef] : vf_states) plan.vfs.push_back({pos[s], 0, coef});
+  return plan;
+}
+
+// Fewest transforms wins (forward + inverse); ties keep the direct computation.
+TwoPointPlan make_plan(const std::vector<std::pair<int64_t, int64_t>>& req, int64_t n_state,
+                       bool partition) {
+  TwoPointPlan best = plan_for(req, n_state, -1);
+  if (!partition) return best;
+  auto cost = [](const TwoPointPlan& p) { return p.fwd_states.size() + p.base_a.size(); };
+  for (int64_t L = n_state - 1; L >= 0; --L) {
+    TwoPointPlan cand = plan_for(req, n_state, L);
+    if (cost(cand) < cost(best)) best = std::move(cand);
+  }
+  return best;
+}
+
+std::vector<std::pair<int64_t, int64_t>> pair_list(at::IntArrayRef pi, at::IntArrayRef pj) {
+  std::vector<std::pair<int64_t, int64_t>> req;
+  for (size_t k = 0; k < pi.size(); ++k) req.push_back({pi[k], pj[k]});
+  return req;
+}
+
+struct Setup {
+  Geometry geom;
+  std::vector<int64_t> dims, grid;
+  int64_t s_total;
+};
+
+Setup make_setup(const at::Tensor& x, bool periodic, at::IntArrayRef window, const char* op) {
+  const int64_t nd = x.dim() - 2;
+  TORCH_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": x must have 1-3 spatial dims");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(window.size()) == nd, op, ": window has ", window.size(),
+                    " entries for ", nd, " spatial dims");
+  Setup s{};
+  s.geom.ndim = static_cast<int>(nd);
+  s.dims = spatial_dims(x.dim());
+  s.s_total = 1;
+  for (int64_t d = 0; d < nd; ++d) {
+    const int64_t n = x.size(d + 2), w = window[d];
+    TORCH_CHECK_VALUE(w >= 1 && w <= n, op, ": window ", w, " does not fit spatial size ", n);
+    s.geom.n[d] = n;
+    s.geom.w[d] = w;
+    // Zero padding by the largest |lag| kept is enough to keep wrapped pairs out of the window.
+    s.geom.m[d] = periodic ? n : fast_fft_len(n + w / 2);
+    s.grid.push_back(s.geom.m[d]);
+    s.s_total *= n;
+  }
+  return s;
+}
+
+// The mask's own correlation on the grid and the level under which a lag has no overlap.
+std::pair<at::Tensor, at::Tensor> mask_norm(const at::Tensor& mask, const Setup& s) {
+  // mask: (Bm, *n); treated as a constant.
+  std::vector<int64_t> mdims;
+  for (int64_t d = 1; d < mask.dim(); ++d) mdims.push_back(d);
+  auto mh = at::fft_rfftn(mask, s.grid, mdims);
+  auto z = at::fft_irfftn(at::mul(mh, at::conj_physical(mh)), s.grid, mdims).contiguous();
+  const double rel = mask.scalar_type() == at::kFloat ? 1e-5 : 1e-10;
+  auto level = (z.flatten(1).select(1, 0) * rel).contiguous();  // z(0) = sum m^2 is the largest
+  return {z, level};
+}
+
+void check_mask(const at::Tensor& mask, const char* op) {
+  auto lo = mask.min().item<double>();
+  auto hi = mask.max().item<double>();
+  TORCH_CHECK_VALUE(lo >= 0.0 && hi <= 1.0, op,
+                    ": mask values must lie in [0, 1] (and be finite); got min ", lo, ", max ", hi);
+}
+
+}  // namespace
+
+at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
+                             bool periodic, at::IntArrayRef window,
+                             const c10::optional<at::Tensor>& mask_in, int64_t partition,
+                             const TwoPointBackend& be) {
+  const char* op = "two_point_stats";
+  auto x = x_in.contiguous();
+  const int64_t B = x.size(0), n_state = x.size(1);
+  TORCH_CHECK_VALUE(B > 0, op, ": x is an empty batch");
+  TORCH_CHECK_VALUE(pair_i.size() == pair_j.size() && !pair_i.empty(), op,
+                    ": pair_i and pair_j must be non-empty and of equal length");
+  for (size_t k = 0; k < pair_i.size(); ++k)
+    TORCH_CHECK_VALUE(pair_i[k] >= 0 && pair_i[k] < n_state && pair_j[k] >= 0 && pair_j[k] < n_state,
+                      op, ": correlation (", pair_i[k], ", ", pair_j[k], ") out of range for n_state=", n_state);
+  Setup s = make_setup(x, periodic, window, op);
+  const bool has_mask = mask_in.has_value() && mask_in->defined();
+
+  bool use_partition = false;
+  if (periodic && !has_mask && n_state >= 2 && partition != 0) {
+    const double tol = 64.0 * (x.scalar_type() == at::kFloat ? 1.1920929e-07 : 2.220446049250313e-16) * n_state;
+    use_partition = partition == 1 ? true : be.partition_check(x, tol);
+  }
+  TwoPointPlan plan = make_plan(pair_list(pair_i, pair_j), n_state, use_partition);
+
+  at::Tensor xs = x;
+  if (static_cast<int64_t>(plan.fwd_states.size()) != n_state) {
+    auto idx = at::tensor(plan.fwd_states, at::TensorOptions().dtype(at::kLong)).to(x.device());
+    xs = x.index_select(1, idx);
+  }
+  at::Tensor zmask, zlevel;
+  if (has_mask) {
+    auto mask = mask_in->contiguous();
+    check_mask(mask, op);
+    std::vector<int64_t> view{mask.size(0), 1};
+    for (int64_t d = 0; d < s.geom.ndim; ++d) view.push_back(s.geom.n[d]);
+    xs = xs * mask.view(view);
+    std::tie(zmask, zlevel) = mask_norm(mask, s);
+  }
+  auto x_hat = at::fft_rfftn(xs, s.grid, s.dims).contiguous();
+  check_spectrum_finite(x_hat, op, "x");
+  if (use_partition && partition == 1 && static_cast<int64_t>(plan.fwd_states.size()) != n_state) {
+    // Trusted partition: the eliminated state is never transformed, so check its values here.
+    std::vector<int64_t> rest;
+    for (int64_t k = 0; k < n_state; ++k)
+      if (!std::binary_search(plan.fwd_states.begin(), plan.fwd_states.end(), k)) rest.push_back(k);
+    auto idx = at::tensor(rest, at::TensorOptions().dtype(at::kLong)).to(x.device());
+    TORCH_CHECK_VALUE(at::isfinite(x.index_select(1, idx).sum()).item<bool>(), op,
+                      ": x contains NaN or Inf (or values so large that their sum overflows)");
+  }
+
+  auto dev = x.device();
+  auto products = be.pair_products(x_hat, ints_to(plan.base_a, dev), ints_to(plan.base_b, dev));
+  auto base = at::fft_irfftn(products, s.grid, s.dims).contiguous();
+  auto dc = at::real(x_hat.flatten(2).select(2, 0)).contiguous();
+
+  GatherArgs g;
+  g.base = base;
+  g.dc = dc;
+  g.zmask = zmask;
+  g.zlevel = zlevel;
+  g.plan = {table_to(plan.pairs, dev), table_to(plan.terms, dev), table_to(plan.vfs, dev)};
+  g.n_pairs = static_cast<int64_t>(pair_i.size());
+  g.geom = s.geom;
+  g.periodic = periodic;
+  return be.gather(g);
+}
+
+at::Tensor two_point_backward(const at::Tensor& grad_in, const at::Tensor& x_in, at::IntArrayRef pair_i,
+                              at::IntArrayRef pair_j, bool periodic, at::IntArrayRef window,
+                              const c10::optional<at::Tensor>& mask_in, const TwoPointBackend& be) {
+  const char* op = "two_point_stats_backward";
+  auto x = x_in.contiguous();
+  auto grad = grad_in.contiguous();
+  const int64_t B = x.size(0), n_state = x.size(1), n_pairs = static_cast<int64_t>(pair_i.size());
+  Setup s = make_setup(x, periodic, window, op);
+  std::vector<int64_t> want{B, n_pairs};
+  for (int64_t d = 0; d < s.geom.ndim; ++d) want.push_back(s.geom.w[d]);
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(want), op, ": grad has shape ", grad.sizes(),
+                    ", expected ", at::IntArrayRef(want));
+  const bool has_mask = mask_in.has_value() && mask_in->defined();
+
+  // The gradient is that of the direct definition C_ij(r) = sum_x x_i(x) x_j(x + r), whatever
+  // relations the forward pass used: every state of a requested pair is transformed.
+  CombinePlan cp;
+  std::set<int64_t> used;
+  for (size_t k = 0; k < pair_i.size(); ++k) {
+    used.insert(pair_i[k]);
+    used.insert(pair_j[k]);
+  }
+  cp.states.assign(used.begin(), used.end());
+  std::map<int64_t, int32_t> pos;
+  for (size_t k = 0; k < cp.states.size(); ++k) pos[cp.states[k]] = static_cast<int32_t>(k);
+  for (size_t u = 0; u < cp.states.size(); ++u) {
+    const int64_t st = cp.states[u];
+    cp.begin.push_back(static_cast<int32_t>(cp.terms.size()));
+    for (int64_t q = 0; q < n_pairs; ++q) {
+      if (pair_i[q] == st) cp.terms.push_back({static_cast<int32_t>(q), pos[pair_j[q]], 1, 0});
+      if (pair_j[q] == st) cp.terms.push_back({static_cast<int32_t>(q), pos[pair_i[q]], 0, 0});
+    }
+    cp.end.push_back(static_cast<int32_t>(cp.terms.size()));
+  }
+
+  at::Tensor xs = x;
+  if (static_cast<int64_t>(cp.states.size()) != n_state) {
+    auto idx = at::tensor(cp.states, at::TensorOptions().dtype(at::kLong)).to(x.device());
+    xs = x.index_select(1, idx);
+  }
+  at::Tensor mask, mask_view, zmask, zlevel;
+  if (has_mask) {
+    mask = mask_in->contiguous();
+    std::vector<int64_t> view{mask.size(0), 1};
+    for (int64_t d = 0; d < s.geom.ndim; ++d) view.push_back(s.geom.n[d]);
+    mask_view = mask.view(view);
+    xs = xs * mask_view;
+    std::tie(zmask, zlevel) = mask_norm(mask, s);
+  }
+
+  EmbedArgs e;
+  e.grad = grad;
+  e.zmask = zmask;
+  e.zlevel = zlevel;
+  e.geom = s.geom;
+  e.periodic = periodic;
+  auto g_grid = be.embed_grad(e);
+  auto g_hat = at::fft_rfftn(g_grid, s.grid, s.dims).contiguous();
+  auto x_hat = at::fft_rfftn(xs, s.grid, s.dims).contiguous();
+
+  auto dev = x.device();
+  CombineArgs c;
+  c.g_hat = g_hat;
+  c.x_hat = x_hat;
+  c.begin = ints_to(cp.begin, dev);
+  c.end = ints_to(cp.end, dev);
+  c.terms = table_to(cp.terms, dev);
+  c.n_states = static_cast<int64_t>(cp.states.size());
+  auto gx_hat = be.combine_grad(c);
+  auto gx = at::fft_irfftn(gx_hat, s.grid, s.dims);
+  if (!periodic) {
+    for (int64_t d = 0; d < s.geom.ndim; ++d) gx = gx.narrow(d + 2, 0, s.geom.n[d]);
+  }
+  if (has_mask) gx = gx * mask_view;
+  if (static_cast<int64_t>(cp.states.size()) == n_state) return gx.contiguous();
+  auto out = at::zeros_like(x);
+  auto idx = at::tensor(cp.states, at::TensorOptions().dtype(at::kLong)).to(x.device());
+  out.index_copy_(1, idx, gx);
+  return out;
+}
+
+}  // namespace pymks_vae

@@ -1,0 +1,81 @@
+"""Loads the compiled extension ``pymks_vae._C`` once, and says what it holds.
+
+If the module is missing (not built yet, or built for another torch), the package still
+imports: every op falls back to the pure-torch reference in :mod:`pymks_vae.reference`, and
+one warning says so.
+"""
+import warnings
+
+import torch
+
+_C = None
+_LOAD_ERROR = None
+_WARNED = False
+
+try:
+    from pymks_vae import _C  # noqa: F401  (registers the torch.ops.pymks_vae.* kernels)
+except ImportError as exc:  # not built, or built against another torch
+    _LOAD_ERROR = exc
+
+
+def has_extension():
+    """True when the compiled kernels are loaded."""
+    return _C is not None
+
+
+def has_cuda_kernels():
+    """True when the compiled module holds CUDA kernels (whether or not a GPU is present)."""
+    return _C is not None and bool(_C.build_info()["cuda"])
+
+
+def warn_fallback():
+    """Warn once that the pure-torch reference is used instead of the compiled kernels."""
+    global _WARNED
+    if not _WARNED:
+        _WARNED = True
+        warnings.warn(
+            "pymks_vae._C is not available "
+            f"({_LOAD_ERROR}); falling back to the pure-torch reference ops, which are slower. "
+            "Build it with `make build` (or `python setup.py build_ext --inplace`).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def build_info():
+    """Describe what this installation of pymks-vae was built with.
+
+    Returns:
+        dict with keys ``compiled`` (bool: is ``pymks_vae._C`` loaded), ``cpu`` and ``cuda``
+        (bool: which kernel backends were compiled), ``cuda_archs`` (list of str, e.g.
+        ``["8.0", "9.0"]``), ``torch_version`` (the torch the extension was built against),
+        ``cuda_version`` (the CUDA it was built with, or None), ``torch_runtime`` (the torch now
+        imported) and ``cuda_available`` (is a GPU usable right now).
+
+    Example:
+        >>> import pymks_vae
+        >>> sorted(pymks_vae.build_info())[:3]
+        ['compiled', 'cpu', 'cuda']
+    """
+    info = {
+        "compiled": _C is not None,
+        "cpu": False,
+        "cuda": False,
+        "cuda_archs": [],
+        "torch_version": None,
+        "cuda_version": None,
+    }
+    if _C is not None:
+        raw = _C.build_info()
+        info.update(
+            cpu=bool(raw["cpu"]),
+            cuda=bool(raw["cuda"]),
+            cuda_archs=[a for a in str(raw["cuda_archs"]).replace(",", ";").split(";") if a],
+            torch_version=str(raw["torch_version"]),
+            cuda_version=raw["cuda_version"] or None,
+        )
+    else:
+        info["error"] = str(_LOAD_ERROR)
+    info["torch_runtime"] = torch.__version__
+    info["cuda_available"] = torch.cuda.is_available()
+    return info

@@ -1,0 +1,394 @@
+"""Typed entry points to the compiled operators, with input validation and autograd.
+
+Each public function validates its arguments once (shape, dtype, indices, cutoff, mask) and then
+calls the registered operator ``torch.ops.pymks_vae.*`` - whose C++/CUDA kernels trust that
+validation - or, when the extension is not built, the pure-torch reference of
+:mod:`pymks_vae.reference`. Checks that need the data itself (NaN/Inf, a mask outside [0, 1]) run
+inside the kernels, so they also hold under ``torch.compile``.
+
+Layout: channels first, ``(batch, n_state, *spatial)`` with 1, 2 or 3 spatial dims.
+"""
+import math
+import numbers
+
+import torch
+
+from pymks_vae import _extension, reference
+
+__all__ = ["two_point_stats", "spatial_stats_loss", "soft_indicator"]
+
+_REDUCTIONS = ("sum", "mean", "none")
+_PARTITION_MODE = {False: 0, True: 1, None: 2}
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_field(name, t, op):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: {name} must be float32 or float64, got {t.dtype}")
+    if t.ndim < 3 or t.ndim > 5:
+        raise ValueError(
+            f"{op}: {name} must have shape (batch, n_state, *spatial) with 1, 2 or 3 spatial dims; "
+            f"got shape {tuple(t.shape)}"
+        )
+    if t.shape[0] == 0:
+        raise ValueError(f"{op}: {name} is an empty batch (shape {tuple(t.shape)}); need batch >= 1")
+    if any(s == 0 for s in t.shape[1:]):
+        raise ValueError(f"{op}: {name} has a zero-sized state or spatial axis: {tuple(t.shape)}")
+
+
+def _pairs(correlations, n_state, op):
+    if isinstance(correlations, (str, bytes)) or not hasattr(correlations, "__iter__"):
+        raise TypeError(f"{op}: correlations must be a sequence of (i, j) state pairs, got {correlations!r}")
+    pairs = []
+    for k, pair in enumerate(correlations):
+        try:
+            i, j = pair
+        except (TypeError, ValueError):
+            raise TypeError(f"{op}: correlations[{k}] must be a pair (i, j) of ints, got {pair!r}") from None
+        for s in (i, j):
+            if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+                raise TypeError(f"{op}: correlations[{k}] = {pair!r} must hold ints (state indices)")
+            if not 0 <= int(s) < n_state:
+                raise ValueError(
+                    f"{op}: correlations[{k}] = {tuple(pair)!r} names state {int(s)}, "
+                    f"but x has n_state={n_state} (valid: 0..{n_state - 1})"
+                )
+        pairs.append((int(i), int(j)))
+    if not pairs:
+        raise ValueError(f"{op}: correlations is empty; give at least one (i, j) pair")
+    return pairs
+
+
+def _window(cutoff, spatial, op):
+    d = len(spatial)
+    if cutoff is None:
+        return tuple(spatial)
+    if isinstance(cutoff, bool):
+        raise TypeError(f"{op}: cutoff must be None, an int or a tuple of {d} ints, got {cutoff!r}")
+    if isinstance(cutoff, numbers.Integral):
+        cutoff = (int(cutoff),) * d
+    try:
+        cutoff = tuple(cutoff)
+    except TypeError:
+        raise TypeError(f"{op}: cutoff must be None, an int or a tuple of {d} ints, got {cutoff!r}") from None
+    if len(cutoff) != d:
+        raise ValueError(f"{op}: cutoff {cutoff!r} has {len(cutoff)} entries; x has {d} spatial dims")
+    for axis, (c, n) in enumerate(zip(cutoff, spatial)):
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral):
+            raise TypeError(f"{op}: cutoff entries must be ints, got {c!r}")
+        if c < 0:
+            raise ValueError(f"{op}: cutoff must be >= 0, got {c} on spatial axis {axis}")
+        if 2 * c + 1 > n:
+            raise ValueError(
+                f"{op}: cutoff {c} too large for spatial axis {axis} of size {n} "
+                f"(at most {(n - 1) // 2}, so that the 2*cutoff+1 window fits)"
+            )
+    return tuple(2 * int(c) + 1 for c in cutoff)
+
+
+def _mask(mask, x, op):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.requires_grad:
+        raise ValueError(f"{op}: mask requires grad, but the operator treats it as a constant; pass mask.detach()")
+    spatial = tuple(x.shape[2:])
+    if mask.dtype == torch.bool or not mask.is_floating_point():
+        mask = mask.to(x.dtype)
+    elif mask.dtype != x.dtype:
+        raise TypeError(f"{op}: mask dtype {mask.dtype} differs from x dtype {x.dtype}")
+    if mask.device != x.device:
+        raise ValueError(f"{op}: mask is on {mask.device} but x is on {x.device}")
+    shape = tuple(mask.shape)
+    if shape == spatial:
+        mask = mask.unsqueeze(0)
+    elif not (len(shape) == len(spatial) + 1 and shape[1:] == spatial and shape[0] in (1, x.shape[0])):
+        raise ValueError(
+            f"{op}: mask must have shape {spatial} (shared) or ({x.shape[0]}, *{spatial}) "
+            f"(per sample); got {shape}"
+        )
+    return mask.contiguous()
+
+
+def _use_compiled(x):
+    if not _extension.has_extension():
+        _extension.warn_fallback()
+        return False
+    if x.device.type == "cuda" and not _extension.has_cuda_kernels():
+        _extension.warn_fallback()
+        return False
+    return x.device.type in ("cpu", "cuda")
+
+
+# ----------------------------------------------------------------------------- two-point statistics
+def two_point_stats(x, correlations, *, periodic=True, cutoff=None, mask=None, partition=None):
+    """Batched two-point statistics ``f_ij(r)`` of microstructure fields.
+
+    Periodic: ``f_ij(r) = (1/S) sum_x x_i(x) x_j(x + r)``, S the number of pixels. Non-periodic:
+    the fields are zero padded and each lag is divided by its number of overlapping pixels
+    (PyMKS's definition). Lag ``r = 0`` sits at index ``window[d] // 2`` of every axis.
+
+    Args:
+        x: float32/float64 tensor ``(batch, n_state, *spatial)``, 1-3 spatial dims, any sizes.
+        correlations: sequence of state pairs ``(i, j)``; ``(j, i)`` is the mirror of ``(i, j)``.
+        periodic: periodic boundaries (default) or zero padding with overlap normalisation.
+        cutoff: None for the full spatial window, else the largest lag kept (an int, or one per
+            axis); the window is then ``2*cutoff+1`` per axis. At most ``(N-1)//2`` per axis.
+        mask: optional ``(*spatial)`` or ``(batch, *spatial)`` weights in [0, 1] (bool allowed);
+            PyMKS semantics: fields multiplied by it, result divided by the mask's own correlation.
+            Treated as a constant (no gradient). Lags with no overlap give 0.
+        partition: whether the states sum to 1 at every pixel (one-hot or PyMKS's hat basis).
+            None checks it (one cheap pass); True trusts it; False never uses it. When it holds
+            (periodic, no mask), one state's transform and every correlation with it follow from
+            the others by linear relations, so fewer FFTs run. Gradients are always those of the
+            definition above.
+
+    Returns:
+        tensor ``(batch, len(correlations), *window)`` of the dtype of ``x``.
+
+    Raises:
+        TypeError/ValueError naming the argument for bad input; ValueError from the kernel when
+        ``x`` holds NaN/Inf or ``mask`` leaves [0, 1].
+
+    Example:
+        >>> import torch
+        >>> from pymks_vae.ops import two_point_stats
+        >>> x = torch.zeros(1, 2, 6, 6, dtype=torch.float64)
+        >>> x[0, 1, :, :3] = 1; x[0, 0] = 1 - x[0, 1]
+        >>> f = two_point_stats(x, [(1, 1), (0, 1)], cutoff=2)
+        >>> f.shape, float(f[0, 0, 2, 2])   # f_11(0) is the volume fraction of state 1
+        (torch.Size([1, 2, 5, 5]), 0.5)
+    """
+    op = "two_point_stats"
+    _check_field("x", x, op)
+    pairs = _pairs(correlations, x.shape[1], op)
+    window = _window(cutoff, tuple(x.shape[2:]), op)
+    mask = _mask(mask, x, op)
+    if partition not in _PARTITION_MODE:
+        raise TypeError(f"{op}: partition must be None, True or False, got {partition!r}")
+    if not isinstance(periodic, bool):
+        raise TypeError(f"{op}: periodic must be a bool, got {periodic!r}")
+    if not _use_compiled(x):
+        _check_finite_eager(op, x=x, mask=mask)
+        return reference.two_point_stats_ref(x, pairs, periodic=periodic, cutoff=cutoff, mask=mask)
+    pi = [p[0] for p in pairs]
+    pj = [p[1] for p in pairs]
+    return torch.ops.pymks_vae.two_point_stats(
+        x, pi, pj, periodic, list(window), mask, _PARTITION_MODE[partition]
+    )
+
+
+def _check_finite_eager(op, **tensors):
+    """Data checks for the reference path (the kernels do these themselves)."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{op}: {name} contains NaN or Inf")
+        if name == "mask" and (bool((t < 0).any()) or bool((t > 1).any())):
+            raise ValueError(f"{op}: mask values must lie in [0, 1]")
+
+
+# ----------------------------------------------------------------------------- the loss
+def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cutoff=None,
+                       weight=None, scale=1.0, reduction="sum"):
+    """Squared distance between the two-point statistics of ``x`` and of ``target``.
+
+    ``sum over pairs and lags of weight * (scale * (f(x) - f(target)))**2`` per sample, where f
+    is :func:`two_point_stats`. In the periodic case without cutoff or weight a fused kernel
+    computes value and gradient from two forward FFTs and one inverse FFT (Parseval); otherwise
+    the statistics come from :func:`two_point_stats`.
+
+    Args:
+        x: float tensor ``(batch, n_state, *spatial)`` (the reconstruction; differentiable).
+        target: tensor of the same shape, dtype and device; treated as a constant, so it must
+            not require grad (pass ``target.detach()``).
+        correlations: state pairs, default ``((0, 0),)`` (the autocorrelation of state 0).
+        periodic, cutoff: as in :func:`two_point_stats`.
+        weight: None or a tensor broadcastable to ``(n_corr, *window)`` multiplying the squared
+            differences of each lag.
+        scale: multiplies the statistics (the paper's min/max normalisation is the affine map
+            ``(f - min) / (max - min)``, whose offset cancels: pass ``1 / (max - min)``).
+        reduction: "sum" over the batch, "mean" (average of the per-sample values) or "none"
+            (a ``(batch,)`` tensor).
+
+    Returns:
+        a scalar tensor, or ``(batch,)`` for ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> from pymks_vae.ops import spatial_stats_loss
+        >>> x = torch.rand(4, 1, 16, 16, requires_grad=True)
+        >>> loss = spatial_stats_loss(x, torch.rand(4, 1, 16, 16))
+        >>> loss.backward(); x.grad.shape
+        torch.Size([4, 1, 16, 16])
+    """
+    op = "spatial_stats_loss"
+    _check_field("x", x, op)
+    _check_field("target", target, op)
+    if target.shape != x.shape:
+        raise ValueError(f"{op}: target shape {tuple(target.shape)} differs from x shape {tuple(x.shape)}")
+    if target.dtype != x.dtype:
+        raise TypeError(f"{op}: target dtype {target.dtype} differs from x dtype {x.dtype}")
+    if target.device != x.device:
+        raise ValueError(f"{op}: target is on {target.device} but x is on {x.device}")
+    if target.requires_grad:
+        raise ValueError(
+            f"{op}: target requires grad, but the loss treats the target as a constant; "
+            "pass target.detach()"
+        )
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"{op}: scale must be a finite real number, got {scale!r}")
+    if not isinstance(periodic, bool):
+        raise TypeError(f"{op}: periodic must be a bool, got {periodic!r}")
+    pairs = _pairs(correlations, x.shape[1], op)
+    window = _window(cutoff, tuple(x.shape[2:]), op)
+    if weight is not None:
+        weight = _loss_weight(weight, x, len(pairs), window, op)
+
+    if periodic and cutoff is None and weight is None and _use_compiled(x):
+        pi = [p[0] for p in pairs]
+        pj = [p[1] for p in pairs]
+        need_grad = x.requires_grad and torch.is_grad_enabled()
+        per_sample = torch.ops.pymks_vae.stats_loss(x, target, pi, pj, float(scale), need_grad)[0]
+    else:
+        fx = two_point_stats(x, pairs, periodic=periodic, cutoff=cutoff)
+        ft = two_point_stats(target, pairs, periodic=periodic, cutoff=cutoff)
+        sq = (float(scale) * (fx - ft)) ** 2
+        if weight is not None:
+            sq = sq * weight
+        per_sample = sq.flatten(1).sum(1)
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "mean":
+        return per_sample.mean()
+    return per_sample
+
+
+def _loss_weight(weight, x, n_corr, window, op):
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    if weight.requires_grad:
+        raise ValueError(f"{op}: weight requires grad; pass weight.detach()")
+    want = (n_corr,) + tuple(window)
+    try:
+        if torch.broadcast_shapes(tuple(weight.shape), want) != want:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"{op}: weight shape {tuple(weight.shape)} does not broadcast to (n_corr, *window) = {want}"
+        ) from None
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{op}: weight contains NaN or Inf")
+    return weight.to(device=x.device, dtype=x.dtype)
+
+
+# ----------------------------------------------------------------------------- soft indicator
+def soft_indicator(x, states, eps=0.25):
+    """The paper's differentiable phase indicator ``exp(-(x - h)^2 / (2 eps^2))`` per state h.
+
+    Args:
+        x: float tensor ``(batch, 1, *spatial)``: one grey field per sample.
+        states: sequence of state values h (e.g. ``(0.0,)`` for the lines of the lines dataset).
+        eps: width of the indicator, > 0 (the paper uses 0.25).
+
+    Returns:
+        tensor ``(batch, len(states), *spatial)``.
+
+    Example:
+        >>> import torch
+        >>> from pymks_vae.ops import soft_indicator
+        >>> soft_indicator(torch.zeros(1, 1, 2, 2), (0.0, 1.0)).shape
+        torch.Size([1, 2, 2, 2])
+    """
+    op = "soft_indicator"
+    _check_field("x", x, op)
+    if x.shape[1] != 1:
+        raise ValueError(f"{op}: x must have one channel, shape (batch, 1, *spatial); got {tuple(x.shape)}")
+    try:
+        values = [float(h) for h in states]
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: states must be a sequence of numbers, got {states!r}") from None
+    if not values or not all(math.isfinite(h) for h in values):
+        raise ValueError(f"{op}: states must be a non-empty sequence of finite numbers, got {states!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")
+    h = torch.tensor(values, dtype=x.dtype, device=x.device).reshape((1, -1) + (1,) * (x.ndim - 2))
+    return torch.exp(-((x - h) ** 2) / (2.0 * float(eps) ** 2))
+
+
+# ----------------------------------------------------------------------------- registration
+def _register():
+    """Attach fake (meta) kernels and autograd formulas to the compiled operators."""
+
+    @torch.library.register_fake("pymks_vae::two_point_stats")
+    def _two_point_stats_fake(x, pair_i, pair_j, periodic, window, mask, partition):
+        return x.new_empty((x.shape[0], len(pair_i)) + tuple(window))
+
+    @torch.library.register_fake("pymks_vae::two_point_stats_backward")
+    def _two_point_stats_backward_fake(grad, x, pair_i, pair_j, periodic, window, mask):
+        return torch.empty_like(x)
+
+    def _two_point_setup(ctx, inputs, output):
+        x, pair_i, pair_j, periodic, window, mask, _ = inputs
+        ctx.save_for_backward(x, mask)
+        ctx.args = (pair_i, pair_j, periodic, window)
+
+    def _two_point_backward(ctx, grad):
+        x, mask = ctx.saved_tensors
+        pair_i, pair_j, periodic, window = ctx.args
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.pymks_vae.two_point_stats_backward(
+                grad.contiguous(), x, pair_i, pair_j, periodic, window, mask
+            )
+        return grad_x, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "pymks_vae::two_point_stats", _two_point_backward, setup_context=_two_point_setup
+    )
+
+    @torch.library.register_fake("pymks_vae::stats_loss")
+    def _stats_loss_fake(x, target, pair_i, pair_j, scale, need_grad):
+        states = sorted(set(pair_i) | set(pair_j))
+        spatial = tuple(x.shape[2:])
+        half = spatial[:-1] + (spatial[-1] // 2 + 1,)
+        ctype = torch.complex64 if x.dtype == torch.float32 else torch.complex128
+        shape = (x.shape[0], len(states)) + half if need_grad else (0,)
+        return x.new_empty((x.shape[0],)), x.new_empty(shape, dtype=ctype)
+
+    @torch.library.register_fake("pymks_vae::stats_loss_backward")
+    def _stats_loss_backward_fake(grad, spectrum, spatial, n_state, states):
+        dtype = torch.float32 if spectrum.dtype == torch.complex64 else torch.float64
+        return grad.new_empty((grad.shape[0], n_state) + tuple(spatial), dtype=dtype)
+
+    def _loss_setup(ctx, inputs, output):
+        x, _, pair_i, pair_j, _, _ = inputs
+        ctx.save_for_backward(output[1])
+        ctx.args = (list(x.shape[2:]), x.shape[1], sorted(set(pair_i) | set(pair_j)))
+        ctx.mark_non_differentiable(output[1])
+
+    def _loss_backward(ctx, grad_values, _grad_spectrum):
+        (spectrum,) = ctx.saved_tensors
+        spatial, n_state, states = ctx.args
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if spectrum.numel() == 0:
+                raise RuntimeError(
+                    "spatial_stats_loss: the forward ran without need_grad, so no gradient was prepared"
+                )
+            grad_x = torch.ops.pymks_vae.stats_loss_backward(
+                grad_values.contiguous(), spectrum, spatial, n_state, states
+            )
+        return grad_x, None, None, None, None, None
+
+    torch.library.register_autograd("pymks_vae::stats_loss", _loss_backward, setup_context=_loss_setup)
+
+
+if _extension.has_extension():
+    _register()

@@ -1,0 +1,307 @@
+"""The two-point operator against an independent float64 numpy reference, its gradient, its
+registration (opcheck, torch.compile), its partition-of-unity shortcut, and its errors."""
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pymks_vae
+from pymks_vae import _extension, ops, reference
+from numpy_reference import np_two_point, np_window
+
+SHAPES = [(9,), (8,), (6, 9), (8, 8), (5, 4), (4, 5, 6), (3, 3, 3)]
+
+
+def one_hot(B, n_state, spatial, dtype=torch.float64):
+    labels = torch.randint(0, n_state, (B,) + tuple(spatial))
+    return torch.nn.functional.one_hot(labels, n_state).movedim(-1, 1).to(dtype)
+
+
+def hat_basis(B, n_state, spatial, dtype=torch.float64):
+    """PyMKS's PrimitiveTransformer basis: triangles on [0, 1] that sum to 1 at every pixel."""
+    v = torch.rand((B,) + tuple(spatial), dtype=torch.float64)
+    centres = torch.linspace(0, 1, n_state, dtype=torch.float64)
+    width = 1.0 / (n_state - 1)
+    h = torch.clamp(1 - (v.unsqueeze(1) - centres.view(1, -1, *([1] * len(spatial)))).abs() / width, min=0)
+    return h.to(dtype)
+
+
+def all_pairs(n):
+    return [(i, j) for i in range(n) for j in range(n)]
+
+
+def assert_close(a, b, rel=1e-10):
+    a = a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else a
+    scale = max(np.abs(b).max(), 1e-30)
+    err = np.abs(a - b).max() / scale
+    assert err < rel, f"relative error {err:.3e} >= {rel:.0e}"
+
+
+def test_extension_is_compiled():
+    info = pymks_vae.build_info()
+    assert info["compiled"], info
+    assert info["cpu"] is True
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    if info["cuda"]:
+        assert info["cuda_archs"] and info["cuda_version"]
+
+
+@pytest.mark.parametrize("spatial", SHAPES)
+@pytest.mark.parametrize("periodic", [True, False])
+@pytest.mark.parametrize("kind", ["random", "one_hot", "hat"])
+def test_matches_numpy_reference(spatial, periodic, kind):
+    n_state = 3
+    x = {"random": lambda: torch.rand((2, n_state) + spatial, dtype=torch.float64),
+         "one_hot": lambda: one_hot(2, n_state, spatial),
+         "hat": lambda: hat_basis(2, n_state, spatial)}[kind]()
+    pairs = all_pairs(n_state)  # auto and cross pairs, j < i included
+    max_c = min((n - 1) // 2 for n in spatial)
+    for cutoff in [None, max_c, tuple((n - 1) // 2 for n in spatial)]:
+        f = ops.two_point_stats(x, pairs, periodic=periodic, cutoff=cutoff)
+        assert f.shape == (2, len(pairs)) + np_window(spatial, cutoff)
+        assert f.dtype == torch.float64
+        assert_close(f, np_two_point(x.numpy(), pairs, periodic, cutoff))
+
+
+@pytest.mark.parametrize("spatial", [(9,), (6, 9), (8, 8), (4, 5, 6)])
+@pytest.mark.parametrize("periodic", [True, False])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_mask_matches_numpy_reference(spatial, periodic, per_sample):
+    x = torch.rand((3, 2) + spatial, dtype=torch.float64)
+    mshape = ((3,) if per_sample else ()) + spatial
+    mask = torch.rand(mshape, dtype=torch.float64)
+    mask[mask < 0.2] = 0.0
+    pairs = [(0, 0), (1, 0), (0, 1)]
+    for cutoff in [None, 1]:
+        f = ops.two_point_stats(x, pairs, periodic=periodic, cutoff=cutoff, mask=mask)
+        assert_close(f, np_two_point(x.numpy(), pairs, periodic, cutoff, mask.numpy()))
+
+
+def test_bool_mask_and_no_overlap_lags_give_zero():
+    x = torch.rand(1, 1, 9, dtype=torch.float64)
+    mask = torch.zeros(9, dtype=torch.bool)
+    mask[:2] = True  # only lags -1..1 have overlapping valid pixels
+    f = ops.two_point_stats(x, [(0, 0)], periodic=False, mask=mask)
+    ref = np_two_point(x.numpy(), [(0, 0)], False, None, mask.numpy())
+    assert_close(f, ref)
+    lags = np.arange(9) - 4
+    assert np.all(f[0, 0].numpy()[np.abs(lags) > 1] == 0.0)
+    assert np.all(f[0, 0].numpy()[np.abs(lags) <= 1] != 0.0)
+
+
+def test_matches_pymks_two_point_stats_with_mask():
+    pymks_corr = pytest.importorskip("pymks.fmks.correlations")
+    x = np.random.rand(2, 7, 8)
+    mask = (np.random.rand(2, 7, 8) > 0.3).astype(float)
+    for periodic in [True, False]:
+        ours = ops.two_point_stats(torch.from_numpy(np.stack([x, 1 - x], 1)), [(0, 1)], periodic=periodic,
+                                   cutoff=3, mask=torch.from_numpy(mask))[:, 0]
+        theirs = np.asarray(pymks_corr.two_point_stats(x, 1 - x, periodic_boundary=periodic, cutoff=3, mask=mask))
+        assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float32_close_to_float64_reference(dtype):
+    x = torch.rand(4, 2, 31, 20, dtype=dtype)
+    f = ops.two_point_stats(x, [(1, 1), (0, 1)], cutoff=5)
+    assert f.dtype == dtype
+    assert_close(f, np_two_point(x.double().numpy(), [(1, 1), (0, 1)], True, 5),
+                 rel=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("spatial", [(10,), (7, 6), (4, 5, 3)])
+@pytest.mark.parametrize("basis", [one_hot, hat_basis])
+def test_partition_shortcut_matches_direct(spatial, basis):
+    for n_state in [2, 3, 4]:
+        x = basis(3, n_state, spatial)
+        pairs = all_pairs(n_state)
+        ref = np_two_point(x.numpy(), pairs, True, None)
+        for mode in [None, True, False]:
+            assert_close(ops.two_point_stats(x, pairs, partition=mode), ref)
+        # PyMKS's default pairs and the benchmark pairs
+        for pairs in [[(0, k) for k in range(n_state)], [(n_state - 1, n_state - 1), (0, n_state - 1)]]:
+            assert_close(ops.two_point_stats(x, pairs), np_two_point(x.numpy(), pairs, True, None))
+
+
+def test_partition_check_rejects_non_partitions():
+    """With partition=True the relations are trusted (documented), so on input that is *not* a
+    partition they give a different answer - proof that the shortcut path runs - while the
+    default check notices and computes directly."""
+    x = torch.rand(2, 2, 12, 12, dtype=torch.float64)
+    pairs = [(1, 1), (0, 1)]
+    ref = np_two_point(x.numpy(), pairs, True, None)
+    assert_close(ops.two_point_stats(x, pairs), ref)
+    trusted = ops.two_point_stats(x, pairs, partition=True).numpy()
+    assert np.abs(trusted - ref).max() > 1e-3
+    # a near-partition off by more than rounding is not one
+    y = one_hot(2, 2, (12, 12))
+    y[0, 0, 3, 3] += 1e-6
+    assert_close(ops.two_point_stats(y, pairs), np_two_point(y.numpy(), pairs, True, None))
+
+
+@pytest.mark.parametrize("spatial", [(7,), (8,), (6, 9), (4, 5, 6)])
+@pytest.mark.parametrize("periodic", [True, False])
+def test_gradient_matches_reference(spatial, periodic):
+    x = torch.rand((2, 3) + spatial, dtype=torch.float64, requires_grad=True)
+    pairs = [(0, 1), (1, 0), (2, 2), (0, 0)]
+    for cutoff in [None, 1]:
+        for mask in [None, torch.rand(spatial, dtype=torch.float64)]:
+            g = torch.randn((2, len(pairs)) + reference.window_shape(spatial, cutoff), dtype=torch.float64)
+            ours = torch.autograd.grad((ops.two_point_stats(x, pairs, periodic=periodic, cutoff=cutoff,
+                                                            mask=mask) * g).sum(), x)[0]
+            ref = torch.autograd.grad((reference.two_point_stats_ref(x, pairs, periodic=periodic, cutoff=cutoff,
+                                                                     mask=mask) * g).sum(), x)[0]
+            assert_close(ours, ref.numpy())
+
+
+def test_gradient_of_partition_input_is_that_of_the_definition():
+    x = one_hot(2, 3, (6, 7)).requires_grad_(True)
+    pairs = [(2, 2), (0, 2), (1, 0)]
+    g = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    ours = torch.autograd.grad((ops.two_point_stats(x, pairs) * g).sum(), x)[0]
+    ref = torch.autograd.grad((reference.two_point_stats_ref(x, pairs) * g).sum(), x)[0]
+    assert_close(ours, ref.numpy())
+    assert ours[:, 2].abs().max() > 0  # the eliminated state still gets its gradient
+
+
+@pytest.mark.parametrize("spatial,periodic,cutoff,masked", [
+    ((7,), True, None, False), ((6,), False, 2, False), ((5, 4), True, 1, True),
+    ((4, 5), False, None, True), ((3, 4, 3), True, None, False), ((3, 3, 4), False, 1, False),
+])
+def test_gradcheck(spatial, periodic, cutoff, masked):
+    x = torch.rand((2, 2) + spatial, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(spatial, dtype=torch.float64) if masked else None
+    fn = lambda t: ops.two_point_stats(t, [(0, 1), (1, 1), (1, 0)], periodic=periodic, cutoff=cutoff, mask=mask)
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("args", [
+    dict(spatial=(8,), periodic=True, window=[8], mask=False, partition=2),
+    dict(spatial=(5, 6), periodic=False, window=[3, 5], mask=True, partition=0),
+    dict(spatial=(4, 3, 5), periodic=True, window=[3, 3, 3], mask=False, partition=1),
+])
+def test_opcheck(args):
+    x = torch.rand((2, 2) + args["spatial"], dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(args["spatial"], dtype=torch.float64).unsqueeze(0) if args["mask"] else None
+    torch.library.opcheck(torch.ops.pymks_vae.two_point_stats.default,
+                          (x, [0, 1], [1, 1], args["periodic"], args["window"], mask, args["partition"]))
+    grad = torch.rand((2, 2) + tuple(args["window"]), dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pymks_vae.two_point_stats_backward.default,
+                          (grad, x.detach(), [0, 1], [1, 1], args["periodic"], args["window"], mask))
+
+
+def test_torch_compile_fullgraph():
+    def stats(x):
+        return ops.two_point_stats(x, [(0, 0), (0, 1)], cutoff=3).square().sum()
+
+    compiled = torch.compile(stats, fullgraph=True, backend="aot_eager")
+    x = torch.rand(2, 2, 10, 9, dtype=torch.float64, requires_grad=True)
+    eager_val = stats(x)
+    eager_grad = torch.autograd.grad(eager_val, x)[0]
+    val = compiled(x)
+    grad = torch.autograd.grad(val, x)[0]
+    assert torch.allclose(val, eager_val, rtol=1e-12)
+    assert torch.allclose(grad, eager_grad, rtol=1e-12)
+
+
+def test_fallback_to_reference_warns_once(monkeypatch):
+    monkeypatch.setattr(_extension, "has_extension", lambda: False)
+    monkeypatch.setattr(_extension, "_WARNED", False)
+    x = torch.rand(2, 2, 7, 6, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        f = ops.two_point_stats(x, [(0, 1)], cutoff=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.two_point_stats(x, [(0, 1)], cutoff=2)  # no second warning
+    assert_close(f, np_two_point(x.numpy(), [(0, 1)], True, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        ops.two_point_stats(torch.full((1, 1, 4), float("nan"), dtype=torch.float64), [(0, 0)])
+
+
+# ----------------------------------------------------------------------------- bad input
+def _x(*shape, dtype=torch.float64):
+    return torch.rand(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: ops.two_point_stats(_x(4, 4), [(0, 0)]), ValueError, "x must have shape"),
+    (lambda: ops.two_point_stats(_x(1, 1, 2, 2, 2, 2), [(0, 0)]), ValueError, "1, 2 or 3 spatial"),
+    (lambda: ops.two_point_stats(torch.ones(1, 1, 4, dtype=torch.int64), [(0, 0)]), TypeError, "float32 or float64"),
+    (lambda: ops.two_point_stats(_x(1, 1, 4).half(), [(0, 0)]), TypeError, "float32 or float64"),
+    (lambda: ops.two_point_stats(_x(1, 2, 4).numpy(), [(0, 0)]), TypeError, "torch.Tensor"),
+    (lambda: ops.two_point_stats(_x(0, 2, 4), [(0, 0)]), ValueError, "empty batch"),
+    (lambda: ops.two_point_stats(_x(1, 2, 4), [(0, 2)]), ValueError, r"names state 2.*n_state=2"),
+    (lambda: ops.two_point_stats(_x(1, 2, 4), [(-1, 0)]), ValueError, "names state -1"),
+    (lambda: ops.two_point_stats(_x(1, 2, 4), []), ValueError, "correlations is empty"),
+    (lambda: ops.two_point_stats(_x(1, 2, 4), [(0, 1, 1)]), TypeError, r"correlations\[0\]"),
+    (lambda: ops.two_point_stats(_x(1, 2, 4), [(0.0, 1)]), TypeError, "ints"),
+    (lambda: ops.two_point_stats(_x(1, 2, 9, 9), [(0, 0)], cutoff=5), ValueError, "cutoff 5 too large"),
+    (lambda: ops.two_point_stats(_x(1, 2, 9, 9), [(0, 0)], cutoff=(1, 4, 1)), ValueError, "3 entries"),
+    (lambda: ops.two_point_stats(_x(1, 2, 9, 9), [(0, 0)], cutoff=-1), ValueError, ">= 0"),
+    (lambda: ops.two_point_stats(_x(1, 2, 9, 9), [(0, 0)], cutoff=1.5), TypeError, "cutoff"),
+    (lambda: ops.two_point_stats(_x(2, 2, 9, 9), [(0, 0)], mask=_x(9, 8)), ValueError, "mask must have shape"),
+    (lambda: ops.two_point_stats(_x(2, 2, 9, 9), [(0, 0)], mask=_x(3, 9, 9)), ValueError, "mask must have shape"),
+    (lambda: ops.two_point_stats(_x(2, 2, 9, 9), [(0, 0)], mask=_x(9, 9) + 1.5), ValueError, r"mask values must lie in \[0, 1\]"),
+    (lambda: ops.two_point_stats(_x(2, 2, 9, 9), [(0, 0)], mask=_x(9, 9, dtype=torch.float32)), TypeError, "mask dtype"),
+    (lambda: ops.two_point_stats(_x(2, 2, 9, 9), [(0, 0)], mask=_x(9, 9).requires_grad_()), ValueError, "mask requires grad"),
+    (lambda: ops.two_point_stats(_x(2, 2, 9), [(0, 0)], partition="yes"), TypeError, "partition"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("partition", [None, True, False])
+def test_nan_inf_rejected(bad, partition):
+    x = one_hot(2, 2, (8, 8))
+    x[1, 1, 3, 4] = bad
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        ops.two_point_stats(x, [(0, 0), (0, 1)], partition=partition)
+    x32 = torch.rand(1, 1, 5, 5)
+    x32[0, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ops.two_point_stats(x32, [(0, 0)], periodic=False, cutoff=1)
+
+
+def test_mask_with_nan_rejected():
+    mask = torch.rand(6, 6, dtype=torch.float64)
+    mask[2, 2] = float("nan")
+    with pytest.raises(ValueError, match="mask"):
+        ops.two_point_stats(_x(1, 1, 6, 6), [(0, 0)], mask=mask)
+
+
+# ----------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("spatial", [(9,), (6, 9), (16, 16), (4, 5, 6)])
+@pytest.mark.parametrize("periodic", [True, False])
+def test_cuda_matches_cpu(spatial, periodic):
+    for dtype, rel in [(torch.float64, 1e-10), (torch.float32, 1e-5)]:
+        for x in [one_hot(3, 3, spatial, dtype), torch.rand((3, 3) + spatial, dtype=dtype)]:
+            pairs = all_pairs(3)
+            for cutoff, mask in [(None, None), (1, torch.rand(spatial, dtype=dtype))]:
+                cpu = ops.two_point_stats(x, pairs, periodic=periodic, cutoff=cutoff, mask=mask)
+                gpu = ops.two_point_stats(x.cuda(), pairs, periodic=periodic, cutoff=cutoff,
+                                          mask=None if mask is None else mask.cuda())
+                assert gpu.is_cuda
+                assert_close(gpu, cpu.double().numpy(), rel=rel)
+                xc = x.clone().requires_grad_(True)
+                xg = x.cuda().requires_grad_(True)
+                g = torch.randn_like(cpu)
+                gc = torch.autograd.grad((ops.two_point_stats(xc, pairs, periodic=periodic, cutoff=cutoff, mask=mask) * g).sum(), xc)[0]
+                gg = torch.autograd.grad((ops.two_point_stats(xg, pairs, periodic=periodic, cutoff=cutoff,
+                                                              mask=None if mask is None else mask.cuda()) * g.cuda()).sum(), xg)[0]
+                assert_close(gg, gc.double().numpy(), rel=rel * 10)
+
+
+@pytest.mark.cuda
+def test_cuda_gradcheck_and_opcheck():
+    x = torch.rand(2, 2, 5, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.two_point_stats(t, [(0, 1), (1, 1)], periodic=False, cutoff=2), (x,))
+    torch.library.opcheck(torch.ops.pymks_vae.two_point_stats.default, (x, [0, 1], [1, 1], True, [5, 6], None, 2))
+    bad = x.detach().clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ops.two_point_stats(bad, [(0, 0)])
