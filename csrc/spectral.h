@@ -174,4 +174,9 @@ PVAE_HD cpx<T> pair_difference(cpx<T> xa, cpx<T> xb, cpx<T> ta, cpx<T> tb) {
   return csub(cmul_conj(xa, xb), cmul_conj(ta, tb));
 }
 
+// The auto-pair case a == b: D = |Xa|^2 - |Ta|^2 is real, and the two gradient terms add up to
+// 2 D Xa.
+template <typename T>
+PVAE_HD T auto_difference(cpx<T> xa, cpx<T> ta) { return cnorm2(xa) - cnorm2(ta); }
+
 }  // namespace pymks_vae

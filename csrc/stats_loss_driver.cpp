@@ -46,11 +46,8 @@ std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x_in, co
 
   auto x = x_in.contiguous();
   auto t = t_in.contiguous();
-  if (static_cast<int64_t>(states.size()) != n_state) {
-    auto idx = at::tensor(states, at::TensorOptions().dtype(at::kLong)).to(x.device());
-    x = x.index_select(1, idx);
-    t = t.index_select(1, idx);
-  }
+  x = select_states(x, states);
+  t = select_states(t, states);
   const auto dims = spatial_dims(x.dim());
   double n_pix = 1.0;
   for (int64_t d = 2; d < x.dim(); ++d) n_pix *= static_cast<double>(x.size(d));
@@ -81,8 +78,10 @@ at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectru
   std::vector<int64_t> view(spectrum.dim(), 1);
   view[0] = grad.size(0);
   const auto dims = spatial_dims(spectrum.dim());
-  auto scaled = spectrum * grad.view(view);
-  auto gx = at::fft_irfftn(scaled, spatial, dims);
+  // The transform is linear: scale its real output in place rather than a copy of the spectrum,
+  // and not at all for the common reduction="sum" (every per-sample gradient is 1).
+  auto gx = at::fft_irfftn(spectrum, spatial, dims);
+  if (!at::equal(grad, at::ones_like(grad))) gx.mul_(grad.view(view).to(gx.scalar_type()));
   if (static_cast<int64_t>(states.size()) == n_state) return gx.contiguous();
   std::vector<int64_t> sizes{grad.size(0), n_state};
   for (auto s : spatial) sizes.push_back(s);

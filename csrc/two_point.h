@@ -120,6 +120,8 @@ at::Tensor table_to(const std::vector<S>& v, const at::Device& device) {
   return device.is_cpu() ? t : t.to(device);
 }
 at::Tensor ints_to(const std::vector<int32_t>& v, const at::Device& device);
+// The given (sorted) states of x (B, n_state, ...): a view when they are consecutive.
+at::Tensor select_states(const at::Tensor& x, const std::vector<int64_t>& states);
 // Raises ValueError naming `what` when the DC bins of a spectrum are not finite (NaN/Inf input).
 void check_spectrum_finite(const at::Tensor& spec, const char* op, const char* what);
 

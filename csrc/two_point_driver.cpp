@@ -31,6 +31,15 @@ at::Tensor ints_to(const std::vector<int32_t>& v, const at::Device& device) {
   return device.is_cpu() ? t : t.to(device);
 }
 
+at::Tensor select_states(const at::Tensor& x, const std::vector<int64_t>& states) {
+  // A run of consecutive states is a view (the FFT reads it in place); others need a gather.
+  const int64_t k = static_cast<int64_t>(states.size());
+  if (k == x.size(1)) return x;
+  if (states.back() - states.front() + 1 == k) return x.narrow(1, states.front(), k);
+  auto idx = at::tensor(states, at::TensorOptions().dtype(at::kLong)).to(x.device());
+  return x.index_select(1, idx);
+}
+
 void check_spectrum_finite(const at::Tensor& spec, const char* op, const char* what) {
   // A NaN or Inf anywhere in a field reaches its DC bin (the sum of all its values), so checking
   // the DC bins catches bad input at the cost of reading B * n_state numbers.
@@ -201,11 +210,7 @@ at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at:
   }
   TwoPointPlan plan = make_plan(pair_list(pair_i, pair_j), n_state, use_partition);
 
-  at::Tensor xs = x;
-  if (static_cast<int64_t>(plan.fwd_states.size()) != n_state) {
-    auto idx = at::tensor(plan.fwd_states, at::TensorOptions().dtype(at::kLong)).to(x.device());
-    xs = x.index_select(1, idx);
-  }
+  at::Tensor xs = select_states(x, plan.fwd_states);
   at::Tensor zmask, zlevel;
   if (has_mask) {
     auto mask = mask_in->contiguous();
@@ -279,11 +284,7 @@ at::Tensor two_point_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
     cp.end.push_back(static_cast<int32_t>(cp.terms.size()));
   }
 
-  at::Tensor xs = x;
-  if (static_cast<int64_t>(cp.states.size()) != n_state) {
-    auto idx = at::tensor(cp.states, at::TensorOptions().dtype(at::kLong)).to(x.device());
-    xs = x.index_select(1, idx);
-  }
+  at::Tensor xs = select_states(x, cp.states);
   at::Tensor mask, mask_view, zmask, zlevel;
   if (has_mask) {
     mask = mask_in->contiguous();

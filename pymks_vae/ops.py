@@ -257,8 +257,8 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
         need_grad = x.requires_grad and torch.is_grad_enabled()
         per_sample = torch.ops.pymks_vae.stats_loss(x, target, pi, pj, float(scale), need_grad)[0]
     else:
-        fx = two_point_stats(x, pairs, periodic=periodic, cutoff=cutoff)
-        ft = two_point_stats(target, pairs, periodic=periodic, cutoff=cutoff)
+        fx = _stats_of("x", x, pairs, periodic, cutoff, op)
+        ft = _stats_of("target", target, pairs, periodic, cutoff, op)
         sq = (float(scale) * (fx - ft)) ** 2
         if weight is not None:
             sq = sq * weight
@@ -268,6 +268,15 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
     if reduction == "mean":
         return per_sample.mean()
     return per_sample
+
+
+def _stats_of(name, t, pairs, periodic, cutoff, op):
+    try:
+        return two_point_stats(t, pairs, periodic=periodic, cutoff=cutoff)
+    except ValueError as exc:
+        if "NaN or Inf" in str(exc):  # name the loss's own argument, not the operator's
+            raise ValueError(f"{op}: {name} contains NaN or Inf") from None
+        raise
 
 
 def _loss_weight(weight, x, n_corr, window, op):

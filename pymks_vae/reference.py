@@ -2,7 +2,7 @@
 
 These are the definitions the compiled kernels are tested against, the baseline the benchmarks
 measure against, and the fallback used when ``pymks_vae._C`` is not built. They favour clarity:
-one forward transform per state, one product and one inverse transform per pair, ``fftshift``,
+one forward transform per state, one product per pair, the inverse transforms, ``fftshift``,
 then a crop.
 
 Conventions (shared with :mod:`pymks_vae.ops`): ``x`` is ``(batch, n_state, *spatial)``; the
@@ -86,11 +86,9 @@ def two_point_stats_ref(x, correlations, *, periodic=True, cutoff=None, mask=Non
         m = mask.to(x.dtype)
         m = m.reshape((-1, 1) + spatial)
         x = x * m
-    out = []
-    for i, j in correlations:
-        c = _correlate(x[:, i : i + 1], x[:, j : j + 1], grid, dims)
-        out.append(_centre_crop(c, grid, window, dims))
-    f = torch.cat(out, dim=1)
+    spectra = torch.fft.rfftn(x, s=grid, dim=dims)  # one transform per state
+    products = torch.stack([torch.conj(spectra[:, i]) * spectra[:, j] for i, j in correlations], dim=1)
+    f = _centre_crop(torch.fft.irfftn(products, s=grid, dim=dims), grid, window, dims)
     if mask is not None:
         norm = _centre_crop(_correlate(m, m, grid, dims), grid, window, dims)
         level = mask_threshold(x.dtype) * norm.amax(dim=dims, keepdim=True)

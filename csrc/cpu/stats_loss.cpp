@@ -9,6 +9,15 @@
 namespace pymks_vae {
 namespace {
 
+// Sum over one spectral row of w_k * v_k, with w_k the Parseval weights: 2 everywhere but the DC
+// bin and (even m) the Nyquist bin, so the loops below sum plainly and this corrects the ends.
+template <typename T>
+inline T weighted_row(T plain, T first, T last, int64_t K, int64_t m_last) {
+  T v = T(2) * plain - first;
+  if (m_last % 2 == 0 && K > 1) v -= last;
+  return v;
+}
+
 template <typename T>
 void loss_pass_t(const LossArgs& a, at::Tensor& partial, at::Tensor& gx) {
   const int64_t B = a.x_hat.size(0), nu = a.x_hat.size(1), nq = a.pa.numel();
@@ -33,25 +42,41 @@ void loss_pass_t(const LossArgs& a, at::Tensor& partial, at::Tensor& gx) {
           for (int64_t k = 0; k < K; ++k) G[off + u * H + k] = {T(0), T(0)};
       T acc = T(0);
       for (int64_t q = 0; q < nq; ++q) {
-        const cpx<T>* xa = X + off + pa[q] * H;
-        const cpx<T>* xb = X + off + pb[q] * H;
-        const cpx<T>* ta = Tt + off + pa[q] * H;
-        const cpx<T>* tb = Tt + off + pb[q] * H;
-        T row = T(0);
-        for (int64_t k = 0; k < K; ++k) {
-          const cpx<T> d = pair_difference(xa[k], xb[k], ta[k], tb[k]);
-          row += parseval_weight<T>(k, m_last) * cnorm2(d);
-        }
-        acc += row;
-        if (G) {
-          cpx<T>* ga = G + off + pa[q] * H;
-          cpx<T>* gb = G + off + pb[q] * H;
+        const cpx<T>* __restrict__ xa = X + off + pa[q] * H;
+        const cpx<T>* __restrict__ xb = X + off + pb[q] * H;
+        const cpx<T>* __restrict__ ta = Tt + off + pa[q] * H;
+        const cpx<T>* __restrict__ tb = Tt + off + pb[q] * H;
+        cpx<T>* __restrict__ ga = G ? G + off + pa[q] * H : nullptr;
+        cpx<T>* __restrict__ gb = G ? G + off + pb[q] * H : nullptr;
+        T plain = T(0), first, last;
+        if (pa[q] == pb[q]) {
           for (int64_t k = 0; k < K; ++k) {
-            const cpx<T> d = cscale(pair_difference(xa[k], xb[k], ta[k], tb[k]), gs);
-            ga[k] = cadd(ga[k], cmul_conj(d, xb[k]));
-            gb[k] = cadd(gb[k], cmul(d, xa[k]));
+            const T d = auto_difference(xa[k], ta[k]);
+            plain += d * d;
+          }
+          const T d0 = auto_difference(xa[0], ta[0]), dl = auto_difference(xa[K - 1], ta[K - 1]);
+          first = d0 * d0;
+          last = dl * dl;
+          if (G) {
+            for (int64_t k = 0; k < K; ++k) {
+              const T s = T(2) * gs * auto_difference(xa[k], ta[k]);
+              ga[k].re += s * xa[k].re;
+              ga[k].im += s * xa[k].im;
+            }
+          }
+        } else {
+          for (int64_t k = 0; k < K; ++k) plain += cnorm2(pair_difference(xa[k], xb[k], ta[k], tb[k]));
+          first = cnorm2(pair_difference(xa[0], xb[0], ta[0], tb[0]));
+          last = cnorm2(pair_difference(xa[K - 1], xb[K - 1], ta[K - 1], tb[K - 1]));
+          if (G) {
+            for (int64_t k = 0; k < K; ++k) {
+              const cpx<T> ds = cscale(pair_difference(xa[k], xb[k], ta[k], tb[k]), gs);
+              ga[k] = cadd(ga[k], cmul_conj(ds, xb[k]));
+              gb[k] = cadd(gb[k], cmul(ds, xa[k]));
+            }
           }
         }
+        acc += weighted_row(plain, first, last, K, m_last);
       }
       part[task] = acc;
     }

@@ -1,0 +1,232 @@
+"""The fused spatial-statistics loss against the torch.fft/autograd reference, its registration,
+the soft indicator, and bad input."""
+import numpy as np
+import pytest
+import torch
+
+from pymks_vae import ops, reference
+from numpy_reference import np_two_point
+
+REDUCTIONS = ["sum", "mean", "none"]
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def value_and_grad(fn, x, t, **kw):
+    xr = x.detach().clone().requires_grad_(True)
+    out = fn(xr, t, **kw)
+    w = torch.randn(out.shape, dtype=out.dtype)
+    (g,) = torch.autograd.grad((out * w).sum(), xr)
+    return out, g, w
+
+
+@pytest.mark.parametrize("spatial", [(7,), (8,), (1,), (2,), (6, 9), (8, 8), (5, 2), (4, 5, 6), (3, 4, 4)])
+@pytest.mark.parametrize("pairs", [[(0, 0)], [(0, 1)], [(1, 0), (0, 0), (1, 1)]])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fast_path_matches_reference(spatial, pairs, reduction):
+    x = torch.rand((3, 2) + spatial, dtype=torch.float64)
+    t = torch.rand((3, 2) + spatial, dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    out = ops.spatial_stats_loss(xr, t, correlations=pairs, scale=1.7, reduction=reduction)
+    ref_x = x.clone().requires_grad_(True)
+    ref = reference.spatial_stats_loss_ref(ref_x, t, correlations=pairs, scale=1.7, reduction=reduction)
+    assert out.shape == ref.shape == ((3,) if reduction == "none" else ())
+    assert rel_err(out, ref) < 1e-10
+    w = torch.randn(out.shape, dtype=torch.float64)
+    (g,) = torch.autograd.grad((out * w).sum(), xr)
+    (gr,) = torch.autograd.grad((ref * w).sum(), ref_x)
+    assert rel_err(g, gr) < 1e-10
+
+
+def test_value_against_numpy_definition():
+    x = np.random.rand(2, 1, 9, 10)
+    t = np.random.rand(2, 1, 9, 10)
+    want = ((np_two_point(x, [(0, 0)]) - np_two_point(t, [(0, 0)])) ** 2).reshape(2, -1).sum(1)
+    got = ops.spatial_stats_loss(torch.from_numpy(x), torch.from_numpy(t), reduction="none")
+    assert rel_err(got, torch.from_numpy(want)) < 1e-10
+
+
+@pytest.mark.parametrize("spatial", [(9,), (6, 7), (4, 4, 5)])
+@pytest.mark.parametrize("periodic,cutoff,weighted", [
+    (True, 1, False), (True, None, True), (False, None, False), (False, 1, True),
+])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fallback_path_matches_reference(spatial, periodic, cutoff, weighted, reduction):
+    pairs = [(0, 1), (1, 1)]
+    x = torch.rand((2, 2) + spatial, dtype=torch.float64)
+    t = torch.rand((2, 2) + spatial, dtype=torch.float64)
+    window = reference.window_shape(spatial, cutoff)
+    weight = torch.rand((len(pairs),) + window, dtype=torch.float64) if weighted else None
+    kw = dict(correlations=pairs, periodic=periodic, cutoff=cutoff, weight=weight, scale=0.5, reduction=reduction)
+    xr = x.clone().requires_grad_(True)
+    out = ops.spatial_stats_loss(xr, t, **kw)
+    ref_x = x.clone().requires_grad_(True)
+    ref = reference.spatial_stats_loss_ref(ref_x, t, **kw)
+    assert rel_err(out, ref) < 1e-10
+    w = torch.randn(out.shape, dtype=torch.float64)
+    (g,) = torch.autograd.grad((out * w).sum(), xr)
+    (gr,) = torch.autograd.grad((ref * w).sum(), ref_x)
+    assert rel_err(g, gr) < 1e-10
+
+
+def test_weight_broadcasts_over_pairs():
+    x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    t = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    w = torch.rand(8, 8, dtype=torch.float64)
+    a = ops.spatial_stats_loss(x, t, correlations=[(0, 0), (1, 1)], weight=w)
+    b = ops.spatial_stats_loss(x, t, correlations=[(0, 0), (1, 1)], weight=w.expand(2, 8, 8).clone())
+    assert rel_err(a, b) < 1e-12
+    assert rel_err(ops.spatial_stats_loss(x, t, weight=torch.ones(8, 8, dtype=torch.float64)),
+                   ops.spatial_stats_loss(x, t)) < 1e-10
+
+
+def test_float32_close_to_float64():
+    x = torch.rand(4, 1, 32, 32)
+    t = torch.rand(4, 1, 32, 32)
+    a = ops.spatial_stats_loss(x, t, reduction="none")
+    b = ops.spatial_stats_loss(x.double(), t.double(), reduction="none")
+    assert a.dtype == torch.float32
+    assert rel_err(a, b) < 1e-4
+
+
+def test_zero_for_identical_and_shifted_inputs():
+    x = torch.rand(2, 1, 12, 10, dtype=torch.float64)
+    assert ops.spatial_stats_loss(x, x.clone()).item() == pytest.approx(0.0, abs=1e-20)
+    shifted = torch.roll(x, shifts=(3, -4), dims=(2, 3))  # periodic statistics ignore translation
+    assert ops.spatial_stats_loss(x, shifted).item() < 1e-25
+    assert ops.spatial_stats_loss(x, torch.rand_like(x)).item() > 1e-6
+
+
+def test_no_grad_forward_and_missing_gradient():
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    t = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        a = ops.spatial_stats_loss(x.requires_grad_(True), t)
+    assert not a.requires_grad
+    assert rel_err(a, reference.spatial_stats_loss_ref(x.detach(), t)) < 1e-10
+
+
+@pytest.mark.parametrize("spatial,pairs", [((7,), [(0, 0)]), ((4, 5), [(0, 1), (1, 1)]), ((3, 3, 4), [(1, 0)])])
+def test_gradcheck(spatial, pairs):
+    x = torch.rand((2, 2) + spatial, dtype=torch.float64, requires_grad=True)
+    t = torch.rand((2, 2) + spatial, dtype=torch.float64)
+    for red in REDUCTIONS:
+        assert torch.autograd.gradcheck(lambda v: ops.spatial_stats_loss(v, t, correlations=pairs, reduction=red),
+                                        (x,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda v: ops.spatial_stats_loss(v, t, correlations=pairs, cutoff=1,
+                                                                     periodic=False), (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("spatial,pairs", [((8,), [0, 1]), ((5, 6), [1, 1]), ((3, 4, 5), [0, 0])])
+def test_opcheck(spatial, pairs):
+    x = torch.rand((2, 2) + spatial, dtype=torch.float64, requires_grad=True)
+    t = torch.rand((2, 2) + spatial, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pymks_vae.stats_loss.default, (x, t, [pairs[0]], [pairs[1]], 1.5, True))
+    torch.library.opcheck(torch.ops.pymks_vae.stats_loss.default, (x.detach(), t, [pairs[0]], [pairs[1]], 1.0, False))
+    _, spec = torch.ops.pymks_vae.stats_loss(x.detach(), t, [pairs[0]], [pairs[1]], 1.0, True)
+    states = sorted(set(pairs))
+    torch.library.opcheck(torch.ops.pymks_vae.stats_loss_backward.default,
+                          (torch.rand(2, dtype=torch.float64), spec, list(spatial), 2, states))
+
+
+def test_torch_compile_fullgraph():
+    t = torch.rand(3, 1, 10, 12, dtype=torch.float64)
+
+    def step(x):
+        ind = ops.soft_indicator(x, (0.0,))
+        return ops.spatial_stats_loss(ind, ops.soft_indicator(t, (0.0,)), reduction="mean")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = torch.rand(3, 1, 10, 12, dtype=torch.float64, requires_grad=True)
+    v1, v2 = step(x), compiled(x)
+    g1 = torch.autograd.grad(v1, x)[0]
+    g2 = torch.autograd.grad(v2, x)[0]
+    assert torch.allclose(v1, v2, rtol=1e-12) and torch.allclose(g1, g2, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- soft indicator
+def test_soft_indicator_values_and_gradient():
+    x = torch.rand(2, 1, 5, 6, dtype=torch.float64, requires_grad=True)
+    ind = ops.soft_indicator(x, (0.0, 1.0), eps=0.25)
+    assert ind.shape == (2, 2, 5, 6)
+    want = np.exp(-((x.detach().numpy() - np.array([0.0, 1.0]).reshape(1, 2, 1, 1)) ** 2) / (2 * 0.25**2))
+    assert np.allclose(ind.detach().numpy(), want, rtol=1e-14)
+    assert torch.autograd.gradcheck(lambda v: ops.soft_indicator(v, (0.3,), eps=0.1), (x,))
+    assert ops.soft_indicator(torch.zeros(1, 1, 3), (0.0,)).eq(1).all()
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: ops.soft_indicator(torch.rand(2, 2, 4), (0.0,)), ValueError, "one channel"),
+    (lambda: ops.soft_indicator(torch.rand(2, 1, 4), ()), ValueError, "non-empty"),
+    (lambda: ops.soft_indicator(torch.rand(2, 1, 4), ("a",)), TypeError, "states"),
+    (lambda: ops.soft_indicator(torch.rand(2, 1, 4), (0.0,), eps=0), ValueError, "eps"),
+    (lambda: ops.soft_indicator(torch.ones(2, 1, 4, dtype=torch.int32), (0.0,)), TypeError, "float32 or float64"),
+])
+def test_soft_indicator_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------- bad input
+def _r(*shape, dtype=torch.float64):
+    return torch.rand(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: ops.spatial_stats_loss(_r(2, 1, 8), _r(2, 1, 9)), ValueError, "target shape"),
+    (lambda: ops.spatial_stats_loss(_r(2, 8), _r(2, 8)), ValueError, "x must have shape"),
+    (lambda: ops.spatial_stats_loss(_r(2, 1, 8), _r(2, 1, 8, dtype=torch.float32)), TypeError, "target dtype"),
+    (lambda: ops.spatial_stats_loss(torch.ones(2, 1, 8, dtype=torch.int64), _r(2, 1, 8)), TypeError, "float32 or float64"),
+    (lambda: ops.spatial_stats_loss(_r(2, 1, 8), _r(2, 1, 8), reduction="avg"), ValueError, "reduction"),
+    (lambda: ops.spatial_stats_loss(_r(2, 1, 8), _r(2, 1, 8).requires_grad_()), ValueError, "target requires grad"),
+    (lambda: ops.spatial_stats_loss(_r(2, 1, 8), _r(2, 1, 8), scale=float("nan")), TypeError, "scale"),
+    (lambda: ops.spatial_stats_loss(_r(2, 1, 8), _r(2, 1, 8), correlations=[(0, 1)]), ValueError, "names state 1"),
+    (lambda: ops.spatial_stats_loss(_r(2, 1, 8), _r(2, 1, 8), cutoff=4), ValueError, "cutoff 4 too large"),
+    (lambda: ops.spatial_stats_loss(_r(2, 1, 8), _r(2, 1, 8), weight=_r(3, 8)), ValueError, "weight shape"),
+    (lambda: ops.spatial_stats_loss(_r(2, 1, 8), _r(2, 1, 8), weight=_r(8) * float("nan")), ValueError, "weight contains NaN"),
+    (lambda: ops.spatial_stats_loss(_r(0, 1, 8), _r(0, 1, 8)), ValueError, "empty batch"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.parametrize("where", ["x", "target"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("cutoff", [None, 2])
+def test_nan_inf_rejected(where, bad, cutoff):
+    x, t = _r(2, 1, 8, 8), _r(2, 1, 8, 8)
+    (x if where == "x" else t)[1, 0, 2, 3] = bad
+    with pytest.raises(ValueError, match=f"{where} contains NaN or Inf"):
+        ops.spatial_stats_loss(x, t, cutoff=cutoff)
+
+
+# ----------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("spatial", [(9,), (8, 8), (6, 7), (4, 5, 6)])
+@pytest.mark.parametrize("pairs", [[(0, 0)], [(0, 1), (1, 1)]])
+def test_cuda_matches_cpu(spatial, pairs):
+    for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
+        x = torch.rand((3, 2) + spatial, dtype=dtype)
+        t = torch.rand((3, 2) + spatial, dtype=dtype)
+        for red in REDUCTIONS:
+            c_out, c_g, w = value_and_grad(lambda a, b: ops.spatial_stats_loss(a, b, correlations=pairs, reduction=red), x, t)
+            xg = x.cuda().requires_grad_(True)
+            g_out = ops.spatial_stats_loss(xg, t.cuda(), correlations=pairs, reduction=red)
+            (g_g,) = torch.autograd.grad((g_out * w.cuda()).sum(), xg)
+            assert rel_err(g_out.cpu(), c_out) < tol and rel_err(g_g.cpu(), c_g) < tol
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_and_errors():
+    x = torch.rand(2, 2, 6, 7, dtype=torch.float64, device="cuda", requires_grad=True)
+    t = torch.rand(2, 2, 6, 7, dtype=torch.float64, device="cuda")
+    torch.library.opcheck(torch.ops.pymks_vae.stats_loss.default, (x, t, [0], [1], 1.0, True))
+    assert torch.autograd.gradcheck(lambda v: ops.spatial_stats_loss(v, t, correlations=[(0, 1)]), (x,))
+    bad = t.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="target contains NaN"):
+        ops.spatial_stats_loss(x, bad)
