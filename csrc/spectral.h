@@ -89,6 +89,12 @@ PVAE_HD T parseval_weight(int64_t k, int64_t m) {
 //   C_q(r) = constant * S + sum_v coef_v * sum_x x_{state_v}(x) + sum_t coef_t * C_{base_t}(+-r)
 // which covers the direct case (one term), the mirror C_ji(r) = C_ij(-r) (reversed term) and the
 // partition-of-unity relations, where the last state is 1 - sum of the others.
+//
+// Base correlations come in two forms. Auto-correlations C_aa (base < n_auto) are even and their
+// spectrum |X_a|^2 is real and even, so C_aa = DFT(|X_a|^2) / M: a real-to-complex transform of the
+// power spectrum, whose half grid (last axis 0..m/2) holds C_aa in its real parts; the other half
+// follows from C_aa(-r) = C_aa(r). Cross-correlations (base >= n_auto) are inverse transforms on the
+// full grid.
 struct Term {
   int32_t base;
   int32_t reversed;
@@ -115,17 +121,35 @@ PVAE_HD T pair_constant(const PairPlan& p, const VfTerm* vfs, const T* dc_b, T s
   return v;
 }
 
+// Where an even function stored on the half grid keeps its value for grid position g (last axis):
+// g itself when g <= m/2, else the mirror m - g (in the mirrored row, see half_index).
+PVAE_HD bool half_mirrored(int64_t g_last, int64_t m_last) { return g_last > m_last / 2; }
+
+// Flat half-grid index of lag r (per-axis lags, |r_d| < m_d) for an even function.
+PVAE_HD int64_t half_index(const int64_t* lag, const int64_t* m, int nd) {
+  const bool mirror = half_mirrored(lag_to_grid(lag[nd - 1], m[nd - 1]), m[nd - 1]);
+  int64_t pos = 0;
+  for (int d = 0; d < nd - 1; ++d) pos = pos * m[d] + lag_to_grid(mirror ? -lag[d] : lag[d], m[d]);
+  return pos * (m[nd - 1] / 2 + 1) + lag_to_grid(mirror ? -lag[nd - 1] : lag[nd - 1], m[nd - 1]);
+}
+
 // Unnormalised value of one requested correlation at one lag, for one sample.
-//   base_b: this sample's base correlations, [n_base][grid_numel]
+//   half_b: this sample's auto bases, [n_auto][half_numel] (complex; real part used)
+//   full_b: this sample's cross bases, [n_base - n_auto][grid_numel]
 //   dc_b:   this sample's sums over pixels of the transformed states
 template <typename T>
-PVAE_HD T assemble_pair(const PairPlan& p, const Term* terms, const VfTerm* vfs, const T* base_b,
-                        int64_t grid_numel, int64_t pos, int64_t pos_rev, const T* dc_b,
-                        T s_total) {
+PVAE_HD T assemble_pair(const PairPlan& p, const Term* terms, const VfTerm* vfs, const cpx<T>* half_b,
+                        int64_t half_numel, int64_t hpos, int32_t n_auto, const T* full_b,
+                        int64_t grid_numel, int64_t pos, int64_t pos_rev, const T* dc_b, T s_total) {
   T v = pair_constant(p, vfs, dc_b, s_total);
   for (int32_t k = p.term_begin; k < p.term_end; ++k) {
     const Term t = terms[k];
-    v += static_cast<T>(t.coef) * base_b[t.base * grid_numel + (t.reversed ? pos_rev : pos)];
+    const T c = static_cast<T>(t.coef);
+    if (t.base < n_auto) {
+      v += c * half_b[t.base * half_numel + hpos].re;
+    } else {
+      v += c * full_b[(t.base - n_auto) * grid_numel + (t.reversed ? pos_rev : pos)];
+    }
   }
   return v;
 }

@@ -17,8 +17,9 @@ namespace pymks_vae {
 // What one two_point_stats call computes, decided on the host.
 struct TwoPointPlan {
   std::vector<int64_t> fwd_states;  // states whose forward transform is taken
-  std::vector<int32_t> base_a;      // base correlation k = C_{base_a[k], base_b[k]} (positions)
-  std::vector<int32_t> base_b;
+  std::vector<int32_t> base_a;      // base correlation k = C_{base_a[k], base_b[k]} (positions);
+  std::vector<int32_t> base_b;      // the n_auto auto-correlations (a == b) come first
+  int32_t n_auto = 0;
   std::vector<PairPlan> pairs;      // one per requested correlation
   std::vector<Term> terms;
   std::vector<VfTerm> vfs;
@@ -37,7 +38,9 @@ struct PlanTensors {
 };
 
 struct GatherArgs {
-  at::Tensor base;   // (B, n_base, *m) real
+  at::Tensor half;   // (B, n_auto, *h) complex: auto bases (real parts), or undefined
+  at::Tensor base;   // (B, n_base - n_auto, *m) real: cross bases, or undefined
+  int32_t n_auto;
   at::Tensor dc;     // (B, n_fwd) real: sums over pixels of the transformed states
   at::Tensor zmask;  // (Bm, *m) mask correlation, or undefined
   at::Tensor zlevel; // (Bm,) no-overlap level, or undefined
@@ -66,8 +69,10 @@ struct CombineArgs {
 struct TwoPointBackend {
   // True when sum over states of x is within tol of 1 at every pixel (and x is finite).
   bool (*partition_check)(const at::Tensor& x, double tol);
-  // P[b, k] = conj(X[b, a_k]) * X[b, b_k]  ->  (B, n_base, *h)
+  // P[b, k] = conj(X[b, a_k]) * X[b, b_k]  ->  (B, n_cross, *h)
   at::Tensor (*pair_products)(const at::Tensor& x_hat, const at::Tensor& a, const at::Tensor& b);
+  // scale * |X[b, idx_k]|^2 on the full grid (mirrored from the half spectrum)  ->  (B, n_auto, *m)
+  at::Tensor (*auto_power)(const at::Tensor& x_hat, const at::Tensor& idx, const Geometry& g, double scale);
   // Output window: assemble, normalise, centre and crop  ->  (B, n_pairs, *w)
   at::Tensor (*gather)(const GatherArgs& args);
   // Adjoint of gather for the direct definition  ->  (B, n_pairs, *m)

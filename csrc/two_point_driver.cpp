@@ -111,10 +111,19 @@ TwoPointPlan plan_for(const std::vector<std::pair<int64_t, int64_t>>& req, int64
   plan.fwd_states.assign(fwd.begin(), fwd.end());
   std::map<int64_t, int32_t> pos;
   for (size_t k = 0; k < plan.fwd_states.size(); ++k) pos[plan.fwd_states[k]] = static_cast<int32_t>(k);
-  for (const auto& [a, b] : base_pairs) {
+  // Auto-correlations first (they take the real-to-complex route), then cross-correlations.
+  std::vector<int32_t> order, remap(base_pairs.size());
+  for (int pass = 0; pass < 2; ++pass)
+    for (size_t k = 0; k < base_pairs.size(); ++k)
+      if ((base_pairs[k].first == base_pairs[k].second) == (pass == 0)) order.push_back(static_cast<int32_t>(k));
+  for (size_t n = 0; n < order.size(); ++n) {
+    const auto& [a, b] = base_pairs[order[n]];
+    remap[order[n]] = static_cast<int32_t>(n);
     plan.base_a.push_back(pos[a]);
     plan.base_b.push_back(pos[b]);
+    if (a == b) ++plan.n_auto;
   }
+  for (auto& t : plan.terms) t.base = remap[t.base];
   for (const auto& [s, coef] : vf_states) plan.vfs.push_back({pos[s], 0, coef});
   return plan;
 }
@@ -233,12 +242,29 @@ at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at:
   }
 
   auto dev = x.device();
-  auto products = be.pair_products(x_hat, ints_to(plan.base_a, dev), ints_to(plan.base_b, dev));
-  auto base = at::fft_irfftn(products, s.grid, s.dims).contiguous();
+  const size_t na = static_cast<size_t>(plan.n_auto);
+  at::Tensor half, base;
+  if (na > 0) {
+    // Auto-correlations: C_aa = DFT(|X_a|^2) / M, a real-to-complex transform of the power spectrum
+    // (cheaper than the inverse complex-to-real transform, see spectral.h).
+    double m_total = 1.0;
+    for (auto m : s.grid) m_total *= static_cast<double>(m);
+    std::vector<int32_t> idx(plan.base_a.begin(), plan.base_a.begin() + na);
+    auto power = be.auto_power(x_hat, ints_to(idx, dev), s.geom, 1.0 / m_total);
+    half = at::fft_rfftn(power, c10::nullopt, s.dims).contiguous();
+  }
+  if (plan.base_a.size() > na) {
+    std::vector<int32_t> a(plan.base_a.begin() + na, plan.base_a.end());
+    std::vector<int32_t> b(plan.base_b.begin() + na, plan.base_b.end());
+    auto products = be.pair_products(x_hat, ints_to(a, dev), ints_to(b, dev));
+    base = at::fft_irfftn(products, s.grid, s.dims).contiguous();
+  }
   auto dc = at::real(x_hat.flatten(2).select(2, 0)).contiguous();
 
   GatherArgs g;
+  g.half = half;
   g.base = base;
+  g.n_auto = plan.n_auto;
   g.dc = dc;
   g.zmask = zmask;
   g.zlevel = zlevel;

@@ -23,6 +23,10 @@ _PUBLIC = {
     "VAETransformer": "pymks_vae.transformers",
     "VAE": "pymks_vae.models",
     "LinesDataset": "pymks_vae.datasets",
+    "LinesConfig": "pymks_vae.datasets",
+    "generate_lines": "pymks_vae.datasets",
+    "lines_dataarray": "pymks_vae.datasets",
+    "train_val_split": "pymks_vae.datasets",
 }
 
 __all__ = sorted(_PUBLIC)

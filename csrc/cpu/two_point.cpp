@@ -70,30 +70,128 @@ at::Tensor pair_products(const at::Tensor& xh, const at::Tensor& a, const at::Te
   return out;
 }
 
-// o[i] += c * src[i + off] for i in [i0, i1)
 template <typename T>
-inline void axpy_fwd(T* o, const T* src, int64_t off, T c, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) o[i] += c * src[i + off];
+void auto_power_t(const at::Tensor& xh, const int32_t* idx, const Geometry& g, T scale, at::Tensor& out) {
+  const int nd = g.ndim;
+  const int64_t B = xh.size(0), nf = xh.size(1), na = out.size(1);
+  const int64_t M = g.m[nd - 1], K = M / 2 + 1, H = xh.numel() / (B * nf);
+  int64_t rows = B * na, grid = 1;
+  for (int d = 0; d < nd; ++d) {
+    grid *= g.m[d];
+    if (d < nd - 1) rows *= g.m[d];
+  }
+  const auto* X = reinterpret_cast<const cpx<T>*>(xh.data_ptr());
+  T* o_all = out.data_ptr<T>();
+  parallel_rows(rows, M, [&](int64_t row, int64_t i0, int64_t i1) {
+    int64_t rem = row, pos[kMaxDims] = {0, 0, 0};
+    for (int d = nd - 2; d >= 0; --d) {
+      pos[d] = rem % g.m[d];
+      rem /= g.m[d];
+    }
+    const int64_t u = rem % na, b = rem / na;
+    int64_t fwd = 0, rev = 0;  // this row and its mirror (-pos) in the half spectrum
+    for (int d = 0; d < nd - 1; ++d) {
+      fwd = fwd * g.m[d] + pos[d];
+      rev = rev * g.m[d] + lag_to_grid(-pos[d], g.m[d]);
+    }
+    const cpx<T>* xs = X + (b * nf + idx[u]) * H;
+    const cpx<T>* xf = xs + fwd * K;
+    const cpx<T>* xr = xs + rev * K;
+    T* o = o_all + row * M;
+    const int64_t split = std::min(std::max(K, i0), i1);
+    for (int64_t i = i0; i < split; ++i) o[i] = scale * cnorm2(xf[i]);
+    for (int64_t i = split; i < i1; ++i) o[i] = scale * cnorm2(xr[M - i]);  // |X(-k)| = |X(k)|
+  });
 }
-// o[i] += c * src[off - i] for i in [i0, i1)
-template <typename T>
-inline void axpy_rev(T* o, const T* src, int64_t off, T c, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) o[i] += c * src[off - i];
+
+at::Tensor auto_power(const at::Tensor& xh, const at::Tensor& idx, const Geometry& g, double scale) {
+  std::vector<int64_t> sizes{xh.size(0), idx.numel()};
+  for (int d = 0; d < g.ndim; ++d) sizes.push_back(g.m[d]);
+  const auto real = at::toRealValueType(xh.scalar_type());
+  auto out = at::empty(sizes, xh.options().dtype(real));
+  AT_DISPATCH_FLOATING_TYPES(real, "auto_power", [&] {
+    auto_power_t<scalar_t>(xh, idx.data_ptr<int32_t>(), g, static_cast<scalar_t>(scale), out);
+  });
+  return out;
+}
+
+// The row loops below either start the output (kInit: o = b + c * src) or add to it
+// (o += c * src), so a correlation made of one term costs one pass over its row.
+template <bool kInit, typename T>
+inline void put(T* o, int64_t j, T b, T v) {
+  if constexpr (kInit) o[j] = b + v; else o[j] += v;
+}
+
+// o[i] (+)= c * src[i + off] for i in [i0, i1)
+template <bool kInit, typename T>
+inline void axpy_fwd(T* o, const T* src, int64_t off, T b, T c, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) put<kInit>(o, i, b, c * src[i + off]);
+}
+// o[i] (+)= c * src[off - i] for i in [i0, i1)
+template <bool kInit, typename T>
+inline void axpy_rev(T* o, const T* src, int64_t off, T b, T c, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) put<kInit>(o, i, b, c * src[off - i]);
+}
+
+// o[i] (+)= c * C(i - hw) for an even C kept on a half-grid row (fwd) and its mirror row (rev):
+// runs of increasing grid position read fwd directly, runs past m/2 read rev backwards.
+template <bool kInit, typename T>
+inline void axpy_half(T* o, const cpx<T>* fwd, const cpx<T>* rev, T b, T c, int64_t hw, int64_t M, int64_t i0,
+                      int64_t i1) {
+  int64_t i = i0;
+  while (i < i1) {
+    const int64_t g = lag_to_grid(i - hw, M);
+    const int64_t wrap_at = i < hw ? hw : i1;  // the grid position wraps to 0 at i == hw
+    if (!half_mirrored(g, M)) {
+      const int64_t end = std::min({i1, wrap_at, i + (M / 2 - g) + 1});
+      for (int64_t j = i; j < end; ++j) put<kInit>(o, j, b, c * fwd[g + (j - i)].re);
+      i = end;
+    } else {
+      const int64_t end = std::min(i1, wrap_at);
+      for (int64_t j = i; j < end; ++j) put<kInit>(o, j, b, c * rev[M - g - (j - i)].re);
+      i = end;
+    }
+  }
+}
+
+// One term of a correlation over [i0, i1) of an output row (see assemble_pair in spectral.h).
+template <bool kInit, typename T>
+inline void add_term(T* o, const Term& t, T b, T c, const cpx<T>* half_b, const T* full_b, int32_t n_auto,
+                     int64_t rowpos, int64_t rowpos_rev, int64_t K, int64_t grid, int64_t half_numel, int64_t hw,
+                     int64_t M, int64_t i0, int64_t i1) {
+  if (t.base < n_auto) {
+    const cpx<T>* hb = half_b + t.base * half_numel;
+    axpy_half<kInit>(o, hb + rowpos * K, hb + rowpos_rev * K, b, c, hw, M, i0, i1);
+    return;
+  }
+  const T* src = full_b + (t.base - n_auto) * grid + (t.reversed ? rowpos_rev : rowpos) * M;
+  if (!t.reversed) {  // grid index lag_to_grid(i - hw, M): lags < 0 wrap to the end of the row
+    const int64_t split = std::min(std::max(hw, i0), i1);
+    axpy_fwd<kInit>(o, src, M - hw, b, c, i0, split);
+    axpy_fwd<kInit>(o, src, -hw, b, c, split, i1);
+  } else {  // grid index lag_to_grid(hw - i, M)
+    const int64_t split = std::min(std::max(hw + 1, i0), i1);
+    axpy_rev<kInit>(o, src, hw, b, c, i0, split);
+    axpy_rev<kInit>(o, src, hw + M, b, c, split, i1);
+  }
 }
 
 template <typename T>
 void gather_t(const GatherArgs& a, at::Tensor& out) {
   const Geometry g = a.geom;
   const int nd = g.ndim;
-  const int64_t B = a.base.size(0), nb = a.base.size(1), nf = a.dc.size(1), nq = a.n_pairs;
+  const int64_t nf = a.dc.size(1), nq = a.n_pairs, B = a.dc.size(0);
+  const int32_t n_auto = a.n_auto;
+  const int64_t nc = a.base.defined() ? a.base.size(1) : 0;
   int64_t grid = 1, rows = B * nq, s_total = 1;
   for (int d = 0; d < nd; ++d) {
     grid *= g.m[d];
     s_total *= g.n[d];
     if (d < nd - 1) rows *= g.w[d];
   }
-  const int64_t W = g.w[nd - 1], M = g.m[nd - 1], hw = W / 2;
-  const T* base = a.base.data_ptr<T>();
+  const int64_t W = g.w[nd - 1], M = g.m[nd - 1], hw = W / 2, K = M / 2 + 1, half_numel = grid / M * K;
+  const auto* half = a.half.defined() ? reinterpret_cast<const cpx<T>*>(a.half.data_ptr()) : nullptr;
+  const T* base = a.base.defined() ? a.base.data_ptr<T>() : nullptr;
   const T* dc = a.dc.data_ptr<T>();
   const auto* pairs = reinterpret_cast<const PairPlan*>(a.plan.pairs.data_ptr());
   const auto* terms = reinterpret_cast<const Term*>(a.plan.terms.data_ptr());
@@ -112,40 +210,36 @@ void gather_t(const GatherArgs& a, at::Tensor& out) {
       rem /= g.w[d];
     }
     const int64_t q = rem % nq, b = rem / nq;
-    int64_t rowpos = 0, rowpos_rev = 0;
+    int64_t rowpos = 0, rowpos_rev = 0;  // grid rows of the lag and of its mirror
     for (int d = 0; d < nd - 1; ++d) {
       lag[d] = window_lag(midx[d], g.w[d]);
       rowpos = rowpos * g.m[d] + lag_to_grid(lag[d], g.m[d]);
       rowpos_rev = rowpos_rev * g.m[d] + lag_to_grid(-lag[d], g.m[d]);
     }
     const PairPlan p = pairs[q];
-    const T* base_b = base + b * nb * grid;
     T* o = o_all + row * W;
-    const T cst = pair_constant(p, vfs, dc + b * nf, static_cast<T>(s_total));
-    for (int64_t i = i0; i < i1; ++i) o[i] = cst;
-    // Lags i - hw < 0 sit at the end of the grid row (wrap), the others at its start.
-    const int64_t split = std::min(std::max(hw, i0), i1);
+    // Periodic statistics have one normaliser, folded into the coefficients; the others are
+    // applied per lag afterwards.
+    const T scale = (a.periodic && !has_mask) ? inv_s : T(1);
+    const T cst = scale * pair_constant(p, vfs, dc + b * nf, static_cast<T>(s_total));
+    const cpx<T>* half_b = half ? half + b * n_auto * half_numel : nullptr;
+    const T* full_b = base ? base + b * nc * grid : nullptr;
+    if (p.term_begin == p.term_end) {
+      for (int64_t i = i0; i < i1; ++i) o[i] = cst;
+    }
     for (int32_t k = p.term_begin; k < p.term_end; ++k) {
-      const Term t = terms[k];
-      const T c = static_cast<T>(t.coef);
-      const T* src = base_b + t.base * grid + (t.reversed ? rowpos_rev : rowpos) * M;
-      if (!t.reversed) {  // grid index lag_to_grid(i - hw, M)
-        axpy_fwd(o, src, M - hw, c, i0, split);
-        axpy_fwd(o, src, -hw, c, split, i1);
-      } else {  // grid index lag_to_grid(hw - i, M)
-        const int64_t rsplit = std::min(std::max(hw + 1, i0), i1);
-        axpy_rev(o, src, hw, c, i0, rsplit);
-        axpy_rev(o, src, hw + M, c, rsplit, i1);
-      }
+      const T c = scale * static_cast<T>(terms[k].coef);
+      if (k == p.term_begin)
+        add_term<true>(o, terms[k], cst, c, half_b, full_b, n_auto, rowpos, rowpos_rev, K, grid, half_numel, hw, M, i0, i1);
+      else
+        add_term<false>(o, terms[k], cst, c, half_b, full_b, n_auto, rowpos, rowpos_rev, K, grid, half_numel, hw, M, i0, i1);
     }
     if (has_mask) {
       const int64_t bm = Bm == 1 ? 0 : b;
       const T* z = zmask + bm * grid + rowpos * M;
       const T level = zlevel[bm];
       for (int64_t i = i0; i < i1; ++i) o[i] *= inv_mask_norm(z[lag_to_grid(window_lag(i, W), M)], level);
-    } else if (a.periodic) {
-      for (int64_t i = i0; i < i1; ++i) o[i] *= inv_s;
-    } else {
+    } else if (!a.periodic) {
       for (int64_t i = i0; i < i1; ++i) {
         lag[nd - 1] = window_lag(i, W);
         o[i] *= inv_norm_lag<T>(g, lag, false, inv_s);
@@ -155,10 +249,10 @@ void gather_t(const GatherArgs& a, at::Tensor& out) {
 }
 
 at::Tensor gather(const GatherArgs& a) {
-  std::vector<int64_t> sizes{a.base.size(0), a.n_pairs};
+  std::vector<int64_t> sizes{a.dc.size(0), a.n_pairs};
   for (int d = 0; d < a.geom.ndim; ++d) sizes.push_back(a.geom.w[d]);
-  auto out = at::empty(sizes, a.base.options());
-  AT_DISPATCH_FLOATING_TYPES(a.base.scalar_type(), "gather", [&] { gather_t<scalar_t>(a, out); });
+  auto out = at::empty(sizes, a.dc.options());
+  AT_DISPATCH_FLOATING_TYPES(a.dc.scalar_type(), "gather", [&] { gather_t<scalar_t>(a, out); });
   return out;
 }
 
@@ -256,7 +350,7 @@ at::Tensor combine_grad(const CombineArgs& a) {
   return out;
 }
 
-const TwoPointBackend kCpu{partition_check, pair_products, gather, embed_grad, combine_grad};
+const TwoPointBackend kCpu{partition_check, pair_products, auto_power, gather, embed_grad, combine_grad};
 
 at::Tensor two_point_stats_cpu(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
                                bool periodic, at::IntArrayRef window,

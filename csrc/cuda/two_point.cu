@@ -47,10 +47,45 @@ at::Tensor pair_products(const at::Tensor& xh, const at::Tensor& a, const at::Te
 }
 
 template <typename T>
-__global__ void gather_kernel(const T* base, const T* dc, const T* zmask, const T* zlevel, int64_t Bm,
-                              const PairPlan* pairs, const Term* terms, const VfTerm* vfs, Geometry g,
-                              bool periodic, int64_t nb, int64_t nf, int64_t nq, int64_t grid, int64_t win,
-                              T s_total, T* out, int64_t total) {
+__global__ void auto_power_kernel(const cpx<T>* X, const int32_t* idx, Geometry g, int64_t nf, int64_t na,
+                                  int64_t H, int64_t grid, T scale, T* out, int64_t total) {
+  PVAE_GRID_STRIDE(e, total) {
+    const int64_t bu = e / grid, u = bu % na, b = bu / na;
+    int64_t rem = e % grid, pos[kMaxDims] = {0, 0, 0};
+    for (int d = g.ndim - 1; d >= 0; --d) {
+      pos[d] = rem % g.m[d];
+      rem /= g.m[d];
+    }
+    // |X(k)|^2 = |X(-k)|^2: half_index maps a full-grid position to where the half spectrum keeps it.
+    out[e] = scale * cnorm2(X[(b * nf + idx[u]) * H + half_index(pos, g.m, g.ndim)]);
+  }
+}
+
+at::Tensor auto_power(const at::Tensor& xh, const at::Tensor& idx, const Geometry& g, double scale) {
+  std::vector<int64_t> sizes{xh.size(0), idx.numel()};
+  int64_t grid = 1;
+  for (int d = 0; d < g.ndim; ++d) {
+    sizes.push_back(g.m[d]);
+    grid *= g.m[d];
+  }
+  const auto real = at::toRealValueType(xh.scalar_type());
+  auto out = at::empty(sizes, xh.options().dtype(real));
+  const int64_t total = out.numel(), H = xh.numel() / (xh.size(0) * xh.size(1));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(real, "auto_power", [&] {
+    auto_power_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        reinterpret_cast<const cpx<scalar_t>*>(xh.data_ptr()), idx.data_ptr<int32_t>(), g, xh.size(1), idx.numel(),
+        H, grid, static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(), total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+template <typename T>
+__global__ void gather_kernel(const cpx<T>* half, int32_t n_auto, const T* base, int64_t nc, const T* dc,
+                              const T* zmask, const T* zlevel, int64_t Bm, const PairPlan* pairs, const Term* terms,
+                              const VfTerm* vfs, Geometry g, bool periodic, int64_t nf, int64_t nq, int64_t grid,
+                              int64_t half_numel, int64_t win, T s_total, T* out, int64_t total) {
   PVAE_GRID_STRIDE(idx, total) {
     const int64_t bq = idx / win, q = bq % nq, b = bq / nq;
     int64_t rem = idx % win, midx[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
@@ -64,7 +99,9 @@ __global__ void gather_kernel(const T* base, const T* dc, const T* zmask, const 
       pos = pos * g.m[d] + lag_to_grid(lag[d], g.m[d]);
       pos_rev = pos_rev * g.m[d] + lag_to_grid(-lag[d], g.m[d]);
     }
-    const T v = assemble_pair(pairs[q], terms, vfs, base + b * nb * grid, grid, pos, pos_rev, dc + b * nf, s_total);
+    const int64_t hpos = half_index(lag, g.m, g.ndim);
+    const T v = assemble_pair(pairs[q], terms, vfs, half + b * n_auto * half_numel, half_numel, hpos, n_auto,
+                              base + b * nc * grid, grid, pos, pos_rev, dc + b * nf, s_total);
     T norm;
     if (zmask != nullptr) {
       const int64_t bm = Bm == 1 ? 0 : b;
@@ -78,7 +115,7 @@ __global__ void gather_kernel(const T* base, const T* dc, const T* zmask, const 
 
 at::Tensor gather(const GatherArgs& a) {
   const Geometry g = a.geom;
-  std::vector<int64_t> sizes{a.base.size(0), a.n_pairs};
+  std::vector<int64_t> sizes{a.dc.size(0), a.n_pairs};
   int64_t grid = 1, win = 1, s_total = 1;
   for (int d = 0; d < g.ndim; ++d) {
     sizes.push_back(g.w[d]);
@@ -86,18 +123,20 @@ at::Tensor gather(const GatherArgs& a) {
     win *= g.w[d];
     s_total *= g.n[d];
   }
-  auto out = at::empty(sizes, a.base.options());
+  const int64_t half_numel = grid / g.m[g.ndim - 1] * (g.m[g.ndim - 1] / 2 + 1);
+  auto out = at::empty(sizes, a.dc.options());
   const int64_t total = out.numel();
   const bool has_mask = a.zmask.defined();
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(a.base.scalar_type(), "gather", [&] {
+  AT_DISPATCH_FLOATING_TYPES(a.dc.scalar_type(), "gather", [&] {
     gather_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        a.base.data_ptr<scalar_t>(), a.dc.data_ptr<scalar_t>(),
-        has_mask ? a.zmask.data_ptr<scalar_t>() : nullptr, has_mask ? a.zlevel.data_ptr<scalar_t>() : nullptr,
-        has_mask ? a.zmask.size(0) : 1, reinterpret_cast<const PairPlan*>(a.plan.pairs.data_ptr()),
-        reinterpret_cast<const Term*>(a.plan.terms.data_ptr()), reinterpret_cast<const VfTerm*>(a.plan.vfs.data_ptr()),
-        g, a.periodic, a.base.size(1), a.dc.size(1), a.n_pairs, grid, win, static_cast<scalar_t>(s_total),
-        out.data_ptr<scalar_t>(), total);
+        a.half.defined() ? reinterpret_cast<const cpx<scalar_t>*>(a.half.data_ptr()) : nullptr, a.n_auto,
+        a.base.defined() ? a.base.data_ptr<scalar_t>() : nullptr, a.base.defined() ? a.base.size(1) : 0,
+        a.dc.data_ptr<scalar_t>(), has_mask ? a.zmask.data_ptr<scalar_t>() : nullptr,
+        has_mask ? a.zlevel.data_ptr<scalar_t>() : nullptr, has_mask ? a.zmask.size(0) : 1,
+        reinterpret_cast<const PairPlan*>(a.plan.pairs.data_ptr()), reinterpret_cast<const Term*>(a.plan.terms.data_ptr()),
+        reinterpret_cast<const VfTerm*>(a.plan.vfs.data_ptr()), g, a.periodic, a.dc.size(1), a.n_pairs, grid,
+        half_numel, win, static_cast<scalar_t>(s_total), out.data_ptr<scalar_t>(), total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -189,7 +228,7 @@ at::Tensor combine_grad(const CombineArgs& a) {
   return out;
 }
 
-const TwoPointBackend kCuda{partition_check, pair_products, gather, embed_grad, combine_grad};
+const TwoPointBackend kCuda{partition_check, pair_products, auto_power, gather, embed_grad, combine_grad};
 
 at::Tensor two_point_stats_cuda(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
                                 bool periodic, at::IntArrayRef window, const c10::optional<at::Tensor>& mask,
