@@ -167,6 +167,30 @@ PVAE_HD T inv_norm_lag(const Geometry& g, const int64_t* lag, bool periodic, T i
 template <typename T>
 PVAE_HD T inv_mask_norm(T z, T level) { return z > level ? T(1) / z : T(0); }
 
+// The mask's own correlation on the grid, when there is a mask (z == nullptr otherwise):
+// one per sample, or one shared by all (count == 1).
+template <typename T>
+struct MaskNorm {
+  const T* z = nullptr;      // (count, grid)
+  const T* level = nullptr;  // (count,)
+  int64_t count = 1;
+  int64_t grid = 0;
+  PVAE_HD bool active() const { return z != nullptr; }
+  PVAE_HD T inv(int64_t b, int64_t pos) const {
+    const int64_t k = count == 1 ? 0 : b;
+    return inv_mask_norm(z[k * grid + pos], level[k]);
+  }
+};
+
+// Splits a flat index over `sizes` (innermost last) into idx[0..n); returns the leading rest.
+PVAE_HD int64_t unravel(int64_t flat, const int64_t* sizes, int n, int64_t* idx) {
+  for (int d = n - 1; d >= 0; --d) {
+    idx[d] = flat % sizes[d];
+    flat /= sizes[d];
+  }
+  return flat;
+}
+
 // ------------------------------------------------------------------ gradient assembly
 // One term of the gradient spectrum of state s:  conj(G_q) X_other  when s is the first state of
 // pair q (sum_x x_s(x) x_o(x + r)), and  G_q X_other  when s is its second state.

@@ -116,6 +116,18 @@ at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectru
 // ------------------------------------------------------------------ shared host helpers
 std::vector<int64_t> spatial_dims(int64_t ndim);
 int64_t fast_fft_len(int64_t n);
+// View of the mask normalisation (zmask/zlevel of GatherArgs/EmbedArgs) for the kernels.
+template <typename T>
+MaskNorm<T> mask_norm_view(const at::Tensor& zmask, const at::Tensor& zlevel) {
+  MaskNorm<T> m;
+  if (zmask.defined()) {
+    m.z = zmask.data_ptr<T>();
+    m.level = zlevel.data_ptr<T>();
+    m.count = zmask.size(0);
+    m.grid = zmask.numel() / zmask.size(0);
+  }
+  return m;
+}
 // Copies a vector of POD structs into a byte tensor on `device`.
 template <typename S>
 at::Tensor table_to(const std::vector<S>& v, const at::Device& device) {

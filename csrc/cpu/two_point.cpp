@@ -83,11 +83,8 @@ void auto_power_t(const at::Tensor& xh, const int32_t* idx, const Geometry& g, T
   const auto* X = reinterpret_cast<const cpx<T>*>(xh.data_ptr());
   T* o_all = out.data_ptr<T>();
   parallel_rows(rows, M, [&](int64_t row, int64_t i0, int64_t i1) {
-    int64_t rem = row, pos[kMaxDims] = {0, 0, 0};
-    for (int d = nd - 2; d >= 0; --d) {
-      pos[d] = rem % g.m[d];
-      rem /= g.m[d];
-    }
+    int64_t pos[kMaxDims] = {0, 0, 0};
+    const int64_t rem = unravel(row, g.m, nd - 1, pos);
     const int64_t u = rem % na, b = rem / na;
     int64_t fwd = 0, rev = 0;  // this row and its mirror (-pos) in the half spectrum
     for (int d = 0; d < nd - 1; ++d) {
@@ -196,19 +193,14 @@ void gather_t(const GatherArgs& a, at::Tensor& out) {
   const auto* pairs = reinterpret_cast<const PairPlan*>(a.plan.pairs.data_ptr());
   const auto* terms = reinterpret_cast<const Term*>(a.plan.terms.data_ptr());
   const auto* vfs = reinterpret_cast<const VfTerm*>(a.plan.vfs.data_ptr());
-  const bool has_mask = a.zmask.defined();
-  const T* zmask = has_mask ? a.zmask.data_ptr<T>() : nullptr;
-  const T* zlevel = has_mask ? a.zlevel.data_ptr<T>() : nullptr;
-  const int64_t Bm = has_mask ? a.zmask.size(0) : 1;
+  const MaskNorm<T> mask = mask_norm_view<T>(a.zmask, a.zlevel);
+  const bool has_mask = mask.active();
   const T inv_s = T(1) / static_cast<T>(s_total);
   T* o_all = out.data_ptr<T>();
 
   parallel_rows(rows, W, [&](int64_t row, int64_t i0, int64_t i1) {
-    int64_t rem = row, midx[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
-    for (int d = nd - 2; d >= 0; --d) {
-      midx[d] = rem % g.w[d];
-      rem /= g.w[d];
-    }
+    int64_t midx[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
+    const int64_t rem = unravel(row, g.w, nd - 1, midx);
     const int64_t q = rem % nq, b = rem / nq;
     int64_t rowpos = 0, rowpos_rev = 0;  // grid rows of the lag and of its mirror
     for (int d = 0; d < nd - 1; ++d) {
@@ -235,10 +227,7 @@ void gather_t(const GatherArgs& a, at::Tensor& out) {
         add_term<false>(o, terms[k], cst, c, half_b, full_b, n_auto, rowpos, rowpos_rev, K, grid, half_numel, hw, M, i0, i1);
     }
     if (has_mask) {
-      const int64_t bm = Bm == 1 ? 0 : b;
-      const T* z = zmask + bm * grid + rowpos * M;
-      const T level = zlevel[bm];
-      for (int64_t i = i0; i < i1; ++i) o[i] *= inv_mask_norm(z[lag_to_grid(window_lag(i, W), M)], level);
+      for (int64_t i = i0; i < i1; ++i) o[i] *= mask.inv(b, rowpos * M + lag_to_grid(window_lag(i, W), M));
     } else if (!a.periodic) {
       for (int64_t i = i0; i < i1; ++i) {
         lag[nd - 1] = window_lag(i, W);
@@ -270,20 +259,13 @@ void embed_grad_t(const EmbedArgs& a, at::Tensor& out) {
   }
   const int64_t M = g.m[nd - 1], W = g.w[nd - 1];
   const T* grad = a.grad.data_ptr<T>();
-  const bool has_mask = a.zmask.defined();
-  const T* zmask = has_mask ? a.zmask.data_ptr<T>() : nullptr;
-  const T* zlevel = has_mask ? a.zlevel.data_ptr<T>() : nullptr;
-  const int64_t Bm = has_mask ? a.zmask.size(0) : 1;
+  const MaskNorm<T> mask = mask_norm_view<T>(a.zmask, a.zlevel);
   const T inv_s = T(1) / static_cast<T>(s_total);
   T* o_all = out.data_ptr<T>();
 
   parallel_rows(rows, M, [&](int64_t row, int64_t i0, int64_t i1) {
-    int64_t rem = row, pos[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
-    for (int d = nd - 2; d >= 0; --d) {
-      pos[d] = rem % g.m[d];
-      rem /= g.m[d];
-    }
-    const int64_t bq = rem, b = rem / nq;
+    int64_t pos[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
+    const int64_t bq = unravel(row, g.m, nd - 1, pos), b = bq / nq;
     T* o = o_all + row * M;
     int64_t wrow = 0;
     bool inside = true;
@@ -298,7 +280,7 @@ void embed_grad_t(const EmbedArgs& a, at::Tensor& out) {
       return;
     }
     const T* gr = grad + bq * win + wrow * W;
-    const int64_t bm = Bm == 1 ? 0 : b;
+    const int64_t gridrow = row % (grid / M);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t idx = grid_to_window(i, M, W);
       if (idx < 0) {
@@ -306,8 +288,7 @@ void embed_grad_t(const EmbedArgs& a, at::Tensor& out) {
         continue;
       }
       lag[nd - 1] = window_lag(idx, W);
-      const T norm = has_mask ? inv_mask_norm(zmask[bm * grid + (row % (grid / M)) * M + i], zlevel[bm])
-                              : inv_norm_lag<T>(g, lag, a.periodic, inv_s);
+      const T norm = mask.active() ? mask.inv(b, gridrow * M + i) : inv_norm_lag<T>(g, lag, a.periodic, inv_s);
       o[i] = gr[idx] * norm;
     }
   });

@@ -51,11 +51,8 @@ __global__ void auto_power_kernel(const cpx<T>* X, const int32_t* idx, Geometry 
                                   int64_t H, int64_t grid, T scale, T* out, int64_t total) {
   PVAE_GRID_STRIDE(e, total) {
     const int64_t bu = e / grid, u = bu % na, b = bu / na;
-    int64_t rem = e % grid, pos[kMaxDims] = {0, 0, 0};
-    for (int d = g.ndim - 1; d >= 0; --d) {
-      pos[d] = rem % g.m[d];
-      rem /= g.m[d];
-    }
+    int64_t pos[kMaxDims] = {0, 0, 0};
+    unravel(e % grid, g.m, g.ndim, pos);
     // |X(k)|^2 = |X(-k)|^2: half_index maps a full-grid position to where the half spectrum keeps it.
     out[e] = scale * cnorm2(X[(b * nf + idx[u]) * H + half_index(pos, g.m, g.ndim)]);
   }
@@ -83,16 +80,13 @@ at::Tensor auto_power(const at::Tensor& xh, const at::Tensor& idx, const Geometr
 
 template <typename T>
 __global__ void gather_kernel(const cpx<T>* half, int32_t n_auto, const T* base, int64_t nc, const T* dc,
-                              const T* zmask, const T* zlevel, int64_t Bm, const PairPlan* pairs, const Term* terms,
+                              MaskNorm<T> mask, const PairPlan* pairs, const Term* terms,
                               const VfTerm* vfs, Geometry g, bool periodic, int64_t nf, int64_t nq, int64_t grid,
                               int64_t half_numel, int64_t win, T s_total, T* out, int64_t total) {
   PVAE_GRID_STRIDE(idx, total) {
     const int64_t bq = idx / win, q = bq % nq, b = bq / nq;
-    int64_t rem = idx % win, midx[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
-    for (int d = g.ndim - 1; d >= 0; --d) {
-      midx[d] = rem % g.w[d];
-      rem /= g.w[d];
-    }
+    int64_t midx[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
+    unravel(idx % win, g.w, g.ndim, midx);
     int64_t pos = 0, pos_rev = 0;
     for (int d = 0; d < g.ndim; ++d) {
       lag[d] = window_lag(midx[d], g.w[d]);
@@ -102,14 +96,7 @@ __global__ void gather_kernel(const cpx<T>* half, int32_t n_auto, const T* base,
     const int64_t hpos = half_index(lag, g.m, g.ndim);
     const T v = assemble_pair(pairs[q], terms, vfs, half + b * n_auto * half_numel, half_numel, hpos, n_auto,
                               base + b * nc * grid, grid, pos, pos_rev, dc + b * nf, s_total);
-    T norm;
-    if (zmask != nullptr) {
-      const int64_t bm = Bm == 1 ? 0 : b;
-      norm = inv_mask_norm(zmask[bm * grid + pos], zlevel[bm]);
-    } else {
-      norm = inv_norm_lag<T>(g, lag, periodic, T(1) / s_total);
-    }
-    out[idx] = v * norm;
+    out[idx] = v * (mask.active() ? mask.inv(b, pos) : inv_norm_lag<T>(g, lag, periodic, T(1) / s_total));
   }
 }
 
@@ -126,14 +113,12 @@ at::Tensor gather(const GatherArgs& a) {
   const int64_t half_numel = grid / g.m[g.ndim - 1] * (g.m[g.ndim - 1] / 2 + 1);
   auto out = at::empty(sizes, a.dc.options());
   const int64_t total = out.numel();
-  const bool has_mask = a.zmask.defined();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(a.dc.scalar_type(), "gather", [&] {
     gather_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
         a.half.defined() ? reinterpret_cast<const cpx<scalar_t>*>(a.half.data_ptr()) : nullptr, a.n_auto,
         a.base.defined() ? a.base.data_ptr<scalar_t>() : nullptr, a.base.defined() ? a.base.size(1) : 0,
-        a.dc.data_ptr<scalar_t>(), has_mask ? a.zmask.data_ptr<scalar_t>() : nullptr,
-        has_mask ? a.zlevel.data_ptr<scalar_t>() : nullptr, has_mask ? a.zmask.size(0) : 1,
+        a.dc.data_ptr<scalar_t>(), mask_norm_view<scalar_t>(a.zmask, a.zlevel),
         reinterpret_cast<const PairPlan*>(a.plan.pairs.data_ptr()), reinterpret_cast<const Term*>(a.plan.terms.data_ptr()),
         reinterpret_cast<const VfTerm*>(a.plan.vfs.data_ptr()), g, a.periodic, a.dc.size(1), a.n_pairs, grid,
         half_numel, win, static_cast<scalar_t>(s_total), out.data_ptr<scalar_t>(), total);
@@ -143,16 +128,13 @@ at::Tensor gather(const GatherArgs& a) {
 }
 
 template <typename T>
-__global__ void embed_grad_kernel(const T* grad, const T* zmask, const T* zlevel, int64_t Bm, Geometry g,
+__global__ void embed_grad_kernel(const T* grad, MaskNorm<T> mask, Geometry g,
                                   bool periodic, int64_t nq, int64_t grid, int64_t win, T s_total, T* out,
                                   int64_t total) {
   PVAE_GRID_STRIDE(idx, total) {
     const int64_t bq = idx / grid, b = bq / nq, gpos = idx % grid;
-    int64_t rem = gpos, pos[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
-    for (int d = g.ndim - 1; d >= 0; --d) {
-      pos[d] = rem % g.m[d];
-      rem /= g.m[d];
-    }
+    int64_t pos[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
+    unravel(gpos, g.m, g.ndim, pos);
     int64_t wflat = 0;
     bool inside = true;
     for (int d = 0; d < g.ndim; ++d) {
@@ -163,14 +145,8 @@ __global__ void embed_grad_kernel(const T* grad, const T* zmask, const T* zlevel
     }
     T v = T(0);
     if (inside) {
-      T norm;
-      if (zmask != nullptr) {
-        const int64_t bm = Bm == 1 ? 0 : b;
-        norm = inv_mask_norm(zmask[bm * grid + gpos], zlevel[bm]);
-      } else {
-        norm = inv_norm_lag<T>(g, lag, periodic, T(1) / s_total);
-      }
-      v = grad[bq * win + wflat] * norm;
+      v = grad[bq * win + wflat] *
+          (mask.active() ? mask.inv(b, gpos) : inv_norm_lag<T>(g, lag, periodic, T(1) / s_total));
     }
     out[idx] = v;
   }
@@ -188,12 +164,10 @@ at::Tensor embed_grad(const EmbedArgs& a) {
   }
   auto out = at::empty(sizes, a.grad.options());
   const int64_t total = out.numel();
-  const bool has_mask = a.zmask.defined();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(a.grad.scalar_type(), "embed_grad", [&] {
     embed_grad_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        a.grad.data_ptr<scalar_t>(), has_mask ? a.zmask.data_ptr<scalar_t>() : nullptr,
-        has_mask ? a.zlevel.data_ptr<scalar_t>() : nullptr, has_mask ? a.zmask.size(0) : 1, g, a.periodic,
+        a.grad.data_ptr<scalar_t>(), mask_norm_view<scalar_t>(a.zmask, a.zlevel), g, a.periodic,
         a.grad.size(1), grid, win, static_cast<scalar_t>(s_total), out.data_ptr<scalar_t>(), total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
