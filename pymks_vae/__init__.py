@@ -27,6 +27,14 @@ _PUBLIC = {
     "generate_lines": "pymks_vae.datasets",
     "lines_dataarray": "pymks_vae.datasets",
     "train_val_split": "pymks_vae.datasets",
+    "SpatialStatsLoss": "pymks_vae.losses",
+    "DataSpaceLoss": "pymks_vae.losses",
+    "kl_divergence": "pymks_vae.losses",
+    "stats_scale_from_data": "pymks_vae.losses",
+    "TrainConfig": "pymks_vae.training",
+    "train_vae": "pymks_vae.training",
+    "load_model": "pymks_vae.training",
+    "generate_classes": "pymks_vae.microstructures",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -1,0 +1,92 @@
+"""PyMKS pipelines: pymks-vae's TwoPointCorrelation against pymks 0.4.1's on the same dask input.
+
+Input: the one-hot (pymks.PrimitiveTransformer, 2 states) of 64 two-phase microstructures of
+128x128, persisted in memory in chunks of 16 samples. Both transformers run periodic, cutoff 20,
+pairs [(1, 1), (0, 1)], timed from ``.transform`` to computed numbers (dask's default threaded
+scheduler), medians of repeats. The outputs are checked equal before anything is timed.
+
+Usage: python benchmarks/bench_transformers.py [--repeats 5] [--json out.json]
+"""
+import argparse
+import os
+import sys
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import machine, markdown_table, median_seconds, write_json  # noqa: E402
+
+import pymks_vae  # noqa: E402
+from pymks_vae.microstructures import generate_two_phase  # noqa: E402
+
+PAIRS = [(1, 1), (0, 1)]
+
+
+def make_input(n_samples=64, size=128, chunk=16, seed=0):
+    """The persisted dask one-hot ``(n, size, size, 2)`` chunked ``chunk`` samples at a time."""
+    import pymks
+
+    x = generate_two_phase(n_samples, (size, size), sigma=(2.0, 4.0), volume_fraction=0.4, seed=seed)
+    one_hot = pymks.PrimitiveTransformer(n_state=2, min_=0.0, max_=1.0).fit(x).transform(x)
+    return one_hot.rechunk((chunk, size, size, 2)).persist()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per transformer (>= 5)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--n-samples", type=int, default=64)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--chunk", type=int, default=16)
+    parser.add_argument("--cutoff", type=int, default=20)
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be >= 5 (medians of at least five runs)")
+
+    import pymks
+
+    data = make_input(args.n_samples, args.size, args.chunk)
+    ours = pymks_vae.TwoPointCorrelation(correlations=PAIRS, periodic_boundary=True, cutoff=args.cutoff).fit(data)
+    theirs = pymks.TwoPointCorrelation(correlations=PAIRS, periodic_boundary=True, cutoff=args.cutoff)
+
+    def run_ours():
+        return ours.transform(data).compute()
+
+    def run_pymks():
+        return np.asarray(theirs.transform(data).compute())
+
+    a, b = run_ours(), run_pymks()
+    max_diff = float(np.abs(a - b).max())
+    assert a.shape == b.shape and np.allclose(a, b, rtol=1e-10, atol=1e-12), f"outputs differ (max {max_diff})"
+
+    t_ours = median_seconds(run_ours, args.repeats, warmup=args.warmup)
+    t_pymks = median_seconds(run_pymks, args.repeats, warmup=args.warmup)
+    info = pymks_vae.build_info()
+    rows = [
+        {"implementation": "pymks 0.4.1 TwoPointCorrelation", "median ms": f"{1e3 * t_pymks:.1f}", "speed-up": "1.0x"},
+        {"implementation": "pymks-vae TwoPointCorrelation" + ("" if info["compiled"] else " (reference ops)"),
+         "median ms": f"{1e3 * t_ours:.1f}", "speed-up": f"{t_pymks / t_ours:.1f}x"},
+    ]
+    desc = machine()
+    print(f"\nTwoPointCorrelation on dask: {args.n_samples} x {args.size}x{args.size} one-hot, 2 states, "
+          f"chunks of {args.chunk}, periodic, cutoff {args.cutoff}, pairs {PAIRS}; "
+          f"medians of {args.repeats} (max |diff| {max_diff:.1e})")
+    print(f"Machine: {desc}; extension compiled: {info['compiled']}\n")
+    print(markdown_table(rows, ["implementation", "median ms", "speed-up"]))
+    write_json(args.json, {
+        "machine": desc,
+        "build_info": {k: v for k, v in info.items() if isinstance(v, (bool, str, list, type(None)))},
+        "case": {"n_samples": args.n_samples, "size": args.size, "chunk": args.chunk, "n_state": 2,
+                 "cutoff": args.cutoff, "periodic": True, "pairs": PAIRS},
+        "repeats": args.repeats,
+        "seconds": {"pymks": t_pymks, "pymks_vae": t_ours},
+        "speedup": t_pymks / t_ours,
+        "max_abs_diff": max_diff,
+    })
+    return t_pymks / t_ours
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+"""VAE models: :class:`VAE` and its encoders and decoders.
+
+Example:
+    >>> from pymks_vae.models import VAE
+    >>> VAE(latent_dim=9, image_size=64).config["decoder"]
+    'cnn'
+"""
+from pymks_vae.models.decoder import ConvDecoder, PaperDecoder
+from pymks_vae.models.encoders import ConvEncoder, ResNet152Encoder
+from pymks_vae.models.vae import VAE
+
+__all__ = ["VAE", "ConvEncoder", "ResNet152Encoder", "ConvDecoder", "PaperDecoder"]

@@ -1,0 +1,266 @@
+"""Encoders of the VAE: each maps images ``(B, C, H, W)`` to ``(mu, logvar)``, both ``(B, latent)``.
+
+* :class:`ConvEncoder` (``"cnn"``): a small strided-convolution encoder sized for CPU work.
+* :class:`ResNet152Encoder` (``"resnet152"``): the paper's encoder, torchvision's ResNet-152
+  without its ``fc`` layer, frozen, behind a learnable 1x1 convolution to 3 channels and the
+  ImageNet normalisation, followed by a 2048 -> 1024 -> 1024 head.
+
+Example:
+    >>> import torch
+    >>> from pymks_vae.models.encoders import ConvEncoder
+    >>> mu, logvar = ConvEncoder(latent_dim=9, image_size=32).eval()(torch.rand(2, 1, 32, 32))
+    >>> tuple(mu.shape), tuple(logvar.shape)
+    ((2, 9), (2, 9))
+"""
+import numbers
+import os
+
+import torch
+from torch import nn
+
+__all__ = ["ConvEncoder", "ResNet152Encoder", "build_encoder", "ENCODERS", "image_hw"]
+
+ENCODERS = ("cnn", "resnet152")
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_hw(image_size, name="image_size"):
+    """``image_size`` (an int or a pair) as a tuple ``(H, W)`` of positive ints; ValueError else."""
+    if isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool):
+        hw = (int(image_size), int(image_size))
+    else:
+        try:
+            hw = tuple(image_size)
+        except TypeError:
+            raise ValueError(f"{name} must be an int or a pair (H, W) of ints, got {image_size!r}") from None
+        if len(hw) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in hw):
+            raise ValueError(f"{name} must be an int or a pair (H, W) of ints, got {image_size!r}")
+        hw = (int(hw[0]), int(hw[1]))
+    if min(hw) < 1:
+        raise ValueError(f"{name} must be positive, got {image_size!r}")
+    return hw
+
+
+def _check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+class _Gaussian(nn.Module):
+    """Two linear maps of a feature vector: the posterior mean and log-variance."""
+
+    def __init__(self, features, latent_dim):
+        super().__init__()
+        self.mu = nn.Linear(features, latent_dim)
+        self.logvar = nn.Linear(features, latent_dim)
+
+    def forward(self, h):
+        return self.mu(h), self.logvar(h)
+
+
+class ConvEncoder(nn.Module):
+    """A small convolutional encoder for CPU-sized images.
+
+    ``len(widths)`` stages of (4x4 conv, stride 2) -> BatchNorm -> ReLU, each halving H and W,
+    then flatten -> linear ``hidden`` (BatchNorm, ReLU) -> ``mu``, ``logvar``.
+
+    Args:
+        latent_dim: size of the latent vector.
+        image_size: int or ``(H, W)``; both must be divisible by ``2 ** len(widths)``.
+        channels: input channels.
+        widths: output channels of each stage (default ``(8, 16, 32, 64)``: 64x64 -> 4x4).
+        hidden: width of the fully connected layer.
+
+    Example:
+        >>> enc = ConvEncoder(latent_dim=4, image_size=(16, 32), widths=(8, 8))
+        >>> [tuple(t.shape) for t in enc.eval()(torch.rand(3, 1, 16, 32))]
+        [(3, 4), (3, 4)]
+    """
+
+    def __init__(self, latent_dim, image_size, channels=1, widths=(8, 16, 32, 64), hidden=256):
+        super().__init__()
+        latent_dim = _check_positive_int(latent_dim, "latent_dim")
+        channels = _check_positive_int(channels, "channels")
+        hidden = _check_positive_int(hidden, "hidden")
+        widths = tuple(_check_positive_int(w, "widths[i]") for w in widths)
+        if not widths:
+            raise ValueError("widths must hold at least one stage width")
+        h, w = image_hw(image_size)
+        factor = 2 ** len(widths)
+        if h % factor or w % factor:
+            raise ValueError(
+                f"image_size {(h, w)} is not supported by the 'cnn' encoder with {len(widths)} stride-2 stages: "
+                f"H and W must be divisible by {factor} (e.g. 32, 64, 128, 224)"
+            )
+        layers = []
+        c_in = channels
+        for c_out in widths:
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        flat = c_in * (h // factor) * (w // factor)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.BatchNorm1d(hidden), nn.ReLU(True))
+        self.gaussian = _Gaussian(hidden, latent_dim)
+
+    def forward(self, x):
+        return self.gaussian(self.head(self.features(x)))
+
+
+def _resnet152_state_dict(weights):
+    """ImageNet weights of ResNet-152 from a file path or torchvision's enum (``"imagenet"``)."""
+    if isinstance(weights, str) and weights.lower() == "imagenet":
+        from torchvision.models import ResNet152_Weights
+
+        try:
+            return ResNet152_Weights.IMAGENET1K_V2.get_state_dict(progress=False)
+        except Exception as exc:  # urllib/OSError/hash errors: all mean "no download"
+            raise RuntimeError(
+                "could not download the ImageNet ResNet-152 weights (ResNet152_Weights.IMAGENET1K_V2): "
+                f"{type(exc).__name__}: {exc}. Downloads are impossible on an offline machine; download "
+                "the file elsewhere and pass its path instead, e.g. weights='/path/resnet152.pth'"
+            ) from exc
+    try:
+        path = os.fspath(weights)
+    except TypeError:
+        raise TypeError(f"weights must be None, 'imagenet' or a file path, got {type(weights).__name__}") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ResNet-152 weights file not found: {path!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"could not read ResNet-152 weights from {path!r}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r} does not hold a state dict of ResNet-152 weights (got {type(state).__name__})")
+    return state
+
+
+class ResNet152Encoder(nn.Module):
+    """The paper's encoder: a frozen ImageNet ResNet-152 with a learnable input map and head.
+
+    ``x -> 1x1 conv (channels -> 3) -> ImageNet mean/std normalisation -> ResNet-152 without fc
+    (2048 features) -> 1024 (BN, ReLU) -> 1024 (BN, ReLU) -> mu, logvar``.
+
+    When frozen, the backbone's parameters take no gradient and the backbone always runs in eval
+    mode, so its BatchNorm statistics stay those of ImageNet (gradients still flow through it to
+    the learnable 1x1 convolution).
+
+    Args:
+        latent_dim: size of the latent vector.
+        channels: input channels.
+        weights: None (random initialisation), a path to a ResNet-152 state dict (torchvision's
+            ``resnet152-*.pth``; loaded with ``weights_only=True``; ``fc.*`` entries are ignored),
+            or ``"imagenet"`` (torchvision's ``ResNet152_Weights.IMAGENET1K_V2``: a download).
+        freeze: freeze the backbone. None means True (the paper), which needs ``weights``.
+
+    Raises:
+        FileNotFoundError: ``weights`` names a missing file.
+        RuntimeError: ``weights="imagenet"`` and the download failed (offline).
+        ValueError: ``freeze`` with random weights (a frozen random network learns nothing).
+
+    Example:
+        >>> enc = ResNet152Encoder(latent_dim=9, freeze=False)   # random, trainable backbone
+        >>> sum(p.numel() for p in enc.backbone.parameters()) > 50_000_000
+        True
+    """
+
+    def __init__(self, latent_dim, channels=1, weights=None, freeze=None):
+        super().__init__()
+        import torchvision
+
+        latent_dim = _check_positive_int(latent_dim, "latent_dim")
+        channels = _check_positive_int(channels, "channels")
+        if freeze is None:
+            freeze = True
+        if not isinstance(freeze, bool):
+            raise TypeError(f"freeze_encoder must be None, True or False, got {freeze!r}")
+        if freeze and weights is None:
+            raise ValueError(
+                "freeze_encoder=True with weights=None would freeze a randomly initialised ResNet-152, "
+                "which then cannot learn anything. Pass ImageNet weights (weights='/path/resnet152.pth' "
+                "or weights='imagenet'), or freeze_encoder=False to train the whole network"
+            )
+        # read the weights first: a bad path fails before the slow construction of the network
+        state = None
+        if weights is not None:
+            state = {k: v for k, v in _resnet152_state_dict(weights).items() if not k.startswith("fc.")}
+        net = torchvision.models.resnet152(weights=None)
+        if state is not None:
+            try:
+                missing, unexpected = net.load_state_dict(state, strict=False)
+            except RuntimeError as exc:  # tensor shapes that do not fit
+                raise ValueError(f"weights {weights!r} do not fit torchvision's ResNet-152: {exc}") from exc
+            missing = [k for k in missing if not k.startswith("fc.")]
+            if missing or unexpected:
+                raise ValueError(
+                    f"weights {weights!r} do not match torchvision's ResNet-152: missing {missing[:5]}, "
+                    f"unexpected {list(unexpected)[:5]}"
+                )
+        self.to_rgb = nn.Conv2d(channels, 3, 1)
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        net.fc = nn.Identity()
+        self.backbone = net
+        self.head = nn.Sequential(
+            nn.Linear(2048, 1024), nn.BatchNorm1d(1024), nn.ReLU(True),
+            nn.Linear(1024, 1024), nn.BatchNorm1d(1024), nn.ReLU(True),
+        )
+        self.gaussian = _Gaussian(1024, latent_dim)
+        self.frozen = False
+        if freeze:
+            self.freeze()
+
+    def freeze(self):
+        """Freeze the backbone (no gradients, eval-mode BatchNorm)."""
+        self.frozen = True
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone.eval()
+        return self
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x):
+        rgb = (self.to_rgb(x) - self.mean) / self.std
+        return self.gaussian(self.head(self.backbone(rgb)))
+
+
+def build_encoder(name, *, latent_dim, image_size, channels=1, weights=None, freeze=None):
+    """The encoder called ``name`` (one of :data:`ENCODERS`).
+
+    Args:
+        name: ``"cnn"`` or ``"resnet152"``.
+        latent_dim, image_size, channels: the model's sizes.
+        weights: for ``"resnet152"`` only (see :class:`ResNet152Encoder`).
+        freeze: freeze the encoder; for ``"cnn"`` only None/False (it has no pretrained weights).
+
+    Returns:
+        an ``nn.Module`` mapping ``(B, channels, H, W)`` to ``(mu, logvar)``.
+
+    Example:
+        >>> build_encoder("cnn", latent_dim=2, image_size=32).__class__.__name__
+        'ConvEncoder'
+    """
+    if name == "cnn":
+        if weights is not None:
+            raise ValueError(
+                f"encoder='cnn' has no pretrained weights; got weights={weights!r} (use encoder='resnet152')"
+            )
+        if freeze:
+            raise ValueError(
+                "freeze_encoder=True with encoder='cnn' would freeze a randomly initialised network; "
+                "use freeze_encoder=None/False"
+            )
+        return ConvEncoder(latent_dim, image_size, channels)
+    if name == "resnet152":
+        image_hw(image_size)
+        return ResNet152Encoder(latent_dim, channels, weights=weights, freeze=freeze)
+    raise ValueError(f"encoder must be one of {ENCODERS}, got {name!r}")

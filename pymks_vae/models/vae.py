@@ -1,0 +1,167 @@
+"""The variational autoencoder: an encoder, a Gaussian latent and a decoder.
+
+Example:
+    >>> import torch
+    >>> from pymks_vae.models import VAE
+    >>> model = VAE(encoder="cnn", latent_dim=9, image_size=32).eval()
+    >>> x_hat, mu, logvar = model(torch.rand(4, 1, 32, 32))
+    >>> tuple(x_hat.shape), tuple(mu.shape)
+    ((4, 1, 32, 32), (4, 9))
+"""
+import torch
+from torch import nn
+
+from pymks_vae.models.decoder import DECODERS, build_decoder
+from pymks_vae.models.encoders import ENCODERS, _check_positive_int, build_encoder, image_hw
+
+__all__ = ["VAE"]
+
+_CONFIG_KEYS = ("encoder", "decoder", "latent_dim", "image_size", "channels", "freeze_encoder")
+
+
+class VAE(nn.Module):
+    """A VAE for images or phase-probability fields ``(B, channels, H, W)``.
+
+    In training mode ``forward`` samples ``z = mu + sigma * noise``; in eval mode it uses
+    ``z = mu`` (as the paper's authors did at evaluation).
+
+    Args:
+        encoder: ``"cnn"`` (small, CPU-sized) or ``"resnet152"`` (the paper's).
+        latent_dim: size of the latent vector (the paper: 9).
+        image_size: int or ``(H, W)``; inputs of another size are refused.
+        channels: 1 for a grey image (sigmoid output, the paper), > 1 for phase probabilities
+            (e.g. one-hot microstructures; softmax over channels).
+        weights: ResNet-152 ImageNet weights (a file path or ``"imagenet"``); ``"resnet152"`` only.
+        freeze_encoder: freeze the ResNet-152 backbone. None means True for ``"resnet152"`` (the
+            paper; needs ``weights``) and False for ``"cnn"``.
+        decoder: ``"paper"`` (the paper's decoder, any size via a final resize), ``"cnn"`` (a
+            lighter decoder reaching the size exactly) or ``"auto"``: ``"paper"`` with the
+            ResNet-152 encoder, ``"cnn"`` with the CNN encoder.
+
+    Attributes:
+        config: the constructor arguments that rebuild this architecture (weights excluded:
+            they are in the state dict); see :meth:`from_config`.
+
+    Raises:
+        ValueError / TypeError: for bad arguments (see the encoders and decoders).
+
+    Example:
+        >>> m = VAE(latent_dim=2, image_size=32, channels=3).eval()
+        >>> probs = m.decode(torch.zeros(1, 2)).detach(); float(probs.sum(1).mean())
+        1.0
+    """
+
+    def __init__(self, encoder="cnn", latent_dim=9, image_size=64, channels=1, weights=None,
+                 freeze_encoder=None, decoder="auto"):
+        super().__init__()
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+        if decoder == "auto":
+            decoder = "paper" if encoder == "resnet152" else "cnn"
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be 'auto' or one of {DECODERS}, got {decoder!r}")
+        if freeze_encoder is not None and not isinstance(freeze_encoder, bool):
+            raise TypeError(f"freeze_encoder must be None, True or False, got {freeze_encoder!r}")
+        self.latent_dim = _check_positive_int(latent_dim, "latent_dim")
+        self.channels = _check_positive_int(channels, "channels")
+        self.image_size = image_hw(image_size)
+        self.encoder = build_encoder(encoder, latent_dim=self.latent_dim, image_size=self.image_size,
+                                     channels=self.channels, weights=weights, freeze=freeze_encoder)
+        self.decoder = build_decoder(decoder, latent_dim=self.latent_dim, image_size=self.image_size,
+                                     channels=self.channels)
+        self.config = {
+            "encoder": encoder,
+            "decoder": decoder,
+            "latent_dim": self.latent_dim,
+            "image_size": list(self.image_size),
+            "channels": self.channels,
+            "freeze_encoder": bool(getattr(self.encoder, "frozen", False)),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        """Rebuild the architecture described by ``config`` (a :attr:`config` dict), untrained.
+
+        A frozen ResNet-152 is rebuilt frozen without needing its weights file: the caller loads
+        the weights from a checkpoint's state dict afterwards (see
+        :func:`pymks_vae.training.load_model`).
+
+        Example:
+            >>> m = VAE(latent_dim=3, image_size=32)
+            >>> VAE.from_config(m.config).config == m.config
+            True
+        """
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        missing = [k for k in _CONFIG_KEYS if k not in config]
+        if missing:
+            raise ValueError(f"model config lacks {missing}; got keys {sorted(config)}")
+        frozen = bool(config["freeze_encoder"])
+        model = cls(encoder=config["encoder"], latent_dim=config["latent_dim"],
+                    image_size=tuple(config["image_size"]), channels=config["channels"],
+                    freeze_encoder=False, decoder=config["decoder"])
+        if frozen:
+            model.encoder.freeze()
+            model.config["freeze_encoder"] = True
+        return model
+
+    def check_input(self, x, name="x"):
+        """Raise TypeError/ValueError unless ``x`` is a float tensor ``(B, channels, H, W)`` of this model."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
+        want = (self.channels,) + self.image_size
+        if x.ndim != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}, but this model was built for (batch, channels, H, W) = "
+                f"(batch, {self.channels}, {self.image_size[0]}, {self.image_size[1]}) "
+                f"(channels={self.channels}, image_size={self.image_size})"
+            )
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch")
+
+    def encode(self, x):
+        """Posterior parameters ``(mu, logvar)``, each ``(B, latent_dim)``."""
+        self.check_input(x)
+        return self.encoder(x)
+
+    @staticmethod
+    def reparameterize(mu, logvar):
+        """A draw ``mu + exp(logvar / 2) * noise`` with standard normal noise (torch's global RNG)."""
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def decode(self, z):
+        """Images ``(B, channels, H, W)`` in [0, 1] from latent vectors ``(B, latent_dim)``."""
+        if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != self.latent_dim:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"z must be a tensor (batch, {self.latent_dim}), got {shape}")
+        return self.decoder(z)
+
+    def forward(self, x):
+        """``(x_hat, mu, logvar)``; ``z`` is sampled in training mode and equals ``mu`` in eval mode."""
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar) if self.training else mu
+        return self.decode(z), mu, logvar
+
+    @torch.no_grad()
+    def sample(self, n, generator=None):
+        """Decode ``n`` latent vectors drawn from the standard normal prior (in eval mode).
+
+        Args:
+            n: number of samples (int >= 1).
+            generator: optional ``torch.Generator`` for the draw.
+
+        Returns:
+            tensor ``(n, channels, H, W)`` on the model's device.
+        """
+        n = _check_positive_int(n, "n")
+        device = next(self.parameters()).device
+        gen_device = generator.device if generator is not None else device
+        z = torch.randn(n, self.latent_dim, generator=generator, device=gen_device).to(device)
+        was_training = self.training
+        self.eval()
+        try:
+            return self.decode(z)
+        finally:
+            self.train(was_training)

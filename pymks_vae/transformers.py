@@ -1,0 +1,837 @@
+"""scikit-learn transformers for PyMKS pipelines: two-point statistics and a VAE latent space.
+
+Both classes take PyMKS's layout, ``(n_samples, *spatial, n_state)``, as numpy arrays, dask arrays
+(kept lazy, chunked along samples) or xarray ``DataArray`` (first dim = samples, last dim =
+states; the sample dim and its coordinates carry through). They slot into a
+``sklearn.pipeline.Pipeline`` after ``pymks.PrimitiveTransformer`` and before any classifier or
+regressor.
+
+- :class:`TwoPointCorrelation`: a drop-in for ``pymks.TwoPointCorrelation`` (same parameters, same
+  numbers), computed by the pymks-vae operator.
+- :class:`VAETransformer`: learns a low-dimensional latent space of 2D microstructures with a VAE
+  trained in spatial-statistics space; ``transform`` gives the latent means.
+
+Example:
+    >>> import numpy as np
+    >>> from pymks_vae.transformers import TwoPointCorrelation
+    >>> x = np.random.default_rng(0).random((4, 9, 9, 2))
+    >>> TwoPointCorrelation(cutoff=2).fit_transform(x).shape
+    (4, 5, 5, 2)
+"""
+import hashlib
+import io
+import json
+import numbers
+import os
+import tempfile
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from pymks_vae import correlations as _corr
+
+__all__ = ["TwoPointCorrelation", "VAETransformer"]
+
+
+# ----------------------------------------------------------------------------- input adapters
+def _is_dask(x):
+    return type(x).__module__.startswith("dask") and hasattr(x, "chunks") and hasattr(x, "compute")
+
+
+def _is_xarray(x):
+    return type(x).__module__.startswith("xarray") and hasattr(x, "dims") and hasattr(x, "coords")
+
+
+def _as_array(X, name="X"):
+    """Unwrap an xarray DataArray and check that ``X`` is a numeric numpy or dask array.
+
+    Returns ``(array, dataarray_or_None)``; lists and other array-likes become numpy.
+    """
+    original = X if _is_xarray(X) else None
+    if original is not None:
+        X = original.data
+    if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
+        raise TypeError(f"{name}: sparse input is not supported; microstructures are dense fields")
+    if not (isinstance(X, np.ndarray) or _is_dask(X)):
+        if isinstance(X, torch.Tensor):
+            X = X.detach().cpu().numpy()
+        try:
+            X = np.asarray(X)
+        except Exception as err:  # ragged lists and the like
+            raise TypeError(f"{name} must be a numpy, dask or xarray array, got {type(X).__name__}: {err}") from None
+    if np.issubdtype(X.dtype, np.complexfloating):
+        raise ValueError(f"Complex data not supported: {name} has dtype {X.dtype}; give real values")
+    if X.dtype == object and isinstance(X, np.ndarray):
+        # Object arrays of numbers (as pandas sometimes hands over) are read as float64.
+        try:
+            X = X.astype(np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must hold numbers, got an object array that does not convert to float") from None
+    if not (np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.bool_)):
+        raise TypeError(f"{name} must hold numbers, got dtype {X.dtype}")
+    return X, original
+
+
+def _check_finite_numpy(X, name="X"):
+    # Dask inputs are checked block by block when they are computed (by the operator or the
+    # training stream), so validation never forces a computation.
+    if isinstance(X, np.ndarray) and np.issubdtype(X.dtype, np.floating) and not np.isfinite(X).all():
+        raise ValueError(f"{name} contains NaN or infinity; the transformers need finite values")
+
+
+def _sample_coords(original):
+    """The coordinates of a DataArray that live on its first (sample) dim only."""
+    dim = original.dims[0]
+    return dim, {k: v for k, v in original.coords.items() if v.dims == (dim,)}
+
+
+# ----------------------------------------------------------------------------- two-point statistics
+class TwoPointCorrelation(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
+    """Two-point statistics of PyMKS-layout microstructures, as a scikit-learn transformer.
+
+    A drop-in replacement for ``pymks.TwoPointCorrelation``: same parameters, same float64 numbers
+    (``pymks.correlations_multiple``), computed by the pymks-vae operator. Unlike PyMKS's, it is a
+    proper fitted estimator (a ``Pipeline`` ending in it can ``.transform``), it takes ``y=`` as a
+    keyword, and it understands xarray.
+
+    The window is fixed at ``fit``: ``cutoff_`` is resolved from the fitted spatial shape (PyMKS's
+    rule ``int((min(spatial) - 1) / 2)`` when None, larger values clipped), so ``transform`` of new
+    data always gives the same number of features.
+
+    Args:
+        correlations: ``(i, j)`` state pairs; None (or empty) means ``[(0, 0), (0, 1), ...,
+            (0, n_state-1)]`` as in PyMKS.
+        periodic_boundary: periodic boundaries (True) or zero padding with overlap normalisation.
+        cutoff: largest lag kept along every spatial axis (None: as large as the field allows).
+
+    Attributes:
+        n_state_: number of local states (last axis) seen in fit.
+        spatial_shape_: spatial shape seen in fit.
+        correlations_: the resolved list of pairs.
+        cutoff_: the resolved cutoff; outputs have ``2 * cutoff_ + 1`` lags per spatial axis.
+
+    Input / output (``n`` samples, ``d`` spatial dims, ``w = 2 * cutoff_ + 1``):
+        numpy ``(n, *spatial, n_state)`` -> numpy ``(n, *(w,)*d, n_corr)`` float64; dask -> lazy
+        dask chunked along samples; xarray DataArray -> DataArray with dims ``(sample_dim,
+        "r_<dim>"..., "correlation")``, integer lag coordinates ``-cutoff_..cutoff_``, pair names
+        such as ``"0-1"``, and the sample coordinates of the input.
+
+    Example:
+        >>> import numpy as np
+        >>> from pymks_vae import TwoPointCorrelation
+        >>> x = np.random.default_rng(0).random((3, 11, 11, 2))
+        >>> tpc = TwoPointCorrelation(correlations=[(0, 0), (0, 1)], cutoff=3).fit(x)
+        >>> tpc.transform(x).shape, tpc.cutoff_, tpc.get_feature_names_out()[:2].tolist()
+        ((3, 7, 7, 2), 3, ['corr_0-0_r_-3_-3', 'corr_0-1_r_-3_-3'])
+    """
+
+    def __init__(self, correlations=None, periodic_boundary=True, cutoff=None):
+        self.correlations = correlations
+        self.periodic_boundary = periodic_boundary
+        self.cutoff = cutoff
+
+    def _validate_layout(self, X):
+        if X.ndim < 3 or X.ndim > 5:
+            raise ValueError(
+                "X must have PyMKS's layout (n_samples, *spatial, n_state) with 1-3 spatial dims, "
+                f"i.e. 3-5 axes; got shape {tuple(X.shape)}. Use pymks.PrimitiveTransformer to add "
+                "the state axis to a plain microstructure."
+            )
+        if X.shape[0] == 0 or any(int(s) == 0 for s in X.shape[1:]):
+            raise ValueError(f"X has an empty axis: shape {tuple(X.shape)}")
+
+    def fit(self, X, y=None):
+        """Resolve the pairs and the cutoff from the shape of ``X``; nothing is computed.
+
+        Args:
+            X: ``(n_samples, *spatial, n_state)`` numpy, dask or xarray array.
+            y: ignored (accepted for pipelines).
+
+        Returns:
+            self
+        """
+        if not isinstance(self.periodic_boundary, (bool, np.bool_)):
+            raise TypeError(f"periodic_boundary must be a bool, got {self.periodic_boundary!r}")
+        X, _ = _as_array(X)
+        self._validate_layout(X)
+        _check_finite_numpy(X)
+        self.n_state_ = int(X.shape[-1])
+        self.spatial_shape_ = tuple(int(s) for s in X.shape[1:-1])
+        self.correlations_ = _corr.resolve_correlations(self.correlations, self.n_state_)
+        self.cutoff_ = _corr.resolve_cutoff(self.cutoff, self.spatial_shape_)
+        return self
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "cutoff_")
+
+    def transform(self, X):
+        """Two-point statistics of ``X`` (see the class docstring for the layouts).
+
+        Args:
+            X: ``(n_samples, *spatial, n_state)`` numpy, dask or xarray array with the fitted
+                ``n_state_`` and number of spatial dims.
+
+        Returns:
+            the statistics, numpy / lazy dask / DataArray like the input.
+        """
+        check_is_fitted(self)
+        X, original = _as_array(X)
+        self._validate_layout(X)
+        if int(X.shape[-1]) != self.n_state_:
+            raise ValueError(f"X has {X.shape[-1]} states on its last axis, but the transformer was fitted with "
+                             f"n_state={self.n_state_}")
+        spatial = tuple(int(s) for s in X.shape[1:-1])
+        if len(spatial) != len(self.spatial_shape_):
+            raise ValueError(f"X has {len(spatial)} spatial dims, but the transformer was fitted on "
+                             f"{len(self.spatial_shape_)} (spatial shape {self.spatial_shape_})")
+        if _corr.resolve_cutoff(None, spatial) < self.cutoff_:
+            raise ValueError(f"X's spatial shape {spatial} is too small for the fitted cutoff_={self.cutoff_} "
+                             f"(needs min(spatial) >= {2 * self.cutoff_ + 1})")
+        _check_finite_numpy(X)
+        out = _corr.correlations_multiple(X, self.correlations_, periodic_boundary=bool(self.periodic_boundary),
+                                          cutoff=self.cutoff_)
+        if original is None:
+            return out
+        return self._to_dataarray(out, original)
+
+    def _to_dataarray(self, out, original):
+        import xarray as xr
+
+        sample_dim, coords = _sample_coords(original)
+        lag_dims = [f"r_{d}" for d in original.dims[1:-1]]
+        lags = np.arange(-self.cutoff_, self.cutoff_ + 1)
+        coords.update({d: lags for d in lag_dims})
+        coords["correlation"] = [f"{i}-{j}" for i, j in self.correlations_]
+        return xr.DataArray(out, dims=(sample_dim, *lag_dims, "correlation"), coords=coords,
+                            name="two_point_stats", attrs={"periodic_boundary": int(bool(self.periodic_boundary)),
+                                                           "cutoff": self.cutoff_})
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of the flattened output features, in the order of ``out.reshape(n, -1)``.
+
+        ``corr_<i>-<j>_r_<lag per axis>``, e.g. ``corr_0-1_r_-2_3``.
+
+        Args:
+            input_features: ignored (the inputs are fields, not named columns).
+
+        Returns:
+            numpy array of str.
+        """
+        check_is_fitted(self)
+        lags = np.arange(-self.cutoff_, self.cutoff_ + 1)
+        grids = np.stack(np.meshgrid(*([lags] * len(self.spatial_shape_)), indexing="ij"), axis=-1)
+        names = [
+            f"corr_{i}-{j}_r_" + "_".join(str(int(v)) for v in lag)
+            for lag in grids.reshape(-1, len(self.spatial_shape_))
+            for i, j in self.correlations_
+        ]
+        return np.asarray(names, dtype=object)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = True
+        tags.input_tags.three_d_array = True
+        tags.transformer_tags.preserves_dtype = ["float64"]
+        return tags
+
+
+# ----------------------------------------------------------------------------- VAE latent space
+_FORMAT = "pymks_vae.VAETransformer"
+_FORMAT_VERSION = 1
+_MODEL_CACHE = {}  # digest -> rebuilt torch module, one per process (dask workers reuse it)
+
+
+def _state_bytes(model):
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, buffer)
+    return buffer.getvalue()
+
+
+def _build_model(config):
+    from pymks_vae.models import VAE
+
+    return VAE.from_config(config)
+
+
+def _model_from_bytes(config, state):
+    model = _build_model(config)
+    model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+class _ModelSnapshot:
+    """The trained weights as bytes plus the model config: small, picklable, tokenisable by dask.
+
+    Shipped once per dask graph (as a delayed object) to the workers, which rebuild the model once
+    per process and cache it by digest.
+    """
+
+    def __init__(self, config, state):
+        self.config = dict(config)
+        self.state = bytes(state)
+        self.digest = hashlib.sha256(self.state + json.dumps(self.config, sort_keys=True).encode()).hexdigest()
+
+    def __dask_tokenize__(self):
+        return ("pymks_vae-model", self.digest)
+
+    def model(self):
+        model = _MODEL_CACHE.get(self.digest)
+        if model is None:
+            if len(_MODEL_CACHE) > 8:
+                _MODEL_CACHE.clear()
+            model = _MODEL_CACHE[self.digest] = _model_from_bytes(self.config, self.state)
+        return model
+
+
+def _to_tensor(block, grey):
+    """PyMKS-layout numpy block -> channels-first float32 tensor ``(n, C, H, W)``."""
+    x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+    return x.unsqueeze(1) if grey else x.movedim(-1, 1).contiguous()
+
+
+def _from_tensor(x, grey):
+    x = x.detach().cpu().numpy().astype(np.float64)
+    return x[:, 0] if grey else np.moveaxis(x, 1, -1)
+
+
+def _encode_block(block, snapshot_or_model, grey, batch_size=256):
+    model = snapshot_or_model.model() if isinstance(snapshot_or_model, _ModelSnapshot) else snapshot_or_model
+    block = np.asarray(block)
+    if not np.isfinite(block).all():
+        raise ValueError("X contains NaN or infinity; VAETransformer needs finite values")
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(block), batch_size):
+            mu, _ = model.encode(_to_tensor(block[start:start + batch_size], grey))
+            out.append(mu.double().numpy())
+    return np.concatenate(out) if out else np.empty((0, model.config["latent_dim"]))
+
+
+def _decode_block(block, snapshot_or_model, grey, batch_size=256):
+    model = snapshot_or_model.model() if isinstance(snapshot_or_model, _ModelSnapshot) else snapshot_or_model
+    block = np.asarray(block)
+    if not np.isfinite(block).all():
+        raise ValueError("Z contains NaN or infinity")
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(block), batch_size):
+            z = torch.from_numpy(np.ascontiguousarray(block[start:start + batch_size], dtype=np.float32))
+            out.append(_from_tensor(model.decode(z), grey))
+    return np.concatenate(out)
+
+
+def _stats_loss(cls, kwargs, periodic=True, cutoff=None):
+    """A ``SpatialStatsLoss`` comparing the statistics with the given boundary and lag window.
+
+    Args:
+        cls: the loss class (:class:`pymks_vae.losses.SpatialStatsLoss`).
+        kwargs: its constructor arguments.
+        periodic: periodic statistics (True) or zero padding with overlap normalisation.
+        cutoff: largest lag compared along each axis (None: the whole field).
+    """
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    if periodic and cutoff is None:
+        return cls(**kwargs)
+    if "periodic" in params and "cutoff" in params:
+        return cls(periodic=periodic, cutoff=cutoff, **kwargs)
+
+    # The loss class has no switch for these: route its statistics term through the operator's
+    # own periodic/cutoff arguments, keeping everything else (indicators, scale, KL) as it is.
+    class _Windowed(cls):
+        def stats_error(self, x_hat, x, reduction="sum"):
+            from pymks_vae import ops
+
+            with torch.no_grad():
+                target = self.indicators(x.to(x_hat.dtype), target=True)
+            c = None if cutoff is None else min(int(cutoff), (min(x.shape[2:]) - 1) // 2)
+            return ops.spatial_stats_loss(self.indicators(x_hat), target.detach(), correlations=self.correlations,
+                                          periodic=periodic, cutoff=c, scale=self.scale, reduction=reduction)
+
+    return _Windowed(**kwargs)
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _seed_from(random_state):
+    if random_state is None:
+        return int(np.random.randint(0, 2**31 - 1))
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(0, 2**31 - 1))
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(0, 2**31 - 1))
+    return _check_int("random_state", random_state, 0)
+
+
+class VAETransformer(TransformerMixin, BaseEstimator):
+    """A VAE latent space of 2D microstructures as a scikit-learn transformer.
+
+    ``fit`` trains a :class:`pymks_vae.models.VAE` on the microstructures - by default with the
+    spatial-statistics loss, which compares the two-point statistics of input and reconstruction
+    instead of their pixels - and ``transform`` returns the latent means, ``(n_samples,
+    latent_dim)``, ready for a classifier or regressor.
+
+    Inputs (2D only; the VAE is 2D):
+        - grey microstructures ``(n, H, W)`` with values in [0, 1]; the spatial-statistics loss
+          sees them through soft phase indicators of the states 0.0 and 1.0 (so the state indices
+          of ``correlations`` mean the same phases as with one-hot input);
+        - one-hot / phase-probability fields ``(n, H, W, n_state)`` as produced by
+          ``pymks.PrimitiveTransformer`` (values in [0, 1], summing to 1 over the states); the
+          model then outputs softmax phase probabilities.
+        numpy arrays, dask arrays (``fit`` streams them one chunk of samples at a time;
+        ``transform`` stays lazy) and xarray DataArrays (first dim = samples) are accepted.
+
+    Args:
+        latent_dim: size of the latent space.
+        encoder: encoder architecture name understood by :class:`pymks_vae.models.VAE`.
+        correlations: state pairs compared by the spatial-statistics loss.
+        periodic_boundary: periodic two-point statistics in the loss.
+        cutoff: largest lag compared by the loss along each axis (None: every lag of the field;
+            larger values are clipped to ``(min(H, W) - 1) // 2`` as in PyMKS). A window of a few
+            correlation lengths makes the loss look at local structure (shape, anisotropy)
+            instead of being dominated by the volume fraction, which sets every long-range lag
+            (see docs/pymks.md for a measured example).
+        loss: ``"spatial_stats"`` (the paper's loss) or ``"data"`` (pixel-space reconstruction).
+        beta: weight of the KL term.
+        stats_scale: factor on the statistics in the loss: a positive number, or ``"auto"`` for
+            the paper's min/max normalisation, ``1 / (max f - min f)`` measured on the first
+            block of training data (up to 256 samples). Ignored by ``loss="data"``.
+        epochs: training epochs.
+        batch_size: training batch size.
+        learning_rate: Adam learning rate.
+        device: ``"auto"`` (GPU when available), ``"cpu"`` or ``"cuda"``; used for training only,
+            the fitted model lives on the CPU.
+        random_state: None, an int or a numpy random state: seeds initialisation and shuffling.
+        verbose: show a tqdm progress bar while training.
+
+    Attributes:
+        model_: the trained ``torch.nn.Module`` (on the CPU, eval mode).
+        input_shape_: per-sample shape seen in fit, ``(H, W)`` or ``(H, W, n_state)``.
+        n_state_: number of states of one-hot input, None for grey input.
+        stats_scale_: the factor on the statistics actually used (1.0 for ``loss="data"``).
+        history_: the training history returned by :func:`pymks_vae.training.train_vae`.
+
+    Example:
+        >>> from pymks_vae.microstructures import generate_classes
+        >>> from pymks_vae import VAETransformer
+        >>> x, y = generate_classes(4, (16, 16), seed=0)
+        >>> vae = VAETransformer(latent_dim=3, epochs=1, batch_size=8, random_state=0).fit(x)
+        >>> vae.transform(x).shape, vae.get_feature_names_out().tolist()
+        ((16, 3), ['vae0', 'vae1', 'vae2'])
+    """
+
+    def __init__(self, latent_dim=9, encoder="cnn", correlations=((0, 0),), periodic_boundary=True,
+                 cutoff=None, loss="spatial_stats", beta=1.0, stats_scale="auto", epochs=20, batch_size=32,
+                 learning_rate=1e-3, device="auto", random_state=None, verbose=False):
+        self.latent_dim = latent_dim
+        self.encoder = encoder
+        self.correlations = correlations
+        self.periodic_boundary = periodic_boundary
+        self.cutoff = cutoff
+        self.loss = loss
+        self.beta = beta
+        self.stats_scale = stats_scale
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ validation
+    def _check_params(self):
+        _check_int("latent_dim", self.latent_dim, 1)
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 2)
+        if self.loss not in ("spatial_stats", "data"):
+            raise ValueError(f"loss must be 'spatial_stats' or 'data', got {self.loss!r}")
+        for name in ("beta", "learning_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.stats_scale, str) and self.stats_scale == "auto"):
+            value = self.stats_scale
+            if (isinstance(value, (bool, str)) or not isinstance(value, numbers.Real)
+                    or not (np.isfinite(value) and value > 0)):
+                raise ValueError(f"stats_scale must be 'auto' or a finite number > 0, got {value!r}")
+        if self.cutoff is not None:
+            _check_int("cutoff", self.cutoff, 0)
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not isinstance(self.periodic_boundary, (bool, np.bool_)):
+            raise TypeError(f"periodic_boundary must be a bool, got {self.periodic_boundary!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:k]', got {self.device!r}")
+
+    @staticmethod
+    def _check_layout(X, name="X"):
+        """Check the rank; return True for grey ``(n, H, W)``, False for one-hot ``(n, H, W, S)``."""
+        if X.ndim == 5:
+            raise ValueError(
+                f"{name} has shape {tuple(X.shape)}: a 3D microstructure (n, X, Y, Z, n_state). "
+                "VAETransformer is 2D only: give (n, H, W) grey fields or (n, H, W, n_state) one-hot fields."
+            )
+        if X.ndim not in (3, 4):
+            raise ValueError(
+                f"{name} must be 2D microstructures, (n_samples, H, W) grey or (n_samples, H, W, n_state) "
+                f"one-hot (PyMKS layout); got shape {tuple(X.shape)}"
+            )
+        if any(int(s) == 0 for s in X.shape):
+            raise ValueError(f"{name} has an empty axis: shape {tuple(X.shape)}")
+        return X.ndim == 3
+
+    @staticmethod
+    def _check_values(block, grey, name="X"):
+        """Value checks on an in-memory block (numpy input at once, dask input chunk by chunk)."""
+        block = np.asarray(block)
+        if not np.isfinite(block).all():
+            raise ValueError(f"{name} contains NaN or infinity; VAETransformer needs finite values")
+        if block.min() < -1e-6 or block.max() > 1 + 1e-6:
+            raise ValueError(f"{name} values must lie in [0, 1] (grey levels or phase probabilities); "
+                             f"got range [{block.min():.4g}, {block.max():.4g}]")
+        if not grey:
+            sums = block.sum(axis=-1)
+            if np.abs(sums - 1.0).max() > 1e-3:
+                raise ValueError(
+                    f"{name} has 4 axes, so it is read as one-hot (n, H, W, n_state) phase probabilities, "
+                    f"but its last axis does not sum to 1 (found sums in [{sums.min():.3g}, {sums.max():.3g}]). "
+                    "Use pymks.PrimitiveTransformer for the one-hot; a 3D grey field (n, X, Y, Z) is not "
+                    "supported: VAETransformer is 2D only."
+                )
+
+    def _check_fitted_input(self, X, name="X"):
+        grey = self._check_layout(X, name)
+        shape = tuple(int(s) for s in X.shape[1:])
+        if not grey and self.n_state_ is not None and shape[-1] != self.n_state_:
+            raise ValueError(f"{name} has n_state={shape[-1]} on its last axis, but the transformer was "
+                             f"fitted with n_state={self.n_state_}")
+        if grey != (self.n_state_ is None):
+            fitted = "grey (n, H, W)" if self.n_state_ is None else f"one-hot (n, H, W, {self.n_state_})"
+            raise ValueError(f"{name} has shape {tuple(X.shape)}, but the transformer was fitted on {fitted} input")
+        if shape != self.input_shape_:
+            raise ValueError(f"{name} has per-sample shape {shape}, but the transformer was fitted on "
+                             f"{self.input_shape_}")
+        return grey
+
+    # ------------------------------------------------------------------ training
+    def _device(self):
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def _make_loss(self, grey, n_state, scale):
+        from pymks_vae import losses
+
+        if self.loss == "data":
+            return losses.DataSpaceLoss(beta=float(self.beta))
+        states = (0.0, 1.0) if grey else tuple(float(s) for s in range(n_state))
+        pairs = tuple(_corr.resolve_correlations(self.correlations, len(states)))
+        kwargs = {"states": states, "correlations": pairs, "scale": scale, "beta": float(self.beta)}
+        return _stats_loss(losses.SpatialStatsLoss, kwargs, bool(self.periodic_boundary), self.cutoff)
+
+    def _batches(self, X, grey, rng):
+        """A zero-argument callable yielding shuffled training batches, one chunk in memory at a time."""
+        batch_size = int(self.batch_size)
+        if _is_dask(X):
+            X = X.rechunk((X.chunks[0],) + tuple(-1 for _ in X.shape[1:]))
+            blocks = [X.blocks[k] for k in range(X.numblocks[0])]
+            load = lambda b: np.asarray(b.compute())  # noqa: E731
+        else:
+            blocks = [X]
+            load = np.asarray
+
+        def stream():
+            buffer = None
+            for k in rng.permutation(len(blocks)):
+                block = load(blocks[k])
+                self._check_values(block, grey)
+                x = _to_tensor(block, grey)[torch.from_numpy(rng.permutation(len(block)))]
+                buffer = x if buffer is None else torch.cat([buffer, x])
+                while len(buffer) >= batch_size:
+                    yield buffer[:batch_size]
+                    buffer = buffer[batch_size:]
+            # A batch of one breaks batch norm in training mode; a single leftover waits for the next epoch's shuffle.
+            if buffer is not None and len(buffer) >= 2:
+                yield buffer
+
+        return stream
+
+    def fit(self, X, y=None):
+        """Train the VAE on ``X``.
+
+        Args:
+            X: ``(n, H, W)`` grey or ``(n, H, W, n_state)`` one-hot; numpy, dask (streamed chunk by
+                chunk) or xarray.
+            y: ignored (accepted for pipelines).
+
+        Returns:
+            self
+        """
+        from pymks_vae.training import TrainConfig, train_vae
+
+        self._check_params()
+        X, _ = _as_array(X)
+        grey = self._check_layout(X)
+        if X.shape[0] < 2:
+            raise ValueError(f"VAETransformer needs at least 2 samples to fit, got {X.shape[0]}")
+        if isinstance(X, np.ndarray):
+            self._check_values(X, grey)
+        shape = tuple(int(s) for s in X.shape[1:])
+        n_state = None if grey else shape[-1]
+        seed = _seed_from(self.random_state)
+        torch.manual_seed(seed)
+        from pymks_vae.models import VAE
+
+        model = VAE(encoder=self.encoder, latent_dim=int(self.latent_dim), image_size=shape[:2],
+                    channels=1 if grey else n_state)
+        config = TrainConfig(epochs=int(self.epochs), batch_size=int(self.batch_size), lr=float(self.learning_rate),
+                             seed=seed, device=self._device(), progress=bool(self.verbose))
+        rng = np.random.default_rng(seed)
+        scale = self._resolve_scale(X, grey, n_state)
+        history = train_vae(model, self._make_loss(grey, n_state, scale), self._batches(X, grey, rng), config)
+        self.model_ = model.cpu().eval()
+        self.stats_scale_ = scale
+        self.input_shape_ = shape
+        self.n_state_ = n_state
+        self.history_ = history
+        return self
+
+    def _resolve_scale(self, X, grey, n_state):
+        if self.loss != "spatial_stats":
+            return 1.0
+        if self.stats_scale != "auto":
+            return float(self.stats_scale)
+        from pymks_vae.losses import stats_scale_from_data
+
+        first = X[: min(256, X.chunks[0][0] if _is_dask(X) else 256)]
+        first = np.asarray(first.compute() if _is_dask(first) else first)
+        self._check_values(first, grey)
+        states = (0.0, 1.0) if grey else tuple(float(s) for s in range(n_state))
+        try:
+            return float(stats_scale_from_data(_to_tensor(first, grey), states=states,
+                                               correlations=_corr.resolve_correlations(self.correlations, len(states))))
+        except ValueError:  # statistics constant over the block (e.g. a single-phase block): no normalisation
+            return 1.0
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "model_")
+
+    # ------------------------------------------------------------------ inference
+    def _snapshot(self):
+        return _ModelSnapshot(self.model_.config, _state_bytes(self.model_))
+
+    def transform(self, X):
+        """Latent means of ``X``.
+
+        Args:
+            X: like the fitted input (same per-sample shape): numpy, dask or xarray.
+
+        Returns:
+            ``(n_samples, latent_dim)`` float64: numpy for numpy input, a lazy dask array (one
+            block per sample chunk) for dask input, a DataArray with dims ``(sample_dim,
+            "latent")`` for xarray input (sample coordinates kept).
+        """
+        check_is_fitted(self)
+        X, original = _as_array(X)
+        grey = self._check_fitted_input(X)
+        latent = int(self.model_.config["latent_dim"])
+        if isinstance(X, np.ndarray):
+            self._check_values(X, grey)
+            out = _encode_block(X, self.model_.eval(), grey)
+        else:
+            import dask
+
+            X = X.rechunk((X.chunks[0],) + tuple(-1 for _ in X.shape[1:]))
+            snapshot = dask.delayed(self._snapshot(), pure=True)
+            out = X.map_blocks(_encode_block, snapshot, grey, drop_axis=list(range(2, X.ndim)),
+                               chunks=(X.chunks[0], (latent,)), dtype=np.float64,
+                               meta=np.empty((0, 0), dtype=np.float64))
+        if original is None:
+            return out
+        import xarray as xr
+
+        dim, coords = _sample_coords(original)
+        coords["latent"] = list(self.get_feature_names_out())
+        return xr.DataArray(out, dims=(dim, "latent"), coords=coords, name="latent_mean")
+
+    def inverse_transform(self, Z):
+        """Decode latent vectors into microstructures in PyMKS layout.
+
+        Args:
+            Z: ``(n_samples, latent_dim)`` numpy, dask or xarray.
+
+        Returns:
+            ``(n, H, W)`` grey levels or ``(n, H, W, n_state)`` phase probabilities (float64), as
+            numpy / lazy dask / DataArray like ``Z``.
+        """
+        check_is_fitted(self)
+        Z, original = _as_array(Z, "Z")
+        latent = int(self.model_.config["latent_dim"])
+        if Z.ndim != 2 or int(Z.shape[1]) != latent:
+            raise ValueError(f"Z must have shape (n_samples, latent_dim={latent}); got {tuple(Z.shape)}")
+        grey = self.n_state_ is None
+        if isinstance(Z, np.ndarray):
+            out = _decode_block(Z, self.model_.eval(), grey)
+        else:
+            import dask
+
+            Z = Z.rechunk((Z.chunks[0], -1))
+            snapshot = dask.delayed(self._snapshot(), pure=True)
+            # Z's latent axis becomes H; W (and the state axis) are new.
+            out = Z.map_blocks(_decode_block, snapshot, grey,
+                               chunks=(Z.chunks[0],) + tuple((s,) for s in self.input_shape_),
+                               new_axis=list(range(2, 1 + len(self.input_shape_))), dtype=np.float64,
+                               meta=np.empty((0,) * (1 + len(self.input_shape_)), dtype=np.float64))
+        if original is None:
+            return out
+        import xarray as xr
+
+        dim, coords = _sample_coords(original)
+        dims = (dim, "x", "y") if grey else (dim, "x", "y", "state")
+        return xr.DataArray(out, dims=dims, coords=coords, name="reconstruction")
+
+    def sample(self, n_samples=1, random_state=None):
+        """Decode ``n_samples`` draws from the standard normal prior.
+
+        Args:
+            n_samples: number of microstructures (>= 1).
+            random_state: None or an int seed for the draws.
+
+        Returns:
+            numpy ``(n_samples, H, W)`` or ``(n_samples, H, W, n_state)``.
+        """
+        check_is_fitted(self)
+        n_samples = _check_int("n_samples", n_samples, 1)
+        latent = int(self.model_.config["latent_dim"])
+        z = np.random.default_rng(random_state).standard_normal((n_samples, latent))
+        return self.inverse_transform(z)
+
+    def get_feature_names_out(self, input_features=None):
+        """``["vae0", "vae1", ...]``, one name per latent dimension.
+
+        Args:
+            input_features: ignored (the inputs are fields, not named columns).
+
+        Returns:
+            numpy array of str.
+        """
+        check_is_fitted(self)
+        return np.asarray([f"vae{i}" for i in range(int(self.model_.config["latent_dim"]))], dtype=object)
+
+    # ------------------------------------------------------------------ persistence
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # a copy: object.__getstate__ hands out the live __dict__
+        model = state.pop("model_", None)
+        if model is not None:
+            # Bytes of a plain state_dict: unpickled with weights_only=True, cheap to ship to dask workers.
+            state["_model_state"] = {"config": dict(model.config), "state": _state_bytes(model)}
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        packed = state.pop("_model_state", None)
+        super().__setstate__(state)
+        if packed is not None:
+            self.model_ = _model_from_bytes(packed["config"], packed["state"])
+
+    def _fitted_json(self):
+        return {"input_shape_": list(self.input_shape_), "n_state_": self.n_state_, "stats_scale_": self.stats_scale_,
+                "history_": _jsonable(self.history_)}
+
+    def save(self, path):
+        """Write the fitted transformer to ``path`` (atomically) in a ``weights_only``-loadable format.
+
+        Args:
+            path: file path (conventionally ``*.pt``).
+
+        Returns:
+            the path.
+        """
+        check_is_fitted(self)
+        params = self.get_params()
+        if not (params["random_state"] is None or isinstance(params["random_state"], numbers.Integral)):
+            params["random_state"] = None  # a RandomState object is not part of a portable checkpoint
+        payload = {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "params_json": json.dumps(_jsonable(params)),
+            "fitted_json": json.dumps(self._fitted_json()),
+            "model_config_json": json.dumps(_jsonable(dict(self.model_.config))),
+            "state_dict": {k: v.detach().cpu().clone() for k, v in self.model_.state_dict().items()},
+        }
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path):
+        """Read a transformer written by :meth:`save` (``torch.load(..., weights_only=True)``).
+
+        Args:
+            path: file path.
+
+        Returns:
+            a fitted :class:`VAETransformer`.
+        """
+        payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a {_FORMAT} checkpoint")
+        if payload.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported checkpoint version {payload.get('version')!r}")
+        params = json.loads(payload["params_json"])
+        if params.get("correlations") is not None:
+            params["correlations"] = tuple(tuple(p) for p in params["correlations"])
+        est = cls(**params)
+        fitted = json.loads(payload["fitted_json"])
+        model = _build_model(json.loads(payload["model_config_json"]))
+        model.load_state_dict(payload["state_dict"])
+        est.model_ = model.eval()
+        est.input_shape_ = tuple(fitted["input_shape_"])
+        est.n_state_ = fitted["n_state_"]
+        est.history_ = fitted["history_"]
+        est.stats_scale_ = fitted["stats_scale_"]
+        return est
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = True
+        tags.non_deterministic = False
+        tags.input_tags.three_d_array = True
+        tags.transformer_tags.preserves_dtype = ["float64"]
+        return tags
+
+
+def _jsonable(obj):
+    """Tuples -> lists, numpy scalars -> Python, tensors -> lists: something json.dumps accepts."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "__dict__"):
+        return _jsonable(vars(obj))
+    return repr(obj)

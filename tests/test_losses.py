@@ -1,0 +1,196 @@
+"""Tests of pymks_vae.losses against direct float64 computations."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pymks_vae.losses import DataSpaceLoss, SpatialStatsLoss, kl_divergence, stats_scale_from_data
+
+
+def autocorrelation(a, b):
+    """Periodic f(r) = (1/S) sum_x a(x) b(x + r) of (batch, H, W) fields, r = 0 at (H//2, W//2)."""
+    fa, fb = torch.fft.fft2(a.double()), torch.fft.fft2(b.double())
+    f = torch.fft.ifft2(fa.conj() * fb).real / (a.shape[-1] * a.shape[-2])
+    return torch.fft.fftshift(f, dim=(-2, -1))
+
+
+def direct_kl(mu, logvar):
+    return (-0.5 * (1 + logvar.double() - mu.double() ** 2 - logvar.double().exp())).sum()
+
+
+def test_autocorrelation_helper_definition():
+    # one brute-force lag, so the test's own reference is checked too
+    a, b = torch.rand(1, 5, 7, dtype=torch.float64), torch.rand(1, 5, 7, dtype=torch.float64)
+    dy, dx = 2, -3
+    brute = sum(a[0, y, x] * b[0, (y + dy) % 5, (x + dx) % 7] for y in range(5) for x in range(7)) / 35
+    torch.testing.assert_close(autocorrelation(a, b)[0, 5 // 2 + dy, 7 // 2 + dx], brute)
+
+
+def test_kl_closed_form():
+    mu = torch.tensor([[0.3, -1.2], [2.0, 0.0]], dtype=torch.float64)
+    sigma = torch.tensor([[0.5, 1.0], [2.0, 0.1]], dtype=torch.float64)
+    logvar = 2 * sigma.log()
+    # KL(N(mu, s^2) || N(0, 1)) = -log s + (s^2 + mu^2) / 2 - 1/2, per dimension
+    per_dim = -sigma.log() + (sigma**2 + mu**2) / 2 - 0.5
+    torch.testing.assert_close(kl_divergence(mu, logvar, reduction="none"), per_dim.sum(1))
+    torch.testing.assert_close(kl_divergence(mu, logvar), per_dim.sum())
+    torch.testing.assert_close(kl_divergence(mu, logvar, reduction="mean"), per_dim.sum(1).mean())
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mu, sigma),
+                                            torch.distributions.Normal(0.0, 1.0)).sum()
+    torch.testing.assert_close(kl_divergence(mu, logvar), ref)
+
+
+def test_stats_loss_equals_direct_computation():
+    torch.manual_seed(0)
+    x = (torch.rand(3, 1, 12, 10) > 0.7).double()
+    x_hat = torch.rand(3, 1, 12, 10, dtype=torch.float64)
+    mu, logvar = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    eps, scale, alpha, beta = 0.25, 3.0, 2.0, 0.5
+    loss = SpatialStatsLoss(states=(0.0,), eps=eps, scale=scale, alpha=alpha, beta=beta)
+    total, parts = loss(x_hat, x, mu, logvar)
+
+    def ind(t):
+        return torch.exp(-(t[:, 0] ** 2) / (2 * eps**2))
+
+    stats = ((scale * (autocorrelation(ind(x_hat), ind(x_hat)) - autocorrelation(ind(x), ind(x)))) ** 2).sum()
+    kl = direct_kl(mu, logvar)
+    torch.testing.assert_close(parts["stats"], stats)
+    torch.testing.assert_close(parts["kl"], kl)
+    torch.testing.assert_close(total, alpha * stats + beta * kl)
+    assert total.dtype == torch.float64
+
+
+def test_stats_loss_float32_matches_float64():
+    torch.manual_seed(1)
+    x = (torch.rand(4, 1, 16, 16) > 0.6).float()
+    x_hat = torch.rand(4, 1, 16, 16)
+    mu, logvar = torch.zeros(4, 2), torch.zeros(4, 2)
+    loss = SpatialStatsLoss(scale=5.0)
+    v32 = loss(x_hat, x, mu, logvar)[0]
+    v64 = loss(x_hat.double(), x.double(), mu.double(), logvar.double())[0]
+    torch.testing.assert_close(v32.double(), v64, rtol=1e-4, atol=1e-6)
+
+
+def test_stats_loss_two_states_and_hard_target():
+    torch.manual_seed(2)
+    x = torch.randint(0, 2, (2, 1, 8, 8)).double()
+    x_hat = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    zeros = torch.zeros(2, 3, dtype=torch.float64)
+    loss = SpatialStatsLoss(states=(0.0, 1.0), eps=0.3, correlations=((0, 0), (0, 1)), soft=False)
+    total, parts = loss(x_hat, x, zeros, zeros)
+    soft = [torch.exp(-((x_hat[:, 0] - h) ** 2) / (2 * 0.3**2)) for h in (0.0, 1.0)]
+    hard = [((x[:, 0] - h).abs() <= 0.3).double() for h in (0.0, 1.0)]
+    ref = sum(((autocorrelation(soft[i], soft[j]) - autocorrelation(hard[i], hard[j])) ** 2).sum()
+              for i, j in ((0, 0), (0, 1)))
+    torch.testing.assert_close(parts["stats"], ref)
+    torch.testing.assert_close(total, ref)  # kl of a standard normal posterior is 0
+
+
+def test_multichannel_uses_channels_as_indicators():
+    torch.manual_seed(3)
+    x = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 9, 11)), 3).permute(0, 3, 1, 2).double()
+    x_hat = torch.softmax(torch.randn(2, 3, 9, 11, dtype=torch.float64), dim=1)
+    zeros = torch.zeros(2, 3, dtype=torch.float64)
+    pairs = ((0, 0), (1, 2))
+    loss = SpatialStatsLoss(correlations=pairs, states=(123.0,))  # states ignored for channels > 1
+    _, parts = loss(x_hat, x, zeros, zeros)
+    ref = sum(((autocorrelation(x_hat[:, i], x_hat[:, j]) - autocorrelation(x[:, i], x[:, j])) ** 2).sum()
+              for i, j in pairs)
+    torch.testing.assert_close(parts["stats"], ref)
+
+
+def test_cutoff_and_non_periodic_statistics():
+    from pymks_vae import ops
+
+    torch.manual_seed(7)
+    x = (torch.rand(2, 1, 12, 12, dtype=torch.float64) > 0.6).double()
+    x_hat = torch.rand(2, 1, 12, 12, dtype=torch.float64)
+    zeros = torch.zeros(2, 2, dtype=torch.float64)
+    ind = SpatialStatsLoss().indicators
+    for periodic, cutoff, used in ((True, 3, 3), (False, None, None), (False, 2, 2), (True, 50, 5)):
+        loss = SpatialStatsLoss(periodic=periodic, cutoff=cutoff, scale=2.0)
+        fa = ops.two_point_stats(ind(x_hat), [(0, 0)], periodic=periodic, cutoff=used)
+        fb = ops.two_point_stats(ind(x), [(0, 0)], periodic=periodic, cutoff=used)
+        torch.testing.assert_close(loss(x_hat, x, zeros, zeros)[1]["stats"], ((2.0 * (fa - fb)) ** 2).sum())
+    # a window is a subset of the lags: never more error than the full periodic map
+    full = SpatialStatsLoss()(x_hat, x, zeros, zeros)[0]
+    assert SpatialStatsLoss(cutoff=2)(x_hat, x, zeros, zeros)[0] < full
+    with pytest.raises(ValueError, match="cutoff"):
+        SpatialStatsLoss(cutoff=-1)
+    with pytest.raises(TypeError, match="periodic"):
+        SpatialStatsLoss(periodic=1)
+
+
+def test_stats_loss_gradient_flows_to_reconstruction_only():
+    torch.manual_seed(4)
+    x = (torch.rand(2, 1, 6, 6, dtype=torch.float64) > 0.5).double().requires_grad_(True)
+    mu = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    logvar = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    loss = SpatialStatsLoss(scale=2.0)
+
+    def f(x_hat, mu, logvar):
+        return loss(x_hat, x, mu, logvar)[0]
+
+    x_hat = torch.rand(2, 1, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x_hat, mu, logvar))
+    f(x_hat, mu, logvar).backward()
+    assert x.grad is None  # the target's statistics are a constant
+    assert x_hat.grad.abs().sum() > 0 and mu.grad.abs().sum() > 0
+
+
+def test_data_space_loss():
+    torch.manual_seed(5)
+    x, x_hat = torch.rand(3, 1, 5, 5), torch.rand(3, 1, 5, 5, requires_grad=True)
+    mu, logvar = torch.randn(3, 2), torch.randn(3, 2)
+    total, parts = DataSpaceLoss(beta=0.25)(x_hat, x, mu, logvar)
+    data = ((x_hat.double() - x.double()) ** 2).sum()
+    torch.testing.assert_close(parts["data"].double(), data, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(total.double(), data + 0.25 * direct_kl(mu, logvar), rtol=1e-6, atol=1e-6)
+    total.backward()
+    torch.testing.assert_close(x_hat.grad, 2 * (x_hat.detach() - x))
+
+
+def test_stats_scale_from_data():
+    torch.manual_seed(6)
+    images = (np.random.default_rng(0).random((7, 10, 10)) > 0.8).astype(np.float32)
+    ind = torch.exp(-torch.from_numpy(images).double() ** 2 / (2 * 0.25**2))
+    f = autocorrelation(ind, ind)
+    expected = 1.0 / float(f.max() - f.min())
+    assert math.isclose(stats_scale_from_data(images, batch_size=3), expected, rel_tol=1e-10)
+    assert math.isclose(stats_scale_from_data(torch.from_numpy(images)[:, None]), expected, rel_tol=1e-10)
+    with pytest.raises(ValueError, match="constant"):
+        stats_scale_from_data(np.ones((2, 4, 4)))
+    with pytest.raises(ValueError, match=r"\(n, H, W\)"):
+        stats_scale_from_data(np.ones((4, 4)))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="eps"):
+        SpatialStatsLoss(eps=0.0)
+    with pytest.raises(ValueError, match="scale"):
+        SpatialStatsLoss(scale=-1.0)
+    with pytest.raises(ValueError, match="scale"):
+        SpatialStatsLoss(scale=float("nan"))
+    with pytest.raises(ValueError, match="alpha"):
+        SpatialStatsLoss(alpha=-0.1)
+    with pytest.raises(ValueError, match="beta"):
+        DataSpaceLoss(beta=float("inf"))
+    with pytest.raises(ValueError, match="states"):
+        SpatialStatsLoss(states=())
+    with pytest.raises(TypeError, match="correlations"):
+        SpatialStatsLoss(correlations="00")
+    with pytest.raises(TypeError, match="soft"):
+        SpatialStatsLoss(soft="yes")
+    loss = SpatialStatsLoss()
+    z = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="x_hat shape"):
+        loss(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 9), z, z)
+    with pytest.raises(ValueError, match="mu and logvar"):
+        loss(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), z, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="correlations"):  # state 1 does not exist with one state
+        SpatialStatsLoss(correlations=((0, 1),))(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), z, z)
+    with pytest.raises(ValueError, match="reduction"):
+        kl_divergence(z, z, reduction="max")
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        DataSpaceLoss()(torch.rand(2, 1, 4, 4), np.ones((2, 1, 4, 4)), z, z)

@@ -1,0 +1,187 @@
+"""Tests of pymks_vae.models: shapes, output activations, input checks, ResNet-152 weights."""
+import urllib.error
+
+import pytest
+import torch
+
+from pymks_vae.models import VAE, ConvDecoder, ConvEncoder, PaperDecoder
+from pymks_vae.models.encoders import ResNet152Encoder
+
+
+@pytest.mark.parametrize("size", [64, 224])
+@pytest.mark.parametrize("decoder", ["cnn", "paper"])
+def test_cnn_vae_shapes(size, decoder):
+    model = VAE(encoder="cnn", latent_dim=9, image_size=size, decoder=decoder)
+    x = torch.rand(3, 1, size, size)
+    x_hat, mu, logvar = model(x)
+    assert x_hat.shape == (3, 1, size, size)
+    assert mu.shape == logvar.shape == (3, 9)
+    assert float(x_hat.detach().min()) >= 0.0 and float(x_hat.detach().max()) <= 1.0  # sigmoid output
+    assert model.config == {"encoder": "cnn", "decoder": decoder, "latent_dim": 9, "image_size": [size, size],
+                            "channels": 1, "freeze_encoder": False}
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_resnet152_vae_shapes(size):
+    model = VAE(encoder="resnet152", latent_dim=9, image_size=size, freeze_encoder=False).eval()
+    assert model.config["decoder"] == "paper"  # "auto" picks the paper's decoder for the paper's encoder
+    with torch.no_grad():
+        x_hat, mu, logvar = model(torch.rand(2, 1, size, size))
+    assert x_hat.shape == (2, 1, size, size)
+    assert mu.shape == logvar.shape == (2, 9)
+    assert torch.isfinite(x_hat).all()
+
+
+@pytest.mark.parametrize("decoder", ["cnn", "paper"])
+def test_multichannel_softmax_sums_to_one(decoder):
+    model = VAE(latent_dim=4, image_size=(32, 48), channels=3, decoder=decoder)
+    x = torch.softmax(torch.randn(5, 3, 32, 48), dim=1)
+    x_hat, _, _ = model(x)
+    assert x_hat.shape == (5, 3, 32, 48)
+    torch.testing.assert_close(x_hat.sum(dim=1), torch.ones(5, 32, 48))
+    assert float(x_hat.detach().min()) >= 0.0
+
+
+def test_eval_mode_uses_the_mean_and_training_samples():
+    torch.manual_seed(0)
+    model = VAE(latent_dim=3, image_size=32)
+    x = torch.rand(4, 1, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        a, mu, _ = model(x)
+        b, _, _ = model(x)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, model.decode(mu), rtol=0, atol=0)
+    model.train()
+    with torch.no_grad():
+        c, _, _ = model(x)
+        d, _, _ = model(x)
+    assert not torch.equal(c, d)  # z is drawn afresh
+
+
+def test_reparameterize_statistics():
+    torch.manual_seed(1)
+    mu = torch.full((20000, 2), 1.5)
+    logvar = torch.full((20000, 2), 2.0 * torch.log(torch.tensor(0.5)))
+    z = VAE.reparameterize(mu, logvar)
+    assert abs(float(z.mean()) - 1.5) < 0.02
+    assert abs(float(z.std()) - 0.5) < 0.02
+
+
+def test_wrong_image_size_names_both():
+    model = VAE(latent_dim=2, image_size=64)
+    with pytest.raises(ValueError, match=r"\(2, 1, 32, 32\).*64, 64"):
+        model(torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="channels=1"):
+        model(torch.rand(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.rand(1, 64, 64))
+    with pytest.raises(TypeError, match="floating"):
+        model(torch.ones(2, 1, 64, 64, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"z must be a tensor \(batch, 2\)"):
+        model.decode(torch.zeros(3, 5))
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        VAE(image_size=40)
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        VAE(encoder="vgg")
+    with pytest.raises(ValueError, match="decoder must be"):
+        VAE(decoder="unet")
+    with pytest.raises(ValueError, match="latent_dim"):
+        VAE(latent_dim=0)
+    with pytest.raises(ValueError, match="channels"):
+        VAE(channels=0)
+    with pytest.raises(ValueError, match="image_size"):
+        VAE(image_size=(64, 64, 64))
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        VAE(encoder="cnn", weights="imagenet")
+    with pytest.raises(ValueError, match="randomly initialised"):
+        VAE(encoder="cnn", freeze_encoder=True)
+
+
+def test_random_frozen_resnet_refused():
+    with pytest.raises(ValueError, match="freeze_encoder=False"):
+        VAE(encoder="resnet152", image_size=64)  # freeze defaults to True (the paper)
+    with pytest.raises(ValueError, match="randomly initialised ResNet-152"):
+        VAE(encoder="resnet152", image_size=64, freeze_encoder=True)
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    path = tmp_path / "nowhere" / "resnet152.pth"
+    with pytest.raises(FileNotFoundError, match="nowhere/resnet152.pth"):
+        VAE(encoder="resnet152", image_size=64, weights=str(path))
+
+
+def test_unreadable_weights_file_is_named(tmp_path):
+    path = tmp_path / "resnet152.pth"
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="could not read ResNet-152 weights from .*resnet152.pth"):
+        ResNet152Encoder(latent_dim=2, weights=str(path))
+
+
+def test_imagenet_download_failure_is_explained(monkeypatch):
+    import torchvision.models._api as api
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="offline.*pass its path"):
+        ResNet152Encoder(latent_dim=2, weights="imagenet")
+
+
+def test_resnet_weights_from_file_frozen(tmp_path):
+    import torchvision
+
+    torch.manual_seed(3)
+    reference = torchvision.models.resnet152(weights=None)
+    path = tmp_path / "resnet152.pth"
+    torch.save(reference.state_dict(), path)  # the layout of torchvision's download, fc included
+    model = VAE(encoder="resnet152", image_size=64, latent_dim=3, weights=str(path))
+    enc = model.encoder
+    assert model.config["freeze_encoder"] is True
+    torch.testing.assert_close(enc.backbone.conv1.weight, reference.conv1.weight, rtol=0, atol=0)
+    torch.testing.assert_close(enc.backbone.layer4[2].bn3.running_var, reference.layer4[2].bn3.running_var,
+                               rtol=0, atol=0)
+    assert not any(p.requires_grad for p in enc.backbone.parameters())
+    model.train()
+    assert not enc.backbone.training and enc.head.training  # frozen BatchNorm keeps ImageNet statistics
+    x_hat, mu, logvar = model(torch.rand(2, 1, 64, 64))
+    (x_hat.sum() + mu.sum()).backward()
+    assert enc.to_rgb.weight.grad is not None and enc.to_rgb.weight.grad.abs().sum() > 0
+    assert enc.backbone.conv1.weight.grad is None
+    rebuilt = VAE.from_config(model.config)
+    assert rebuilt.config == model.config
+    assert not any(p.requires_grad for p in rebuilt.encoder.backbone.parameters())
+
+
+def test_from_config_roundtrip_and_sample():
+    model = VAE(latent_dim=5, image_size=(32, 64), channels=2, decoder="paper")
+    rebuilt = VAE.from_config(model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    model.eval(), rebuilt.eval()
+    x = torch.softmax(torch.randn(2, 2, 32, 64), dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], rebuilt(x)[0], rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(0)
+    a = model.sample(3, generator=gen)
+    b = model.sample(3, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (3, 2, 32, 64)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model.train()
+    model.sample(2)
+    assert model.training  # restored
+    with pytest.raises(ValueError, match="lacks"):
+        VAE.from_config({"encoder": "cnn"})
+
+
+def test_building_blocks_directly():
+    enc = ConvEncoder(latent_dim=4, image_size=32, channels=2, widths=(8, 8))
+    mu, logvar = enc(torch.rand(3, 2, 32, 32))
+    assert mu.shape == (3, 4)
+    assert PaperDecoder(4, (20, 30), 2)(torch.zeros(3, 4)).shape == (3, 2, 20, 30)
+    assert ConvDecoder(4, 32, 1, widths=(8, 4))(torch.zeros(3, 4)).shape == (3, 1, 32, 32)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ConvDecoder(4, 30, 1, widths=(8, 4))

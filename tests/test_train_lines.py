@@ -1,0 +1,73 @@
+"""End-to-end smoke test of examples/train_lines.py on a tiny configuration."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "train_lines.py")
+
+KEYS = ("stats_mse_median", "stats_mse_mean", "data_mse_median", "data_mse_mean", "orientation_accuracy",
+        "line_count_accuracy", "vf_diff_mean_percent", "nn_image_line_count_accuracy",
+        "nn_stats_line_count_accuracy", "overfitting")
+
+
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("train_lines_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_writes_every_output(example, tmp_path):
+    out = tmp_path / "lines"
+    argv = ["--image-size", "32", "--n-images", "40", "--epochs", "1", "--eval-images", "8", "--out", str(out),
+            "--no-progress", "--seed", "3"]
+    metrics = example.main(argv)
+
+    with open(out / "metrics.json") as fh:
+        saved = json.load(fh)
+    assert saved["config"]["image_size"] == 32 and saved["config"]["n_images"] == 40
+    assert saved["n_train"] + saved["n_val"] == 40
+    for model in ("spatial_stats", "vanilla"):
+        for key in KEYS:
+            assert key in saved[model], (model, key)
+        assert saved[model]["n_evaluated"] == 8
+        assert 0.0 <= saved[model]["orientation_accuracy"] <= 1.0
+        assert saved[model]["stats_mse_median"] >= 0.0
+        assert saved[model]["training"]["epochs"] == 1
+        assert os.path.isfile(out / "checkpoints" / f"{model}.pt")
+    assert saved["spatial_stats"]["stats_mse_median"] == metrics["spatial_stats"]["stats_mse_median"]
+    report = (out / "report.md").read_text()
+    assert "paper" in report and "spatial_stats" in report and "vanilla" in report
+    assert saved["figures"]
+    for rel in saved["figures"].values():
+        path = out / rel
+        assert path.suffix == ".png" and path.stat().st_size > 1000, rel
+        assert f"]({rel})" in report
+
+    # --resume with the finished checkpoints trains nothing more and gives the same models
+    again = example.main(argv + ["--resume"])
+    assert again["spatial_stats"]["stats_mse_median"] == metrics["spatial_stats"]["stats_mse_median"]
+    assert again["vanilla"]["data_mse_median"] == metrics["vanilla"]["data_mse_median"]
+
+
+def test_bad_flags_are_refused(example, tmp_path):
+    with pytest.raises(SystemExit):
+        example.parse_args(["--epochs", "0"])
+    with pytest.raises(SystemExit):
+        example.parse_args(["--config", "paper"])  # no --weights
+    cfg, _ = example.parse_args(["--config", "paper", "--weights", "w.pth"])
+    assert (cfg.image_size, cfg.n_images, cfg.encoder, cfg.latent_dim, cfg.epochs, cfg.batch_size, cfg.lr,
+            cfg.beta) == (224, 100_000, "resnet152", 9, 1500, 32, 1e-3, 1.0)
+
+
+def test_large_configurations_stream_from_the_disk_cache(example, tmp_path, monkeypatch):
+    monkeypatch.setattr(example, "IN_MEMORY_BYTES", 0)  # as if the images did not fit in memory
+    out = tmp_path / "cached"
+    metrics = example.main(["--image-size", "32", "--n-images", "30", "--epochs", "1", "--eval-images", "6",
+                            "--out", str(out), "--no-progress"])
+    assert os.listdir(out / "cache")  # the images were drawn into the cache and read back from it
+    assert metrics["spatial_stats"]["n_evaluated"] == 6
+    assert metrics["n_train"] + metrics["n_val"] == 30
