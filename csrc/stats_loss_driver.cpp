@@ -52,18 +52,33 @@ std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x_in, co
   double n_pix = 1.0;
   for (int64_t d = 2; d < x.dim(); ++d) n_pix *= static_cast<double>(x.size(d));
 
-  LossArgs a;
-  a.x_hat = at::fft_rfftn(x, c10::nullopt, dims).contiguous();
-  a.t_hat = at::fft_rfftn(t, c10::nullopt, dims).contiguous();
-  check_spectrum_finite(a.x_hat, op, "x");
-  check_spectrum_finite(a.t_hat, op, "target");
-  a.pa = ints_to(pa, x.device());
-  a.pb = ints_to(pb, x.device());
-  a.m_last = x.size(x.dim() - 1);
-  a.value_scale = scale * scale / (n_pix * n_pix * n_pix);
-  a.grad_scale = 2.0 * scale * scale / (n_pix * n_pix);
-  a.need_grad = need_grad;
-  return be.loss_pass(a);
+  const int64_t B = x.size(0);
+  auto values = at::empty({B}, x.options());
+  std::vector<int64_t> half_sizes = x.sizes().vec();
+  half_sizes.back() = half_sizes.back() / 2 + 1;
+  auto spectrum = need_grad ? at::empty(half_sizes, x.options().dtype(c10::toComplexType(x.scalar_type())))
+                            : at::empty({0}, x.options().dtype(c10::toComplexType(x.scalar_type())));
+  const auto pa_t = ints_to(pa, x.device());
+  const auto pb_t = ints_to(pb, x.device());
+  const int64_t chunk = cache_chunk(x, 6 * x.size(1) * (x.numel() / (B * x.size(1))));
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t n = std::min(chunk, B - b0);
+    LossArgs a;
+    a.x_hat = at::fft_rfftn(x.narrow(0, b0, n), c10::nullopt, dims).contiguous();
+    a.t_hat = at::fft_rfftn(t.narrow(0, b0, n), c10::nullopt, dims).contiguous();
+    check_spectrum_finite(a.x_hat, op, "x");
+    check_spectrum_finite(a.t_hat, op, "target");
+    a.pa = pa_t;
+    a.pb = pb_t;
+    a.m_last = x.size(x.dim() - 1);
+    a.value_scale = scale * scale / (n_pix * n_pix * n_pix);
+    a.grad_scale = 2.0 * scale * scale / (n_pix * n_pix);
+    a.need_grad = need_grad;
+    a.values = values.narrow(0, b0, n);
+    if (need_grad) a.grad_spectrum = spectrum.narrow(0, b0, n);
+    be.loss_pass(a);
+  }
+  return {values, spectrum};
 }
 
 at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectrum,
@@ -79,9 +94,20 @@ at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectru
   view[0] = grad.size(0);
   const auto dims = spatial_dims(spectrum.dim());
   // The transform is linear: scale its real output in place rather than a copy of the spectrum,
-  // and not at all for the common reduction="sum" (every per-sample gradient is 1).
-  auto gx = at::fft_irfftn(spectrum, spatial, dims);
-  if (!at::equal(grad, at::ones_like(grad))) gx.mul_(grad.view(view).to(gx.scalar_type()));
+  // and not at all for the common reduction="sum" (every per-sample gradient is 1). Chunks keep
+  // the transform's internal copies in cache.
+  const bool unit = at::equal(grad, at::ones_like(grad));
+  std::vector<int64_t> out_sizes{spectrum.size(0), spectrum.size(1)};
+  for (auto n : spatial) out_sizes.push_back(n);
+  auto gx = at::empty(out_sizes, spectrum.options().dtype(c10::toRealValueType(spectrum.scalar_type())));
+  const int64_t B = spectrum.size(0);
+  const int64_t chunk = cache_chunk(gx, 6 * gx.numel() / B);
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t n = std::min(chunk, B - b0);
+    auto out_c = gx.narrow(0, b0, n);
+    at::fft_irfftn_out(out_c, spectrum.narrow(0, b0, n), spatial, dims);
+  }
+  if (!unit) gx.mul_(grad.view(view).to(gx.scalar_type()));
   if (static_cast<int64_t>(states.size()) == n_state) return gx.contiguous();
   std::vector<int64_t> sizes{grad.size(0), n_state};
   for (auto s : spatial) sizes.push_back(s);

@@ -73,8 +73,8 @@ struct TwoPointBackend {
   at::Tensor (*pair_products)(const at::Tensor& x_hat, const at::Tensor& a, const at::Tensor& b);
   // scale * |X[b, idx_k]|^2 on the full grid (mirrored from the half spectrum)  ->  (B, n_auto, *m)
   at::Tensor (*auto_power)(const at::Tensor& x_hat, const at::Tensor& idx, const Geometry& g, double scale);
-  // Output window: assemble, normalise, centre and crop  ->  (B, n_pairs, *w)
-  at::Tensor (*gather)(const GatherArgs& args);
+  // Output window: assemble, normalise, centre and crop into out (B, n_pairs, *w), contiguous
+  void (*gather)(const GatherArgs& args, at::Tensor& out);
   // Adjoint of gather for the direct definition  ->  (B, n_pairs, *m)
   at::Tensor (*embed_grad)(const EmbedArgs& args);
   // Gradient spectra of the states  ->  (B, n_states, *h)
@@ -93,6 +93,8 @@ at::Tensor two_point_backward(const at::Tensor& grad, const at::Tensor& x, at::I
 // ------------------------------------------------------------------ fused loss
 struct LossArgs {
   at::Tensor x_hat, t_hat;  // (B, n_used, *h) complex
+  at::Tensor values;        // out: (B,) per-sample values
+  at::Tensor grad_spectrum; // out: (B, n_used, *h) when need_grad
   at::Tensor pa, pb;        // int32 (n_pairs,) positions among the used states
   int64_t m_last;           // size of the last spatial axis (for Parseval weights)
   double value_scale;       // multiplies sum w |D|^2
@@ -101,8 +103,8 @@ struct LossArgs {
 };
 
 struct StatsLossBackend {
-  // Returns per-sample values (B,) and, when need_grad, the gradient spectrum (B, n_used, *h).
-  std::tuple<at::Tensor, at::Tensor> (*loss_pass)(const LossArgs& args);
+  // Writes the per-sample values and, when need_grad, the gradient spectrum.
+  void (*loss_pass)(const LossArgs& args);
 };
 
 std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x, const at::Tensor& target,
@@ -115,6 +117,10 @@ at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectru
 
 // ------------------------------------------------------------------ shared host helpers
 std::vector<int64_t> spatial_dims(int64_t ndim);
+// Samples per pass so that a pass's intermediates (per_sample_elems elements of x's type per
+// sample) stay in the last-level cache: CPU only, and only when at least 4 samples fit;
+// otherwise (and on the GPU) the whole batch.
+int64_t cache_chunk(const at::Tensor& x, int64_t per_sample_elems);
 int64_t fast_fft_len(int64_t n);
 // View of the mask normalisation (zmask/zlevel of GatherArgs/EmbedArgs) for the kernels.
 template <typename T>

@@ -25,6 +25,18 @@ int64_t fast_fft_len(int64_t n) {
   }
 }
 
+// On the CPU a batch of small fields is processed in chunks whose intermediates (~20 MiB) stay in
+// the last-level cache between the passes, which are then limited by cache rather than memory
+// bandwidth (measured here: ~20% faster for 32 x 224^2). Large fields (fewer than 4 per chunk) and
+// the GPU take the whole batch: there the per-call overhead of the transforms outweighs the gain.
+int64_t cache_chunk(const at::Tensor& x, int64_t per_sample_elems) {
+  const int64_t B = x.size(0);
+  if (!x.device().is_cpu()) return B;
+  const int64_t per_sample = std::max<int64_t>(1, per_sample_elems * static_cast<int64_t>(x.element_size()));
+  const int64_t chunk = (int64_t{20} << 20) / per_sample;
+  return chunk >= 4 ? std::min(chunk, B) : B;
+}
+
 at::Tensor ints_to(const std::vector<int32_t>& v, const at::Device& device) {
   auto t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kInt));
   if (!v.empty()) std::memcpy(t.data_ptr(), v.data(), v.size() * sizeof(int32_t));
@@ -196,22 +208,25 @@ void check_mask(const at::Tensor& mask, const char* op) {
 
 }  // namespace
 
-at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
-                             bool periodic, at::IntArrayRef window,
-                             const c10::optional<at::Tensor>& mask_in, int64_t partition,
-                             const TwoPointBackend& be) {
-  const char* op = "two_point_stats";
-  auto x = x_in.contiguous();
-  const int64_t B = x.size(0), n_state = x.size(1);
-  TORCH_CHECK_VALUE(B > 0, op, ": x is an empty batch");
-  TORCH_CHECK_VALUE(pair_i.size() == pair_j.size() && !pair_i.empty(), op,
-                    ": pair_i and pair_j must be non-empty and of equal length");
-  for (size_t k = 0; k < pair_i.size(); ++k)
-    TORCH_CHECK_VALUE(pair_i[k] >= 0 && pair_i[k] < n_state && pair_j[k] >= 0 && pair_j[k] < n_state,
-                      op, ": correlation (", pair_i[k], ", ", pair_j[k], ") out of range for n_state=", n_state);
-  Setup s = make_setup(x, periodic, window, op);
-  const bool has_mask = mask_in.has_value() && mask_in->defined();
+namespace {
 
+// Samples per pass of the forward operator: see cache_chunk (fields, spectra, bases, output).
+int64_t batch_chunk(const at::Tensor& x, const Setup& s, int64_t n_pairs) {
+  int64_t grid = 1, win = 1;
+  for (int d = 0; d < s.geom.ndim; ++d) {
+    grid *= s.geom.m[d];
+    win *= s.geom.w[d];
+  }
+  return cache_chunk(x, 5 * x.size(1) * grid + n_pairs * win);
+}
+
+// The forward pass on one chunk of samples, written into out (that chunk of the output).
+void forward_chunk(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,
+                   const Setup& s, const at::Tensor& mask_view, const at::Tensor& zmask, const at::Tensor& zlevel,
+                   int64_t partition, const TwoPointBackend& be, at::Tensor& out) {
+  const char* op = "two_point_stats";
+  const int64_t n_state = x.size(1);
+  const bool has_mask = mask_view.defined();
   bool use_partition = false;
   if (periodic && !has_mask && n_state >= 2 && partition != 0) {
     const double tol = 64.0 * (x.scalar_type() == at::kFloat ? 1.1920929e-07 : 2.220446049250313e-16) * n_state;
@@ -220,15 +235,7 @@ at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at:
   TwoPointPlan plan = make_plan(pair_list(pair_i, pair_j), n_state, use_partition);
 
   at::Tensor xs = select_states(x, plan.fwd_states);
-  at::Tensor zmask, zlevel;
-  if (has_mask) {
-    auto mask = mask_in->contiguous();
-    check_mask(mask, op);
-    std::vector<int64_t> view{mask.size(0), 1};
-    for (int64_t d = 0; d < s.geom.ndim; ++d) view.push_back(s.geom.n[d]);
-    xs = xs * mask.view(view);
-    std::tie(zmask, zlevel) = mask_norm(mask, s);
-  }
+  if (has_mask) xs = xs * mask_view;
   auto x_hat = at::fft_rfftn(xs, s.grid, s.dims).contiguous();
   check_spectrum_finite(x_hat, op, "x");
   if (use_partition && partition == 1 && static_cast<int64_t>(plan.fwd_states.size()) != n_state) {
@@ -259,20 +266,64 @@ at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at:
     auto products = be.pair_products(x_hat, ints_to(a, dev), ints_to(b, dev));
     base = at::fft_irfftn(products, s.grid, s.dims).contiguous();
   }
-  auto dc = at::real(x_hat.flatten(2).select(2, 0)).contiguous();
 
   GatherArgs g;
   g.half = half;
   g.base = base;
   g.n_auto = plan.n_auto;
-  g.dc = dc;
+  g.dc = at::real(x_hat.flatten(2).select(2, 0)).contiguous();
   g.zmask = zmask;
   g.zlevel = zlevel;
   g.plan = {table_to(plan.pairs, dev), table_to(plan.terms, dev), table_to(plan.vfs, dev)};
   g.n_pairs = static_cast<int64_t>(pair_i.size());
   g.geom = s.geom;
   g.periodic = periodic;
-  return be.gather(g);
+  be.gather(g, out);
+}
+
+}  // namespace
+
+at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
+                             bool periodic, at::IntArrayRef window,
+                             const c10::optional<at::Tensor>& mask_in, int64_t partition,
+                             const TwoPointBackend& be) {
+  const char* op = "two_point_stats";
+  auto x = x_in.contiguous();
+  const int64_t B = x.size(0), n_state = x.size(1);
+  TORCH_CHECK_VALUE(B > 0, op, ": x is an empty batch");
+  TORCH_CHECK_VALUE(pair_i.size() == pair_j.size() && !pair_i.empty(), op,
+                    ": pair_i and pair_j must be non-empty and of equal length");
+  for (size_t k = 0; k < pair_i.size(); ++k)
+    TORCH_CHECK_VALUE(pair_i[k] >= 0 && pair_i[k] < n_state && pair_j[k] >= 0 && pair_j[k] < n_state,
+                      op, ": correlation (", pair_i[k], ", ", pair_j[k], ") out of range for n_state=", n_state);
+  Setup s = make_setup(x, periodic, window, op);
+  const int64_t n_pairs = static_cast<int64_t>(pair_i.size());
+
+  at::Tensor mask, mask_view, zmask, zlevel;
+  if (mask_in.has_value() && mask_in->defined()) {
+    mask = mask_in->contiguous();
+    check_mask(mask, op);
+    std::vector<int64_t> view{mask.size(0), 1};
+    for (int64_t d = 0; d < s.geom.ndim; ++d) view.push_back(s.geom.n[d]);
+    mask_view = mask.view(view);
+    std::tie(zmask, zlevel) = mask_norm(mask, s);
+  }
+
+  std::vector<int64_t> sizes{B, n_pairs};
+  for (int d = 0; d < s.geom.ndim; ++d) sizes.push_back(s.geom.w[d]);
+  auto out = at::empty(sizes, x.options());
+  const int64_t chunk = batch_chunk(x, s, n_pairs);
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t n = std::min(chunk, B - b0);
+    // A per-sample mask follows the chunk; a shared one (first dim 1) serves every chunk.
+    const bool per_sample = mask.defined() && mask.size(0) != 1;
+    auto out_c = out.narrow(0, b0, n);
+    forward_chunk(x.narrow(0, b0, n), pair_i, pair_j, periodic, s,
+                  per_sample ? mask_view.narrow(0, b0, n) : mask_view,
+                  per_sample ? zmask.narrow(0, b0, n) : zmask, per_sample ? zlevel.narrow(0, b0, n) : zlevel,
+                  partition, be, out_c);
+  }
+  return out;
 }
 
 at::Tensor two_point_backward(const at::Tensor& grad_in, const at::Tensor& x_in, at::IntArrayRef pair_i,

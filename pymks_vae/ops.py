@@ -381,12 +381,13 @@ def _register():
         ctx.save_for_backward(output[1])
         ctx.args = (list(x.shape[2:]), x.shape[1], sorted(set(pair_i) | set(pair_j)))
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # the spectrum output never gets a gradient: skip zero-filling it
 
     def _loss_backward(ctx, grad_values, _grad_spectrum):
         (spectrum,) = ctx.saved_tensors
         spatial, n_state, states = ctx.args
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad_values is not None:
             if spectrum.numel() == 0:
                 raise RuntimeError(
                     "spatial_stats_loss: the forward ran without need_grad, so no gradient was prepared"

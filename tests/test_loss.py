@@ -230,3 +230,16 @@ def test_cuda_opcheck_and_errors():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="target contains NaN"):
         ops.spatial_stats_loss(x, bad)
+
+
+def test_batches_larger_than_a_cache_chunk():
+    """The CPU kernels run large batches of small fields in cache-sized chunks (26 samples of this
+    size): values and gradients of every chunk must match the reference."""
+    x = torch.rand(30, 1, 128, 128, dtype=torch.float64)
+    t = torch.rand(30, 1, 128, 128, dtype=torch.float64)
+    for reduction in REDUCTIONS:
+        out, g, w = value_and_grad(lambda a, b: ops.spatial_stats_loss(a, b, reduction=reduction), x, t)
+        xr = x.clone().requires_grad_(True)
+        ref = reference.spatial_stats_loss_ref(xr, t, reduction=reduction)
+        (gr,) = torch.autograd.grad((ref * w).sum(), xr)
+        assert rel_err(out, ref) < 1e-10 and rel_err(g, gr) < 1e-10

@@ -296,3 +296,21 @@ def test_cuda_gradcheck_and_opcheck():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         ops.two_point_stats(bad, [(0, 0)])
+
+
+@pytest.mark.parametrize("masked", [None, "shared", "per_sample"])
+def test_batches_larger_than_a_cache_chunk(masked):
+    """The CPU kernels run large batches of small fields in cache-sized chunks (13 samples of this
+    size): every chunk, the short last one included, must match the definition."""
+    B, spatial = 30, (128, 128)
+    x = one_hot(B, 2, spatial)
+    x[5:9] = torch.rand((4, 2) + spatial, dtype=torch.float64)  # one chunk is not a partition
+    mask = None
+    if masked == "shared":
+        mask = torch.rand(spatial, dtype=torch.float64)
+    elif masked == "per_sample":
+        mask = torch.rand((B,) + spatial, dtype=torch.float64)
+    pairs = [(1, 1), (0, 1), (1, 0)]
+    f = ops.two_point_stats(x, pairs, mask=mask)
+    want = np_two_point(x.numpy(), pairs, True, None, None if mask is None else mask.numpy())
+    assert_close(f, want)

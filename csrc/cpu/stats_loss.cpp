@@ -1,5 +1,8 @@
 // CPU kernel of the fused spatial-statistics loss (see stats_loss_driver.cpp for the math).
 #include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
 #include <torch/library.h>
 
 #include "cpu/cpu_loops.h"
@@ -18,6 +21,18 @@ inline T weighted_row(T plain, T first, T last, int64_t K, int64_t m_last) {
   return v;
 }
 
+// sum_{k < K} f(k) with 8 independent partial sums: the compiler vectorises it without being
+// allowed to reassociate floating-point additions itself.
+template <typename T, typename F>
+inline T lane_sum(int64_t K, F&& f) {
+  T lanes[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += f(k + l);
+  for (; k < K; ++k) lanes[0] += f(k);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
 template <typename T>
 void loss_pass_t(const LossArgs& a, at::Tensor& partial, at::Tensor& gx) {
   const int64_t B = a.x_hat.size(0), nu = a.x_hat.size(1), nq = a.pa.numel();
@@ -32,47 +47,61 @@ void loss_pass_t(const LossArgs& a, at::Tensor& partial, at::Tensor& gx) {
   const T gs = static_cast<T>(a.grad_scale);
   const int64_t m_last = a.m_last;
 
-  // One task per (sample, spectral row); each writes its own partial sum (deterministic).
+  // One task per (sample, spectral row); each writes its own partial sum (deterministic). The
+  // first pair that touches a state's gradient row writes it, later ones add to it.
   at::parallel_for(0, B * R, 8, [&](int64_t begin, int64_t end) {
+    std::vector<char> started(nu);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / R, r = task % R;
       const int64_t off = b * nu * H + r * K;
-      if (G)
-        for (int64_t u = 0; u < nu; ++u)
-          for (int64_t k = 0; k < K; ++k) G[off + u * H + k] = {T(0), T(0)};
+      std::fill(started.begin(), started.end(), 0);
       T acc = T(0);
       for (int64_t q = 0; q < nq; ++q) {
         const cpx<T>* __restrict__ xa = X + off + pa[q] * H;
         const cpx<T>* __restrict__ xb = X + off + pb[q] * H;
         const cpx<T>* __restrict__ ta = Tt + off + pa[q] * H;
         const cpx<T>* __restrict__ tb = Tt + off + pb[q] * H;
-        cpx<T>* __restrict__ ga = G ? G + off + pa[q] * H : nullptr;
-        cpx<T>* __restrict__ gb = G ? G + off + pb[q] * H : nullptr;
         T plain = T(0), first, last;
         if (pa[q] == pb[q]) {
-          for (int64_t k = 0; k < K; ++k) {
+          plain = lane_sum<T>(K, [&](int64_t k) {
             const T d = auto_difference(xa[k], ta[k]);
-            plain += d * d;
-          }
+            return d * d;
+          });
           const T d0 = auto_difference(xa[0], ta[0]), dl = auto_difference(xa[K - 1], ta[K - 1]);
           first = d0 * d0;
           last = dl * dl;
           if (G) {
-            for (int64_t k = 0; k < K; ++k) {
-              const T s = T(2) * gs * auto_difference(xa[k], ta[k]);
-              ga[k].re += s * xa[k].re;
-              ga[k].im += s * xa[k].im;
+            cpx<T>* __restrict__ ga = G + off + pa[q] * H;
+            const T s2 = T(2) * gs;
+            if (started[pa[q]]) {
+              for (int64_t k = 0; k < K; ++k) {
+                const T s = s2 * auto_difference(xa[k], ta[k]);
+                ga[k].re += s * xa[k].re;
+                ga[k].im += s * xa[k].im;
+              }
+            } else {
+              for (int64_t k = 0; k < K; ++k) {
+                const T s = s2 * auto_difference(xa[k], ta[k]);
+                ga[k].re = s * xa[k].re;
+                ga[k].im = s * xa[k].im;
+              }
             }
+            started[pa[q]] = 1;
           }
         } else {
-          for (int64_t k = 0; k < K; ++k) plain += cnorm2(pair_difference(xa[k], xb[k], ta[k], tb[k]));
+          plain = lane_sum<T>(K, [&](int64_t k) { return cnorm2(pair_difference(xa[k], xb[k], ta[k], tb[k])); });
           first = cnorm2(pair_difference(xa[0], xb[0], ta[0], tb[0]));
           last = cnorm2(pair_difference(xa[K - 1], xb[K - 1], ta[K - 1], tb[K - 1]));
           if (G) {
+            cpx<T>* __restrict__ ga = G + off + pa[q] * H;
+            cpx<T>* __restrict__ gb = G + off + pb[q] * H;
+            const bool add_a = started[pa[q]], add_b = started[pb[q]];
+            started[pa[q]] = started[pb[q]] = 1;
             for (int64_t k = 0; k < K; ++k) {
               const cpx<T> ds = cscale(pair_difference(xa[k], xb[k], ta[k], tb[k]), gs);
-              ga[k] = cadd(ga[k], cmul_conj(ds, xb[k]));
-              gb[k] = cadd(gb[k], cmul(ds, xa[k]));
+              const cpx<T> va = cmul_conj(ds, xb[k]), vb = cmul(ds, xa[k]);
+              ga[k] = add_a ? cadd(ga[k], va) : va;
+              gb[k] = add_b ? cadd(gb[k], vb) : vb;
             }
           }
         }
@@ -83,15 +112,15 @@ void loss_pass_t(const LossArgs& a, at::Tensor& partial, at::Tensor& gx) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> loss_pass(const LossArgs& a) {
+void loss_pass(const LossArgs& a) {
   const auto real = at::toRealValueType(a.x_hat.scalar_type());
   const int64_t B = a.x_hat.size(0);
   const int64_t K = a.x_hat.size(a.x_hat.dim() - 1);
   const int64_t R = a.x_hat.numel() / (B * a.x_hat.size(1) * K);
   auto partial = at::empty({B, R}, a.x_hat.options().dtype(real));
-  auto gx = a.need_grad ? at::empty_like(a.x_hat) : at::empty({0}, a.x_hat.options());
+  at::Tensor gx = a.grad_spectrum;
   AT_DISPATCH_FLOATING_TYPES(real, "stats_loss", [&] { loss_pass_t<scalar_t>(a, partial, gx); });
-  return {partial.sum(1) * a.value_scale, gx};
+  a.values.copy_(partial.sum(1).mul_(a.value_scale));
 }
 
 const StatsLossBackend kCpu{loss_pass};

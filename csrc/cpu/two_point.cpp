@@ -70,6 +70,22 @@ at::Tensor pair_products(const at::Tensor& xh, const at::Tensor& a, const at::Te
   return out;
 }
 
+// Reading a complex row backwards with stride 2 does not vectorise; reading it forwards into a
+// small buffer and walking the buffer backwards does. fn(j, k) gets the buffer index k for output
+// j in [i0, i1), where the output j reads src_hi - (j - i0) (src_hi the highest element used).
+constexpr int64_t kBlock = 256;
+
+template <typename T, typename Load, typename Use>
+inline void reversed_blocks(const cpx<T>* src_hi, int64_t i0, int64_t i1, Load&& load, Use&& use) {
+  T buf[kBlock];
+  for (int64_t j0 = i0; j0 < i1; j0 += kBlock) {
+    const int64_t n = std::min(kBlock, i1 - j0);
+    const cpx<T>* lo = src_hi - (j0 - i0) - (n - 1);  // lowest element of this block
+    for (int64_t k = 0; k < n; ++k) buf[k] = load(lo[k]);
+    for (int64_t k = 0; k < n; ++k) use(j0 + k, buf[n - 1 - k]);
+  }
+}
+
 template <typename T>
 void auto_power_t(const at::Tensor& xh, const int32_t* idx, const Geometry& g, T scale, at::Tensor& out) {
   const int nd = g.ndim;
@@ -97,7 +113,10 @@ void auto_power_t(const at::Tensor& xh, const int32_t* idx, const Geometry& g, T
     T* o = o_all + row * M;
     const int64_t split = std::min(std::max(K, i0), i1);
     for (int64_t i = i0; i < split; ++i) o[i] = scale * cnorm2(xf[i]);
-    for (int64_t i = split; i < i1; ++i) o[i] = scale * cnorm2(xr[M - i]);  // |X(-k)| = |X(k)|
+    // |X(-k)| = |X(k)|: the second half of the row reads the mirrored row backwards.
+    if (split < i1)
+      reversed_blocks<T>(xr + (M - split), split, i1, [](cpx<T> v) { return cnorm2(v); },
+                         [&](int64_t j, T v) { o[j] = scale * v; });
   });
 }
 
@@ -145,7 +164,8 @@ inline void axpy_half(T* o, const cpx<T>* fwd, const cpx<T>* rev, T b, T c, int6
       i = end;
     } else {
       const int64_t end = std::min(i1, wrap_at);
-      for (int64_t j = i; j < end; ++j) put<kInit>(o, j, b, c * rev[M - g - (j - i)].re);
+      reversed_blocks<T>(rev + (M - g), i, end, [](cpx<T> v) { return v.re; },
+                         [&](int64_t j, T v) { put<kInit>(o, j, b, c * v); });
       i = end;
     }
   }
@@ -198,10 +218,14 @@ void gather_t(const GatherArgs& a, at::Tensor& out) {
   const T inv_s = T(1) / static_cast<T>(s_total);
   T* o_all = out.data_ptr<T>();
 
-  parallel_rows(rows, W, [&](int64_t row, int64_t i0, int64_t i1) {
+  // Tasks run pair-minor (sample, window row, pair) so that the pairs of one window row, which
+  // read the same base rows, follow each other while those rows are in cache.
+  const int64_t wrows = rows / (B * nq);
+  parallel_rows(rows, W, [&](int64_t task, int64_t i0, int64_t i1) {
+    const int64_t q = task % nq, wr = (task / nq) % wrows, b = task / (nq * wrows);
+    const int64_t row = (b * nq + q) * wrows + wr;  // the output row
     int64_t midx[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
-    const int64_t rem = unravel(row, g.w, nd - 1, midx);
-    const int64_t q = rem % nq, b = rem / nq;
+    unravel(wr, g.w, nd - 1, midx);
     int64_t rowpos = 0, rowpos_rev = 0;  // grid rows of the lag and of its mirror
     for (int d = 0; d < nd - 1; ++d) {
       lag[d] = window_lag(midx[d], g.w[d]);
@@ -237,12 +261,8 @@ void gather_t(const GatherArgs& a, at::Tensor& out) {
   });
 }
 
-at::Tensor gather(const GatherArgs& a) {
-  std::vector<int64_t> sizes{a.dc.size(0), a.n_pairs};
-  for (int d = 0; d < a.geom.ndim; ++d) sizes.push_back(a.geom.w[d]);
-  auto out = at::empty(sizes, a.dc.options());
+void gather(const GatherArgs& a, at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES(a.dc.scalar_type(), "gather", [&] { gather_t<scalar_t>(a, out); });
-  return out;
 }
 
 template <typename T>

@@ -100,18 +100,15 @@ __global__ void gather_kernel(const cpx<T>* half, int32_t n_auto, const T* base,
   }
 }
 
-at::Tensor gather(const GatherArgs& a) {
+void gather(const GatherArgs& a, at::Tensor& out) {
   const Geometry g = a.geom;
-  std::vector<int64_t> sizes{a.dc.size(0), a.n_pairs};
   int64_t grid = 1, win = 1, s_total = 1;
   for (int d = 0; d < g.ndim; ++d) {
-    sizes.push_back(g.w[d]);
     grid *= g.m[d];
     win *= g.w[d];
     s_total *= g.n[d];
   }
   const int64_t half_numel = grid / g.m[g.ndim - 1] * (g.m[g.ndim - 1] / 2 + 1);
-  auto out = at::empty(sizes, a.dc.options());
   const int64_t total = out.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(a.dc.scalar_type(), "gather", [&] {
@@ -124,7 +121,6 @@ at::Tensor gather(const GatherArgs& a) {
         half_numel, win, static_cast<scalar_t>(s_total), out.data_ptr<scalar_t>(), total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
 }
 
 template <typename T>
