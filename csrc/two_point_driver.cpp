@@ -34,7 +34,9 @@ int64_t cache_chunk(const at::Tensor& x, int64_t per_sample_elems) {
   if (!x.device().is_cpu()) return B;
   const int64_t per_sample = std::max<int64_t>(1, per_sample_elems * static_cast<int64_t>(x.element_size()));
   const int64_t chunk = (int64_t{20} << 20) / per_sample;
-  return chunk >= 4 ? std::min(chunk, B) : B;
+  if (chunk < 4 || chunk >= B) return B;
+  const int64_t n_chunks = (B + chunk - 1) / chunk;
+  return (B + n_chunks - 1) / n_chunks;  // equal chunks: no short tail
 }
 
 at::Tensor ints_to(const std::vector<int32_t>& v, const at::Device& device) {
