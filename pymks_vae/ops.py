@@ -256,18 +256,10 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
         pj = [p[1] for p in pairs]
         need_grad = x.requires_grad and torch.is_grad_enabled()
         per_sample = torch.ops.pymks_vae.stats_loss(x, target, pi, pj, float(scale), need_grad)[0]
-    else:
-        fx = _stats_of("x", x, pairs, periodic, cutoff, op)
-        ft = _stats_of("target", target, pairs, periodic, cutoff, op)
-        sq = (float(scale) * (fx - ft)) ** 2
-        if weight is not None:
-            sq = sq * weight
-        per_sample = sq.flatten(1).sum(1)
-    if reduction == "sum":
-        return per_sample.sum()
-    if reduction == "mean":
-        return per_sample.mean()
-    return per_sample
+        return reference.reduce_per_sample(per_sample, reduction)
+    fx = _stats_of("x", x, pairs, periodic, cutoff, op)
+    ft = _stats_of("target", target, pairs, periodic, cutoff, op)
+    return reference.stats_distance(fx, ft, float(scale), weight, reduction)
 
 
 def _stats_of(name, t, pairs, periodic, cutoff, op):

@@ -18,7 +18,8 @@ Example:
 """
 import torch
 
-__all__ = ["two_point_stats_ref", "spatial_stats_loss_ref", "window_shape", "mask_threshold"]
+__all__ = ["two_point_stats_ref", "spatial_stats_loss_ref", "stats_distance", "reduce_per_sample",
+           "window_shape", "mask_threshold"]
 
 
 def window_shape(spatial, cutoff):
@@ -116,10 +117,27 @@ def spatial_stats_loss_ref(x, target, *, correlations=((0, 0),), periodic=True, 
     """
     fx = two_point_stats_ref(x, correlations, periodic=periodic, cutoff=cutoff)
     ft = two_point_stats_ref(target.detach(), correlations, periodic=periodic, cutoff=cutoff)
+    return stats_distance(fx, ft, scale, weight, reduction)
+
+
+def stats_distance(fx, ft, scale=1.0, weight=None, reduction="sum"):
+    """``weight * (scale * (fx - ft))**2`` summed per sample, then reduced as the loss does.
+
+    Args:
+        fx, ft: statistics ``(batch, n_corr, *window)``.
+        scale, weight, reduction: as in :func:`spatial_stats_loss_ref`.
+
+    Returns:
+        a scalar, or ``(batch,)`` for ``reduction="none"``.
+    """
     sq = (scale * (fx - ft)) ** 2
     if weight is not None:
         sq = sq * weight
-    per_sample = sq.flatten(1).sum(1)
+    return reduce_per_sample(sq.flatten(1).sum(1), reduction)
+
+
+def reduce_per_sample(per_sample, reduction):
+    """"sum" over the batch, "mean" of the per-sample values, or "none" (the values themselves)."""
     if reduction == "sum":
         return per_sample.sum()
     if reduction == "mean":
