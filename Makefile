@@ -36,7 +36,7 @@ $(EXT_STAMP): $(DEPS_STAMP) setup.py $(CSRC)
 build: $(EXT_STAMP)
 
 test: build
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -rfEs tests
 
 train: build
 	$(PY) examples/train_lines.py
