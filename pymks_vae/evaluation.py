@@ -312,11 +312,7 @@ def spatial_stats(images, eps=0.25, batch_size=256, progress=False):
     batch_size = _check_batch_size(batch_size)
     n, (h, w) = _n_and_shape(images, "images")
     out = np.empty((n, h, w), dtype=np.float64)
-    starts = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="spatial stats", unit="batch")
+    starts = _batch_starts(n, batch_size, progress, "spatial stats")
     for s in starts:
         out[s : s + batch_size] = _stats_batch(ops, _slice(images, s, s + batch_size, "images"), eps)
     return out
@@ -345,6 +341,16 @@ def stats_mse(a, b, eps=0.25, batch_size=256):
 
 
 # ----------------------------------------------------------------------------- neighbours
+def _batch_starts(n, batch_size, progress, desc):
+    """Start indices of the batches over ``n`` items, behind a tqdm bar when ``progress``."""
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch")
+    return starts
+
+
 def _check_metric(metric):
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
@@ -401,11 +407,7 @@ def nearest_neighbours(queries, pool, metric="image", batch_size=256, eps=0.25, 
     q2 = (q * q).sum(dim=1)
     best = torch.full((nq,), float("inf"), dtype=torch.float64)
     best_idx = torch.zeros(nq, dtype=torch.int64)
-    starts = range(0, npool, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="nearest neighbours", unit="batch")
+    starts = _batch_starts(npool, batch_size, progress, "nearest neighbours")
     for s in starts:
         p = _features(_slice(pool, s, s + batch_size, "pool"), metric, eps)
         dist = q2[:, None] + (p * p).sum(dim=1)[None, :] - 2.0 * (q @ p.T)
@@ -444,11 +446,7 @@ def average_mse_to_set(queries, pool, metric="image", batch_size=256, eps=0.25, 
     d = q.shape[1]
     total = torch.zeros(d, dtype=torch.float64)
     total_sq = 0.0
-    starts = range(0, npool, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="average MSE", unit="batch")
+    starts = _batch_starts(npool, batch_size, progress, "average MSE")
     for s in starts:
         p = _features(_slice(pool, s, s + batch_size, "pool"), metric, eps)
         total += p.sum(dim=0)
