@@ -14,8 +14,13 @@ import sys
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils import cpp_extension
+# torch finds CUDA from CUDA_HOME, else from the nvcc on PATH - which can be a wrapper outside the
+# toolkit (no lib64/libcudart next to it). Prefer the standard toolkit location when unset.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0"
