@@ -84,6 +84,15 @@ PVAE_HD T parseval_weight(int64_t k, int64_t m) {
   return (k == 0 || 2 * k == m) ? T(1) : T(2);
 }
 
+// sum_k parseval_weight(k) * v_k over one row of K = m/2 + 1 bins, from the plain sum and the
+// end values: every bin counts twice but the first and (even m) the last, whose weight is 1.
+template <typename T>
+PVAE_HD T parseval_row(T plain, T first, T last, int64_t K, int64_t m) {
+  T v = T(2) * plain - (T(2) - parseval_weight<T>(0, m)) * first;
+  if (K > 1) v -= (T(2) - parseval_weight<T>(K - 1, m)) * last;
+  return v;
+}
+
 // ------------------------------------------------------------------ correlation relations
 // A requested correlation is assembled from "base" correlations (computed by FFT) as
 //   C_q(r) = constant * S + sum_v coef_v * sum_x x_{state_v}(x) + sum_t coef_t * C_{base_t}(+-r)

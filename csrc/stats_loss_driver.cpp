@@ -7,9 +7,6 @@
 //   dL/dx_a = irfftn( (2 s^2 / N^2) * [sum_{q: i=a} conj(D_q) X_j + sum_{q: j=a} D_q X_i] ).
 // The forward pass therefore takes two forward transforms and prepares the gradient spectrum;
 // the backward pass is one inverse transform.
-#include <map>
-#include <set>
-
 #include "two_point.h"
 
 namespace pymks_vae {
@@ -25,19 +22,10 @@ std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x_in, co
   const int64_t nd = x_in.dim() - 2;
   TORCH_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": x must have 1-3 spatial dims");
   TORCH_CHECK_VALUE(x_in.size(0) > 0, op, ": x is an empty batch");
-  TORCH_CHECK_VALUE(pair_i.size() == pair_j.size() && !pair_i.empty(), op,
-                    ": pair_i and pair_j must be non-empty and of equal length");
   const int64_t n_state = x_in.size(1);
-  std::set<int64_t> used;
-  for (size_t k = 0; k < pair_i.size(); ++k) {
-    TORCH_CHECK_VALUE(pair_i[k] >= 0 && pair_i[k] < n_state && pair_j[k] >= 0 && pair_j[k] < n_state,
-                      op, ": correlation (", pair_i[k], ", ", pair_j[k], ") out of range for n_state=", n_state);
-    used.insert(pair_i[k]);
-    used.insert(pair_j[k]);
-  }
-  std::vector<int64_t> states(used.begin(), used.end());
+  check_pairs(pair_i, pair_j, n_state, op);
   std::map<int64_t, int32_t> pos;
-  for (size_t k = 0; k < states.size(); ++k) pos[states[k]] = static_cast<int32_t>(k);
+  const std::vector<int64_t> states = pair_states(pair_i, pair_j, &pos);
   std::vector<int32_t> pa, pb;
   for (size_t k = 0; k < pair_i.size(); ++k) {
     pa.push_back(pos[pair_i[k]]);

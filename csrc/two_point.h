@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstring>
+#include <map>
 #include <vector>
 
 #include "spectral.h"
@@ -143,6 +144,10 @@ at::Tensor table_to(const std::vector<S>& v, const at::Device& device) {
   return device.is_cpu() ? t : t.to(device);
 }
 at::Tensor ints_to(const std::vector<int32_t>& v, const at::Device& device);
+// Raises ValueError unless pair_i/pair_j are non-empty, of equal length and name states < n_state.
+void check_pairs(at::IntArrayRef pair_i, at::IntArrayRef pair_j, int64_t n_state, const char* op);
+// The states named by the pairs, sorted, and each one's position in that list.
+std::vector<int64_t> pair_states(at::IntArrayRef pair_i, at::IntArrayRef pair_j, std::map<int64_t, int32_t>* pos);
 // The given (sorted) states of x (B, n_state, ...): a view when they are consecutive.
 at::Tensor select_states(const at::Tensor& x, const std::vector<int64_t>& states);
 // Raises ValueError naming `what` when the DC bins of a spectrum are not finite (NaN/Inf input).

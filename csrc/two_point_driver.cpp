@@ -45,6 +45,22 @@ at::Tensor ints_to(const std::vector<int32_t>& v, const at::Device& device) {
   return device.is_cpu() ? t : t.to(device);
 }
 
+void check_pairs(at::IntArrayRef pair_i, at::IntArrayRef pair_j, int64_t n_state, const char* op) {
+  TORCH_CHECK_VALUE(pair_i.size() == pair_j.size() && !pair_i.empty(), op,
+                    ": pair_i and pair_j must be non-empty and of equal length");
+  for (size_t k = 0; k < pair_i.size(); ++k)
+    TORCH_CHECK_VALUE(pair_i[k] >= 0 && pair_i[k] < n_state && pair_j[k] >= 0 && pair_j[k] < n_state,
+                      op, ": correlation (", pair_i[k], ", ", pair_j[k], ") out of range for n_state=", n_state);
+}
+
+std::vector<int64_t> pair_states(at::IntArrayRef pair_i, at::IntArrayRef pair_j, std::map<int64_t, int32_t>* pos) {
+  std::set<int64_t> used(pair_i.begin(), pair_i.end());
+  used.insert(pair_j.begin(), pair_j.end());
+  std::vector<int64_t> states(used.begin(), used.end());
+  for (size_t k = 0; k < states.size(); ++k) (*pos)[states[k]] = static_cast<int32_t>(k);
+  return states;
+}
+
 at::Tensor select_states(const at::Tensor& x, const std::vector<int64_t>& states) {
   // A run of consecutive states is a view (the FFT reads it in place); others need a gather.
   const int64_t k = static_cast<int64_t>(states.size());
@@ -293,11 +309,7 @@ at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at:
   auto x = x_in.contiguous();
   const int64_t B = x.size(0), n_state = x.size(1);
   TORCH_CHECK_VALUE(B > 0, op, ": x is an empty batch");
-  TORCH_CHECK_VALUE(pair_i.size() == pair_j.size() && !pair_i.empty(), op,
-                    ": pair_i and pair_j must be non-empty and of equal length");
-  for (size_t k = 0; k < pair_i.size(); ++k)
-    TORCH_CHECK_VALUE(pair_i[k] >= 0 && pair_i[k] < n_state && pair_j[k] >= 0 && pair_j[k] < n_state,
-                      op, ": correlation (", pair_i[k], ", ", pair_j[k], ") out of range for n_state=", n_state);
+  check_pairs(pair_i, pair_j, n_state, op);
   Setup s = make_setup(x, periodic, window, op);
   const int64_t n_pairs = static_cast<int64_t>(pair_i.size());
 
@@ -345,14 +357,8 @@ at::Tensor two_point_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
   // The gradient is that of the direct definition C_ij(r) = sum_x x_i(x) x_j(x + r), whatever
   // relations the forward pass used: every state of a requested pair is transformed.
   CombinePlan cp;
-  std::set<int64_t> used;
-  for (size_t k = 0; k < pair_i.size(); ++k) {
-    used.insert(pair_i[k]);
-    used.insert(pair_j[k]);
-  }
-  cp.states.assign(used.begin(), used.end());
   std::map<int64_t, int32_t> pos;
-  for (size_t k = 0; k < cp.states.size(); ++k) pos[cp.states[k]] = static_cast<int32_t>(k);
+  cp.states = pair_states(pair_i, pair_j, &pos);
   for (size_t u = 0; u < cp.states.size(); ++u) {
     const int64_t st = cp.states[u];
     cp.begin.push_back(static_cast<int32_t>(cp.terms.size()));

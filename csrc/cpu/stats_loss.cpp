@@ -12,15 +12,6 @@
 namespace pymks_vae {
 namespace {
 
-// Sum over one spectral row of w_k * v_k, with w_k the Parseval weights: 2 everywhere but the DC
-// bin and (even m) the Nyquist bin, so the loops below sum plainly and this corrects the ends.
-template <typename T>
-inline T weighted_row(T plain, T first, T last, int64_t K, int64_t m_last) {
-  T v = T(2) * plain - first;
-  if (m_last % 2 == 0 && K > 1) v -= last;
-  return v;
-}
-
 // sum_{k < K} f(k) with 8 independent partial sums: the compiler vectorises it without being
 // allowed to reassociate floating-point additions itself.
 template <typename T, typename F>
@@ -105,7 +96,7 @@ void loss_pass_t(const LossArgs& a, at::Tensor& partial, at::Tensor& gx) {
             }
           }
         }
-        acc += weighted_row(plain, first, last, K, m_last);
+        acc += parseval_row(plain, first, last, K, m_last);
       }
       part[task] = acc;
     }
