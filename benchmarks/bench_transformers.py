@@ -3,19 +3,22 @@
 Input: the one-hot (pymks.PrimitiveTransformer, 2 states) of 64 two-phase microstructures of
 128x128, persisted in memory in chunks of 16 samples. Both transformers run periodic, cutoff 20,
 pairs [(1, 1), (0, 1)], timed from ``.transform`` to computed numbers (dask's default threaded
-scheduler), medians of repeats. The outputs are checked equal before anything is timed.
+scheduler), warm: medians over rounds of alternating blocks (untimed warm-up, then timed runs) of
+each transformer, so that both see the same drifts of a noisy machine. The outputs are checked
+equal before anything is timed.
 
-Usage: python benchmarks/bench_transformers.py [--repeats 5] [--json out.json]
+Usage: python benchmarks/bench_transformers.py [--rounds 3] [--repeats 5] [--json out.json]
 """
 import argparse
 import os
+import statistics
 import sys
 import warnings
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import machine, markdown_table, median_seconds, write_json  # noqa: E402
+from timing import alternating_medians, machine, markdown_table, write_json  # noqa: E402
 
 import pymks_vae  # noqa: E402
 from pymks_vae.microstructures import generate_two_phase  # noqa: E402
@@ -34,8 +37,9 @@ def make_input(n_samples=64, size=128, chunk=16, seed=0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per transformer (>= 5)")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating blocks per transformer")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per block (>= 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs at the start of each block")
     parser.add_argument("--n-samples", type=int, default=64)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=16)
@@ -61,8 +65,12 @@ def main(argv=None):
     max_diff = float(np.abs(a - b).max())
     assert a.shape == b.shape and np.allclose(a, b, rtol=1e-10, atol=1e-12), f"outputs differ (max {max_diff})"
 
-    t_ours = median_seconds(run_ours, args.repeats, warmup=args.warmup)
-    t_pymks = median_seconds(run_pymks, args.repeats, warmup=args.warmup)
+    medians, all_times = alternating_medians({"pymks": run_pymks, "pymks_vae": run_ours}, rounds=args.rounds,
+                                             repeats=args.repeats, warmup=args.warmup)
+    t_ours, t_pymks = medians["pymks_vae"], medians["pymks"]
+    n = args.repeats
+    block_ratios = sorted(statistics.median(all_times["pymks"][k * n:(k + 1) * n])
+                          / statistics.median(all_times["pymks_vae"][k * n:(k + 1) * n]) for k in range(args.rounds))
     info = pymks_vae.build_info()
     rows = [
         {"implementation": "pymks 0.4.1 TwoPointCorrelation", "median ms": f"{1e3 * t_pymks:.1f}", "speed-up": "1.0x"},
@@ -72,7 +80,8 @@ def main(argv=None):
     desc = machine()
     print(f"\nTwoPointCorrelation on dask: {args.n_samples} x {args.size}x{args.size} one-hot, 2 states, "
           f"chunks of {args.chunk}, periodic, cutoff {args.cutoff}, pairs {PAIRS}; "
-          f"medians of {args.repeats} (max |diff| {max_diff:.1e})")
+          f"medians of {args.rounds} x {args.repeats} warm runs each (max |diff| {max_diff:.1e})")
+    print("Speed-up per round: " + ", ".join(f"{r:.1f}x" for r in block_ratios))
     print(f"Machine: {desc}; extension compiled: {info['compiled']}\n")
     print(markdown_table(rows, ["implementation", "median ms", "speed-up"]))
     write_json(args.json, {
@@ -82,6 +91,8 @@ def main(argv=None):
                  "cutoff": args.cutoff, "periodic": True, "pairs": PAIRS},
         "repeats": args.repeats,
         "seconds": {"pymks": t_pymks, "pymks_vae": t_ours},
+        "all_seconds": all_times,
+        "speedup_per_round": block_ratios,
         "speedup": t_pymks / t_ours,
         "max_abs_diff": max_diff,
     })

@@ -40,6 +40,39 @@ def median_seconds(fn, repeats=15, warmup=3, device="cpu"):
     return statistics.median(times)
 
 
+def alternating_medians(fns, rounds=3, repeats=5, warmup=1, device="cpu"):
+    """Median wall time of several functions, timed warm in alternating blocks.
+
+    Each round runs every function in turn: ``warmup`` untimed calls (a shared VM parks idle
+    cores and threads, and the first call after another workload pays to wake them), then
+    ``repeats`` timed calls. Alternating the blocks over several rounds lets each function see
+    the same slow drifts of a noisy machine, so their ratio is fair.
+
+    Args:
+        fns: dict name -> zero-argument callable.
+        rounds: blocks per function.
+        repeats: timed calls per block.
+        warmup: untimed calls at the start of every block.
+        device: "cuda..." synchronises the GPU after each call.
+
+    Returns:
+        (dict name -> median seconds, dict name -> list of all timed seconds).
+    """
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(warmup):
+                fn()
+            sync()
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}, times
+
+
 def markdown_table(rows, columns):
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:

@@ -31,7 +31,30 @@ TORCH_LIBRARY(pymks_vae, m) {
       "-> Tensor");
 }
 
+// OpenMP (ATen's parallel loops) and MKL (ATen's CPU FFTs) keep a per-thread limit on their
+// threads. They are looked up weakly: a torch built without them leaves these null.
+extern "C" {
+void omp_set_num_threads(int) __attribute__((weak));
+int omp_get_max_threads() __attribute__((weak));
+// MKL's C entry point (the lower-case symbol is its Fortran one, which takes a pointer).
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+}
+
 namespace {
+
+// Sets the calling thread's OpenMP and MKL thread limits and returns the previous ones, as
+// (omp, mkl) with -1 for a library that is absent; (0 for MKL means "the global setting").
+// Only this thread is affected: other threads, and torch.get_num_threads() elsewhere, are not.
+std::pair<int, int> set_thread_limits(int omp, int mkl) {
+  at::get_num_threads();  // ATen initialises a thread's limits lazily; do it before changing them
+  int prev_omp = -1, prev_mkl = -1;
+  if (omp_get_max_threads && omp_set_num_threads && omp >= 1) {
+    prev_omp = omp_get_max_threads();
+    omp_set_num_threads(omp);
+  }
+  if (MKL_Set_Num_Threads_Local && mkl >= 0) prev_mkl = MKL_Set_Num_Threads_Local(mkl);
+  return {prev_omp, prev_mkl};
+}
 
 pybind11::dict build_info() {
   pybind11::dict d;
@@ -53,4 +76,6 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pymks-vae compiled kernels (operators live under torch.ops.pymks_vae)";
   m.def("build_info", &build_info, "What this extension was compiled with");
+  m.def("_set_thread_limits", &set_thread_limits, pybind11::arg("omp"), pybind11::arg("mkl"),
+        "Set this thread's OpenMP and MKL thread limits; returns the previous (omp, mkl)");
 }

@@ -99,10 +99,9 @@ PVAE_HD T parseval_row(T plain, T first, T last, int64_t K, int64_t m) {
 // which covers the direct case (one term), the mirror C_ji(r) = C_ij(-r) (reversed term) and the
 // partition-of-unity relations, where the last state is 1 - sum of the others.
 //
-// Base correlations come in two forms. Auto-correlations C_aa (base < n_auto) are even and their
-// spectrum |X_a|^2 is real and even, so C_aa = DFT(|X_a|^2) / M: a real-to-complex transform of the
-// power spectrum, whose half grid (last axis 0..m/2) holds C_aa in its real parts; the other half
-// follows from C_aa(-r) = C_aa(r). Cross-correlations (base >= n_auto) are inverse transforms on the
+// Base correlations come in two forms. Auto-correlations C_aa (base < n_auto) are even, with a
+// real and even spectrum |X_a|^2, so they are kept on a pruned grid (see even_index) computed
+// from the half spectrum alone. Cross-correlations (base >= n_auto) are inverse transforms on the
 // full grid.
 struct Term {
   int32_t base;
@@ -130,32 +129,50 @@ PVAE_HD T pair_constant(const PairPlan& p, const VfTerm* vfs, const T* dc_b, T s
   return v;
 }
 
-// Where an even function stored on the half grid keeps its value for grid position g (last axis):
-// g itself when g <= m/2, else the mirror m - g (in the mirrored row, see half_index).
-PVAE_HD bool half_mirrored(int64_t g_last, int64_t m_last) { return g_last > m_last / 2; }
+// An even function C(r) = C(-r) on the grid (an auto-correlation) is kept for the lags r_0 in
+// [0, R0) of the first axis only, R0 = even_rows(w_0), the other axes whole: (R0, m_1, ...,
+// m_{nd-1}). The element at (a_0, a_1, ..., a_{nd-1}) holds C(a_0, -a_1, ..., -a_{nd-1}): the
+// transform that fills it runs forwards along the first axis and backwards along the others (see
+// the driver's even_transform), which is the same as C(-a_0, a_1, ...). A lag with r_0 >= 0 is
+// read at (r_0, -r_1, ...), one with r_0 < 0 at (-r_0, r_1, ...). In 1D the whole grid (m_0,)
+// holds C itself.
+PVAE_HD int64_t even_rows(int64_t w0) { return w0 / 2 + 1; }
 
-// Flat half-grid index of lag r (per-axis lags, |r_d| < m_d) for an even function.
-PVAE_HD int64_t half_index(const int64_t* lag, const int64_t* m, int nd) {
-  const bool mirror = half_mirrored(lag_to_grid(lag[nd - 1], m[nd - 1]), m[nd - 1]);
-  int64_t pos = 0;
-  for (int d = 0; d < nd - 1; ++d) pos = pos * m[d] + lag_to_grid(mirror ? -lag[d] : lag[d], m[d]);
-  return pos * (m[nd - 1] / 2 + 1) + lag_to_grid(mirror ? -lag[nd - 1] : lag[nd - 1], m[nd - 1]);
+// Whether, for lags sharing r_0 (and the middle axes), the stored row is read backwards along
+// the last axis: when it holds C(r_0, ..., -r_last), i.e. for r_0 >= 0 in 2D and 3D.
+PVAE_HD bool even_reversed(const int64_t* lag, int nd) { return nd > 1 && lag[0] >= 0; }
+
+// Flat index of lag r (per-axis lags, |r_d| <= w_d / 2) in the pruned even layout above.
+PVAE_HD int64_t even_index(const int64_t* lag, const int64_t* m, int nd) {
+  if (nd == 1) return lag_to_grid(lag[0], m[0]);
+  const bool flip = lag[0] >= 0;
+  int64_t pos = flip ? lag[0] : -lag[0];
+  for (int d = 1; d < nd; ++d) pos = pos * m[d] + lag_to_grid(flip ? -lag[d] : lag[d], m[d]);
+  return pos;
+}
+
+// Elements of one even function in that layout.
+PVAE_HD int64_t even_numel(const Geometry& g) {
+  if (g.ndim == 1) return g.m[0];
+  int64_t n = even_rows(g.w[0]);
+  for (int d = 1; d < g.ndim; ++d) n *= g.m[d];
+  return n;
 }
 
 // Unnormalised value of one requested correlation at one lag, for one sample.
-//   half_b: this sample's auto bases, [n_auto][half_numel] (complex; real part used)
+//   even_b: this sample's auto bases, [n_auto][even_numel] in the pruned even layout
 //   full_b: this sample's cross bases, [n_base - n_auto][grid_numel]
 //   dc_b:   this sample's sums over pixels of the transformed states
 template <typename T>
-PVAE_HD T assemble_pair(const PairPlan& p, const Term* terms, const VfTerm* vfs, const cpx<T>* half_b,
-                        int64_t half_numel, int64_t hpos, int32_t n_auto, const T* full_b,
+PVAE_HD T assemble_pair(const PairPlan& p, const Term* terms, const VfTerm* vfs, const T* even_b,
+                        int64_t even_numel, int64_t epos, int32_t n_auto, const T* full_b,
                         int64_t grid_numel, int64_t pos, int64_t pos_rev, const T* dc_b, T s_total) {
   T v = pair_constant(p, vfs, dc_b, s_total);
   for (int32_t k = p.term_begin; k < p.term_end; ++k) {
     const Term t = terms[k];
     const T c = static_cast<T>(t.coef);
     if (t.base < n_auto) {
-      v += c * half_b[t.base * half_numel + hpos].re;
+      v += c * even_b[t.base * even_numel + epos];
     } else {
       v += c * full_b[(t.base - n_auto) * grid_numel + (t.reversed ? pos_rev : pos)];
     }

@@ -39,7 +39,7 @@ struct PlanTensors {
 };
 
 struct GatherArgs {
-  at::Tensor half;   // (B, n_auto, *h) complex: auto bases (real parts), or undefined
+  at::Tensor even;   // (B, n_auto, even_numel) real: auto bases (pruned even layout), or undefined
   at::Tensor base;   // (B, n_base - n_auto, *m) real: cross bases, or undefined
   int32_t n_auto;
   at::Tensor dc;     // (B, n_fwd) real: sums over pixels of the transformed states
@@ -68,12 +68,14 @@ struct CombineArgs {
 
 // The per-device passes of the two-point operator.
 struct TwoPointBackend {
-  // True when sum over states of x is within tol of 1 at every pixel (and x is finite).
+  // True when sum over states of x is within tol of 1 at every pixel (and x is finite). x may be
+  // strided (e.g. a channels-last view) as long as its spatial dims flatten to one stride.
   bool (*partition_check)(const at::Tensor& x, double tol);
   // P[b, k] = conj(X[b, a_k]) * X[b, b_k]  ->  (B, n_cross, *h)
   at::Tensor (*pair_products)(const at::Tensor& x_hat, const at::Tensor& a, const at::Tensor& b);
-  // scale * |X[b, idx_k]|^2 on the full grid (mirrored from the half spectrum)  ->  (B, n_auto, *m)
-  at::Tensor (*auto_power)(const at::Tensor& x_hat, const at::Tensor& idx, const Geometry& g, double scale);
+  // scale * |X[b, idx_k]|^2 on the half spectrum, with the first spatial axis moved last
+  // (where the even transform runs along it)  ->  (B, n_auto, h_1, ..., h_{nd-1}, h_0) real
+  at::Tensor (*power_half)(const at::Tensor& x_hat, const at::Tensor& idx, double scale);
   // Output window: assemble, normalise, centre and crop into out (B, n_pairs, *w), contiguous
   void (*gather)(const GatherArgs& args, at::Tensor& out);
   // Adjoint of gather for the direct definition  ->  (B, n_pairs, *m)
@@ -148,6 +150,8 @@ at::Tensor ints_to(const std::vector<int32_t>& v, const at::Device& device);
 void check_pairs(at::IntArrayRef pair_i, at::IntArrayRef pair_j, int64_t n_state, const char* op);
 // The states named by the pairs, sorted, and each one's position in that list.
 std::vector<int64_t> pair_states(at::IntArrayRef pair_i, at::IntArrayRef pair_j, std::map<int64_t, int32_t>* pos);
+// True when the spatial dims of x (B, n_state, *spatial) flatten to one stride (innermost last).
+bool spatial_flattens(const at::Tensor& x);
 // The given (sorted) states of x (B, n_state, ...): a view when they are consecutive.
 at::Tensor select_states(const at::Tensor& x, const std::vector<int64_t>& states);
 // Raises ValueError naming `what` when the DC bins of a spectrum are not finite (NaN/Inf input).

@@ -2,6 +2,7 @@
 #include "two_point.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <map>
 #include <set>
@@ -61,6 +62,12 @@ std::vector<int64_t> pair_states(at::IntArrayRef pair_i, at::IntArrayRef pair_j,
   return states;
 }
 
+bool spatial_flattens(const at::Tensor& x) {
+  for (int64_t d = 2; d + 1 < x.dim(); ++d)
+    if (x.size(d) > 1 && x.stride(d) != x.stride(d + 1) * x.size(d + 1)) return false;
+  return true;
+}
+
 at::Tensor select_states(const at::Tensor& x, const std::vector<int64_t>& states) {
   // A run of consecutive states is a view (the FFT reads it in place); others need a gather.
   const int64_t k = static_cast<int64_t>(states.size());
@@ -72,9 +79,10 @@ at::Tensor select_states(const at::Tensor& x, const std::vector<int64_t>& states
 
 void check_spectrum_finite(const at::Tensor& spec, const char* op, const char* what) {
   // A NaN or Inf anywhere in a field reaches its DC bin (the sum of all its values), so checking
-  // the DC bins catches bad input at the cost of reading B * n_state numbers.
-  auto dc = spec.flatten(2).select(2, 0);
-  TORCH_CHECK_VALUE(at::isfinite(dc).all().item<bool>(), op, ": ", what,
+  // the DC bins catches bad input at the cost of reading B * n_state numbers; their largest
+  // magnitude (NaN propagates through max) is one reduction and one number to bring back.
+  auto dc = at::view_as_real(spec.flatten(2).select(2, 0));
+  TORCH_CHECK_VALUE(std::isfinite(at::abs(dc).max().item<double>()), op, ": ", what,
                     " contains NaN or Inf (or values so large that their sum overflows)");
 }
 
@@ -228,35 +236,69 @@ void check_mask(const at::Tensor& mask, const char* op) {
 
 namespace {
 
-// Samples per pass of the forward operator: see cache_chunk (fields, spectra, bases, output).
-int64_t batch_chunk(const at::Tensor& x, const Setup& s, int64_t n_pairs) {
+// Auto-correlations in the pruned even layout of spectral.h, unnormalised like the cross bases:
+// C(r) = (1/M) sum_k |X(k)|^2 exp(+2 pi i k.r / M). The power spectrum is real and even, so its
+// transform along the first axis is a half-length real-to-complex one, of which only the rows
+// r_0 <= w_0/2 are kept, and what is left is Hermitian along the last axis, which therefore ends
+// with a complex-to-real transform. The power spectrum comes with its first axis last, so that
+// the first transform runs over contiguous memory. For 128^2 and cutoff 20 this costs about a
+// third of a full inverse transform.
+at::Tensor even_transform(const at::Tensor& x_hat, const std::vector<int32_t>& states, const Setup& s,
+                          const TwoPointBackend& be) {
+  const int nd = s.geom.ndim;
+  const int64_t m0 = s.geom.m[0];
+  const int64_t B = x_hat.size(0), na = static_cast<int64_t>(states.size());
+  auto idx = ints_to(states, x_hat.device());
+  if (nd == 1) return at::fft_irfft(be.power_half(x_hat, idx, 1.0), m0, 2).contiguous().view({B, na, -1});
+  // 1/m_0 here; the inverse transform of the other axes divides by their sizes.
+  auto power_t = be.power_half(x_hat, idx, 1.0 / static_cast<double>(m0));  // (B, na, h_1.., h_0)
+  auto q = at::fft_rfft(power_t, m0, -1).narrow(-1, 0, even_rows(s.geom.w[0]));
+  std::vector<int64_t> rest_dims, rest_sizes;
+  for (int d = 1; d < nd; ++d) {
+    rest_dims.push_back(d + 1);
+    rest_sizes.push_back(s.geom.m[d]);
+  }
+  auto even_t = at::fft_irfftn(q, rest_sizes, rest_dims);  // (B, na, m_1, .., m_{nd-1}, R0)
+  return even_t.movedim(-1, 2).contiguous().view({B, na, -1});
+}
+
+// Samples per pass of the forward operator: see cache_chunk. Per sample: the transformed fields
+// and their spectra, the power spectra and even transforms of the autos, the products and inverse
+// transforms of the crosses, and the output window.
+int64_t batch_chunk(const at::Tensor& x, const Setup& s, const TwoPointPlan& plan, int64_t n_pairs) {
   int64_t grid = 1, win = 1;
   for (int d = 0; d < s.geom.ndim; ++d) {
     grid *= s.geom.m[d];
     win *= s.geom.w[d];
   }
-  return cache_chunk(x, 5 * x.size(1) * grid + n_pairs * win);
+  const int64_t nf = static_cast<int64_t>(plan.fwd_states.size()), na = plan.n_auto;
+  const int64_t nc = static_cast<int64_t>(plan.base_a.size()) - na;
+  return cache_chunk(x, (2 * nf + 3 * na + 3 * nc) * grid + n_pairs * win);
+}
+
+// Whether this call may use the partition-of-unity relations (see make_plan), checking x when
+// asked to (partition 2) over the whole batch, so that one plan serves every chunk.
+bool partition_holds(const at::Tensor& x, bool periodic, bool has_mask, int64_t partition,
+                     const TwoPointBackend& be) {
+  const int64_t n_state = x.size(1);
+  if (!periodic || has_mask || n_state < 2 || partition == 0) return false;
+  if (partition == 1) return true;
+  const double tol = 64.0 * (x.scalar_type() == at::kFloat ? 1.1920929e-07 : 2.220446049250313e-16) * n_state;
+  return be.partition_check(x, tol);
 }
 
 // The forward pass on one chunk of samples, written into out (that chunk of the output).
-void forward_chunk(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,
-                   const Setup& s, const at::Tensor& mask_view, const at::Tensor& zmask, const at::Tensor& zlevel,
-                   int64_t partition, const TwoPointBackend& be, at::Tensor& out) {
+void forward_chunk(const at::Tensor& x, const TwoPointPlan& plan, const PlanTensors& tables, bool trusted_partition,
+                   int64_t n_pairs, bool periodic, const Setup& s, const at::Tensor& mask_view,
+                   const at::Tensor& zmask, const at::Tensor& zlevel, const TwoPointBackend& be, at::Tensor& out) {
   const char* op = "two_point_stats";
   const int64_t n_state = x.size(1);
   const bool has_mask = mask_view.defined();
-  bool use_partition = false;
-  if (periodic && !has_mask && n_state >= 2 && partition != 0) {
-    const double tol = 64.0 * (x.scalar_type() == at::kFloat ? 1.1920929e-07 : 2.220446049250313e-16) * n_state;
-    use_partition = partition == 1 ? true : be.partition_check(x, tol);
-  }
-  TwoPointPlan plan = make_plan(pair_list(pair_i, pair_j), n_state, use_partition);
-
   at::Tensor xs = select_states(x, plan.fwd_states);
   if (has_mask) xs = xs * mask_view;
   auto x_hat = at::fft_rfftn(xs, s.grid, s.dims).contiguous();
   check_spectrum_finite(x_hat, op, "x");
-  if (use_partition && partition == 1 && static_cast<int64_t>(plan.fwd_states.size()) != n_state) {
+  if (trusted_partition && static_cast<int64_t>(plan.fwd_states.size()) != n_state) {
     // Trusted partition: the eliminated state is never transformed, so check its values here.
     std::vector<int64_t> rest;
     for (int64_t k = 0; k < n_state; ++k)
@@ -268,15 +310,9 @@ void forward_chunk(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef 
 
   auto dev = x.device();
   const size_t na = static_cast<size_t>(plan.n_auto);
-  at::Tensor half, base;
+  at::Tensor even, base;
   if (na > 0) {
-    // Auto-correlations: C_aa = DFT(|X_a|^2) / M, a real-to-complex transform of the power spectrum
-    // (cheaper than the inverse complex-to-real transform, see spectral.h).
-    double m_total = 1.0;
-    for (auto m : s.grid) m_total *= static_cast<double>(m);
-    std::vector<int32_t> idx(plan.base_a.begin(), plan.base_a.begin() + na);
-    auto power = be.auto_power(x_hat, ints_to(idx, dev), s.geom, 1.0 / m_total);
-    half = at::fft_rfftn(power, c10::nullopt, s.dims).contiguous();
+    even = even_transform(x_hat, std::vector<int32_t>(plan.base_a.begin(), plan.base_a.begin() + na), s, be);
   }
   if (plan.base_a.size() > na) {
     std::vector<int32_t> a(plan.base_a.begin() + na, plan.base_a.end());
@@ -286,14 +322,14 @@ void forward_chunk(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef 
   }
 
   GatherArgs g;
-  g.half = half;
+  g.even = even;
   g.base = base;
   g.n_auto = plan.n_auto;
   g.dc = at::real(x_hat.flatten(2).select(2, 0)).contiguous();
   g.zmask = zmask;
   g.zlevel = zlevel;
-  g.plan = {table_to(plan.pairs, dev), table_to(plan.terms, dev), table_to(plan.vfs, dev)};
-  g.n_pairs = static_cast<int64_t>(pair_i.size());
+  g.plan = tables;
+  g.n_pairs = n_pairs;
   g.geom = s.geom;
   g.periodic = periodic;
   be.gather(g, out);
@@ -306,7 +342,9 @@ at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at:
                              const c10::optional<at::Tensor>& mask_in, int64_t partition,
                              const TwoPointBackend& be) {
   const char* op = "two_point_stats";
-  auto x = x_in.contiguous();
+  // A strided x (PyMKS's channels-last data seen channels first) is read in place when its spatial
+  // dims flatten to one stride: the transforms take views, and only the states they need are read.
+  auto x = spatial_flattens(x_in) ? x_in : x_in.contiguous();
   const int64_t B = x.size(0), n_state = x.size(1);
   TORCH_CHECK_VALUE(B > 0, op, ": x is an empty batch");
   check_pairs(pair_i, pair_j, n_state, op);
@@ -326,16 +364,20 @@ at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at:
   std::vector<int64_t> sizes{B, n_pairs};
   for (int d = 0; d < s.geom.ndim; ++d) sizes.push_back(s.geom.w[d]);
   auto out = at::empty(sizes, x.options());
-  const int64_t chunk = batch_chunk(x, s, n_pairs);
+  const bool use_partition = partition_holds(x, periodic, mask.defined(), partition, be);
+  const TwoPointPlan plan = make_plan(pair_list(pair_i, pair_j), n_state, use_partition);
+  const PlanTensors tables{table_to(plan.pairs, x.device()), table_to(plan.terms, x.device()),
+                           table_to(plan.vfs, x.device())};
+  const int64_t chunk = batch_chunk(x, s, plan, n_pairs);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
     // A per-sample mask follows the chunk; a shared one (first dim 1) serves every chunk.
     const bool per_sample = mask.defined() && mask.size(0) != 1;
     auto out_c = out.narrow(0, b0, n);
-    forward_chunk(x.narrow(0, b0, n), pair_i, pair_j, periodic, s,
+    forward_chunk(x.narrow(0, b0, n), plan, tables, use_partition && partition == 1, n_pairs, periodic, s,
                   per_sample ? mask_view.narrow(0, b0, n) : mask_view,
                   per_sample ? zmask.narrow(0, b0, n) : zmask, per_sample ? zlevel.narrow(0, b0, n) : zlevel,
-                  partition, be, out_c);
+                  be, out_c);
   }
   return out;
 }

@@ -4,6 +4,8 @@ If the module is missing (not built yet, or built for another torch), the packag
 imports: every op falls back to the pure-torch reference in :mod:`pymks_vae.reference`, and
 one warning says so.
 """
+import contextlib
+import threading
 import warnings
 
 import torch
@@ -40,6 +42,32 @@ def warn_fallback():
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+@contextlib.contextmanager
+def one_thread_per_task():
+    """Run torch's CPU work of the calling thread on that thread alone, when it is a worker thread.
+
+    Dask's threaded scheduler (and a dask.distributed worker) already runs one task per core;
+    if each task also fanned out over torch's intra-op threads (OpenMP loops, MKL FFTs), the
+    cores would be oversubscribed and every task slower. Inside this context the calling
+    thread's OpenMP and MKL limits are 1, and they are put back on exit. Only this thread is
+    affected - ``torch.get_num_threads()`` elsewhere is unchanged - and on the main thread (dask's
+    synchronous scheduler, plain numpy calls) nothing changes, so a lone task keeps every core.
+
+    Example:
+        >>> from pymks_vae._extension import one_thread_per_task
+        >>> with one_thread_per_task():
+        ...     pass
+    """
+    if _C is None or threading.current_thread() is threading.main_thread():
+        yield
+        return
+    prev_omp, prev_mkl = _C._set_thread_limits(1, 1)
+    try:
+        yield
+    finally:
+        _C._set_thread_limits(prev_omp, prev_mkl)
 
 
 def build_info():

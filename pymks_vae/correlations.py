@@ -15,7 +15,7 @@ import numbers
 import numpy as np
 import torch
 
-from pymks_vae import ops
+from pymks_vae import _extension, ops
 
 __all__ = [
     "correlations_multiple",
@@ -105,15 +105,33 @@ def _check_layout(data):
         raise TypeError(f"data must be numeric, got dtype {data.dtype}")
 
 
-def _stats_numpy(block, pairs, periodic, cutoff):
-    """The operator on one in-memory block, float64, channels-last in and out."""
+def _as_tensor_view(block):
+    """A float64 tensor sharing ``block``'s memory where torch can (copying only what it cannot)."""
     block = np.asarray(block, dtype=np.float64)
+    if not block.flags.writeable or any(st < 0 or st % block.itemsize for st in block.strides):
+        block = np.array(block, dtype=np.float64)  # read-only or oddly strided: torch needs its own copy
+    return torch.from_numpy(block)
+
+
+def _stats_numpy(block, pairs, periodic, cutoff):
+    """The operator on one in-memory block, float64, channels-last in and out.
+
+    The operator reads PyMKS's channels-last data in place (seen channels first), so the block
+    is not copied; the result is a channels-last view of the operator's output.
+    """
+    x = to_channels_first(_as_tensor_view(block))
     out = []
-    for start in range(0, len(block), _BATCH):
-        x = torch.from_numpy(np.ascontiguousarray(to_channels_first(block[start : start + _BATCH])))
-        f = ops.two_point_stats(x, pairs, periodic=periodic, cutoff=cutoff)
+    for start in range(0, x.shape[0], _BATCH):
+        f = ops.two_point_stats(x[start : start + _BATCH], pairs, periodic=periodic, cutoff=cutoff)
         out.append(to_channels_last(f).numpy())
     return np.concatenate(out, axis=0) if len(out) > 1 else out[0]
+
+
+def _stats_block(block, pairs, periodic, cutoff):
+    """One dask block: the statistics, C-contiguous (transposed here, in parallel, rather than by
+    dask's single-threaded concatenation), with one thread per dask worker thread."""
+    with _extension.one_thread_per_task():
+        return np.ascontiguousarray(_stats_numpy(block, pairs, periodic, cutoff))
 
 
 def correlations_multiple(data, correlations=None, periodic_boundary=True, cutoff=None):
@@ -151,21 +169,28 @@ def correlations_multiple(data, correlations=None, periodic_boundary=True, cutof
     window = (2 * c + 1,) * len(spatial)
 
     if isinstance(data, np.ndarray):
-        return _stats_numpy(data, pairs, periodic, c)
+        return np.ascontiguousarray(_stats_numpy(data, pairs, periodic, c))
 
     import dask.array as da
+    from dask.base import tokenize
 
     if not isinstance(data, da.Array):
         raise TypeError(f"data must be a numpy or dask array, got {type(data).__name__}")
     # Spatial and state axes must be whole in each block (the FFT needs the full field).
-    data = data.rechunk((data.chunks[0],) + tuple(-1 for _ in data.shape[1:]))
+    if any(len(c) > 1 for c in data.chunks[1:]):
+        data = data.rechunk((data.chunks[0],) + tuple(-1 for _ in data.shape[1:]))
+    pairs = tuple(pairs)
+    # The output is named from the input's name and the parameters: the same key for the same
+    # statistics of the same data, without dask hashing the function on every call.
+    name = "two_point_stats-" + tokenize(data.name, pairs, periodic, c)
     return da.map_blocks(
-        _stats_numpy,
+        _stats_block,
         data,
-        pairs,
-        periodic,
-        c,
+        name=name,
         dtype=np.float64,
         chunks=(data.chunks[0],) + tuple((w,) for w in window) + ((len(pairs),),),
         meta=np.empty((0,) * data.ndim, dtype=np.float64),
+        pairs=pairs,
+        periodic=periodic,
+        cutoff=c,
     )

@@ -30,6 +30,7 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
+from pymks_vae import _extension
 from pymks_vae import correlations as _corr
 
 __all__ = ["TwoPointCorrelation", "VAETransformer"]
@@ -302,7 +303,7 @@ def _encode_block(block, snapshot_or_model, grey, batch_size=256):
     if not np.isfinite(block).all():
         raise ValueError("X contains NaN or infinity; VAETransformer needs finite values")
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), _extension.one_thread_per_task():
         for start in range(0, len(block), batch_size):
             mu, _ = model.encode(_to_tensor(block[start:start + batch_size], grey))
             out.append(mu.double().numpy())
@@ -315,7 +316,7 @@ def _decode_block(block, snapshot_or_model, grey, batch_size=256):
     if not np.isfinite(block).all():
         raise ValueError("Z contains NaN or infinity")
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), _extension.one_thread_per_task():
         for start in range(0, len(block), batch_size):
             z = torch.from_numpy(np.ascontiguousarray(block[start:start + batch_size], dtype=np.float32))
             out.append(_from_tensor(model.decode(z), grey))

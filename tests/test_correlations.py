@@ -67,6 +67,22 @@ def test_dask_is_lazy_chunked_and_equal(rng):
     np.testing.assert_allclose(got, theirs, rtol=1e-9, atol=1e-12)
 
 
+def test_dask_output_is_named_by_input_and_parameters(rng):
+    data = pymks_hat(rng.random((8, 12, 12)), 2)
+    x = da.from_array(data, chunks=(4, 12, 12, 2))
+    a = correlations_multiple(x, [(1, 1), (0, 1)], cutoff=3)
+    assert a.name == correlations_multiple(x, [(1, 1), (0, 1)], cutoff=3).name  # same work, same keys
+    others = [correlations_multiple(x, [(1, 1)], cutoff=3), correlations_multiple(x, [(1, 1), (0, 1)], cutoff=2),
+              correlations_multiple(x, [(1, 1), (0, 1)], cutoff=3, periodic_boundary=False),
+              correlations_multiple(x + 0.0, [(1, 1), (0, 1)], cutoff=3)]
+    assert len({a.name} | {o.name for o in others}) == 5
+    # blocks come back C-contiguous, computed with dask's threaded scheduler (worker threads)
+    blocks = [b.compute(scheduler="threads") for b in a.blocks]
+    assert all(b.flags.c_contiguous for b in blocks)
+    np.testing.assert_allclose(np.concatenate(blocks), correlations_multiple(data, [(1, 1), (0, 1)], cutoff=3),
+                               rtol=1e-12)
+
+
 def test_large_numpy_input_is_batched(rng):
     data = pymks_hat(rng.random((150, 7, 7)), 2)
     out = correlations_multiple(data, [(0, 0)])

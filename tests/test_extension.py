@@ -4,9 +4,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import pymks_vae
+from pymks_vae import _extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,3 +56,35 @@ def test_import_without_compiled_module_falls_back_with_one_warning():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "FALLBACK-OK" in res.stdout
+
+
+def test_one_thread_per_task_limits_only_the_calling_worker_thread():
+    import threading
+
+    if not _extension.has_extension():
+        pytest.fail("the compiled extension is expected in the test environment")
+    main_before = torch.get_num_threads()
+    seen = {}
+    inside = threading.Event()
+    release = threading.Event()
+
+    def worker():
+        seen["before"] = torch.get_num_threads()
+        with _extension.one_thread_per_task():
+            seen["inside"] = torch.get_num_threads()
+            inside.set()
+            release.wait(10)
+        seen["after"] = torch.get_num_threads()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert inside.wait(10)
+    seen["main_meanwhile"] = torch.get_num_threads()
+    release.set()
+    t.join(10)
+    assert seen["inside"] == 1
+    assert seen["after"] == seen["before"]
+    assert seen["main_meanwhile"] == main_before
+    # On the main thread (numpy calls, dask's synchronous scheduler) nothing changes.
+    with _extension.one_thread_per_task():
+        assert torch.get_num_threads() == main_before

@@ -132,6 +132,38 @@ def test_partition_check_rejects_non_partitions():
     assert_close(ops.two_point_stats(y, pairs), np_two_point(y.numpy(), pairs, True, None))
 
 
+def _views(x):
+    """Strided views of the same data: channels last seen channels first (PyMKS's layout, read in
+    place), and a view whose spatial dims do not flatten (every other pixel of a wider field)."""
+    last = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    wide = torch.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
+    wide[..., ::2] = x
+    return {"channels_last": last, "every_other": wide[..., ::2]}
+
+
+@pytest.mark.parametrize("spatial", [(9,), (8,), (6, 9), (8, 8), (4, 5, 6)])
+@pytest.mark.parametrize("n_state", [2, 3])
+@pytest.mark.parametrize("kind", ["one_hot", "random"])
+def test_strided_input_matches_reference(spatial, n_state, kind):
+    x = one_hot(2, n_state, spatial) if kind == "one_hot" else torch.rand((2, n_state) + spatial, dtype=torch.float64)
+    pairs = all_pairs(n_state)
+    for name, view in _views(x).items():
+        assert not view.is_contiguous(), name
+        for periodic, cutoff in [(True, None), (True, 1), (False, 1)]:
+            ref = np_two_point(x.numpy(), pairs, periodic, cutoff)
+            assert_close(ops.two_point_stats(view, pairs, periodic=periodic, cutoff=cutoff), ref)
+
+
+def test_strided_partition_check_rejects_non_partitions():
+    """The partition check reads channels-last data in place: one pixel off must still be seen."""
+    x = one_hot(2, 2, (12, 12))
+    x[1, 0, 5, 7] += 1e-6
+    pairs = [(1, 1), (0, 1)]
+    ref = np_two_point(x.numpy(), pairs, True, None)
+    for view in _views(x).values():
+        assert_close(ops.two_point_stats(view, pairs), ref)
+
+
 @pytest.mark.parametrize("spatial", [(7,), (8,), (6, 9), (4, 5, 6)])
 @pytest.mark.parametrize("periodic", [True, False])
 def test_gradient_matches_reference(spatial, periodic):

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 
@@ -17,7 +18,10 @@ using cpu::parallel_rows;
 
 template <typename T>
 bool partition_check_t(const at::Tensor& x, double tol) {
+  // x is (B, n, *spatial) with spatial dims flattening to one stride (two_point_forward sees to it):
+  // contiguous channels first, or PyMKS's channels last read in place.
   const int64_t B = x.size(0), n = x.size(1), S = x.numel() / (B * n);
+  const int64_t sb = x.stride(0), ss = x.stride(1), si = x.stride(x.dim() - 1);
   const T* p = x.data_ptr<T>();
   constexpr int64_t kChunk = 2048;
   const int64_t chunks = (S + kChunk - 1) / kChunk;
@@ -28,12 +32,25 @@ bool partition_check_t(const at::Tensor& x, double tol) {
     for (int64_t task = begin; task < end && ok.load(std::memory_order_relaxed); ++task) {
       const int64_t b = task / chunks, lo = (task % chunks) * kChunk;
       const int64_t len = std::min(kChunk, S - lo);
-      const T* src = p + b * n * S + lo;
-      for (int64_t i = 0; i < len; ++i) buf[i] = src[i];
-      for (int64_t s = 1; s < n; ++s)
-        for (int64_t i = 0; i < len; ++i) buf[i] += src[s * S + i];
-      int bad = 0;  // !(dev <= t) also flags NaN
-      for (int64_t i = 0; i < len; ++i) bad |= !(std::abs(buf[i] - T(1)) <= t);
+      const T* src = p + b * sb + lo * si;
+      int64_t n_ok = 0;  // counting (dev <= t) vectorises, and NaN never counts
+      if (ss == 1 && si == n && n == 2) {  // channels-last two-phase data, the common PyMKS case
+        for (int64_t i = 0; i < len; ++i) n_ok += std::abs(src[2 * i] + src[2 * i + 1] - T(1)) <= t;
+      } else {
+        if (si == 1) {
+          for (int64_t i = 0; i < len; ++i) buf[i] = src[i];
+          for (int64_t k = 1; k < n; ++k)
+            for (int64_t i = 0; i < len; ++i) buf[i] += src[k * ss + i];
+        } else {
+          for (int64_t i = 0; i < len; ++i) {
+            T v = T(0);
+            for (int64_t k = 0; k < n; ++k) v += src[k * ss + i * si];
+            buf[i] = v;
+          }
+        }
+        for (int64_t i = 0; i < len; ++i) n_ok += std::abs(buf[i] - T(1)) <= t;
+      }
+      const bool bad = n_ok != len;
       if (bad) ok.store(false, std::memory_order_relaxed);
     }
   });
@@ -70,66 +87,47 @@ at::Tensor pair_products(const at::Tensor& xh, const at::Tensor& a, const at::Te
   return out;
 }
 
-// Reading a complex row backwards with stride 2 does not vectorise; reading it forwards into a
-// small buffer and walking the buffer backwards does. fn(j, k) gets the buffer index k for output
-// j in [i0, i1), where the output j reads src_hi - (j - i0) (src_hi the highest element used).
-constexpr int64_t kBlock = 256;
-
-template <typename T, typename Load, typename Use>
-inline void reversed_blocks(const cpx<T>* src_hi, int64_t i0, int64_t i1, Load&& load, Use&& use) {
-  T buf[kBlock];
-  for (int64_t j0 = i0; j0 < i1; j0 += kBlock) {
-    const int64_t n = std::min(kBlock, i1 - j0);
-    const cpx<T>* lo = src_hi - (j0 - i0) - (n - 1);  // lowest element of this block
-    for (int64_t k = 0; k < n; ++k) buf[k] = load(lo[k]);
-    for (int64_t k = 0; k < n; ++k) use(j0 + k, buf[n - 1 - k]);
-  }
-}
-
 template <typename T>
-void auto_power_t(const at::Tensor& xh, const int32_t* idx, const Geometry& g, T scale, at::Tensor& out) {
-  const int nd = g.ndim;
-  const int64_t B = xh.size(0), nf = xh.size(1), na = out.size(1);
-  const int64_t M = g.m[nd - 1], K = M / 2 + 1, H = xh.numel() / (B * nf);
-  int64_t rows = B * na, grid = 1;
-  for (int d = 0; d < nd; ++d) {
-    grid *= g.m[d];
-    if (d < nd - 1) rows *= g.m[d];
-  }
+void power_half_t(const at::Tensor& xh, const int32_t* idx, T scale, at::Tensor& out) {
+  // out[b, u, rest, h0] = scale |X[b, idx[u], h0, rest]|^2: X read in order, out written with
+  // stride h_0 (moving the first axis last), one (sample, state) slab per task.
+  const int64_t B = xh.size(0), nf = xh.size(1), na = out.size(1), H = xh.numel() / (B * nf);
+  const int64_t h0 = xh.dim() > 3 ? xh.size(2) : 1, rest = H / h0;
   const auto* X = reinterpret_cast<const cpx<T>*>(xh.data_ptr());
-  T* o_all = out.data_ptr<T>();
-  parallel_rows(rows, M, [&](int64_t row, int64_t i0, int64_t i1) {
-    int64_t pos[kMaxDims] = {0, 0, 0};
-    const int64_t rem = unravel(row, g.m, nd - 1, pos);
-    const int64_t u = rem % na, b = rem / na;
-    int64_t fwd = 0, rev = 0;  // this row and its mirror (-pos) in the half spectrum
-    for (int d = 0; d < nd - 1; ++d) {
-      fwd = fwd * g.m[d] + pos[d];
-      rev = rev * g.m[d] + lag_to_grid(-pos[d], g.m[d]);
+  T* P = out.data_ptr<T>();
+  at::parallel_for(0, B * na, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const cpx<T>* xs = X + ((row / na) * nf + idx[row % na]) * H;
+      T* o = P + row * H;
+      // In tiles of kTile rows of X, so that each written line of out is filled whole.
+      constexpr int64_t kTile = 16;
+      for (int64_t t0 = 0; t0 < h0; t0 += kTile) {
+        const int64_t t1 = std::min(h0, t0 + kTile);
+        for (int64_t r = 0; r < rest; ++r)
+          for (int64_t k0 = t0; k0 < t1; ++k0) o[r * h0 + k0] = scale * cnorm2(xs[k0 * rest + r]);
+      }
     }
-    const cpx<T>* xs = X + (b * nf + idx[u]) * H;
-    const cpx<T>* xf = xs + fwd * K;
-    const cpx<T>* xr = xs + rev * K;
-    T* o = o_all + row * M;
-    const int64_t split = std::min(std::max(K, i0), i1);
-    for (int64_t i = i0; i < split; ++i) o[i] = scale * cnorm2(xf[i]);
-    // |X(-k)| = |X(k)|: the second half of the row reads the mirrored row backwards.
-    if (split < i1)
-      reversed_blocks<T>(xr + (M - split), split, i1, [](cpx<T> v) { return cnorm2(v); },
-                         [&](int64_t j, T v) { o[j] = scale * v; });
   });
 }
 
-at::Tensor auto_power(const at::Tensor& xh, const at::Tensor& idx, const Geometry& g, double scale) {
-  std::vector<int64_t> sizes{xh.size(0), idx.numel()};
-  for (int d = 0; d < g.ndim; ++d) sizes.push_back(g.m[d]);
+at::Tensor power_half(const at::Tensor& xh, const at::Tensor& idx, double scale) {
+  auto sizes = xh.sizes().vec();
+  sizes[1] = idx.numel();
+  if (sizes.size() > 3) std::rotate(sizes.begin() + 2, sizes.begin() + 3, sizes.end());  // first axis last
   const auto real = at::toRealValueType(xh.scalar_type());
   auto out = at::empty(sizes, xh.options().dtype(real));
-  AT_DISPATCH_FLOATING_TYPES(real, "auto_power", [&] {
-    auto_power_t<scalar_t>(xh, idx.data_ptr<int32_t>(), g, static_cast<scalar_t>(scale), out);
+  AT_DISPATCH_FLOATING_TYPES(real, "power_half", [&] {
+    power_half_t<scalar_t>(xh, idx.data_ptr<int32_t>(), static_cast<scalar_t>(scale), out);
   });
   return out;
 }
+
+// Where one output row (fixed lags on all but the last axis) reads its bases: the grid row of the
+// lags (fwd) and of their mirror (rev), and the row of the pruned even layout.
+struct RowPos {
+  int64_t fwd = 0, rev = 0, even = 0;
+  bool even_reversed = false;
+};
 
 // The row loops below either start the output (kInit: o = b + c * src) or add to it
 // (o += c * src), so a correlation made of one term costs one pass over its row.
@@ -149,40 +147,24 @@ inline void axpy_rev(T* o, const T* src, int64_t off, T b, T c, int64_t i0, int6
   for (int64_t i = i0; i < i1; ++i) put<kInit>(o, i, b, c * src[off - i]);
 }
 
-// o[i] (+)= c * C(i - hw) for an even C kept on a half-grid row (fwd) and its mirror row (rev):
-// runs of increasing grid position read fwd directly, runs past m/2 read rev backwards.
-template <bool kInit, typename T>
-inline void axpy_half(T* o, const cpx<T>* fwd, const cpx<T>* rev, T b, T c, int64_t hw, int64_t M, int64_t i0,
-                      int64_t i1) {
-  int64_t i = i0;
-  while (i < i1) {
-    const int64_t g = lag_to_grid(i - hw, M);
-    const int64_t wrap_at = i < hw ? hw : i1;  // the grid position wraps to 0 at i == hw
-    if (!half_mirrored(g, M)) {
-      const int64_t end = std::min({i1, wrap_at, i + (M / 2 - g) + 1});
-      for (int64_t j = i; j < end; ++j) put<kInit>(o, j, b, c * fwd[g + (j - i)].re);
-      i = end;
-    } else {
-      const int64_t end = std::min(i1, wrap_at);
-      reversed_blocks<T>(rev + (M - g), i, end, [](cpx<T> v) { return v.re; },
-                         [&](int64_t j, T v) { put<kInit>(o, j, b, c * v); });
-      i = end;
-    }
-  }
-}
-
 // One term of a correlation over [i0, i1) of an output row (see assemble_pair in spectral.h).
+// Auto bases are read from their row of the pruned even layout (backwards where it holds -r),
+// cross bases from their grid row (or the mirror row for a reversed term); either way the last
+// axis is read forwards or backwards along one stored row.
 template <bool kInit, typename T>
-inline void add_term(T* o, const Term& t, T b, T c, const cpx<T>* half_b, const T* full_b, int32_t n_auto,
-                     int64_t rowpos, int64_t rowpos_rev, int64_t K, int64_t grid, int64_t half_numel, int64_t hw,
-                     int64_t M, int64_t i0, int64_t i1) {
+inline void add_term(T* o, const Term& t, T b, T c, const T* even_b, const T* full_b, int32_t n_auto,
+                     const RowPos& rp, int64_t even_numel, int64_t grid, int64_t hw, int64_t M, int64_t i0,
+                     int64_t i1) {
+  const T* src;
+  bool reversed;
   if (t.base < n_auto) {
-    const cpx<T>* hb = half_b + t.base * half_numel;
-    axpy_half<kInit>(o, hb + rowpos * K, hb + rowpos_rev * K, b, c, hw, M, i0, i1);
-    return;
+    src = even_b + t.base * even_numel + rp.even * M;
+    reversed = rp.even_reversed;
+  } else {
+    src = full_b + (t.base - n_auto) * grid + (t.reversed ? rp.rev : rp.fwd) * M;
+    reversed = t.reversed != 0;
   }
-  const T* src = full_b + (t.base - n_auto) * grid + (t.reversed ? rowpos_rev : rowpos) * M;
-  if (!t.reversed) {  // grid index lag_to_grid(i - hw, M): lags < 0 wrap to the end of the row
+  if (!reversed) {  // grid index lag_to_grid(i - hw, M): lags < 0 wrap to the end of the row
     const int64_t split = std::min(std::max(hw, i0), i1);
     axpy_fwd<kInit>(o, src, M - hw, b, c, i0, split);
     axpy_fwd<kInit>(o, src, -hw, b, c, split, i1);
@@ -206,8 +188,8 @@ void gather_t(const GatherArgs& a, at::Tensor& out) {
     s_total *= g.n[d];
     if (d < nd - 1) rows *= g.w[d];
   }
-  const int64_t W = g.w[nd - 1], M = g.m[nd - 1], hw = W / 2, K = M / 2 + 1, half_numel = grid / M * K;
-  const auto* half = a.half.defined() ? reinterpret_cast<const cpx<T>*>(a.half.data_ptr()) : nullptr;
+  const int64_t W = g.w[nd - 1], M = g.m[nd - 1], hw = W / 2, en = even_numel(g);
+  const T* even = a.even.defined() ? a.even.data_ptr<T>() : nullptr;
   const T* base = a.base.defined() ? a.base.data_ptr<T>() : nullptr;
   const T* dc = a.dc.data_ptr<T>();
   const auto* pairs = reinterpret_cast<const PairPlan*>(a.plan.pairs.data_ptr());
@@ -226,19 +208,22 @@ void gather_t(const GatherArgs& a, at::Tensor& out) {
     const int64_t row = (b * nq + q) * wrows + wr;  // the output row
     int64_t midx[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
     unravel(wr, g.w, nd - 1, midx);
-    int64_t rowpos = 0, rowpos_rev = 0;  // grid rows of the lag and of its mirror
+    RowPos rp;
     for (int d = 0; d < nd - 1; ++d) {
       lag[d] = window_lag(midx[d], g.w[d]);
-      rowpos = rowpos * g.m[d] + lag_to_grid(lag[d], g.m[d]);
-      rowpos_rev = rowpos_rev * g.m[d] + lag_to_grid(-lag[d], g.m[d]);
+      rp.fwd = rp.fwd * g.m[d] + lag_to_grid(lag[d], g.m[d]);
+      rp.rev = rp.rev * g.m[d] + lag_to_grid(-lag[d], g.m[d]);
     }
+    // The even layout's row: even_index of the lags with the last one at 0, over the last axis.
+    rp.even_reversed = even_reversed(lag, nd);
+    if (nd > 1) rp.even = even_index(lag, g.m, nd) / M;
     const PairPlan p = pairs[q];
     T* o = o_all + row * W;
     // Periodic statistics have one normaliser, folded into the coefficients; the others are
     // applied per lag afterwards.
     const T scale = (a.periodic && !has_mask) ? inv_s : T(1);
     const T cst = scale * pair_constant(p, vfs, dc + b * nf, static_cast<T>(s_total));
-    const cpx<T>* half_b = half ? half + b * n_auto * half_numel : nullptr;
+    const T* even_b = even ? even + b * n_auto * en : nullptr;
     const T* full_b = base ? base + b * nc * grid : nullptr;
     if (p.term_begin == p.term_end) {
       for (int64_t i = i0; i < i1; ++i) o[i] = cst;
@@ -246,12 +231,12 @@ void gather_t(const GatherArgs& a, at::Tensor& out) {
     for (int32_t k = p.term_begin; k < p.term_end; ++k) {
       const T c = scale * static_cast<T>(terms[k].coef);
       if (k == p.term_begin)
-        add_term<true>(o, terms[k], cst, c, half_b, full_b, n_auto, rowpos, rowpos_rev, K, grid, half_numel, hw, M, i0, i1);
+        add_term<true>(o, terms[k], cst, c, even_b, full_b, n_auto, rp, en, grid, hw, M, i0, i1);
       else
-        add_term<false>(o, terms[k], cst, c, half_b, full_b, n_auto, rowpos, rowpos_rev, K, grid, half_numel, hw, M, i0, i1);
+        add_term<false>(o, terms[k], cst, c, even_b, full_b, n_auto, rp, en, grid, hw, M, i0, i1);
     }
     if (has_mask) {
-      for (int64_t i = i0; i < i1; ++i) o[i] *= mask.inv(b, rowpos * M + lag_to_grid(window_lag(i, W), M));
+      for (int64_t i = i0; i < i1; ++i) o[i] *= mask.inv(b, rp.fwd * M + lag_to_grid(window_lag(i, W), M));
     } else if (!a.periodic) {
       for (int64_t i = i0; i < i1; ++i) {
         lag[nd - 1] = window_lag(i, W);
@@ -351,7 +336,7 @@ at::Tensor combine_grad(const CombineArgs& a) {
   return out;
 }
 
-const TwoPointBackend kCpu{partition_check, pair_products, auto_power, gather, embed_grad, combine_grad};
+const TwoPointBackend kCpu{partition_check, pair_products, power_half, gather, embed_grad, combine_grad};
 
 at::Tensor two_point_stats_cpu(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
                                bool periodic, at::IntArrayRef window,

@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "cuda/cuda_loops.cuh"
 #include "spectral.h"
 #include "two_point.h"
@@ -47,42 +49,39 @@ at::Tensor pair_products(const at::Tensor& xh, const at::Tensor& a, const at::Te
 }
 
 template <typename T>
-__global__ void auto_power_kernel(const cpx<T>* X, const int32_t* idx, Geometry g, int64_t nf, int64_t na,
-                                  int64_t H, int64_t grid, T scale, T* out, int64_t total) {
+__global__ void power_half_kernel(const cpx<T>* X, const int32_t* idx, int64_t nf, int64_t na, int64_t H, int64_t h0,
+                                  T scale, T* out, int64_t total) {
+  // out[b, u, rest, k0] = scale |X[b, idx[u], k0, rest]|^2 (the first axis moved last).
+  const int64_t rest = H / h0;
   PVAE_GRID_STRIDE(e, total) {
-    const int64_t bu = e / grid, u = bu % na, b = bu / na;
-    int64_t pos[kMaxDims] = {0, 0, 0};
-    unravel(e % grid, g.m, g.ndim, pos);
-    // |X(k)|^2 = |X(-k)|^2: half_index maps a full-grid position to where the half spectrum keeps it.
-    out[e] = scale * cnorm2(X[(b * nf + idx[u]) * H + half_index(pos, g.m, g.ndim)]);
+    const int64_t k0 = e % h0, r = (e / h0) % rest, row = e / H, u = row % na, b = row / na;
+    out[e] = scale * cnorm2(X[(b * nf + idx[u]) * H + k0 * rest + r]);
   }
 }
 
-at::Tensor auto_power(const at::Tensor& xh, const at::Tensor& idx, const Geometry& g, double scale) {
-  std::vector<int64_t> sizes{xh.size(0), idx.numel()};
-  int64_t grid = 1;
-  for (int d = 0; d < g.ndim; ++d) {
-    sizes.push_back(g.m[d]);
-    grid *= g.m[d];
-  }
+at::Tensor power_half(const at::Tensor& xh, const at::Tensor& idx, double scale) {
+  auto sizes = xh.sizes().vec();
+  sizes[1] = idx.numel();
+  if (sizes.size() > 3) std::rotate(sizes.begin() + 2, sizes.begin() + 3, sizes.end());  // first axis last
   const auto real = at::toRealValueType(xh.scalar_type());
   auto out = at::empty(sizes, xh.options().dtype(real));
   const int64_t total = out.numel(), H = xh.numel() / (xh.size(0) * xh.size(1));
+  const int64_t h0 = xh.dim() > 3 ? xh.size(2) : 1;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(real, "auto_power", [&] {
-    auto_power_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        reinterpret_cast<const cpx<scalar_t>*>(xh.data_ptr()), idx.data_ptr<int32_t>(), g, xh.size(1), idx.numel(),
-        H, grid, static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(), total);
+  AT_DISPATCH_FLOATING_TYPES(real, "power_half", [&] {
+    power_half_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        reinterpret_cast<const cpx<scalar_t>*>(xh.data_ptr()), idx.data_ptr<int32_t>(), xh.size(1), idx.numel(), H,
+        h0, static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(), total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 template <typename T>
-__global__ void gather_kernel(const cpx<T>* half, int32_t n_auto, const T* base, int64_t nc, const T* dc,
+__global__ void gather_kernel(const T* even, int32_t n_auto, const T* base, int64_t nc, const T* dc,
                               MaskNorm<T> mask, const PairPlan* pairs, const Term* terms,
                               const VfTerm* vfs, Geometry g, bool periodic, int64_t nf, int64_t nq, int64_t grid,
-                              int64_t half_numel, int64_t win, T s_total, T* out, int64_t total) {
+                              int64_t even_numel, int64_t win, T s_total, T* out, int64_t total) {
   PVAE_GRID_STRIDE(idx, total) {
     const int64_t bq = idx / win, q = bq % nq, b = bq / nq;
     int64_t midx[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
@@ -93,8 +92,8 @@ __global__ void gather_kernel(const cpx<T>* half, int32_t n_auto, const T* base,
       pos = pos * g.m[d] + lag_to_grid(lag[d], g.m[d]);
       pos_rev = pos_rev * g.m[d] + lag_to_grid(-lag[d], g.m[d]);
     }
-    const int64_t hpos = half_index(lag, g.m, g.ndim);
-    const T v = assemble_pair(pairs[q], terms, vfs, half + b * n_auto * half_numel, half_numel, hpos, n_auto,
+    const int64_t epos = even_index(lag, g.m, g.ndim);
+    const T v = assemble_pair(pairs[q], terms, vfs, even + b * n_auto * even_numel, even_numel, epos, n_auto,
                               base + b * nc * grid, grid, pos, pos_rev, dc + b * nf, s_total);
     out[idx] = v * (mask.active() ? mask.inv(b, pos) : inv_norm_lag<T>(g, lag, periodic, T(1) / s_total));
   }
@@ -108,17 +107,16 @@ void gather(const GatherArgs& a, at::Tensor& out) {
     win *= g.w[d];
     s_total *= g.n[d];
   }
-  const int64_t half_numel = grid / g.m[g.ndim - 1] * (g.m[g.ndim - 1] / 2 + 1);
   const int64_t total = out.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(a.dc.scalar_type(), "gather", [&] {
     gather_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        a.half.defined() ? reinterpret_cast<const cpx<scalar_t>*>(a.half.data_ptr()) : nullptr, a.n_auto,
+        a.even.defined() ? a.even.data_ptr<scalar_t>() : nullptr, a.n_auto,
         a.base.defined() ? a.base.data_ptr<scalar_t>() : nullptr, a.base.defined() ? a.base.size(1) : 0,
         a.dc.data_ptr<scalar_t>(), mask_norm_view<scalar_t>(a.zmask, a.zlevel),
         reinterpret_cast<const PairPlan*>(a.plan.pairs.data_ptr()), reinterpret_cast<const Term*>(a.plan.terms.data_ptr()),
         reinterpret_cast<const VfTerm*>(a.plan.vfs.data_ptr()), g, a.periodic, a.dc.size(1), a.n_pairs, grid,
-        half_numel, win, static_cast<scalar_t>(s_total), out.data_ptr<scalar_t>(), total);
+        even_numel(g), win, static_cast<scalar_t>(s_total), out.data_ptr<scalar_t>(), total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -198,7 +196,7 @@ at::Tensor combine_grad(const CombineArgs& a) {
   return out;
 }
 
-const TwoPointBackend kCuda{partition_check, pair_products, auto_power, gather, embed_grad, combine_grad};
+const TwoPointBackend kCuda{partition_check, pair_products, power_half, gather, embed_grad, combine_grad};
 
 at::Tensor two_point_stats_cuda(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
                                 bool periodic, at::IntArrayRef window, const c10::optional<at::Tensor>& mask,
