@@ -114,24 +114,24 @@ def _as_tensor_view(block):
 
 
 def _stats_numpy(block, pairs, periodic, cutoff):
-    """The operator on one in-memory block, float64, channels-last in and out.
+    """The operator on one in-memory block, float64, channels-last in and out (C-contiguous).
 
-    The operator reads PyMKS's channels-last data in place (seen channels first), so the block
-    is not copied; the result is a channels-last view of the operator's output.
+    The operator reads PyMKS's channels-last data in place (seen channels first), so the block is
+    not copied; its output is moved to channels last by torch, which leaves the GIL to the other
+    dask threads meanwhile. The arguments were validated by :func:`correlations_multiple`.
     """
     x = to_channels_first(_as_tensor_view(block))
     out = []
     for start in range(0, x.shape[0], _BATCH):
-        f = ops.two_point_stats(x[start : start + _BATCH], pairs, periodic=periodic, cutoff=cutoff)
-        out.append(to_channels_last(f).numpy())
+        f = ops.two_point_stats_validated(x[start : start + _BATCH], pairs, periodic, cutoff)
+        out.append(to_channels_last(f).contiguous().numpy())
     return np.concatenate(out, axis=0) if len(out) > 1 else out[0]
 
 
 def _stats_block(block, pairs, periodic, cutoff):
-    """One dask block: the statistics, C-contiguous (transposed here, in parallel, rather than by
-    dask's single-threaded concatenation), with one thread per dask worker thread."""
+    """One dask block, with one thread per dask worker thread (see one_thread_per_task)."""
     with _extension.one_thread_per_task():
-        return np.ascontiguousarray(_stats_numpy(block, pairs, periodic, cutoff))
+        return _stats_numpy(block, pairs, periodic, cutoff)
 
 
 def correlations_multiple(data, correlations=None, periodic_boundary=True, cutoff=None):
@@ -169,7 +169,7 @@ def correlations_multiple(data, correlations=None, periodic_boundary=True, cutof
     window = (2 * c + 1,) * len(spatial)
 
     if isinstance(data, np.ndarray):
-        return np.ascontiguousarray(_stats_numpy(data, pairs, periodic, c))
+        return _stats_numpy(data, pairs, periodic, c)
 
     import dask.array as da
     from dask.base import tokenize

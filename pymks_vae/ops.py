@@ -181,6 +181,28 @@ def two_point_stats(x, correlations, *, periodic=True, cutoff=None, mask=None, p
     )
 
 
+def two_point_stats_validated(x, pairs, periodic, cutoff):
+    """:func:`two_point_stats` without the argument checks, for callers that made them once for
+    many calls (the dask blocks of :mod:`pymks_vae.correlations`).
+
+    Args:
+        x: float tensor ``(batch, n_state, *spatial)``, batch >= 1.
+        pairs: list of ``(i, j)`` int pairs, each state < n_state.
+        periodic: bool.
+        cutoff: int with ``2*cutoff+1 <= min(spatial)``.
+
+    Returns:
+        like :func:`two_point_stats` (NaN/Inf in ``x`` still raise, from the kernel).
+    """
+    if not _use_compiled(x):
+        _check_finite_eager("two_point_stats", x=x)
+        return reference.two_point_stats_ref(x, pairs, periodic=periodic, cutoff=cutoff)
+    window = [2 * int(cutoff) + 1] * (x.ndim - 2)
+    return torch.ops.pymks_vae.two_point_stats(
+        x, [p[0] for p in pairs], [p[1] for p in pairs], periodic, window, None, _PARTITION_MODE[None]
+    )
+
+
 def _check_finite_eager(op, **tensors):
     """Data checks for the reference path (the kernels do these themselves)."""
     for name, t in tensors.items():

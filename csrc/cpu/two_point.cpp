@@ -99,12 +99,22 @@ void power_half_t(const at::Tensor& xh, const int32_t* idx, T scale, at::Tensor&
     for (int64_t row = begin; row < end; ++row) {
       const cpx<T>* xs = X + ((row / na) * nf + idx[row % na]) * H;
       T* o = P + row * H;
-      // In tiles of kTile rows of X, so that each written line of out is filled whole.
-      constexpr int64_t kTile = 16;
-      for (int64_t t0 = 0; t0 < h0; t0 += kTile) {
-        const int64_t t1 = std::min(h0, t0 + kTile);
-        for (int64_t r = 0; r < rest; ++r)
-          for (int64_t k0 = t0; k0 < t1; ++k0) o[r * h0 + k0] = scale * cnorm2(xs[k0 * rest + r]);
+      // In tiles of kTile rows of X: their norms first (contiguous, vectorised) into a buffer
+      // that stays in L1, then that buffer transposed, so that each written line of out is whole.
+      constexpr int64_t kTile = 16, kCols = 256;
+      T buf[kTile * kCols];
+      for (int64_t c0 = 0; c0 < rest; c0 += kCols) {
+        const int64_t nc = std::min(kCols, rest - c0);
+        for (int64_t t0 = 0; t0 < h0; t0 += kTile) {
+          const int64_t nt = std::min(kTile, h0 - t0);
+          for (int64_t k = 0; k < nt; ++k) {
+            const cpx<T>* src = xs + (t0 + k) * rest + c0;
+            T* b = buf + k * kCols;
+            for (int64_t r = 0; r < nc; ++r) b[r] = scale * cnorm2(src[r]);
+          }
+          for (int64_t r = 0; r < nc; ++r)
+            for (int64_t k = 0; k < nt; ++k) o[(c0 + r) * h0 + t0 + k] = buf[k * kCols + r];
+        }
       }
     }
   });
