@@ -252,14 +252,15 @@ at::Tensor even_transform(const at::Tensor& x_hat, const std::vector<int32_t>& s
   if (nd == 1) return at::fft_irfft(be.power_half(x_hat, idx, 1.0), m0, 2).contiguous().view({B, na, -1});
   // 1/m_0 here; the inverse transform of the other axes divides by their sizes.
   auto power_t = be.power_half(x_hat, idx, 1.0 / static_cast<double>(m0));  // (B, na, h_1.., h_0)
-  auto q = at::fft_rfft(power_t, m0, -1).narrow(-1, 0, even_rows(s.geom.w[0]));
+  // The kept rows go back to the front (a copy of the pruned, smaller array) so that the last
+  // transforms run over contiguous memory and leave the even layout as they write it.
+  auto q = at::fft_rfft(power_t, m0, -1).narrow(-1, 0, even_rows(s.geom.w[0])).movedim(-1, 2).contiguous();
   std::vector<int64_t> rest_dims, rest_sizes;
   for (int d = 1; d < nd; ++d) {
-    rest_dims.push_back(d + 1);
+    rest_dims.push_back(d + 2);
     rest_sizes.push_back(s.geom.m[d]);
   }
-  auto even_t = at::fft_irfftn(q, rest_sizes, rest_dims);  // (B, na, m_1, .., m_{nd-1}, R0)
-  return even_t.movedim(-1, 2).contiguous().view({B, na, -1});
+  return at::fft_irfftn(q, rest_sizes, rest_dims).view({B, na, -1});  // (B, na, R0, m_1, .., m_{nd-1})
 }
 
 // Samples per pass of the forward operator: see cache_chunk. Per sample: the transformed fields
@@ -299,12 +300,12 @@ void forward_chunk(const at::Tensor& x, const TwoPointPlan& plan, const PlanTens
   auto x_hat = at::fft_rfftn(xs, s.grid, s.dims).contiguous();
   check_spectrum_finite(x_hat, op, "x");
   if (trusted_partition && static_cast<int64_t>(plan.fwd_states.size()) != n_state) {
-    // Trusted partition: the eliminated state is never transformed, so check its values here.
-    std::vector<int64_t> rest;
+    // Trusted partition: the eliminated states are never transformed, so check their values here
+    // (one sum each, read in place: a NaN or Inf anywhere makes it non-finite).
+    std::vector<at::Tensor> sums;
     for (int64_t k = 0; k < n_state; ++k)
-      if (!std::binary_search(plan.fwd_states.begin(), plan.fwd_states.end(), k)) rest.push_back(k);
-    auto idx = at::tensor(rest, at::TensorOptions().dtype(at::kLong)).to(x.device());
-    TORCH_CHECK_VALUE(at::isfinite(x.index_select(1, idx).sum()).item<bool>(), op,
+      if (!std::binary_search(plan.fwd_states.begin(), plan.fwd_states.end(), k)) sums.push_back(x.select(1, k).sum());
+    TORCH_CHECK_VALUE(at::isfinite(at::stack(sums)).all().item<bool>(), op,
                       ": x contains NaN or Inf (or values so large that their sum overflows)");
   }
 
