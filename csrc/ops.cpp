@@ -5,6 +5,8 @@
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
 
+#include "spectral.h"
+
 #ifndef PYMKS_VAE_CUDA_ARCHS
 #define PYMKS_VAE_CUDA_ARCHS ""
 #endif
@@ -56,6 +58,14 @@ std::pair<int, int> set_thread_limits(int omp, int mkl) {
   return {prev_omp, prev_mkl};
 }
 
+// spectral.h's index map of the pruned even layout, for the tests: the CPU kernels read that
+// layout row by row, the CUDA kernels element by element through this function.
+int64_t even_index_py(const std::vector<int64_t>& lag, const std::vector<int64_t>& m) {
+  TORCH_CHECK_VALUE(!lag.empty() && lag.size() == m.size() && lag.size() <= pymks_vae::kMaxDims,
+                    "_even_index: lag and m must have the same 1-3 entries");
+  return pymks_vae::even_index(lag.data(), m.data(), static_cast<int>(lag.size()));
+}
+
 pybind11::dict build_info() {
   pybind11::dict d;
   d["cpu"] = true;
@@ -76,6 +86,8 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pymks-vae compiled kernels (operators live under torch.ops.pymks_vae)";
   m.def("build_info", &build_info, "What this extension was compiled with");
+  m.def("_even_index", &even_index_py, pybind11::arg("lag"), pybind11::arg("m"),
+        "Index of a lag in the pruned even layout of spectral.h (for tests)");
   m.def("_set_thread_limits", &set_thread_limits, pybind11::arg("omp"), pybind11::arg("mkl"),
         "Set this thread's OpenMP and MKL thread limits; returns the previous (omp, mkl)");
 }
