@@ -83,6 +83,23 @@ def test_dask_output_is_named_by_input_and_parameters(rng):
                                rtol=1e-12)
 
 
+def test_numpy_views_torch_cannot_share(rng):
+    """Read-only, broadcast and reversed views are copied for the operator, not rejected or misread."""
+    data = pymks_hat(rng.random((3, 10, 9)), 2)
+    views = {
+        "reversed": data[:, ::-1],
+        "read_only": np.broadcast_to(data[:1], (3,) + data.shape[1:]),
+        "transposed_spatial": np.ascontiguousarray(data.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3),
+    }
+    for name, view in views.items():
+        expected = correlations_multiple(np.ascontiguousarray(view), [(1, 1), (0, 1)], cutoff=3)
+        got = correlations_multiple(view, [(1, 1), (0, 1)], cutoff=3)
+        assert got.flags.c_contiguous, name
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15, err_msg=name)
+        theirs = np.asarray(pymks_correlations_multiple(np.ascontiguousarray(view), [(1, 1), (0, 1)], cutoff=3))
+        np.testing.assert_allclose(got, theirs, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
 def test_large_numpy_input_is_batched(rng):
     data = pymks_hat(rng.random((150, 7, 7)), 2)
     out = correlations_multiple(data, [(0, 0)])
