@@ -355,7 +355,9 @@ def _register():
 
     @torch.library.register_fake("pymks_vae::two_point_stats_backward")
     def _two_point_stats_backward_fake(grad, x, pair_i, pair_j, periodic, window, mask):
-        return torch.empty_like(x)
+        # The kernel returns a contiguous gradient whatever the strides of x (empty_like would
+        # copy a channels-last layout and disagree with it).
+        return x.new_empty(x.shape)
 
     def _two_point_setup(ctx, inputs, output):
         x, pair_i, pair_j, periodic, window, mask, _ = inputs

@@ -157,6 +157,17 @@ def test_strided_input_matches_reference(spatial, n_state, kind):
             assert_close(ops.two_point_stats(view, pairs, periodic=periodic, cutoff=cutoff), ref)
 
 
+def test_strided_input_gradcheck():
+    x = torch.rand(2, 2, 5, 6, dtype=torch.float64).movedim(1, -1).contiguous().movedim(-1, 1)
+    x.requires_grad_(True)
+    assert not x.is_contiguous()
+    fn = lambda t: ops.two_point_stats(t, [(1, 1), (0, 1)], cutoff=2)
+    assert torch.autograd.gradcheck(fn, (x,))
+    g = torch.autograd.grad(fn(x).square().sum(), x)[0]
+    xc = x.detach().contiguous().requires_grad_(True)
+    torch.testing.assert_close(g, torch.autograd.grad(fn(xc).square().sum(), xc)[0], rtol=1e-12, atol=1e-12)
+
+
 def test_strided_partition_check_rejects_non_partitions():
     """The partition check reads channels-last data in place: one pixel off must still be seen."""
     x = one_hot(2, 2, (12, 12))
@@ -207,9 +218,13 @@ def test_gradcheck(spatial, periodic, cutoff, masked):
     dict(spatial=(8,), periodic=True, window=[8], mask=False, partition=2),
     dict(spatial=(5, 6), periodic=False, window=[3, 5], mask=True, partition=0),
     dict(spatial=(4, 3, 5), periodic=True, window=[3, 3, 3], mask=False, partition=1),
+    dict(spatial=(6, 7), periodic=True, window=[5, 3], mask=False, partition=2, channels_last=True),
 ])
 def test_opcheck(args):
-    x = torch.rand((2, 2) + args["spatial"], dtype=torch.float64, requires_grad=True)
+    x = torch.rand((2, 2) + args["spatial"], dtype=torch.float64)
+    if args.get("channels_last"):  # PyMKS's layout seen channels first: read in place by the kernel
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    x.requires_grad_(True)
     mask = torch.rand(args["spatial"], dtype=torch.float64).unsqueeze(0) if args["mask"] else None
     torch.library.opcheck(torch.ops.pymks_vae.two_point_stats.default,
                           (x, [0, 1], [1, 1], args["periodic"], args["window"], mask, args["partition"]))
