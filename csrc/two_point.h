@@ -74,8 +74,8 @@ struct TwoPointBackend {
   // P[b, k] = conj(X[b, a_k]) * X[b, b_k]  ->  (B, n_cross, *h)
   at::Tensor (*pair_products)(const at::Tensor& x_hat, const at::Tensor& a, const at::Tensor& b);
   // scale * |X[b, idx_k]|^2 on the half spectrum, with the first spatial axis moved last
-  // (where the even transform runs along it)  ->  (B, n_auto, h_1, ..., h_{nd-1}, h_0) real
-  at::Tensor (*power_half)(const at::Tensor& x_hat, const at::Tensor& idx, double scale);
+  // (where the even transform runs along it), into out (B, n_auto, h_1, ..., h_{nd-1}, h_0) real
+  void (*power_half)(const at::Tensor& x_hat, const at::Tensor& idx, double scale, at::Tensor& out);
   // Output window: assemble, normalise, centre and crop into out (B, n_pairs, *w), contiguous
   void (*gather)(const GatherArgs& args, at::Tensor& out);
   // Adjoint of gather for the direct definition  ->  (B, n_pairs, *m)

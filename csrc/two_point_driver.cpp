@@ -250,9 +250,17 @@ at::Tensor even_transform(const at::Tensor& x_hat, const std::vector<int32_t>& s
   const int64_t m0 = s.geom.m[0];
   const int64_t B = x_hat.size(0), na = static_cast<int64_t>(states.size());
   auto idx = ints_to(states, x_hat.device());
-  if (nd == 1) return at::fft_irfft(be.power_half(x_hat, idx, 1.0), m0, 2).contiguous().view({B, na, -1});
+  // The power spectra with the first axis moved last: (B, na, h_1, .., h_{nd-1}, h_0).
+  auto sizes = x_hat.sizes().vec();
+  sizes[1] = na;
+  std::rotate(sizes.begin() + 2, sizes.begin() + 3, sizes.end());
+  auto power_t = at::empty(sizes, x_hat.options().dtype(at::toRealValueType(x_hat.scalar_type())));
+  if (nd == 1) {
+    be.power_half(x_hat, idx, 1.0, power_t);
+    return at::fft_irfft(power_t, m0, 2).contiguous().view({B, na, -1});
+  }
   // 1/m_0 here; the inverse transform of the other axes divides by their sizes.
-  auto power_t = be.power_half(x_hat, idx, 1.0 / static_cast<double>(m0));  // (B, na, h_1.., h_0)
+  be.power_half(x_hat, idx, 1.0 / static_cast<double>(m0), power_t);
   // The kept rows go back to the front (a copy of the pruned, smaller array) so that the last
   // transforms run over contiguous memory and leave the even layout as they write it.
   auto q = at::fft_rfft(power_t, m0, -1).narrow(-1, 0, even_rows(s.geom.w[0])).movedim(-1, 2).contiguous();

@@ -120,16 +120,10 @@ void power_half_t(const at::Tensor& xh, const int32_t* idx, T scale, at::Tensor&
   });
 }
 
-at::Tensor power_half(const at::Tensor& xh, const at::Tensor& idx, double scale) {
-  auto sizes = xh.sizes().vec();
-  sizes[1] = idx.numel();
-  if (sizes.size() > 3) std::rotate(sizes.begin() + 2, sizes.begin() + 3, sizes.end());  // first axis last
-  const auto real = at::toRealValueType(xh.scalar_type());
-  auto out = at::empty(sizes, xh.options().dtype(real));
-  AT_DISPATCH_FLOATING_TYPES(real, "power_half", [&] {
+void power_half(const at::Tensor& xh, const at::Tensor& idx, double scale, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "power_half", [&] {
     power_half_t<scalar_t>(xh, idx.data_ptr<int32_t>(), static_cast<scalar_t>(scale), out);
   });
-  return out;
 }
 
 // Where one output row (fixed lags on all but the last axis) reads its bases: the grid row of the

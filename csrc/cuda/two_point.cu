@@ -5,8 +5,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
 #include "cuda/cuda_loops.cuh"
 #include "spectral.h"
 #include "two_point.h"
@@ -59,22 +57,16 @@ __global__ void power_half_kernel(const cpx<T>* X, const int32_t* idx, int64_t n
   }
 }
 
-at::Tensor power_half(const at::Tensor& xh, const at::Tensor& idx, double scale) {
-  auto sizes = xh.sizes().vec();
-  sizes[1] = idx.numel();
-  if (sizes.size() > 3) std::rotate(sizes.begin() + 2, sizes.begin() + 3, sizes.end());  // first axis last
-  const auto real = at::toRealValueType(xh.scalar_type());
-  auto out = at::empty(sizes, xh.options().dtype(real));
+void power_half(const at::Tensor& xh, const at::Tensor& idx, double scale, at::Tensor& out) {
   const int64_t total = out.numel(), H = xh.numel() / (xh.size(0) * xh.size(1));
   const int64_t h0 = xh.dim() > 3 ? xh.size(2) : 1;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(real, "power_half", [&] {
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "power_half", [&] {
     power_half_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
         reinterpret_cast<const cpx<scalar_t>*>(xh.data_ptr()), idx.data_ptr<int32_t>(), xh.size(1), idx.numel(), H,
         h0, static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(), total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
 }
 
 template <typename T>
