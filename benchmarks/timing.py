@@ -27,17 +27,8 @@ def machine():
 
 def median_seconds(fn, repeats=15, warmup=3, device="cpu"):
     """Median wall time of fn() over `repeats` runs after `warmup` runs (GPU synchronised)."""
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    medians, _ = alternating_medians({"fn": fn}, rounds=1, repeats=repeats, warmup=warmup, device=device)
+    return medians["fn"]
 
 
 def alternating_medians(fns, rounds=3, repeats=5, warmup=1, device="cpu"):

@@ -171,14 +171,7 @@ def two_point_stats(x, correlations, *, periodic=True, cutoff=None, mask=None, p
         raise TypeError(f"{op}: partition must be None, True or False, got {partition!r}")
     if not isinstance(periodic, bool):
         raise TypeError(f"{op}: periodic must be a bool, got {periodic!r}")
-    if not _use_compiled(x):
-        _check_finite_eager(op, x=x, mask=mask)
-        return reference.two_point_stats_ref(x, pairs, periodic=periodic, cutoff=cutoff, mask=mask)
-    pi = [p[0] for p in pairs]
-    pj = [p[1] for p in pairs]
-    return torch.ops.pymks_vae.two_point_stats(
-        x, pi, pj, periodic, list(window), mask, _PARTITION_MODE[partition]
-    )
+    return _run_two_point_stats(x, pairs, periodic, cutoff, window, mask, partition)
 
 
 def two_point_stats_validated(x, pairs, periodic, cutoff):
@@ -194,12 +187,17 @@ def two_point_stats_validated(x, pairs, periodic, cutoff):
     Returns:
         like :func:`two_point_stats` (NaN/Inf in ``x`` still raise, from the kernel).
     """
+    window = (2 * int(cutoff) + 1,) * (x.ndim - 2)
+    return _run_two_point_stats(x, pairs, periodic, cutoff, window, None, None)
+
+
+def _run_two_point_stats(x, pairs, periodic, cutoff, window, mask, partition):
+    """The compiled operator, or the reference where it is not built, on checked arguments."""
     if not _use_compiled(x):
-        _check_finite_eager("two_point_stats", x=x)
-        return reference.two_point_stats_ref(x, pairs, periodic=periodic, cutoff=cutoff)
-    window = [2 * int(cutoff) + 1] * (x.ndim - 2)
+        _check_finite_eager("two_point_stats", x=x, mask=mask)
+        return reference.two_point_stats_ref(x, pairs, periodic=periodic, cutoff=cutoff, mask=mask)
     return torch.ops.pymks_vae.two_point_stats(
-        x, [p[0] for p in pairs], [p[1] for p in pairs], periodic, window, None, _PARTITION_MODE[None]
+        x, [p[0] for p in pairs], [p[1] for p in pairs], periodic, list(window), mask, _PARTITION_MODE[partition]
     )
 
 
