@@ -7,12 +7,18 @@ scheduler), warm: medians over rounds of alternating blocks (untimed warm-up, th
 each transformer, so that both see the same drifts of a noisy machine. The outputs are checked
 equal before anything is timed.
 
-Usage: python benchmarks/bench_transformers.py [--rounds 3] [--repeats 5] [--json out.json]
+With ``--timeline``, pymks-vae's transform is also split into where its time goes: dask's work
+before the first block starts, the span of the blocks on the worker threads (and each block's own
+time), and dask's work after the last block, with the number of tasks the scheduler ran.
+
+Usage: python benchmarks/bench_transformers.py [--rounds 3] [--repeats 5] [--timeline] [--json out.json]
 """
 import argparse
 import os
 import statistics
 import sys
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -35,6 +41,57 @@ def make_input(n_samples=64, size=128, chunk=16, seed=0):
     return one_hot.rechunk((chunk, size, size, 2)).persist()
 
 
+def timeline(run, repeats=30, warmup=5):
+    """Where calls of ``run`` spend their time, from timestamps taken inside their blocks.
+
+    Returns medians over ``repeats`` calls: seconds (total, before the first block, the span of the
+    blocks, one block, after the last block), the worker threads' busy fraction during the span, and
+    the numbers of dask tasks and blocks per call.
+
+    The blocks are timed by wrapping :func:`pymks_vae.correlations._stats_numpy` (what each dask task
+    runs) for the duration of this function only; the tasks are counted by a dask callback.
+    """
+    from dask.callbacks import Callback
+
+    from pymks_vae import correlations
+
+    blocks, tasks = [], []
+    inner = correlations._stats_numpy
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            blocks.append((threading.get_ident(), t0, time.perf_counter()))
+
+    class CountTasks(Callback):
+        def _pretask(self, key, dsk, state):
+            tasks.append(key)
+
+    rows = []
+    correlations._stats_numpy = timed
+    try:
+        for i in range(warmup + repeats):
+            blocks.clear()
+            tasks.clear()
+            with CountTasks():
+                t0 = time.perf_counter()
+                run()
+                t1 = time.perf_counter()
+            if i < warmup:
+                continue
+            first, last = min(b[1] for b in blocks), max(b[2] for b in blocks)
+            busy = sum(b[2] - b[1] for b in blocks)
+            threads = len({b[0] for b in blocks})
+            rows.append({"total": t1 - t0, "before first block": first - t0, "block span": last - first,
+                         "mean block": busy / len(blocks), "after last block": t1 - last,
+                         "worker use": busy / ((last - first) * threads), "tasks": len(tasks), "blocks": len(blocks)})
+    finally:
+        correlations._stats_numpy = inner
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="alternating blocks per transformer")
@@ -44,6 +101,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--cutoff", type=int, default=20)
+    parser.add_argument("--timeline", action="store_true", help="also split pymks-vae's time (see above)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.repeats < 5:
@@ -84,6 +142,15 @@ def main(argv=None):
     print("Speed-up per round: " + ", ".join(f"{r:.1f}x" for r in block_ratios))
     print(f"Machine: {desc}; extension compiled: {info['compiled']}\n")
     print(markdown_table(rows, ["implementation", "median ms", "speed-up"]))
+    split = None
+    if args.timeline:
+        split = timeline(run_ours)
+        print(f"\npymks-vae's transform, medians of 30 calls ({split['tasks']:.0f} dask tasks per call, "
+              f"{split['blocks']:.0f} blocks on the worker threads):")
+        print(markdown_table([{"part": k, "ms": f"{1e3 * split[k]:.2f}"} for k in
+                              ("total", "before first block", "block span", "mean block", "after last block")],
+                             ["part", "ms"]))
+        print(f"Worker threads busy during the block span: {100 * split['worker use']:.0f}%")
     write_json(args.json, {
         "machine": desc,
         "build_info": {k: v for k, v in info.items() if isinstance(v, (bool, str, list, type(None)))},
@@ -95,6 +162,7 @@ def main(argv=None):
         "speedup_per_round": block_ratios,
         "speedup": t_pymks / t_ours,
         "max_abs_diff": max_diff,
+        "timeline": split,
     })
     return t_pymks / t_ours
 
