@@ -67,6 +67,24 @@ def test_dask_is_lazy_chunked_and_equal(rng):
     np.testing.assert_allclose(got, theirs, rtol=1e-9, atol=1e-12)
 
 
+def test_dask_slice_computes_only_its_blocks(rng):
+    """The output's graph culls: asking for some samples reads and transforms only their blocks."""
+    data = pymks_hat(rng.random((10, 12, 12)), 2)
+    read = []
+
+    def load(block, block_info=None):
+        if block.size:
+            read.append(block_info[0]["chunk-location"][0])
+        return block
+
+    x = da.from_array(data, chunks=(3, 12, 12, 2)).map_blocks(load, dtype=data.dtype, meta=np.empty((0,) * 4))
+    out = correlations_multiple(x, [(1, 1), (0, 1)], cutoff=3)
+    with dask.config.set(scheduler="synchronous"):
+        got = out[4:6].compute()
+    assert read == [1]  # samples 4 and 5 live in the second block of three
+    np.testing.assert_allclose(got, correlations_multiple(data[4:6], [(1, 1), (0, 1)], cutoff=3), rtol=1e-12)
+
+
 def test_dask_output_is_named_by_input_and_parameters(rng):
     data = pymks_hat(rng.random((8, 12, 12)), 2)
     x = da.from_array(data, chunks=(4, 12, 12, 2))
