@@ -22,7 +22,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from sklearn_checks import run_check, tabular_failures
 
 from pymks_vae.microstructures import generate_classes
-from pymks_vae.transformers import VAETransformer
+from pymks_vae.transformers import TwoPointCorrelation, VAETransformer
 
 
 SIZE = 16
@@ -179,13 +179,18 @@ def test_dask_fit_validates_chunks_when_loaded(one_hot):
 
 
 def test_distributed_cluster_transform(fitted_one_hot, one_hot):
+    """Both transformers' lazy outputs run on a cluster of two worker processes (one cluster for both:
+    starting one costs seconds)."""
     import distributed
     x = da.from_array(one_hot, chunks=(4, SIZE, SIZE, 2))
     z = fitted_one_hot.transform(x)
     local = z.compute(scheduler="sync")
+    stats = TwoPointCorrelation(correlations=[(1, 1), (0, 1)], cutoff=5).fit(x).transform(x)
+    stats_local = stats.compute(scheduler="sync")
     with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
                                   silence_logs=40) as cluster, distributed.Client(cluster) as client:
         remote = client.compute(z).result()
+        stats_remote = client.compute(stats).result()
         workers = client.run(lambda: os.getpid())
         # the fitted estimator itself also travels (pickled) to a worker process
         shipped = client.submit(lambda est, block: (est.transform(block), os.getpid()), fitted_one_hot,
@@ -194,6 +199,7 @@ def test_distributed_cluster_transform(fitted_one_hot, one_hot):
     np.testing.assert_allclose(remote, local, rtol=1e-6, atol=1e-6)
     assert shipped[1] in workers.values()
     np.testing.assert_allclose(shipped[0], local[:5], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stats_remote, stats_local, rtol=1e-12, atol=1e-15)
 
 
 # ----------------------------------------------------------------------------- xarray
