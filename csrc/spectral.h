@@ -145,7 +145,7 @@ PVAE_HD bool even_reversed(const int64_t* lag, int nd) { return nd > 1 && lag[0]
 // Flat index of lag r (per-axis lags, |r_d| <= w_d / 2) in the pruned even layout above.
 PVAE_HD int64_t even_index(const int64_t* lag, const int64_t* m, int nd) {
   if (nd == 1) return lag_to_grid(lag[0], m[0]);
-  const bool flip = lag[0] >= 0;
+  const bool flip = even_reversed(lag, nd);  // r_0 >= 0: stored at (r_0, -r_1, ...)
   int64_t pos = flip ? lag[0] : -lag[0];
   for (int d = 1; d < nd; ++d) pos = pos * m[d] + lag_to_grid(flip ? -lag[d] : lag[d], m[d]);
   return pos;

@@ -242,8 +242,9 @@ namespace {
 // r_0 <= w_0/2 are kept, and what is left is Hermitian along the last axis, which therefore ends
 // with a complex-to-real transform. The power spectrum comes with its first axis last, so that
 // the first transform runs over contiguous memory. That transform runs forwards and the others
-// backwards, so the result holds C(a_0, -a_1, ...): even_index (spectral.h) reads it accordingly. This is half the work of a full inverse
-// transform for the full window, and about a third for 128^2 and cutoff 20.
+// backwards, so the result holds C(a_0, -a_1, ...): even_index (spectral.h) reads it accordingly.
+// This is half the work of a full inverse transform for the full window, and about a third for
+// 128^2 and cutoff 20.
 at::Tensor even_transform(const at::Tensor& x_hat, const std::vector<int32_t>& states, const Setup& s,
                           const TwoPointBackend& be) {
   const int nd = s.geom.ndim;

@@ -179,7 +179,7 @@ def correlations_multiple(data, correlations=None, periodic_boundary=True, cutof
     if not isinstance(data, da.Array):
         raise TypeError(f"data must be a numpy or dask array, got {type(data).__name__}")
     # Spatial and state axes must be whole in each block (the FFT needs the full field).
-    if any(len(c) > 1 for c in data.chunks[1:]):
+    if any(len(axis_chunks) > 1 for axis_chunks in data.chunks[1:]):
         data = data.rechunk((data.chunks[0],) + tuple(-1 for _ in data.shape[1:]))
     pairs = tuple(pairs)
     # The output is named from the input's name and the parameters: the same key for the same
