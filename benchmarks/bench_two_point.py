@@ -71,6 +71,28 @@ def time_pymks(x, cutoff, repeats):
     return median_seconds(lambda: np.asarray(est.transform(data)), max(3, repeats // 3), warmup=1)
 
 
+def counting_rows(x, name, shape, cutoff, repeats):
+    """A small cutoff (PyMKS's usual setting) on the CPU: the operator's exact counting route for
+    binary fields (its default there, where the cost model picks it) against its transforms
+    (PYMKS_VAE_BINARY_PATH=off), each beside the torch.fft reference."""
+    rows = []
+    before = os.environ.get("PYMKS_VAE_BINARY_PATH")
+    try:
+        for mode, label in [("auto", "default route"), ("off", "transforms forced")]:
+            os.environ["PYMKS_VAE_BINARY_PATH"] = mode
+            t_ours, t_ref = time_case(x, cutoff, repeats, "cpu", False)
+            rows.append({"device": "cpu", "case": f"{name} {shape}", "pass": "fwd",
+                         "window": f"cutoff {cutoff}, {label}", "pymks-vae ms": f"{t_ours * 1e3:.2f}",
+                         "torch.fft ms": f"{t_ref * 1e3:.2f}", "vs torch.fft": f"{t_ref / t_ours:.2f}x",
+                         "pymks ms": "", "vs pymks": ""})
+    finally:
+        if before is None:
+            os.environ.pop("PYMKS_VAE_BINARY_PATH", None)
+        else:
+            os.environ["PYMKS_VAE_BINARY_PATH"] = before
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=15)
@@ -102,6 +124,8 @@ def main(argv=None):
                                  "window": f"cutoff {cutoff}", "pymks-vae ms": f"{t_ours * 1e3:.2f}",
                                  "torch.fft ms": f"{t_ref * 1e3:.2f}", "vs torch.fft": f"{t_ref / t_ours:.2f}x",
                                  "pymks ms": f"{t_pymks * 1e3:.1f}", "vs pymks": f"{t_pymks / t_ours:.1f}x"})
+            if device == "cpu":
+                rows += counting_rows(x, name, shape, min(20, (min(spatial) - 1) // 2), args.repeats)
     cols = ["device", "case", "pass", "window", "pymks-vae ms", "torch.fft ms", "vs torch.fft", "pymks ms", "vs pymks"]
     print(f"Two-point statistics, pairs {PAIRS}, float32, periodic, one-hot (partition) input")
     print(f"Machine: {machine()}; build: cuda={build_info()['cuda']}")

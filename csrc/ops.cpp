@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "spectral.h"
+#include "two_point.h"
 
 #ifndef PYMKS_VAE_CUDA_ARCHS
 #define PYMKS_VAE_CUDA_ARCHS ""
@@ -69,6 +70,7 @@ int64_t even_index_py(const std::vector<int64_t>& lag, const std::vector<int64_t
 pybind11::dict build_info() {
   pybind11::dict d;
   d["cpu"] = true;
+  d["cpu_count_kernel"] = std::string(pymks_vae::binary_count_kernel());
 #ifdef PYMKS_VAE_WITH_CUDA
   d["cuda"] = true;
   d["cuda_version"] = std::string(PYMKS_VAE_CUDA_VERSION);

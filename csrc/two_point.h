@@ -9,6 +9,7 @@
 
 #include <cstring>
 #include <map>
+#include <utility>
 #include <vector>
 
 #include "spectral.h"
@@ -82,7 +83,25 @@ struct TwoPointBackend {
   at::Tensor (*embed_grad)(const EmbedArgs& args);
   // Gradient spectra of the states  ->  (B, n_states, *h)
   at::Tensor (*combine_grad)(const CombineArgs& args);
+  // Periodic statistics without a mask of the pairs req, computed exactly by counting where x holds
+  // only 0s and 1s and counting is the cheaper route (check_partition: the partition relations may
+  // be used where the states partition every pixel, which it checks): writes out (B, n_pairs, *w)
+  // and returns true, or returns false having written nothing. Null where there is no such route.
+  bool (*binary_stats)(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req,
+                       bool check_partition, const Geometry& g, at::Tensor& out);
 };
+
+// The CPU's binary_stats (csrc/cpu/two_point_bits.cpp).
+bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
+                      const Geometry& g, at::Tensor& out);
+
+// The best counting kernel this CPU runs: "avx512", "popcnt" or "generic" (for build_info).
+const char* binary_count_kernel();
+
+// The cheapest plan for the requested pairs (req[k] = (i, j)), with the partition relations when
+// partition holds.
+TwoPointPlan make_plan(const std::vector<std::pair<int64_t, int64_t>>& req, int64_t n_state, bool partition);
+std::vector<std::pair<int64_t, int64_t>> pair_list(at::IntArrayRef pi, at::IntArrayRef pj);
 
 at::Tensor two_point_forward(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
                              bool periodic, at::IntArrayRef window,

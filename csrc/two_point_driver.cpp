@@ -166,6 +166,8 @@ TwoPointPlan plan_for(const std::vector<std::pair<int64_t, int64_t>>& req, int64
   return plan;
 }
 
+}  // namespace
+
 // Fewest transforms wins (forward + inverse); ties keep the direct computation.
 TwoPointPlan make_plan(const std::vector<std::pair<int64_t, int64_t>>& req, int64_t n_state,
                        bool partition) {
@@ -184,6 +186,8 @@ std::vector<std::pair<int64_t, int64_t>> pair_list(at::IntArrayRef pi, at::IntAr
   for (size_t k = 0; k < pi.size(); ++k) req.push_back({pi[k], pj[k]});
   return req;
 }
+
+namespace {
 
 struct Setup {
   Geometry geom;
@@ -375,6 +379,12 @@ at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at:
   std::vector<int64_t> sizes{B, n_pairs};
   for (int d = 0; d < s.geom.ndim; ++d) sizes.push_back(s.geom.w[d]);
   auto out = at::empty(sizes, x.options());
+  // Binary fields (segmented microstructures) may be counted exactly instead, which checks the
+  // partition itself: not under a trusted partition, whose eliminated states would then go unread
+  // (the transforms check them for NaN).
+  if (periodic && !mask.defined() && partition != 1 && be.binary_stats != nullptr &&
+      be.binary_stats(x, pair_list(pair_i, pair_j), partition == 2 && n_state >= 2, s.geom, out))
+    return out;
   const bool use_partition = partition_holds(x, periodic, mask.defined(), partition, be);
   const TwoPointPlan plan = make_plan(pair_list(pair_i, pair_j), n_state, use_partition);
   const PlanTensors tables{table_to(plan.pairs, x.device()), table_to(plan.terms, x.device()),

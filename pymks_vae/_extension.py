@@ -78,7 +78,9 @@ def build_info():
         (bool: which kernel backends were compiled), ``cuda_archs`` (list of str, e.g.
         ``["8.0", "9.0"]``), ``torch_version`` (the torch the extension was built against),
         ``cuda_version`` (the CUDA it was built with, or None), ``torch_runtime`` (the torch now
-        imported) and ``cuda_available`` (is a GPU usable right now).
+        imported), ``cuda_available`` (is a GPU usable right now) and ``cpu_count_kernel`` (the
+        kernel that counts binary fields exactly on this CPU: ``"avx512"``, ``"popcnt"`` or
+        ``"generic"``; None without the extension; see docs/two_point_stats.md).
 
     Example:
         >>> import pymks_vae
@@ -92,6 +94,7 @@ def build_info():
         "cuda_archs": [],
         "torch_version": None,
         "cuda_version": None,
+        "cpu_count_kernel": None,
     }
     if _C is not None:
         raw = _C.build_info()
@@ -101,6 +104,7 @@ def build_info():
             cuda_archs=[a for a in str(raw["cuda_archs"]).replace(",", ";").split(";") if a],
             torch_version=str(raw["torch_version"]),
             cuda_version=raw["cuda_version"] or None,
+            cpu_count_kernel=str(raw["cpu_count_kernel"]),
         )
     else:
         info["error"] = str(_LOAD_ERROR)

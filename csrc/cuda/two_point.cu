@@ -188,7 +188,7 @@ at::Tensor combine_grad(const CombineArgs& a) {
   return out;
 }
 
-const TwoPointBackend kCuda{partition_check, pair_products, power_half, gather, embed_grad, combine_grad};
+const TwoPointBackend kCuda{partition_check, pair_products, power_half, gather, embed_grad, combine_grad, nullptr};
 
 at::Tensor two_point_stats_cuda(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
                                 bool periodic, at::IntArrayRef window, const c10::optional<at::Tensor>& mask,

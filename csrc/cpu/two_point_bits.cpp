@@ -1,0 +1,553 @@
+// Exact periodic two-point statistics of binary fields by counting, on the CPU.
+//
+// A segmented microstructure (PyMKS's one-hot of integer phases) holds only 0s and 1s, and its
+// periodic correlation at lag r is a count divided by the number of pixels S:
+//   C_ab(r) = #{x : a(x) = 1 and b(x + r) = 1}.
+// Packed one bit per pixel, 64 pixels to a word, that count is a sum of popcount(a & b') over the
+// words of a and of b shifted by r. For a window of lags much smaller than the field (PyMKS's
+// cutoff) this is less work than the transforms, and it is exact: the output is the correctly
+// rounded count / S, where the FFT path is off by a few ulps.
+//
+// Layout: a field (n_0, ..., n_{nd-1}) is R = n_0 ... n_{nd-2} rows of L = n_{nd-1} pixels, each
+// row packed into wd = ceil(L / 64) words (bits past L are 0). A shift r_last along a row is a
+// rotation, read from a doubled copy of the row (the row, then the row again from bit L on);
+// shifts along the other axes pick other rows, which for the axis before the last are two
+// contiguous runs of words. So every count is a few calls of one loop: and, popcount, add.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define PVAE_X86 1
+#endif
+
+#include "two_point.h"
+
+namespace pymks_vae {
+namespace {
+
+// ------------------------------------------------------------------ counting kernels
+// out[j] = sum_{i < n} popcount(a[i] & b[i + j * stride]) for j < k (k <= kMaxLags): k lags at
+// once, so that each word of a is loaded once for all of them. One version per instruction set.
+constexpr int kMaxLags = 8;
+
+template <int K>
+__attribute__((always_inline)) inline void and_counts_scalar(const uint64_t* a, const uint64_t* b, int64_t n, int64_t stride, int64_t* out) {
+  int64_t acc[K] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t v = a[i];
+    for (int j = 0; j < K; ++j) acc[j] += __builtin_popcountll(v & b[i + j * stride]);
+  }
+  for (int j = 0; j < K; ++j) out[j] = acc[j];
+}
+
+#define PVAE_DISPATCH_LAGS(K_RUNTIME, CALL) \
+  switch (K_RUNTIME) {                      \
+    case 1: CALL(1); break;                 \
+    case 2: CALL(2); break;                 \
+    case 3: CALL(3); break;                 \
+    case 4: CALL(4); break;                 \
+    case 5: CALL(5); break;                 \
+    case 6: CALL(6); break;                 \
+    case 7: CALL(7); break;                 \
+    default: CALL(8); break;                \
+  }
+
+void and_counts_generic(const uint64_t* a, const uint64_t* b, int64_t n, int64_t stride, int k, int64_t* out) {
+#define PVAE_CALL(K) and_counts_scalar<K>(a, b, n, stride, out)
+  PVAE_DISPATCH_LAGS(k, PVAE_CALL)
+#undef PVAE_CALL
+}
+
+#ifdef PVAE_X86
+__attribute__((target("popcnt"))) void and_counts_popcnt(const uint64_t* a, const uint64_t* b, int64_t n,
+                                                         int64_t stride, int k, int64_t* out) {
+#define PVAE_CALL(K) and_counts_scalar<K>(a, b, n, stride, out)
+  PVAE_DISPATCH_LAGS(k, PVAE_CALL)
+#undef PVAE_CALL
+}
+
+template <int K>
+__attribute__((target("avx512f,avx512vpopcntdq"))) inline void and_counts_avx512_k(const uint64_t* a,
+                                                                                   const uint64_t* b, int64_t n,
+                                                                                   int64_t stride, int64_t* out) {
+  __m512i acc[K];
+  for (int j = 0; j < K; ++j) acc[j] = _mm512_setzero_si512();
+  for (int64_t i = 0; i < n; i += 8) {
+    // The last vector is masked: no read past a or b.
+    const __mmask8 m = n - i >= 8 ? __mmask8(0xFF) : static_cast<__mmask8>((1u << (n - i)) - 1);
+    const __m512i va = _mm512_maskz_loadu_epi64(m, a + i);
+    for (int j = 0; j < K; ++j) {
+      const __m512i vb = _mm512_maskz_loadu_epi64(m, b + i + j * stride);
+      acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_and_si512(va, vb)));
+    }
+  }
+  alignas(64) int64_t lanes[8];
+  for (int j = 0; j < K; ++j) {
+    _mm512_store_si512(lanes, acc[j]);
+    out[j] = lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
+  }
+}
+
+__attribute__((target("avx512f,avx512vpopcntdq"))) void and_counts_avx512(const uint64_t* a, const uint64_t* b,
+                                                                          int64_t n, int64_t stride, int k,
+                                                                          int64_t* out) {
+#define PVAE_CALL(K) and_counts_avx512_k<K>(a, b, n, stride, out)
+  PVAE_DISPATCH_LAGS(k, PVAE_CALL)
+#undef PVAE_CALL
+}
+#endif
+
+using AndCount = void (*)(const uint64_t*, const uint64_t*, int64_t, int64_t, int, int64_t*);
+
+// What this CPU can run, best first, with the kernel's cost per word counted in nanoseconds (fitted
+// on the development VM, AMD EPYC Zen 4: see counting_cheaper). The portable loop on an x86 CPU
+// without a popcount instruction is never chosen by the cost model (cost 0).
+struct CountKernel {
+  const char* name;
+  AndCount fn;
+  double ns_per_word;
+};
+
+CountKernel best_kernel() {
+#ifdef PVAE_X86
+  static const CountKernel k = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq"))
+      return CountKernel{"avx512", and_counts_avx512, 0.1};
+    if (__builtin_cpu_supports("popcnt")) return CountKernel{"popcnt", and_counts_popcnt, 0.4};
+    return CountKernel{"generic", and_counts_generic, 0.0};
+  }();
+  return k;
+#else
+  return CountKernel{"generic", and_counts_generic, 0.4};  // compiled to the target's popcount
+#endif
+}
+
+// PYMKS_VAE_BINARY_PATH (read on every call, for tests and benchmarks): "auto" or unset lets the
+// cost model choose; "off" always transforms; "generic", "popcnt" or "avx512" always counts binary
+// input with that kernel (an error if this CPU lacks it).
+struct Choice {
+  bool forced = false, off = false;
+  CountKernel kernel{};
+};
+
+Choice read_choice() {
+  Choice c;
+  c.kernel = best_kernel();
+  const char* env = std::getenv("PYMKS_VAE_BINARY_PATH");
+  const std::string v = env ? env : "";
+  if (v.empty() || v == "auto") return c;
+  if (v == "off") {
+    c.off = true;
+    return c;
+  }
+  c.forced = true;
+  if (v == "generic") {
+    c.kernel = {"generic", and_counts_generic, 0.0};
+    return c;
+  }
+  const std::string have = c.kernel.name;
+  TORCH_CHECK_VALUE(v == "popcnt" || v == "avx512", "PYMKS_VAE_BINARY_PATH must be auto, off, generic, popcnt or ",
+                    "avx512, got '", v, "'");
+#ifdef PVAE_X86
+  const bool ok = v == "popcnt" ? have != "generic" : have == "avx512";
+  TORCH_CHECK_VALUE(ok, "PYMKS_VAE_BINARY_PATH=", v, ": this CPU cannot run that kernel (best: ", have, ")");
+  if (v == "popcnt") c.kernel = {"popcnt", and_counts_popcnt, 0.4};
+#else
+  TORCH_CHECK_VALUE(false, "PYMKS_VAE_BINARY_PATH=", v, ": only on x86-64");
+#endif
+  return c;
+}
+
+// ------------------------------------------------------------------ geometry of the counts
+// Counts are taken on the box of lags [-h_d, h_d], h_d = w_d / 2, which holds the window and its
+// mirror (a reversed term reads -r). Axes: the leading ones folded into at most two (A, Bx: rows
+// of rows), then the last (the bits of a row).
+struct Layout {
+  int nd;
+  int64_t L, wd, wd2;   // row length in pixels, words per row, words per doubled row
+  int64_t na, nb;       // rows = na * nb: (n_0 .. n_{nd-3}) folded into na, n_{nd-2} is nb
+  int64_t ha, hb, hl;   // half-widths of the lag box on those axes
+  int64_t box;          // (2ha+1)(2hb+1)(2hl+1)
+};
+
+Layout make_layout(const Geometry& g) {
+  Layout y{};
+  y.nd = g.ndim;
+  y.L = g.n[g.ndim - 1];
+  y.wd = (y.L + 63) / 64;
+  y.wd2 = (2 * y.L + 63) / 64 + 1;  // one spare word: a read at bit offset o touches words o/64 and o/64+1
+  y.hl = g.w[g.ndim - 1] / 2;
+  y.na = y.nb = 1;
+  y.ha = y.hb = 0;
+  if (g.ndim >= 2) {
+    y.nb = g.n[g.ndim - 2];
+    y.hb = g.w[g.ndim - 2] / 2;
+  }
+  if (g.ndim == 3) {
+    y.na = g.n[0];
+    y.ha = g.w[0] / 2;
+  }
+  y.box = (2 * y.ha + 1) * (2 * y.hb + 1) * (2 * y.hl + 1);
+  return y;
+}
+
+int64_t box_index(const Layout& y, int64_t ra, int64_t rb, int64_t rl) {
+  return ((ra + y.ha) * (2 * y.hb + 1) + (rb + y.hb)) * (2 * y.hl + 1) + (rl + y.hl);
+}
+
+int64_t wrap(int64_t r, int64_t n) { return r < 0 ? r + n : r; }
+
+// ------------------------------------------------------------------ packing
+// Packs n <= 64 values (stride si) into the bits of *word (value 1 -> bit set); false when a value
+// is neither 0 nor 1 (NaN included).
+template <typename T>
+bool pack_word_scalar(const T* s, int64_t si, int64_t n, uint64_t* word) {
+  uint64_t bits = 0;
+  int64_t n_bin = 0;  // counted rather than branched on
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = s[j * si];
+    bits |= static_cast<uint64_t>(v == T(1)) << j;
+    n_bin += (v == T(0)) | (v == T(1));
+  }
+  *word = bits;
+  return n_bin == n;
+}
+
+#ifdef PVAE_X86
+// The same with AVX-512, 8 doubles or 16 floats at a time: loads for strides 1 and 2 (channels
+// first, and PyMKS's two-state channels last), gathers for others.
+__attribute__((target("avx512f"))) bool pack_word_avx512(const double* s, int64_t si, int64_t n, uint64_t* word) {
+  const __m512i idx = _mm512_set_epi64(7 * si, 6 * si, 5 * si, 4 * si, 3 * si, 2 * si, si, 0);
+  const __m512i even = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
+  uint64_t bits = 0, valid = 0;
+  for (int64_t j = 0; j < n; j += 8) {
+    const __mmask8 m = n - j >= 8 ? __mmask8(0xFF) : static_cast<__mmask8>((1u << (n - j)) - 1);
+    __m512d v;
+    if (si == 1) {
+      v = _mm512_maskz_loadu_pd(m, s + j);
+    } else if (si == 2) {  // two loads and a shuffle beat a gather
+      const int64_t last = 2 * std::min<int64_t>(8, n - j) - 1;  // elements to cover: [0, last)
+      const __mmask8 m_lo = static_cast<__mmask8>((1u << std::min<int64_t>(8, last)) - 1);
+      const __mmask8 m_hi = static_cast<__mmask8>((1u << std::max<int64_t>(0, last - 8)) - 1);
+      v = _mm512_permutex2var_pd(_mm512_maskz_loadu_pd(m_lo, s + 2 * j), even,
+                                 _mm512_maskz_loadu_pd(m_hi, s + 2 * j + 8));
+    } else {
+      v = _mm512_mask_i64gather_pd(zero, m, idx, s + j * si, 8);
+    }
+    bits |= static_cast<uint64_t>(_mm512_mask_cmp_pd_mask(m, v, one, _CMP_EQ_OQ)) << j;
+    valid |= static_cast<uint64_t>(_mm512_mask_cmp_pd_mask(m, v, one, _CMP_EQ_OQ) |
+                                   _mm512_mask_cmp_pd_mask(m, v, zero, _CMP_EQ_OQ)) << j;
+  }
+  *word = bits;
+  return valid == (n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1);
+}
+
+__attribute__((target("avx512f"))) bool pack_word_avx512(const float* s, int64_t si, int64_t n, uint64_t* word) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(static_cast<int>(si)));
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  uint64_t bits = 0, valid = 0;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    __m512 v;
+    if (si == 1) {
+      v = _mm512_maskz_loadu_ps(m, s + j);
+    } else if (si == 2) {
+      const int64_t last = 2 * std::min<int64_t>(16, n - j) - 1;
+      const __mmask16 m_lo = static_cast<__mmask16>((1u << std::min<int64_t>(16, last)) - 1);
+      const __mmask16 m_hi = static_cast<__mmask16>((1u << std::max<int64_t>(0, last - 16)) - 1);
+      v = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(m_lo, s + 2 * j), even,
+                                 _mm512_maskz_loadu_ps(m_hi, s + 2 * j + 16));
+    } else {
+      v = _mm512_mask_i32gather_ps(zero, m, idx, s + j * si, 4);
+    }
+    const __mmask16 is1 = _mm512_mask_cmp_ps_mask(m, v, one, _CMP_EQ_OQ);
+    bits |= static_cast<uint64_t>(is1) << j;
+    valid |= static_cast<uint64_t>(is1 | _mm512_mask_cmp_ps_mask(m, v, zero, _CMP_EQ_OQ)) << j;
+  }
+  *word = bits;
+  return valid == (n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1);
+}
+#endif
+
+// Packs one field (S values at stride si) word-major: words[k * R + r] is word k of row r, and
+// dbl[k * R + r] word k of the doubled row r. Returns false at the first value that is neither 0
+// nor 1; *ones gets the number of 1s.
+template <typename T>
+bool pack_field(const T* src, int64_t si, const Layout& y, bool simd, uint64_t* words, uint64_t* dbl, int64_t* ones) {
+  const int64_t R = y.na * y.nb, L = y.L;
+  std::vector<uint64_t> w(y.wd), d(y.wd2);
+  int64_t count = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const T* s = src + r * L * si;
+    for (int64_t k = 0; k < y.wd; ++k) {
+      const int64_t j0 = 64 * k, n = std::min<int64_t>(64, L - j0);
+#ifdef PVAE_X86
+      const bool ok = simd ? pack_word_avx512(s + j0 * si, si, n, &w[k]) : pack_word_scalar<T>(s + j0 * si, si, n, &w[k]);
+#else
+      const bool ok = pack_word_scalar<T>(s + j0 * si, si, n, &w[k]);
+#endif
+      if (!ok) return false;
+      count += __builtin_popcountll(w[k]);
+      words[k * R + r] = w[k];
+    }
+    // The doubled row: the row at bit 0 and again at bit L.
+    std::fill(d.begin(), d.end(), uint64_t(0));
+    std::copy(w.begin(), w.end(), d.begin());
+    const int64_t q = L / 64, sh = L % 64;
+    for (int64_t k = 0; k < y.wd; ++k) {
+      d[q + k] |= w[k] << sh;
+      if (sh) d[q + k + 1] |= w[k] >> (64 - sh);
+    }
+    for (int64_t k = 0; k < y.wd2; ++k) dbl[k * R + r] = d[k];
+  }
+  *ones = count;
+  return true;
+}
+
+// ------------------------------------------------------------------ counting
+// Counts of base (a, b) for every lag of the box whose last component is rl, into cnt (the
+// sample's box for this base). auto_pair: C(r) = C(-r), so only the lags whose first non-zero
+// component is positive (and 0) are counted, and mirrored. ext is scratch of wd * na * (nb + 2 hb)
+// words: word k of b's rows rotated by rl, each block of nb rows extended by hb rows on either
+// side (periodically), so that b(x + r) over a block is one contiguous run for every rb.
+void count_lags(const Layout& y, const uint64_t* A, const uint64_t* Bdbl, int64_t rl, bool auto_pair, AndCount fn,
+                uint64_t* ext, double* cnt) {
+  const int64_t R = y.na * y.nb, off = wrap(rl, y.L), ext_rows = y.nb + 2 * y.hb;
+  const int64_t lo = off / 64, sh = off % 64;  // the same bit offset in every row
+  if (R == 1) {  // 1D: one row, its words contiguous
+    for (int64_t k = 0; k < y.wd; ++k)
+      ext[k] = sh ? (Bdbl[lo + k] >> sh) | (Bdbl[lo + k + 1] << (64 - sh)) : Bdbl[lo + k];
+  }
+  for (int64_t k = 0; k < y.wd && R > 1; ++k)
+    for (int64_t ia = 0; ia < y.na; ++ia) {
+      uint64_t* blk = ext + (k * y.na + ia) * ext_rows;
+      const uint64_t* d0 = Bdbl + (lo + k) * R + ia * y.nb;
+      const uint64_t* d1 = d0 + R;
+      uint64_t* dst = blk + y.hb;
+      if (sh == 0) {
+        std::memcpy(dst, d0, y.nb * sizeof(uint64_t));
+      } else {
+        for (int64_t r = 0; r < y.nb; ++r) dst[r] = (d0[r] >> sh) | (d1[r] << (64 - sh));
+      }
+      // hb < nb: the rows before the block are its last hb rows, those after its first hb.
+      std::memcpy(blk, blk + y.nb, y.hb * sizeof(uint64_t));
+      std::memcpy(blk + y.nb + y.hb, blk + y.hb, y.hb * sizeof(uint64_t));
+    }
+  int64_t part[kMaxLags];
+  for (int64_t ra = -y.ha; ra <= y.ha; ++ra) {
+    int64_t rb0 = -y.hb;
+    if (auto_pair && ra < 0) continue;
+    if (auto_pair && ra == 0) rb0 = rl >= 0 ? 0 : 1;  // rb < 0 (or rb = 0, rl < 0): mirrors
+    for (; rb0 <= y.hb; rb0 += kMaxLags) {
+      const int nk = static_cast<int>(std::min<int64_t>(kMaxLags, y.hb + 1 - rb0));
+      int64_t total[kMaxLags] = {};
+      if (R == 1) {  // 1D: the words of the one row are contiguous (nk is 1)
+        fn(A, ext, y.wd, 1, nk, total);
+      } else {
+        for (int64_t k = 0; k < y.wd; ++k)
+          for (int64_t ia = 0; ia < y.na; ++ia) {
+            const int64_t ib = (ia + wrap(ra, y.na)) % y.na;  // the block holding b(x + r)
+            fn(A + k * R + ia * y.nb, ext + (k * y.na + ib) * ext_rows + rb0 + y.hb, y.nb, 1, nk, part);
+            for (int j = 0; j < nk; ++j) total[j] += part[j];
+          }
+      }
+      for (int j = 0; j < nk; ++j) {
+        cnt[box_index(y, ra, rb0 + j, rl)] = static_cast<double>(total[j]);
+        if (auto_pair) cnt[box_index(y, -ra, -(rb0 + j), -rl)] = static_cast<double>(total[j]);
+      }
+    }
+  }
+}
+
+// Whether counting is estimated to beat the transforms for this plan, per sample, in nanoseconds.
+// The constants were fitted on the development VM (AMD EPYC, Zen 4, one thread) over 2D, 3D and
+// 1D fields of 32^2 to 64^3 pixels and cutoffs from 2 to 1000: counting costs the kernel's time
+// per word counted (half the box of lags for an auto-correlation), about 50 ns per kernel call
+// and task, 0.3 ns per word rotated and 0.4 ns per pixel packed; the transforms about 0.2 ns
+// (float64) or 0.11 ns (float32) per S log2 S for each forward and each inverse transform.
+bool counting_cheaper(const TwoPointPlan& plan, const Geometry& g, const CountKernel& k, bool single) {
+  const Layout y = make_layout(g);
+  const double R = static_cast<double>(y.na * y.nb), wd = static_cast<double>(y.wd);
+  double s = 1.0;
+  for (int d = 0; d < g.ndim; ++d) s *= static_cast<double>(g.n[d]);
+  const double n_rl = 2.0 * y.hl + 1, n_ra = 2.0 * y.ha + 1, groups = std::ceil((2.0 * y.hb + 1) / kMaxLags);
+  double words = 0.0, calls = 0.0, rotated = 0.0;
+  for (size_t b = 0; b < plan.base_a.size(); ++b) {
+    const double share = static_cast<int32_t>(b) < plan.n_auto ? 0.5 : 1.0;
+    words += share * static_cast<double>(y.box) * R * wd;
+    calls += y.na * y.nb == 1 ? share * n_rl : share * n_rl * n_ra * groups * wd * static_cast<double>(y.na);
+    rotated += n_rl * wd * static_cast<double>(y.na * (y.nb + 2 * y.hb));
+  }
+  const double packed = s * static_cast<double>(plan.fwd_states.size() + 1);  // + the partition check
+  const double count_ns = k.ns_per_word * words + 50.0 * calls + 0.3 * rotated + 0.4 * packed;
+  const double n_transforms = static_cast<double>(plan.fwd_states.size() + plan.base_a.size());
+  const double fft_ns = (single ? 0.11 : 0.2) * n_transforms * s * std::log2(std::max(2.0, s));
+  return count_ns < fft_ns;
+}
+
+// Whether the packed states (slots 0..n-1 in state order) partition every pixel of sample b:
+// each pixel has exactly one state at 1, i.e. their union covers the field and the 1s number S.
+bool partition_exact(const std::vector<uint64_t>& packed, int64_t b, int64_t n, int64_t field_words,
+                     const std::vector<int64_t>& ones, const Layout& y) {
+  const int64_t R = y.na * y.nb;
+  int64_t total = 0;
+  for (int64_t u = 0; u < n; ++u) total += ones[b * n + u];
+  if (total != R * y.L) return false;
+  for (int64_t k = 0; k < y.wd; ++k) {
+    const int64_t bits = std::min<int64_t>(64, y.L - 64 * k);
+    const uint64_t full = bits == 64 ? ~uint64_t(0) : (uint64_t(1) << bits) - 1;
+    for (int64_t r = 0; r < R; ++r) {
+      uint64_t any = 0;
+      for (int64_t u = 0; u < n; ++u) any |= packed[(b * n + u) * field_words + k * R + r];
+      if (any != full) return false;
+    }
+  }
+  return true;
+}
+
+// The whole binary path (see binary_stats_cpu); returns false if a value is not binary or if,
+// after the partition check, counting is no longer the cheaper route.
+template <typename T>
+bool binary_stats_t(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
+                    const Geometry& g, const Choice& c, at::Tensor& out) {
+  const Layout y = make_layout(g);
+  const int64_t B = x.size(0), n_state = x.size(1), R = y.na * y.nb;
+  TwoPointPlan direct = make_plan(req, n_state, false);
+  // Packing every state (for the partition check) only pays where the relations save work.
+  TwoPointPlan with_partition;
+  if (check_partition) {
+    with_partition = make_plan(req, n_state, true);
+    if (with_partition.fwd_states.size() + with_partition.base_a.size() >=
+        direct.fwd_states.size() + direct.base_a.size())
+      check_partition = false;
+  }
+  std::vector<int64_t> states;
+  if (check_partition) {
+    for (int64_t k = 0; k < n_state; ++k) states.push_back(k);
+  } else {
+    states = direct.fwd_states;
+  }
+  const int64_t np = static_cast<int64_t>(states.size());
+  const int64_t sb = x.stride(0), ss = x.stride(1), si = x.stride(x.dim() - 1);
+  const T* px = x.data_ptr<T>();
+  const int64_t field_words = R * (y.wd + y.wd2);
+  std::vector<uint64_t> packed(static_cast<size_t>(B * np * field_words));
+  std::vector<int64_t> ones(static_cast<size_t>(B * np));
+  std::atomic<bool> binary{true};
+  const bool simd = std::string(c.kernel.name) == "avx512" && si < (int64_t{1} << 26);
+
+  // 1. Pack the states of every sample, checking that they are binary.
+  at::parallel_for(0, B * np, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end && binary.load(std::memory_order_relaxed); ++t) {
+      const int64_t b = t / np, u = t % np;
+      uint64_t* words = packed.data() + t * field_words;
+      if (!pack_field<T>(px + b * sb + states[u] * ss, si, y, simd, words, words + R * y.wd, &ones[t]))
+        binary.store(false, std::memory_order_relaxed);
+    }
+  });
+  if (!binary.load()) return false;
+
+  bool partition = check_partition;
+  for (int64_t b = 0; b < B && partition; ++b) partition = partition_exact(packed, b, np, field_words, ones, y);
+  const TwoPointPlan& plan = partition ? with_partition : direct;
+  const bool single = x.scalar_type() == at::kFloat;
+  if (check_partition && !partition && !c.forced && !counting_cheaper(plan, g, c.kernel, single)) return false;
+  // slot[p]: where the plan's p-th transformed state was packed.
+  std::vector<int64_t> slot;
+  for (int64_t st : plan.fwd_states)
+    slot.push_back(std::find(states.begin(), states.end(), st) - states.begin());
+  const int64_t nf = static_cast<int64_t>(slot.size()), nbase = static_cast<int64_t>(plan.base_a.size());
+
+  // 2. The base counts on the box, one task per (sample, base, last-axis lag). Counts are held as
+  // doubles: integers below 2^53 are exact, and so are the sums and differences of step 3.
+  std::vector<double> counts(static_cast<size_t>(B * nbase * y.box));
+  const int64_t nl = 2 * y.hl + 1;
+  at::parallel_for(0, B * nbase * nl, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> ext(static_cast<size_t>(y.wd * y.na * (y.nb + 2 * y.hb)));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (nbase * nl), k = (t / nl) % nbase, rl = t % nl - y.hl;
+      const bool auto_pair = k < plan.n_auto;
+      if (auto_pair && R == 1 && rl < 0) continue;  // 1D: mirrored by the task of -rl
+      const uint64_t* fa = packed.data() + (b * np + slot[plan.base_a[k]]) * field_words;
+      const uint64_t* fb = packed.data() + (b * np + slot[plan.base_b[k]]) * field_words;
+      count_lags(y, fa, fb + R * y.wd, rl, auto_pair, c.kernel.fn, ext.data(), counts.data() + (b * nbase + k) * y.box);
+    }
+  });
+
+  // 3. Each requested correlation from the bases, then one (correctly rounded) division by S.
+  const int64_t nq = static_cast<int64_t>(plan.pairs.size());
+  int64_t win = 1, s_total = 1;
+  for (int d = 0; d < g.ndim; ++d) {
+    win *= g.w[d];
+    s_total *= g.n[d];
+  }
+  const int64_t wa = g.ndim == 3 ? g.w[0] : 1, wb = g.ndim >= 2 ? g.w[g.ndim - 2] : 1, wl = g.w[g.ndim - 1];
+  T* o_all = out.data_ptr<T>();
+  const double s_d = static_cast<double>(s_total);
+  at::parallel_for(0, B * nq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> row(wl), ones_b(nf);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nq, q = t % nq;
+      const PairPlan& p = plan.pairs[q];
+      const double* cnt = counts.data() + b * nbase * y.box;
+      for (int64_t u = 0; u < nf; ++u) ones_b[u] = static_cast<double>(ones[b * np + slot[u]]);
+      const double cst = pair_constant<double>(p, plan.vfs.data(), ones_b.data(), s_d);
+      T* o = o_all + t * win;
+      for (int64_t ia = 0; ia < wa; ++ia)
+        for (int64_t ib = 0; ib < wb; ++ib) {
+          const int64_t ra = window_lag(ia, wa), rb = window_lag(ib, wb), rl0 = window_lag(0, wl);
+          std::fill(row.begin(), row.end(), cst);
+          for (int32_t k = p.term_begin; k < p.term_end; ++k) {
+            const Term& tm = plan.terms[k];
+            const double cf = tm.coef;
+            const double* src = cnt + tm.base * y.box;
+            if (tm.reversed) {  // C(-r): the mirrored row, read backwards
+              src += box_index(y, -ra, -rb, -rl0);
+              for (int64_t il = 0; il < wl; ++il) row[il] += cf * src[-il];
+            } else {
+              src += box_index(y, ra, rb, rl0);
+              for (int64_t il = 0; il < wl; ++il) row[il] += cf * src[il];
+            }
+          }
+          T* orow = o + (ia * wb + ib) * wl;
+          for (int64_t il = 0; il < wl; ++il) orow[il] = static_cast<T>(row[il] / s_d);
+        }
+    }
+  });
+  return true;
+}
+
+}  // namespace
+
+const char* binary_count_kernel() { return best_kernel().name; }
+
+bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
+                      const Geometry& g, at::Tensor& out) {
+  const Choice c = read_choice();
+  if (c.off || (!c.forced && c.kernel.ns_per_word <= 0.0)) return false;
+  // The estimate uses the plan the partition would allow: where it does not hold, the binary
+  // path checks again once it knows.
+  if (!c.forced &&
+      !counting_cheaper(make_plan(req, x.size(1), check_partition), g, c.kernel, x.scalar_type() == at::kFloat))
+    return false;
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "binary_stats", [&] {
+    done = binary_stats_t<scalar_t>(x, req, check_partition, g, c, out);
+  });
+  return done;
+}
+
+}  // namespace pymks_vae
