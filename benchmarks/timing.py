@@ -20,6 +20,17 @@ def machine():
     except OSError:
         pass
     desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    try:  # the CPU kernel that counts binary fields, and a forced route if one is set
+        from pymks_vae import build_info
+
+        kernel = build_info().get("cpu_count_kernel")
+        if kernel:
+            desc += f", count kernel {kernel}"
+        route = os.environ.get("PYMKS_VAE_BINARY_PATH")
+        if route:
+            desc += f" (PYMKS_VAE_BINARY_PATH={route})"
+    except ImportError:
+        pass
     if torch.cuda.is_available():
         desc += f"; GPU {torch.cuda.get_device_name()}"
     return desc

@@ -86,7 +86,8 @@ struct TwoPointBackend {
   // Periodic statistics without a mask of the pairs req, computed exactly by counting where x holds
   // only 0s and 1s and counting is the cheaper route (check_partition: the partition relations may
   // be used where the states partition every pixel, which it checks): writes out (B, n_pairs, *w)
-  // and returns true, or returns false having written nothing. Null where there is no such route.
+  // and returns true, or returns false (out may then hold part of the answer, to be overwritten).
+  // Null where there is no such route.
   bool (*binary_stats)(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req,
                        bool check_partition, const Geometry& g, at::Tensor& out);
 };

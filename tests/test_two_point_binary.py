@@ -3,7 +3,7 @@
 Periodic statistics of 0/1 fields are counts over S, so the route's output must equal the exact
 count divided by S, bit for bit. The exact counts come from the float64 numpy reference, rounded
 to integers (its error is far below 0.5 count at these sizes). PYMKS_VAE_BINARY_PATH forces a
-kernel ("generic", "popcnt", "avx512") or the transforms ("off"); "auto" lets the cost model pick.
+kernel ("generic", "popcnt", "avx2", "avx512") or the transforms ("off"); "auto" lets the cost model pick.
 """
 import os
 
@@ -18,7 +18,8 @@ from numpy_reference import np_two_point
 BEST = pymks_vae.build_info()["cpu_count_kernel"]
 # The kernels this CPU runs (each one is forced below); the dispatch itself is checked against
 # the CPU's flags in test_dispatch_matches_the_cpu.
-KERNELS = ["generic"] + (["popcnt"] if BEST in ("popcnt", "avx512") else []) + (["avx512"] if BEST == "avx512" else [])
+RANKED = ["generic", "popcnt", "avx2", "avx512"]
+KERNELS = RANKED[: RANKED.index(BEST) + 1]
 
 
 @pytest.fixture
@@ -91,7 +92,8 @@ def test_float32_is_the_exact_value_rounded(path, kernel):
 
 def test_auto_route_follows_the_cost_model(path):
     """PyMKS's case (two-state one-hot, channels last, small cutoff) is counted where the CPU has
-    the AVX-512 kernel; a full window on the same field is transformed. Same route => same bits."""
+    a vector kernel (AVX-512 or AVX2); a full window on the same field is transformed. Same route
+    => same bits."""
     x = channels_last(one_hot(4, 2, (128, 128)))
     pairs = [(1, 1), (0, 1)]
     results = {}
@@ -102,8 +104,8 @@ def test_auto_route_follows_the_cost_model(path):
     np.testing.assert_array_equal(results[BEST][0].numpy(), want)
     assert not np.array_equal(results["off"][0].numpy(), want)  # the transforms round differently
     np.testing.assert_allclose(results["off"][0].numpy(), want, rtol=0, atol=1e-14)
-    if BEST == "avx512":
-        assert torch.equal(results["auto"][0], results["avx512"][0])
+    if BEST in ("avx512", "avx2"):
+        assert torch.equal(results["auto"][0], results[BEST][0])
     else:  # the scalar kernels lose to the transforms here
         assert torch.equal(results["auto"][0], results["off"][0])
     assert torch.equal(results["auto"][1], results["off"][1])  # 128^2 lags: transforms
@@ -162,7 +164,7 @@ def test_opcheck_on_binary_input(path):
 
 def test_unknown_path_setting_is_a_clear_error(path):
     path("fastest")
-    with pytest.raises(ValueError, match="PYMKS_VAE_BINARY_PATH must be auto, off, generic, popcnt or avx512"):
+    with pytest.raises(ValueError, match="PYMKS_VAE_BINARY_PATH must be auto, off, generic, popcnt, avx2 or avx512"):
         ops.two_point_stats(one_hot(1, 2, (8, 8)), [(1, 1)], cutoff=2)
 
 
@@ -179,7 +181,21 @@ def test_dispatch_matches_the_cpu():
                 flags |= set(line.split(":", 1)[1].split())
     if {"avx512f", "avx512_vpopcntdq"} <= flags:
         assert BEST == "avx512"
+    elif {"avx2", "popcnt"} <= flags:
+        assert BEST == "avx2"
     elif "popcnt" in flags:
         assert BEST == "popcnt"
     else:
         assert BEST == "generic"
+
+
+def test_batches_counted_in_chunks(path):
+    """Packed fields are processed 16 MiB at a time (64 samples of 64^3 here, two states): each
+    chunk plans for itself, so a last chunk that is not a partition is still counted exactly."""
+    path(KERNELS[-1])
+    x = one_hot(66, 2, (64, 64, 64), dtype=torch.float32)
+    x[65, 0, 1, 2, 3] = 1 - x[65, 0, 1, 2, 3]  # binary, but no longer a partition
+    view = channels_last(x)
+    got = ops.two_point_stats(view, [(1, 1), (0, 1)], cutoff=2)
+    keep = [0, 63, 64, 65]
+    np.testing.assert_array_equal(got[keep].numpy(), exact(x[keep], [(1, 1), (0, 1)], 2).astype(np.float32))

@@ -9,10 +9,16 @@
 // rounded count / S, where the FFT path is off by a few ulps.
 //
 // Layout: a field (n_0, ..., n_{nd-1}) is R = n_0 ... n_{nd-2} rows of L = n_{nd-1} pixels, each
-// row packed into wd = ceil(L / 64) words (bits past L are 0). A shift r_last along a row is a
-// rotation, read from a doubled copy of the row (the row, then the row again from bit L on);
-// shifts along the other axes pick other rows, which for the axis before the last are two
-// contiguous runs of words. So every count is a few calls of one loop: and, popcount, add.
+// row packed into wd = ceil(L / 64) words (bits past L are 0), stored word-major (word k of every
+// row, then word k + 1). A shift along a row is a rotation, read from a doubled copy of the row
+// (the row, then the row again from bit L on). A shift along the axis before the last is one
+// contiguous run of rows once each block of rows is extended periodically on both sides; a shift
+// along the first axis of a 3D field picks another block. So every count is a few calls of one
+// loop - and, popcount, add - each taking eight lags at once.
+//
+// Which route a call takes (counting or the transforms) is decided by a cost model, and which
+// kernel counts by the CPU (AVX-512 VPOPCNTDQ, AVX2, popcnt, or portable C++): see
+// docs/two_point_stats.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -40,7 +46,8 @@ namespace {
 constexpr int kMaxLags = 8;
 
 template <int K>
-__attribute__((always_inline)) inline void and_counts_scalar(const uint64_t* a, const uint64_t* b, int64_t n, int64_t stride, int64_t* out) {
+__attribute__((always_inline)) inline void and_counts_scalar(const uint64_t* a, const uint64_t* b, int64_t n,
+                                                             int64_t stride, int64_t* out) {
   int64_t acc[K] = {};
   for (int64_t i = 0; i < n; ++i) {
     const uint64_t v = a[i];
@@ -97,6 +104,42 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) inline void and_counts_avx512
   }
 }
 
+// AVX2 has no popcount instruction: the counts of the two nibbles of each byte come from a
+// 16-entry table (vpshufb), and vpsadbw sums each 8 bytes into a 64-bit lane.
+template <int K>
+__attribute__((target("avx2,popcnt"))) inline void and_counts_avx2_k(const uint64_t* a, const uint64_t* b, int64_t n,
+                                                                   int64_t stride, int64_t* out) {
+  const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+  __m256i acc[K];
+  for (int j = 0; j < K; ++j) acc[j] = zero;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i));
+    for (int j = 0; j < K; ++j) {
+      const __m256i v = _mm256_and_si256(va, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i + j * stride)));
+      const __m256i c = _mm256_add_epi8(_mm256_shuffle_epi8(table, _mm256_and_si256(v, low)),
+                                        _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), low)));
+      acc[j] = _mm256_add_epi64(acc[j], _mm256_sad_epu8(c, zero));
+    }
+  }
+  alignas(32) int64_t lanes[4];
+  for (int j = 0; j < K; ++j) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[j]);
+    int64_t t = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    for (int64_t r = i; r < n; ++r) t += __builtin_popcountll(a[r] & b[r + j * stride]);
+    out[j] = t;
+  }
+}
+
+__attribute__((target("avx2,popcnt"))) void and_counts_avx2(const uint64_t* a, const uint64_t* b, int64_t n,
+                                                            int64_t stride, int k, int64_t* out) {
+#define PVAE_CALL(K) and_counts_avx2_k<K>(a, b, n, stride, out)
+  PVAE_DISPATCH_LAGS(k, PVAE_CALL)
+#undef PVAE_CALL
+}
+
 __attribute__((target("avx512f,avx512vpopcntdq"))) void and_counts_avx512(const uint64_t* a, const uint64_t* b,
                                                                           int64_t n, int64_t stride, int k,
                                                                           int64_t* out) {
@@ -117,14 +160,32 @@ struct CountKernel {
   double ns_per_word;
 };
 
+// The kernels by rank: a CPU that runs one runs those before it.
+const char* const kKernelNames[] = {"generic", "popcnt", "avx2", "avx512"};
+
+CountKernel kernel_named(const std::string& name) {
+#ifdef PVAE_X86
+  if (name == "avx512") return {"avx512", and_counts_avx512, 0.1};
+  if (name == "avx2") return {"avx2", and_counts_avx2, 0.28};
+  if (name == "popcnt") return {"popcnt", and_counts_popcnt, 0.4};
+#endif
+  return {"generic", and_counts_generic, 0.0};
+}
+
+int kernel_rank(const std::string& name) {
+  for (int r = 0; r < 4; ++r)
+    if (name == kKernelNames[r]) return r;
+  return -1;
+}
+
 CountKernel best_kernel() {
 #ifdef PVAE_X86
   static const CountKernel k = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq"))
-      return CountKernel{"avx512", and_counts_avx512, 0.1};
-    if (__builtin_cpu_supports("popcnt")) return CountKernel{"popcnt", and_counts_popcnt, 0.4};
-    return CountKernel{"generic", and_counts_generic, 0.0};
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq")) return kernel_named("avx512");
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) return kernel_named("avx2");
+    if (__builtin_cpu_supports("popcnt")) return kernel_named("popcnt");
+    return kernel_named("generic");
   }();
   return k;
 #else
@@ -133,8 +194,8 @@ CountKernel best_kernel() {
 }
 
 // PYMKS_VAE_BINARY_PATH (read on every call, for tests and benchmarks): "auto" or unset lets the
-// cost model choose; "off" always transforms; "generic", "popcnt" or "avx512" always counts binary
-// input with that kernel (an error if this CPU lacks it).
+// cost model choose; "off" always transforms; "generic", "popcnt", "avx2" or "avx512" always counts
+// binary input with that kernel (an error if this CPU lacks it).
 struct Choice {
   bool forced = false, off = false;
   CountKernel kernel{};
@@ -150,28 +211,19 @@ Choice read_choice() {
     c.off = true;
     return c;
   }
+  TORCH_CHECK_VALUE(kernel_rank(v) >= 0, "PYMKS_VAE_BINARY_PATH must be auto, off, generic, popcnt, avx2 or avx512, ",
+                    "got '", v, "'");
+  TORCH_CHECK_VALUE(kernel_rank(v) <= kernel_rank(c.kernel.name), "PYMKS_VAE_BINARY_PATH=", v,
+                    ": this CPU cannot run that kernel (its best: ", c.kernel.name, ")");
   c.forced = true;
-  if (v == "generic") {
-    c.kernel = {"generic", and_counts_generic, 0.0};
-    return c;
-  }
-  const std::string have = c.kernel.name;
-  TORCH_CHECK_VALUE(v == "popcnt" || v == "avx512", "PYMKS_VAE_BINARY_PATH must be auto, off, generic, popcnt or ",
-                    "avx512, got '", v, "'");
-#ifdef PVAE_X86
-  const bool ok = v == "popcnt" ? have != "generic" : have == "avx512";
-  TORCH_CHECK_VALUE(ok, "PYMKS_VAE_BINARY_PATH=", v, ": this CPU cannot run that kernel (best: ", have, ")");
-  if (v == "popcnt") c.kernel = {"popcnt", and_counts_popcnt, 0.4};
-#else
-  TORCH_CHECK_VALUE(false, "PYMKS_VAE_BINARY_PATH=", v, ": only on x86-64");
-#endif
+  c.kernel = kernel_named(v);
   return c;
 }
 
 // ------------------------------------------------------------------ geometry of the counts
 // Counts are taken on the box of lags [-h_d, h_d], h_d = w_d / 2, which holds the window and its
-// mirror (a reversed term reads -r). Axes: the leading ones folded into at most two (A, Bx: rows
-// of rows), then the last (the bits of a row).
+// mirror (a reversed term reads -r). The rows are na blocks of nb rows (3D: n_0 blocks of n_1 rows;
+// 2D: one block of n_0 rows; 1D: one row), and the last axis runs along each row's bits.
 struct Layout {
   int nd;
   int64_t L, wd, wd2;   // row length in pixels, words per row, words per doubled row
@@ -280,13 +332,64 @@ __attribute__((target("avx512f"))) bool pack_word_avx512(const float* s, int64_t
   *word = bits;
   return valid == (n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1);
 }
+
+// The same with AVX2 gathers, 4 doubles or 8 floats at a time.
+__attribute__((target("avx2"))) bool pack_word_avx2(const double* s, int64_t si, int64_t n, uint64_t* word) {
+  const __m256i idx = _mm256_set_epi64x(3 * si, 2 * si, si, 0);
+  const __m256d zero = _mm256_setzero_pd(), one = _mm256_set1_pd(1.0);
+  uint64_t bits = 0, valid = 0;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const __m256d v = _mm256_i64gather_pd(s + j * si, idx, 8);
+    const int is1 = _mm256_movemask_pd(_mm256_cmp_pd(v, one, _CMP_EQ_OQ));
+    bits |= static_cast<uint64_t>(is1) << j;
+    valid |= static_cast<uint64_t>(is1 | _mm256_movemask_pd(_mm256_cmp_pd(v, zero, _CMP_EQ_OQ))) << j;
+  }
+  uint64_t tail = 0;
+  const bool ok = pack_word_scalar<double>(s + j * si, si, n - j, &tail);
+  *word = bits | (tail << (j & 63));
+  const uint64_t full = j == 64 ? ~uint64_t(0) : (uint64_t(1) << j) - 1;
+  return ok && valid == full;
+}
+
+__attribute__((target("avx2"))) bool pack_word_avx2(const float* s, int64_t si, int64_t n, uint64_t* word) {
+  const int i = static_cast<int>(si);
+  const __m256i idx = _mm256_set_epi32(7 * i, 6 * i, 5 * i, 4 * i, 3 * i, 2 * i, i, 0);
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  uint64_t bits = 0, valid = 0;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_i32gather_ps(s + j * si, idx, 4);
+    const int is1 = _mm256_movemask_ps(_mm256_cmp_ps(v, one, _CMP_EQ_OQ));
+    bits |= static_cast<uint64_t>(is1) << j;
+    valid |= static_cast<uint64_t>(is1 | _mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_EQ_OQ))) << j;
+  }
+  uint64_t tail = 0;
+  const bool ok = pack_word_scalar<float>(s + j * si, si, n - j, &tail);
+  *word = bits | (tail << (j & 63));
+  const uint64_t full = j == 64 ? ~uint64_t(0) : (uint64_t(1) << j) - 1;
+  return ok && valid == full;
+}
 #endif
+
+// Which packing code runs: the vector one of the counting kernel's instruction set, where the
+// stride fits the gathers' 32-bit offsets.
+enum class PackIsa { kScalar, kAvx2, kAvx512 };
+
+template <typename T>
+bool pack_word(PackIsa isa, const T* s, int64_t si, int64_t n, uint64_t* word) {
+#ifdef PVAE_X86
+  if (isa == PackIsa::kAvx512) return pack_word_avx512(s, si, n, word);
+  if (isa == PackIsa::kAvx2) return pack_word_avx2(s, si, n, word);
+#endif
+  return pack_word_scalar<T>(s, si, n, word);
+}
 
 // Packs one field (S values at stride si) word-major: words[k * R + r] is word k of row r, and
 // dbl[k * R + r] word k of the doubled row r. Returns false at the first value that is neither 0
 // nor 1; *ones gets the number of 1s.
 template <typename T>
-bool pack_field(const T* src, int64_t si, const Layout& y, bool simd, uint64_t* words, uint64_t* dbl, int64_t* ones) {
+bool pack_field(const T* src, int64_t si, const Layout& y, PackIsa isa, uint64_t* words, uint64_t* dbl, int64_t* ones) {
   const int64_t R = y.na * y.nb, L = y.L;
   std::vector<uint64_t> w(y.wd), d(y.wd2);
   int64_t count = 0;
@@ -294,12 +397,7 @@ bool pack_field(const T* src, int64_t si, const Layout& y, bool simd, uint64_t* 
     const T* s = src + r * L * si;
     for (int64_t k = 0; k < y.wd; ++k) {
       const int64_t j0 = 64 * k, n = std::min<int64_t>(64, L - j0);
-#ifdef PVAE_X86
-      const bool ok = simd ? pack_word_avx512(s + j0 * si, si, n, &w[k]) : pack_word_scalar<T>(s + j0 * si, si, n, &w[k]);
-#else
-      const bool ok = pack_word_scalar<T>(s + j0 * si, si, n, &w[k]);
-#endif
-      if (!ok) return false;
+      if (!pack_word<T>(isa, s + j0 * si, si, n, &w[k])) return false;
       count += __builtin_popcountll(w[k]);
       words[k * R + r] = w[k];
     }
@@ -447,14 +545,18 @@ bool binary_stats_t(const at::Tensor& x, const std::vector<std::pair<int64_t, in
   std::vector<uint64_t> packed(static_cast<size_t>(B * np * field_words));
   std::vector<int64_t> ones(static_cast<size_t>(B * np));
   std::atomic<bool> binary{true};
-  const bool simd = std::string(c.kernel.name) == "avx512" && si < (int64_t{1} << 26);
+  const std::string kname = c.kernel.name;
+  const PackIsa isa = si >= (int64_t{1} << 26) ? PackIsa::kScalar
+                      : kname == "avx512"      ? PackIsa::kAvx512
+                      : kname == "avx2"        ? PackIsa::kAvx2
+                                               : PackIsa::kScalar;
 
   // 1. Pack the states of every sample, checking that they are binary.
   at::parallel_for(0, B * np, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end && binary.load(std::memory_order_relaxed); ++t) {
       const int64_t b = t / np, u = t % np;
       uint64_t* words = packed.data() + t * field_words;
-      if (!pack_field<T>(px + b * sb + states[u] * ss, si, y, simd, words, words + R * y.wd, &ones[t]))
+      if (!pack_field<T>(px + b * sb + states[u] * ss, si, y, isa, words, words + R * y.wd, &ones[t]))
         binary.store(false, std::memory_order_relaxed);
     }
   });
@@ -543,11 +645,22 @@ bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, 
   if (!c.forced &&
       !counting_cheaper(make_plan(req, x.size(1), check_partition), g, c.kernel, x.scalar_type() == at::kFloat))
     return false;
-  bool done = false;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "binary_stats", [&] {
-    done = binary_stats_t<scalar_t>(x, req, check_partition, g, c, out);
-  });
-  return done;
+  // Chunks of samples whose packed fields take at most 16 MiB. Each chunk picks its own plan (the
+  // partition may hold in one and not another): the counts are exact either way.
+  const Layout y = make_layout(g);
+  const int64_t B = x.size(0);
+  const int64_t per_sample = x.size(1) * y.na * y.nb * (y.wd + y.wd2) * static_cast<int64_t>(sizeof(uint64_t));
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{16} << 20) / per_sample);
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t n = std::min(chunk, B - b0);
+    at::Tensor out_c = out.narrow(0, b0, n);
+    bool done = false;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "binary_stats", [&] {
+      done = binary_stats_t<scalar_t>(x.narrow(0, b0, n), req, check_partition, g, c, out_c);
+    });
+    if (!done) return false;  // the transforms redo the whole batch
+  }
+  return true;
 }
 
 }  // namespace pymks_vae
