@@ -1,17 +1,18 @@
 """PyMKS pipelines: pymks-vae's TwoPointCorrelation against pymks 0.4.1's on the same dask input.
 
 Input: the one-hot (pymks.PrimitiveTransformer, 2 states) of 64 two-phase microstructures of
-128x128, persisted in memory in chunks of 16 samples. Both transformers run periodic, cutoff 20,
-pairs [(1, 1), (0, 1)], timed from ``.transform`` to computed numbers (dask's default threaded
-scheduler), warm: medians over rounds of alternating blocks (untimed warm-up, then timed runs) of
-each transformer, so that both see the same drifts of a noisy machine. The outputs are checked
-equal before anything is timed.
+128x128, persisted in memory in chunks of 16 samples. Both transformers run periodic (or, with
+``--non-periodic``, zero padded), cutoff 20, pairs [(1, 1), (0, 1)], timed from ``.transform`` to
+computed numbers (dask's default threaded scheduler), warm: medians over rounds of alternating
+blocks (untimed warm-up, then timed runs) of each transformer, so that both see the same drifts of
+a noisy machine. The outputs are checked equal before anything is timed.
 
 With ``--timeline``, pymks-vae's transform is also split into where its time goes: dask's work
 before the first block starts, the span of the blocks on the worker threads (and each block's own
 time), and dask's work after the last block, with the number of tasks the scheduler ran.
 
-Usage: python benchmarks/bench_transformers.py [--rounds 3] [--repeats 5] [--timeline] [--json out.json]
+Usage: python benchmarks/bench_transformers.py [--rounds 3] [--repeats 5] [--timeline] [--non-periodic]
+       [--json out.json]
 """
 import argparse
 import os
@@ -101,6 +102,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--cutoff", type=int, default=20)
+    parser.add_argument("--non-periodic", action="store_true", help="zero padding instead of periodic boundaries")
     parser.add_argument("--timeline", action="store_true", help="also split pymks-vae's time (see above)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -110,8 +112,9 @@ def main(argv=None):
     import pymks
 
     data = make_input(args.n_samples, args.size, args.chunk)
-    ours = pymks_vae.TwoPointCorrelation(correlations=PAIRS, periodic_boundary=True, cutoff=args.cutoff).fit(data)
-    theirs = pymks.TwoPointCorrelation(correlations=PAIRS, periodic_boundary=True, cutoff=args.cutoff)
+    periodic = not args.non_periodic
+    ours = pymks_vae.TwoPointCorrelation(correlations=PAIRS, periodic_boundary=periodic, cutoff=args.cutoff).fit(data)
+    theirs = pymks.TwoPointCorrelation(correlations=PAIRS, periodic_boundary=periodic, cutoff=args.cutoff)
 
     def run_ours():
         return ours.transform(data).compute()
@@ -137,7 +140,7 @@ def main(argv=None):
     ]
     desc = machine()
     print(f"\nTwoPointCorrelation on dask: {args.n_samples} x {args.size}x{args.size} one-hot, 2 states, "
-          f"chunks of {args.chunk}, periodic, cutoff {args.cutoff}, pairs {PAIRS}; "
+          f"chunks of {args.chunk}, {'periodic' if periodic else 'non-periodic'}, cutoff {args.cutoff}, pairs {PAIRS}; "
           f"medians of {args.rounds} x {args.repeats} warm runs each (max |diff| {max_diff:.1e})")
     print("Speed-up per round: " + ", ".join(f"{r:.1f}x" for r in block_ratios))
     print(f"Machine: {desc}; extension compiled: {info['compiled']}\n")
@@ -155,7 +158,7 @@ def main(argv=None):
         "machine": desc,
         "build_info": {k: v for k, v in info.items() if isinstance(v, (bool, str, list, type(None)))},
         "case": {"n_samples": args.n_samples, "size": args.size, "chunk": args.chunk, "n_state": 2,
-                 "cutoff": args.cutoff, "periodic": True, "pairs": PAIRS},
+                 "cutoff": args.cutoff, "periodic": periodic, "pairs": PAIRS},
         "repeats": args.repeats,
         "seconds": {"pymks": t_pymks, "pymks_vae": t_ours},
         "all_seconds": all_times,

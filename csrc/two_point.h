@@ -83,18 +83,18 @@ struct TwoPointBackend {
   at::Tensor (*embed_grad)(const EmbedArgs& args);
   // Gradient spectra of the states  ->  (B, n_states, *h)
   at::Tensor (*combine_grad)(const CombineArgs& args);
-  // Periodic statistics without a mask of the pairs req, computed exactly by counting where x holds
-  // only 0s and 1s and counting is the cheaper route (check_partition: the partition relations may
-  // be used where the states partition every pixel, which it checks): writes out (B, n_pairs, *w)
-  // and returns true, or returns false (out may then hold part of the answer, to be overwritten).
-  // Null where there is no such route.
+  // Statistics without a mask of the pairs req, computed exactly by counting where x holds only 0s
+  // and 1s and counting is the cheaper route (check_partition: the partition relations may be used
+  // where the states partition every pixel, which it checks; periodic statistics only): writes out
+  // (B, n_pairs, *w) and returns true, or returns false (out may then hold part of the answer, to
+  // be overwritten). Null where there is no such route.
   bool (*binary_stats)(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req,
-                       bool check_partition, const Geometry& g, at::Tensor& out);
+                       bool check_partition, bool periodic, const Geometry& g, at::Tensor& out);
 };
 
 // The CPU's binary_stats (csrc/cpu/two_point_bits.cpp).
 bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
-                      const Geometry& g, at::Tensor& out);
+                      bool periodic, const Geometry& g, at::Tensor& out);
 
 // The best counting kernel this CPU runs: "avx512", "popcnt" or "generic" (for build_info).
 const char* binary_count_kernel();

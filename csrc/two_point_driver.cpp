@@ -382,8 +382,8 @@ at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at:
   // Binary fields (segmented microstructures) may be counted exactly instead, which checks the
   // partition itself: not under a trusted partition, whose eliminated states would then go unread
   // (the transforms check them for NaN).
-  if (periodic && !mask.defined() && partition != 1 && be.binary_stats != nullptr &&
-      be.binary_stats(x, pair_list(pair_i, pair_j), partition == 2 && n_state >= 2, s.geom, out))
+  if (!mask.defined() && partition != 1 && be.binary_stats != nullptr &&
+      be.binary_stats(x, pair_list(pair_i, pair_j), partition == 2 && n_state >= 2, periodic, s.geom, out))
     return out;
   const bool use_partition = partition_holds(x, periodic, mask.defined(), partition, be);
   const TwoPointPlan plan = make_plan(pair_list(pair_i, pair_j), n_state, use_partition);

@@ -1,8 +1,9 @@
 """The exact counting route of the two-point operator for binary fields (csrc/cpu/two_point_bits.cpp).
 
-Periodic statistics of 0/1 fields are counts over S, so the route's output must equal the exact
-count divided by S, bit for bit. The exact counts come from the float64 numpy reference, rounded
-to integers (its error is far below 0.5 count at these sizes). PYMKS_VAE_BINARY_PATH forces a
+Statistics of 0/1 fields are counts over S (periodic) or over the number of pixel pairs at each lag
+(non-periodic), so the route's output must equal the exact count divided by that, bit for bit. The
+exact counts come from the float64 numpy reference, rounded to integers (its error is far below
+0.5 count at these sizes). PYMKS_VAE_BINARY_PATH forces a
 kernel ("generic", "popcnt", "avx2", "avx512") or the transforms ("off"); "auto" lets the cost model pick.
 """
 import os
@@ -13,7 +14,7 @@ import torch
 
 import pymks_vae
 from pymks_vae import ops
-from numpy_reference import np_two_point
+from numpy_reference import np_two_point, np_window
 
 BEST = pymks_vae.build_info()["cpu_count_kernel"]
 # The kernels this CPU runs (each one is forced below); the dispatch itself is checked against
@@ -34,12 +35,22 @@ def one_hot(B, n_state, spatial, dtype=torch.float64):
     return torch.nn.functional.one_hot(labels, n_state).movedim(-1, 1).to(dtype)
 
 
-def exact(x, pairs, cutoff):
-    """count / S in float64, the counts exact (rounded from the float64 FFT reference)."""
+def pair_counts(spatial, window, periodic):
+    """How many pixel pairs each lag of the window has: S, or prod_d (n_d - |r_d|)."""
+    if periodic:
+        return np.full(window, float(np.prod(spatial)))
+    lags = [np.abs(np.arange(w) - w // 2) for w in window]
+    return np.prod(np.meshgrid(*[n - r for n, r in zip(spatial, lags)], indexing="ij"), axis=0).astype(float)
+
+
+def exact(x, pairs, cutoff, periodic=True):
+    """count / pairs in float64, the counts exact (rounded from the float64 FFT reference)."""
     x = x.detach().double().numpy()
-    s = float(np.prod(x.shape[2:]))
-    counts = np.rint(np_two_point(x, pairs, True, cutoff) * s)
-    return counts / s
+    spatial = x.shape[2:]
+    window = np_window(spatial, cutoff)
+    n = pair_counts(spatial, window, periodic)
+    counts = np.rint(np_two_point(x, pairs, periodic, cutoff) * n)
+    return counts / n
 
 
 def channels_last(x):
@@ -54,15 +65,17 @@ SHAPES_CUTOFFS = [
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("periodic", [True, False])
 @pytest.mark.parametrize("spatial,cutoff", SHAPES_CUTOFFS)
-def test_counts_are_exact(path, kernel, spatial, cutoff):
+def test_counts_are_exact(path, kernel, periodic, spatial, cutoff):
     path(kernel)
     for n_state in (2, 3):
         x = one_hot(3, n_state, spatial)
         pairs = [(i, j) for i in range(n_state) for j in range(n_state)]
+        want = exact(x, pairs, cutoff, periodic)
         for view in (x, channels_last(x)):
-            got = ops.two_point_stats(view, pairs, cutoff=cutoff)
-            np.testing.assert_array_equal(got.numpy(), exact(x, pairs, cutoff))
+            got = ops.two_point_stats(view, pairs, periodic=periodic, cutoff=cutoff)
+            np.testing.assert_array_equal(got.numpy(), want)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -72,7 +85,9 @@ def test_binary_fields_that_are_not_a_partition(path, kernel):
     for spatial, cutoff in [((40,), 7), ((12, 15), 4), ((5, 6, 7), 2)]:
         x = (torch.rand((3, 3) + spatial) < 0.4).double()
         pairs = [(0, 0), (1, 0), (0, 2), (2, 2), (2, 1)]
-        np.testing.assert_array_equal(ops.two_point_stats(x, pairs, cutoff=cutoff).numpy(), exact(x, pairs, cutoff))
+        for periodic in (True, False):
+            np.testing.assert_array_equal(ops.two_point_stats(x, pairs, periodic=periodic, cutoff=cutoff).numpy(),
+                                          exact(x, pairs, cutoff, periodic))
         # one sample a partition, the other not: the batch takes the direct plan
         y = one_hot(2, 2, spatial)
         y[1, 0].view(-1)[3] = 1 - y[1, 0].view(-1)[3]
@@ -134,11 +149,11 @@ def test_nan_inf_in_binary_input_still_rejected(path, mode, bad):
             ops.two_point_stats(view, [(1, 1), (0, 1)], cutoff=3)
 
 
-def test_only_periodic_unmasked_statistics_are_counted(path):
-    """Non-periodic and masked statistics always take the transforms, whatever is forced."""
+def test_masked_or_trusted_partition_statistics_are_not_counted(path):
+    """Masked statistics, and a trusted partition, always take the transforms, whatever is forced."""
     x = one_hot(2, 2, (10, 12))
     mask = (torch.rand(10, 12) < 0.8).double()
-    for kw in [dict(periodic=False), dict(mask=mask), dict(partition=True)]:
+    for kw in [dict(mask=mask), dict(mask=mask, periodic=False), dict(partition=True)]:
         path(KERNELS[-1])
         got = ops.two_point_stats(x, [(1, 1), (0, 1)], cutoff=3, **kw)
         path("off")

@@ -1,19 +1,21 @@
-// Exact periodic two-point statistics of binary fields by counting, on the CPU.
+// Exact two-point statistics of binary fields by counting, on the CPU.
 //
 // A segmented microstructure (PyMKS's one-hot of integer phases) holds only 0s and 1s, and its
-// periodic correlation at lag r is a count divided by the number of pixels S:
-//   C_ab(r) = #{x : a(x) = 1 and b(x + r) = 1}.
+// correlation at lag r is a count divided by the number of pixels S (periodic) or by the number of
+// pixel pairs at lag r inside the field (non-periodic):
+//   C_ab(r) = #{x : a(x) = 1 and b(x + r) = 1}, x and x + r wrapped (periodic) or both inside.
 // Packed one bit per pixel, 64 pixels to a word, that count is a sum of popcount(a & b') over the
 // words of a and of b shifted by r. For a window of lags much smaller than the field (PyMKS's
 // cutoff) this is less work than the transforms, and it is exact: the output is the correctly
-// rounded count / S, where the FFT path is off by a few ulps.
+// rounded quotient, where the FFT path is off by a few ulps.
 //
 // Layout: a field (n_0, ..., n_{nd-1}) is R = n_0 ... n_{nd-2} rows of L = n_{nd-1} pixels, each
 // row packed into wd = ceil(L / 64) words (bits past L are 0), stored word-major (word k of every
-// row, then word k + 1). A shift along a row is a rotation, read from a doubled copy of the row
-// (the row, then the row again from bit L on). A shift along the axis before the last is one
-// contiguous run of rows once each block of rows is extended periodically on both sides; a shift
-// along the first axis of a 3D field picks another block. So every count is a few calls of one
+// row, then word k + 1). A shift along a row is read from a tripled copy of the row: the row at
+// bit L, with its periodic copies (or zeros, non-periodic) before and after. A shift along the axis
+// before the last is one contiguous run of rows once each block of rows is extended on both sides
+// (periodically, or with zero rows); a shift along the first axis of a 3D field picks another block
+// (or none). So every count is a few calls of one
 // loop - and, popcount, add - each taking eight lags at once.
 //
 // Which route a call takes (counting or the transforms) is decided by a cost model, and which
@@ -226,18 +228,20 @@ Choice read_choice() {
 // 2D: one block of n_0 rows; 1D: one row), and the last axis runs along each row's bits.
 struct Layout {
   int nd;
-  int64_t L, wd, wd2;   // row length in pixels, words per row, words per doubled row
+  bool periodic;
+  int64_t L, wd, wd3;   // row length in pixels, words per row, words per tripled row
   int64_t na, nb;       // rows = na * nb: (n_0 .. n_{nd-3}) folded into na, n_{nd-2} is nb
   int64_t ha, hb, hl;   // half-widths of the lag box on those axes
   int64_t box;          // (2ha+1)(2hb+1)(2hl+1)
 };
 
-Layout make_layout(const Geometry& g) {
+Layout make_layout(const Geometry& g, bool periodic) {
   Layout y{};
   y.nd = g.ndim;
+  y.periodic = periodic;
   y.L = g.n[g.ndim - 1];
   y.wd = (y.L + 63) / 64;
-  y.wd2 = (2 * y.L + 63) / 64 + 1;  // one spare word: a read at bit offset o touches words o/64 and o/64+1
+  y.wd3 = (3 * y.L + 63) / 64 + 1;  // one spare word: a read at bit offset o touches words o/64 and o/64+1
   y.hl = g.w[g.ndim - 1] / 2;
   y.na = y.nb = 1;
   y.ha = y.hb = 0;
@@ -386,12 +390,12 @@ bool pack_word(PackIsa isa, const T* s, int64_t si, int64_t n, uint64_t* word) {
 }
 
 // Packs one field (S values at stride si) word-major: words[k * R + r] is word k of row r, and
-// dbl[k * R + r] word k of the doubled row r. Returns false at the first value that is neither 0
+// tri[k * R + r] word k of the tripled row r. Returns false at the first value that is neither 0
 // nor 1; *ones gets the number of 1s.
 template <typename T>
-bool pack_field(const T* src, int64_t si, const Layout& y, PackIsa isa, uint64_t* words, uint64_t* dbl, int64_t* ones) {
+bool pack_field(const T* src, int64_t si, const Layout& y, PackIsa isa, uint64_t* words, uint64_t* tri, int64_t* ones) {
   const int64_t R = y.na * y.nb, L = y.L;
-  std::vector<uint64_t> w(y.wd), d(y.wd2);
+  std::vector<uint64_t> w(y.wd), d(y.wd3);
   int64_t count = 0;
   for (int64_t r = 0; r < R; ++r) {
     const T* s = src + r * L * si;
@@ -401,15 +405,16 @@ bool pack_field(const T* src, int64_t si, const Layout& y, PackIsa isa, uint64_t
       count += __builtin_popcountll(w[k]);
       words[k * R + r] = w[k];
     }
-    // The doubled row: the row at bit 0 and again at bit L.
+    // The tripled row: the row at bit L, and its periodic copies at bits 0 and 2L (or zeros).
     std::fill(d.begin(), d.end(), uint64_t(0));
-    std::copy(w.begin(), w.end(), d.begin());
-    const int64_t q = L / 64, sh = L % 64;
-    for (int64_t k = 0; k < y.wd; ++k) {
-      d[q + k] |= w[k] << sh;
-      if (sh) d[q + k + 1] |= w[k] >> (64 - sh);
+    for (int64_t copy = y.periodic ? 0 : 1; copy < (y.periodic ? 3 : 2); ++copy) {
+      const int64_t q = copy * L / 64, sh = copy * L % 64;
+      for (int64_t k = 0; k < y.wd; ++k) {
+        d[q + k] |= w[k] << sh;
+        if (sh) d[q + k + 1] |= w[k] >> (64 - sh);
+      }
     }
-    for (int64_t k = 0; k < y.wd2; ++k) dbl[k * R + r] = d[k];
+    for (int64_t k = 0; k < y.wd3; ++k) tri[k * R + r] = d[k];
   }
   *ones = count;
   return true;
@@ -419,20 +424,21 @@ bool pack_field(const T* src, int64_t si, const Layout& y, PackIsa isa, uint64_t
 // Counts of base (a, b) for every lag of the box whose last component is rl, into cnt (the
 // sample's box for this base). auto_pair: C(r) = C(-r), so only the lags whose first non-zero
 // component is positive (and 0) are counted, and mirrored. ext is scratch of wd * na * (nb + 2 hb)
-// words: word k of b's rows rotated by rl, each block of nb rows extended by hb rows on either
-// side (periodically), so that b(x + r) over a block is one contiguous run for every rb.
-void count_lags(const Layout& y, const uint64_t* A, const uint64_t* Bdbl, int64_t rl, bool auto_pair, AndCount fn,
+// words: word k of b's rows shifted by rl, each block of nb rows extended by hb rows on either
+// side (periodically, or with zero rows), so that b(x + r) over a block is one contiguous run for
+// every rb. Non-periodic, a 3D block shifted out of the field contributes nothing.
+void count_lags(const Layout& y, const uint64_t* A, const uint64_t* Btri, int64_t rl, bool auto_pair, AndCount fn,
                 uint64_t* ext, double* cnt) {
-  const int64_t R = y.na * y.nb, off = wrap(rl, y.L), ext_rows = y.nb + 2 * y.hb;
+  const int64_t R = y.na * y.nb, off = y.L + rl, ext_rows = y.nb + 2 * y.hb;
   const int64_t lo = off / 64, sh = off % 64;  // the same bit offset in every row
   if (R == 1) {  // 1D: one row, its words contiguous
     for (int64_t k = 0; k < y.wd; ++k)
-      ext[k] = sh ? (Bdbl[lo + k] >> sh) | (Bdbl[lo + k + 1] << (64 - sh)) : Bdbl[lo + k];
+      ext[k] = sh ? (Btri[lo + k] >> sh) | (Btri[lo + k + 1] << (64 - sh)) : Btri[lo + k];
   }
   for (int64_t k = 0; k < y.wd && R > 1; ++k)
     for (int64_t ia = 0; ia < y.na; ++ia) {
       uint64_t* blk = ext + (k * y.na + ia) * ext_rows;
-      const uint64_t* d0 = Bdbl + (lo + k) * R + ia * y.nb;
+      const uint64_t* d0 = Btri + (lo + k) * R + ia * y.nb;
       const uint64_t* d1 = d0 + R;
       uint64_t* dst = blk + y.hb;
       if (sh == 0) {
@@ -440,9 +446,13 @@ void count_lags(const Layout& y, const uint64_t* A, const uint64_t* Bdbl, int64_
       } else {
         for (int64_t r = 0; r < y.nb; ++r) dst[r] = (d0[r] >> sh) | (d1[r] << (64 - sh));
       }
-      // hb < nb: the rows before the block are its last hb rows, those after its first hb.
-      std::memcpy(blk, blk + y.nb, y.hb * sizeof(uint64_t));
-      std::memcpy(blk + y.nb + y.hb, blk + y.hb, y.hb * sizeof(uint64_t));
+      if (y.periodic) {  // hb < nb: the rows before the block are its last hb rows, those after its first hb
+        std::memcpy(blk, blk + y.nb, y.hb * sizeof(uint64_t));
+        std::memcpy(blk + y.nb + y.hb, blk + y.hb, y.hb * sizeof(uint64_t));
+      } else {
+        std::memset(blk, 0, y.hb * sizeof(uint64_t));
+        std::memset(blk + y.nb + y.hb, 0, y.hb * sizeof(uint64_t));
+      }
     }
   int64_t part[kMaxLags];
   for (int64_t ra = -y.ha; ra <= y.ha; ++ra) {
@@ -457,7 +467,12 @@ void count_lags(const Layout& y, const uint64_t* A, const uint64_t* Bdbl, int64_
       } else {
         for (int64_t k = 0; k < y.wd; ++k)
           for (int64_t ia = 0; ia < y.na; ++ia) {
-            const int64_t ib = (ia + wrap(ra, y.na)) % y.na;  // the block holding b(x + r)
+            int64_t ib = ia + ra;  // the block holding b(x + r)
+            if (y.periodic) {
+              ib = wrap(ib, y.na) % y.na;
+            } else if (ib < 0 || ib >= y.na) {
+              continue;
+            }
             fn(A + k * R + ia * y.nb, ext + (k * y.na + ib) * ext_rows + rb0 + y.hb, y.nb, 1, nk, part);
             for (int j = 0; j < nk; ++j) total[j] += part[j];
           }
@@ -475,12 +490,17 @@ void count_lags(const Layout& y, const uint64_t* A, const uint64_t* Bdbl, int64_
 // 1D fields of 32^2 to 64^3 pixels and cutoffs from 2 to 1000: counting costs the kernel's time
 // per word counted (half the box of lags for an auto-correlation), about 50 ns per kernel call
 // and task, 0.3 ns per word rotated and 0.4 ns per pixel packed; the transforms about 0.2 ns
-// (float64) or 0.11 ns (float32) per S log2 S for each forward and each inverse transform.
-bool counting_cheaper(const TwoPointPlan& plan, const Geometry& g, const CountKernel& k, bool single) {
-  const Layout y = make_layout(g);
+// (float64) or 0.11 ns (float32) per S log2 S for each forward and each inverse transform, S being
+// the transforms' grid, and twice that for non-periodic statistics (zero-padded grid, whose passes
+// around the transforms cost about as much again).
+bool counting_cheaper(const TwoPointPlan& plan, const Geometry& g, bool periodic, const CountKernel& k, bool single) {
+  const Layout y = make_layout(g, periodic);
   const double R = static_cast<double>(y.na * y.nb), wd = static_cast<double>(y.wd);
-  double s = 1.0;
-  for (int d = 0; d < g.ndim; ++d) s *= static_cast<double>(g.n[d]);
+  double s = 1.0, grid = 1.0;
+  for (int d = 0; d < g.ndim; ++d) {
+    s *= static_cast<double>(g.n[d]);
+    grid *= static_cast<double>(g.m[d]);
+  }
   const double n_rl = 2.0 * y.hl + 1, n_ra = 2.0 * y.ha + 1, groups = std::ceil((2.0 * y.hb + 1) / kMaxLags);
   double words = 0.0, calls = 0.0, rotated = 0.0;
   for (size_t b = 0; b < plan.base_a.size(); ++b) {
@@ -492,7 +512,8 @@ bool counting_cheaper(const TwoPointPlan& plan, const Geometry& g, const CountKe
   const double packed = s * static_cast<double>(plan.fwd_states.size() + 1);  // + the partition check
   const double count_ns = k.ns_per_word * words + 50.0 * calls + 0.3 * rotated + 0.4 * packed;
   const double n_transforms = static_cast<double>(plan.fwd_states.size() + plan.base_a.size());
-  const double fft_ns = (single ? 0.11 : 0.2) * n_transforms * s * std::log2(std::max(2.0, s));
+  const double per_unit = (single ? 0.11 : 0.2) * (periodic ? 1.0 : 2.0);  // zero padding costs passes too
+  const double fft_ns = per_unit * n_transforms * grid * std::log2(std::max(2.0, grid));
   return count_ns < fft_ns;
 }
 
@@ -520,8 +541,8 @@ bool partition_exact(const std::vector<uint64_t>& packed, int64_t b, int64_t n, 
 // after the partition check, counting is no longer the cheaper route.
 template <typename T>
 bool binary_stats_t(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
-                    const Geometry& g, const Choice& c, at::Tensor& out) {
-  const Layout y = make_layout(g);
+                    bool periodic, const Geometry& g, const Choice& c, at::Tensor& out) {
+  const Layout y = make_layout(g, periodic);
   const int64_t B = x.size(0), n_state = x.size(1), R = y.na * y.nb;
   TwoPointPlan direct = make_plan(req, n_state, false);
   // Packing every state (for the partition check) only pays where the relations save work.
@@ -541,7 +562,7 @@ bool binary_stats_t(const at::Tensor& x, const std::vector<std::pair<int64_t, in
   const int64_t np = static_cast<int64_t>(states.size());
   const int64_t sb = x.stride(0), ss = x.stride(1), si = x.stride(x.dim() - 1);
   const T* px = x.data_ptr<T>();
-  const int64_t field_words = R * (y.wd + y.wd2);
+  const int64_t field_words = R * (y.wd + y.wd3);
   std::vector<uint64_t> packed(static_cast<size_t>(B * np * field_words));
   std::vector<int64_t> ones(static_cast<size_t>(B * np));
   std::atomic<bool> binary{true};
@@ -566,7 +587,7 @@ bool binary_stats_t(const at::Tensor& x, const std::vector<std::pair<int64_t, in
   for (int64_t b = 0; b < B && partition; ++b) partition = partition_exact(packed, b, np, field_words, ones, y);
   const TwoPointPlan& plan = partition ? with_partition : direct;
   const bool single = x.scalar_type() == at::kFloat;
-  if (check_partition && !partition && !c.forced && !counting_cheaper(plan, g, c.kernel, single)) return false;
+  if (check_partition && !partition && !c.forced && !counting_cheaper(plan, g, periodic, c.kernel, single)) return false;
   // slot[p]: where the plan's p-th transformed state was packed.
   std::vector<int64_t> slot;
   for (int64_t st : plan.fwd_states)
@@ -589,7 +610,8 @@ bool binary_stats_t(const at::Tensor& x, const std::vector<std::pair<int64_t, in
     }
   });
 
-  // 3. Each requested correlation from the bases, then one (correctly rounded) division by S.
+  // 3. Each requested correlation from the bases, then one (correctly rounded) division by S, or
+  // non-periodic by the number of pixel pairs at that lag, prod_d (n_d - |r_d|).
   const int64_t nq = static_cast<int64_t>(plan.pairs.size());
   int64_t win = 1, s_total = 1;
   for (int d = 0; d < g.ndim; ++d) {
@@ -625,7 +647,13 @@ bool binary_stats_t(const at::Tensor& x, const std::vector<std::pair<int64_t, in
             }
           }
           T* orow = o + (ia * wb + ib) * wl;
-          for (int64_t il = 0; il < wl; ++il) orow[il] = static_cast<T>(row[il] / s_d);
+          if (periodic) {
+            for (int64_t il = 0; il < wl; ++il) orow[il] = static_cast<T>(row[il] / s_d);
+          } else {
+            const double pairs_ab = static_cast<double>((y.na - std::abs(ra)) * (y.nb - std::abs(rb)));
+            for (int64_t il = 0; il < wl; ++il)
+              orow[il] = static_cast<T>(row[il] / (pairs_ab * static_cast<double>(y.L - std::abs(rl0 + il))));
+          }
         }
     }
   });
@@ -637,26 +665,28 @@ bool binary_stats_t(const at::Tensor& x, const std::vector<std::pair<int64_t, in
 const char* binary_count_kernel() { return best_kernel().name; }
 
 bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
-                      const Geometry& g, at::Tensor& out) {
+                      bool periodic, const Geometry& g, at::Tensor& out) {
+  check_partition = check_partition && periodic;  // the relations hold for periodic statistics only
   const Choice c = read_choice();
   if (c.off || (!c.forced && c.kernel.ns_per_word <= 0.0)) return false;
   // The estimate uses the plan the partition would allow: where it does not hold, the binary
   // path checks again once it knows.
   if (!c.forced &&
-      !counting_cheaper(make_plan(req, x.size(1), check_partition), g, c.kernel, x.scalar_type() == at::kFloat))
+      !counting_cheaper(make_plan(req, x.size(1), check_partition), g, periodic, c.kernel,
+                        x.scalar_type() == at::kFloat))
     return false;
   // Chunks of samples whose packed fields take at most 16 MiB. Each chunk picks its own plan (the
   // partition may hold in one and not another): the counts are exact either way.
-  const Layout y = make_layout(g);
+  const Layout y = make_layout(g, periodic);
   const int64_t B = x.size(0);
-  const int64_t per_sample = x.size(1) * y.na * y.nb * (y.wd + y.wd2) * static_cast<int64_t>(sizeof(uint64_t));
+  const int64_t per_sample = x.size(1) * y.na * y.nb * (y.wd + y.wd3) * static_cast<int64_t>(sizeof(uint64_t));
   const int64_t chunk = std::max<int64_t>(1, (int64_t{16} << 20) / per_sample);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
     at::Tensor out_c = out.narrow(0, b0, n);
     bool done = false;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "binary_stats", [&] {
-      done = binary_stats_t<scalar_t>(x.narrow(0, b0, n), req, check_partition, g, c, out_c);
+      done = binary_stats_t<scalar_t>(x.narrow(0, b0, n), req, check_partition, periodic, g, c, out_c);
     });
     if (!done) return false;  // the transforms redo the whole batch
   }
