@@ -147,7 +147,10 @@ def two_point_stats(x, correlations, *, periodic=True, cutoff=None, mask=None, p
             definition above.
 
     Returns:
-        tensor ``(batch, len(correlations), *window)`` of the dtype of ``x``.
+        tensor ``(batch, len(correlations), *window)`` of the dtype of ``x``. On the CPU, input of
+        only 0s and 1s (segmented microstructures) without a mask is counted rather than
+        transformed where that is cheaper (small windows): the result is then exact, the correctly
+        rounded count over the number of pixel pairs (docs/two_point_stats.md, item 8).
 
     Raises:
         TypeError/ValueError naming the argument for bad input; ValueError from the kernel when
