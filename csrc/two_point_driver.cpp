@@ -63,8 +63,13 @@ std::vector<int64_t> pair_states(at::IntArrayRef pair_i, at::IntArrayRef pair_j,
 }
 
 bool spatial_flattens(const at::Tensor& x) {
-  for (int64_t d = 2; d + 1 < x.dim(); ++d)
-    if (x.size(d) > 1 && x.stride(d) != x.stride(d + 1) * x.size(d + 1)) return false;
+  // Element i of the flattened field must sit at i * (last stride). A dim of size 1 is never
+  // indexed, so its stride is free, but it still counts in the span of the dims before it.
+  int64_t span = x.stride(x.dim() - 1) * x.size(x.dim() - 1);
+  for (int64_t d = x.dim() - 2; d >= 2; --d) {
+    if (x.size(d) > 1 && x.stride(d) != span) return false;
+    span *= x.size(d);
+  }
   return true;
 }
 

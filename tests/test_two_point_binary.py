@@ -214,3 +214,20 @@ def test_batches_counted_in_chunks(path):
     got = ops.two_point_stats(view, [(1, 1), (0, 1)], cutoff=2)
     keep = [0, 63, 64, 65]
     np.testing.assert_array_equal(got[keep].numpy(), exact(x[keep], [(1, 1), (0, 1)], 2).astype(np.float32))
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"] + KERNELS)
+def test_views_with_singleton_axes_read_the_right_pixels(path, mode):
+    """A singleton spatial axis between sliced ones: its stride is free, so the rows of the view
+    are not one stride apart and the view must not be read as if they were (both routes, and the
+    partition check, which reads the same way)."""
+    path(mode)
+    for shape in [(1, 2, 6, 1, 128), (2, 2, 5, 1, 16), (2, 2, 5, 1, 1), (2, 2, 1, 7, 40)]:
+        full = one_hot(shape[0], 2, shape[2:-1] + (2 * shape[-1],))
+        view = full[..., : shape[-1]]
+        assert view.shape == shape
+        for periodic in (True, False):
+            for pairs in ([(0, 0)], [(1, 1), (0, 1)]):
+                got = ops.two_point_stats(view, pairs, periodic=periodic, cutoff=0)
+                want = np_two_point(view.contiguous().numpy(), pairs, periodic, 0)
+                np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-14, err_msg=f"{shape} {periodic}")
