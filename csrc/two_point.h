@@ -96,7 +96,7 @@ struct TwoPointBackend {
 bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
                       bool periodic, const Geometry& g, at::Tensor& out);
 
-// The best counting kernel this CPU runs: "avx512", "popcnt" or "generic" (for build_info).
+// The best counting kernel this CPU runs: "avx512", "avx2", "popcnt" or "generic" (for build_info).
 const char* binary_count_kernel();
 
 // The cheapest plan for the requested pairs (req[k] = (i, j)), with the partition relations when

@@ -387,11 +387,12 @@ at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at:
   // Binary fields (segmented microstructures) may be counted exactly instead, which checks the
   // partition itself: not under a trusted partition, whose eliminated states would then go unread
   // (the transforms check them for NaN).
+  const auto req = pair_list(pair_i, pair_j);
   if (!mask.defined() && partition != 1 && be.binary_stats != nullptr &&
-      be.binary_stats(x, pair_list(pair_i, pair_j), partition == 2 && n_state >= 2, periodic, s.geom, out))
+      be.binary_stats(x, req, partition == 2 && n_state >= 2, periodic, s.geom, out))
     return out;
   const bool use_partition = partition_holds(x, periodic, mask.defined(), partition, be);
-  const TwoPointPlan plan = make_plan(pair_list(pair_i, pair_j), n_state, use_partition);
+  const TwoPointPlan plan = make_plan(req, n_state, use_partition);
   const PlanTensors tables{table_to(plan.pairs, x.device()), table_to(plan.terms, x.device()),
                            table_to(plan.vfs, x.device())};
   const int64_t chunk = batch_chunk(x, s, plan, n_pairs);

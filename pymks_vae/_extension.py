@@ -79,8 +79,8 @@ def build_info():
         ``["8.0", "9.0"]``), ``torch_version`` (the torch the extension was built against),
         ``cuda_version`` (the CUDA it was built with, or None), ``torch_runtime`` (the torch now
         imported), ``cuda_available`` (is a GPU usable right now) and ``cpu_count_kernel`` (the
-        kernel that counts binary fields exactly on this CPU: ``"avx512"``, ``"popcnt"`` or
-        ``"generic"``; None without the extension; see docs/two_point_stats.md).
+        kernel that counts binary fields exactly on this CPU: ``"avx512"``, ``"avx2"``,
+        ``"popcnt"`` or ``"generic"``; None without the extension; see docs/two_point_stats.md).
 
     Example:
         >>> import pymks_vae

@@ -153,6 +153,9 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void and_counts_avx512(const 
 
 using AndCount = void (*)(const uint64_t*, const uint64_t*, int64_t, int64_t, int, int64_t*);
 
+// Which packing code goes with a counting kernel: the vector one of its instruction set.
+enum class PackIsa { kScalar, kAvx2, kAvx512 };
+
 // What this CPU can run, best first, with the kernel's cost per word counted in nanoseconds (fitted
 // on the development VM, AMD EPYC Zen 4: see counting_cheaper). The portable loop on an x86 CPU
 // without a popcount instruction is never chosen by the cost model (cost 0).
@@ -160,6 +163,7 @@ struct CountKernel {
   const char* name;
   AndCount fn;
   double ns_per_word;
+  PackIsa pack;
 };
 
 // The kernels by rank: a CPU that runs one runs those before it.
@@ -167,11 +171,11 @@ const char* const kKernelNames[] = {"generic", "popcnt", "avx2", "avx512"};
 
 CountKernel kernel_named(const std::string& name) {
 #ifdef PVAE_X86
-  if (name == "avx512") return {"avx512", and_counts_avx512, 0.1};
-  if (name == "avx2") return {"avx2", and_counts_avx2, 0.28};
-  if (name == "popcnt") return {"popcnt", and_counts_popcnt, 0.4};
+  if (name == "avx512") return {"avx512", and_counts_avx512, 0.1, PackIsa::kAvx512};
+  if (name == "avx2") return {"avx2", and_counts_avx2, 0.28, PackIsa::kAvx2};
+  if (name == "popcnt") return {"popcnt", and_counts_popcnt, 0.4, PackIsa::kScalar};
 #endif
-  return {"generic", and_counts_generic, 0.0};
+  return {"generic", and_counts_generic, 0.0, PackIsa::kScalar};
 }
 
 int kernel_rank(const std::string& name) {
@@ -191,7 +195,7 @@ CountKernel best_kernel() {
   }();
   return k;
 #else
-  return CountKernel{"generic", and_counts_generic, 0.4};  // compiled to the target's popcount
+  return CountKernel{"generic", and_counts_generic, 0.4, PackIsa::kScalar};  // the target's own popcount
 #endif
 }
 
@@ -263,6 +267,9 @@ int64_t box_index(const Layout& y, int64_t ra, int64_t rb, int64_t rl) {
 
 int64_t wrap(int64_t r, int64_t n) { return r < 0 ? r + n : r; }
 
+// A word with its n lowest bits set (n <= 64).
+uint64_t low_bits(int64_t n) { return n >= 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1; }
+
 // ------------------------------------------------------------------ packing
 // Packs n <= 64 values (stride si) into the bits of *word (value 1 -> bit set); false when a value
 // is neither 0 nor 1 (NaN included).
@@ -277,6 +284,17 @@ bool pack_word_scalar(const T* s, int64_t si, int64_t n, uint64_t* word) {
   }
   *word = bits;
   return n_bin == n;
+}
+
+// The end of a vector packing loop that stopped at value j (n - j values left, fewer than one
+// vector): those by the scalar code, merged into the vector part's bits; true when all n values
+// were 0 or 1 (valid: the vector part's values that were).
+template <typename T>
+bool finish_word(const T* s, int64_t si, int64_t n, int64_t j, uint64_t bits, uint64_t valid, uint64_t* word) {
+  uint64_t tail = 0;
+  const bool ok = pack_word_scalar<T>(s + j * si, si, n - j, &tail);
+  *word = bits | (tail << (j & 63));
+  return ok && valid == low_bits(j);
 }
 
 #ifdef PVAE_X86
@@ -301,12 +319,12 @@ __attribute__((target("avx512f"))) bool pack_word_avx512(const double* s, int64_
     } else {
       v = _mm512_mask_i64gather_pd(zero, m, idx, s + j * si, 8);
     }
-    bits |= static_cast<uint64_t>(_mm512_mask_cmp_pd_mask(m, v, one, _CMP_EQ_OQ)) << j;
-    valid |= static_cast<uint64_t>(_mm512_mask_cmp_pd_mask(m, v, one, _CMP_EQ_OQ) |
-                                   _mm512_mask_cmp_pd_mask(m, v, zero, _CMP_EQ_OQ)) << j;
+    const __mmask8 is1 = _mm512_mask_cmp_pd_mask(m, v, one, _CMP_EQ_OQ);
+    bits |= static_cast<uint64_t>(is1) << j;
+    valid |= static_cast<uint64_t>(is1 | _mm512_mask_cmp_pd_mask(m, v, zero, _CMP_EQ_OQ)) << j;
   }
   *word = bits;
-  return valid == (n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1);
+  return valid == low_bits(n);
 }
 
 __attribute__((target("avx512f"))) bool pack_word_avx512(const float* s, int64_t si, int64_t n, uint64_t* word) {
@@ -334,7 +352,7 @@ __attribute__((target("avx512f"))) bool pack_word_avx512(const float* s, int64_t
     valid |= static_cast<uint64_t>(is1 | _mm512_mask_cmp_ps_mask(m, v, zero, _CMP_EQ_OQ)) << j;
   }
   *word = bits;
-  return valid == (n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1);
+  return valid == low_bits(n);
 }
 
 // The same with AVX2 gathers, 4 doubles or 8 floats at a time.
@@ -349,11 +367,7 @@ __attribute__((target("avx2"))) bool pack_word_avx2(const double* s, int64_t si,
     bits |= static_cast<uint64_t>(is1) << j;
     valid |= static_cast<uint64_t>(is1 | _mm256_movemask_pd(_mm256_cmp_pd(v, zero, _CMP_EQ_OQ))) << j;
   }
-  uint64_t tail = 0;
-  const bool ok = pack_word_scalar<double>(s + j * si, si, n - j, &tail);
-  *word = bits | (tail << (j & 63));
-  const uint64_t full = j == 64 ? ~uint64_t(0) : (uint64_t(1) << j) - 1;
-  return ok && valid == full;
+  return finish_word<double>(s, si, n, j, bits, valid, word);
 }
 
 __attribute__((target("avx2"))) bool pack_word_avx2(const float* s, int64_t si, int64_t n, uint64_t* word) {
@@ -368,17 +382,9 @@ __attribute__((target("avx2"))) bool pack_word_avx2(const float* s, int64_t si, 
     bits |= static_cast<uint64_t>(is1) << j;
     valid |= static_cast<uint64_t>(is1 | _mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_EQ_OQ))) << j;
   }
-  uint64_t tail = 0;
-  const bool ok = pack_word_scalar<float>(s + j * si, si, n - j, &tail);
-  *word = bits | (tail << (j & 63));
-  const uint64_t full = j == 64 ? ~uint64_t(0) : (uint64_t(1) << j) - 1;
-  return ok && valid == full;
+  return finish_word<float>(s, si, n, j, bits, valid, word);
 }
 #endif
-
-// Which packing code runs: the vector one of the counting kernel's instruction set, where the
-// stride fits the gathers' 32-bit offsets.
-enum class PackIsa { kScalar, kAvx2, kAvx512 };
 
 template <typename T>
 bool pack_word(PackIsa isa, const T* s, int64_t si, int64_t n, uint64_t* word) {
@@ -526,8 +532,7 @@ bool partition_exact(const std::vector<uint64_t>& packed, int64_t b, int64_t n, 
   for (int64_t u = 0; u < n; ++u) total += ones[b * n + u];
   if (total != R * y.L) return false;
   for (int64_t k = 0; k < y.wd; ++k) {
-    const int64_t bits = std::min<int64_t>(64, y.L - 64 * k);
-    const uint64_t full = bits == 64 ? ~uint64_t(0) : (uint64_t(1) << bits) - 1;
+    const uint64_t full = low_bits(y.L - 64 * k);
     for (int64_t r = 0; r < R; ++r) {
       uint64_t any = 0;
       for (int64_t u = 0; u < n; ++u) any |= packed[(b * n + u) * field_words + k * R + r];
@@ -537,28 +542,39 @@ bool partition_exact(const std::vector<uint64_t>& packed, int64_t b, int64_t n, 
   return true;
 }
 
-// The whole binary path (see binary_stats_cpu); returns false if a value is not binary or if,
-// after the partition check, counting is no longer the cheaper route.
-template <typename T>
-bool binary_stats_t(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
-                    bool periodic, const Geometry& g, const Choice& c, at::Tensor& out) {
-  const Layout y = make_layout(g, periodic);
-  const int64_t B = x.size(0), n_state = x.size(1), R = y.na * y.nb;
-  TwoPointPlan direct = make_plan(req, n_state, false);
-  // Packing every state (for the partition check) only pays where the relations save work.
-  TwoPointPlan with_partition;
+// The plans of one call, made once for all its chunks.
+struct Plans {
+  TwoPointPlan direct;          // every pair from its own states
+  TwoPointPlan with_partition;  // with the partition relations (when check_partition)
+  bool check_partition;         // pack every state and check the partition: only where it saves work
+  std::vector<int64_t> states;  // the states packed, sorted
+};
+
+Plans make_plans(const std::vector<std::pair<int64_t, int64_t>>& req, int64_t n_state, bool check_partition) {
+  Plans p;
+  p.direct = make_plan(req, n_state, false);
+  p.check_partition = false;
   if (check_partition) {
-    with_partition = make_plan(req, n_state, true);
-    if (with_partition.fwd_states.size() + with_partition.base_a.size() >=
-        direct.fwd_states.size() + direct.base_a.size())
-      check_partition = false;
+    p.with_partition = make_plan(req, n_state, true);
+    p.check_partition = p.with_partition.fwd_states.size() + p.with_partition.base_a.size() <
+                        p.direct.fwd_states.size() + p.direct.base_a.size();
   }
-  std::vector<int64_t> states;
-  if (check_partition) {
-    for (int64_t k = 0; k < n_state; ++k) states.push_back(k);
+  if (p.check_partition) {
+    for (int64_t k = 0; k < n_state; ++k) p.states.push_back(k);
   } else {
-    states = direct.fwd_states;
+    p.states = p.direct.fwd_states;
   }
+  return p;
+}
+
+// The whole binary path on one chunk of samples (see binary_stats_cpu); returns false if a value
+// is not binary or if, after the partition check, counting is no longer the cheaper route.
+template <typename T>
+bool binary_stats_t(const at::Tensor& x, const Plans& plans, const Layout& y, const Geometry& g, const Choice& c,
+                    at::Tensor& out) {
+  const bool periodic = y.periodic;
+  const int64_t B = x.size(0), R = y.na * y.nb;
+  const std::vector<int64_t>& states = plans.states;
   const int64_t np = static_cast<int64_t>(states.size());
   const int64_t sb = x.stride(0), ss = x.stride(1), si = x.stride(x.dim() - 1);
   const T* px = x.data_ptr<T>();
@@ -566,11 +582,8 @@ bool binary_stats_t(const at::Tensor& x, const std::vector<std::pair<int64_t, in
   std::vector<uint64_t> packed(static_cast<size_t>(B * np * field_words));
   std::vector<int64_t> ones(static_cast<size_t>(B * np));
   std::atomic<bool> binary{true};
-  const std::string kname = c.kernel.name;
-  const PackIsa isa = si >= (int64_t{1} << 26) ? PackIsa::kScalar
-                      : kname == "avx512"      ? PackIsa::kAvx512
-                      : kname == "avx2"        ? PackIsa::kAvx2
-                                               : PackIsa::kScalar;
+  // The float gathers take 32-bit offsets.
+  const PackIsa isa = si < (int64_t{1} << 26) ? c.kernel.pack : PackIsa::kScalar;
 
   // 1. Pack the states of every sample, checking that they are binary.
   at::parallel_for(0, B * np, 1, [&](int64_t begin, int64_t end) {
@@ -583,11 +596,12 @@ bool binary_stats_t(const at::Tensor& x, const std::vector<std::pair<int64_t, in
   });
   if (!binary.load()) return false;
 
-  bool partition = check_partition;
+  bool partition = plans.check_partition;
   for (int64_t b = 0; b < B && partition; ++b) partition = partition_exact(packed, b, np, field_words, ones, y);
-  const TwoPointPlan& plan = partition ? with_partition : direct;
+  const TwoPointPlan& plan = partition ? plans.with_partition : plans.direct;
   const bool single = x.scalar_type() == at::kFloat;
-  if (check_partition && !partition && !c.forced && !counting_cheaper(plan, g, periodic, c.kernel, single)) return false;
+  if (plans.check_partition && !partition && !c.forced && !counting_cheaper(plan, g, periodic, c.kernel, single))
+    return false;
   // slot[p]: where the plan's p-th transformed state was packed.
   std::vector<int64_t> slot;
   for (int64_t st : plan.fwd_states)
@@ -669,11 +683,11 @@ bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, 
   check_partition = check_partition && periodic;  // the relations hold for periodic statistics only
   const Choice c = read_choice();
   if (c.off || (!c.forced && c.kernel.ns_per_word <= 0.0)) return false;
+  const Plans plans = make_plans(req, x.size(1), check_partition);
   // The estimate uses the plan the partition would allow: where it does not hold, the binary
   // path checks again once it knows.
-  if (!c.forced &&
-      !counting_cheaper(make_plan(req, x.size(1), check_partition), g, periodic, c.kernel,
-                        x.scalar_type() == at::kFloat))
+  if (!c.forced && !counting_cheaper(plans.check_partition ? plans.with_partition : plans.direct, g, periodic,
+                                     c.kernel, x.scalar_type() == at::kFloat))
     return false;
   // Chunks of samples whose packed fields take at most 16 MiB. Each chunk picks its own plan (the
   // partition may hold in one and not another): the counts are exact either way.
@@ -686,7 +700,7 @@ bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, 
     at::Tensor out_c = out.narrow(0, b0, n);
     bool done = false;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "binary_stats", [&] {
-      done = binary_stats_t<scalar_t>(x.narrow(0, b0, n), req, check_partition, periodic, g, c, out_c);
+      done = binary_stats_t<scalar_t>(x.narrow(0, b0, n), plans, y, g, c, out_c);
     });
     if (!done) return false;  // the transforms redo the whole batch
   }
