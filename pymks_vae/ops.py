@@ -17,7 +17,7 @@ from pymks_vae import _extension, reference
 
 __all__ = ["two_point_stats", "spatial_stats_loss", "soft_indicator"]
 
-_REDUCTIONS = ("sum", "mean", "none")
+_REDUCTIONS = ("sum", "batchmean", "mean", "none")
 _PARTITION_MODE = {False: 0, True: 1, None: 2}
 
 
@@ -235,8 +235,11 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
             differences of each lag.
         scale: multiplies the statistics (the paper's min/max normalisation is the affine map
             ``(f - min) / (max - min)``, whose offset cancels: pass ``1 / (max - min)``).
-        reduction: "sum" over the batch, "mean" (average of the per-sample values) or "none"
-            (a ``(batch,)`` tensor).
+        reduction: how the per-sample sums over pairs and lags are reduced: "sum" over the
+            batch (the paper's code); "batchmean", their mean over the batch (PyTorch's
+            ``kl_div`` precedent); "mean", the mean over every element (batch x pairs x lags,
+            as ``torch.nn.MSELoss`` and the paper's ``nn.MSELoss`` runs); "none", the per-sample
+            sums, a ``(batch,)`` tensor.
 
     Returns:
         a scalar tensor, or ``(batch,)`` for ``reduction="none"``.
@@ -279,7 +282,7 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
         pj = [p[1] for p in pairs]
         need_grad = x.requires_grad and torch.is_grad_enabled()
         per_sample = torch.ops.pymks_vae.stats_loss(x, target, pi, pj, float(scale), need_grad)[0]
-        return reference.reduce_per_sample(per_sample, reduction)
+        return reference.reduce_per_sample(per_sample, reduction, len(pairs) * math.prod(window))
     fx = _stats_of("x", x, pairs, periodic, cutoff, op)
     ft = _stats_of("target", target, pairs, periodic, cutoff, op)
     return reference.stats_distance(fx, ft, float(scale), weight, reduction)

@@ -110,7 +110,7 @@ def spatial_stats_loss_ref(x, target, *, correlations=((0, 0),), periodic=True, 
         correlations, periodic, cutoff: as in :func:`two_point_stats_ref`.
         weight: None or a tensor broadcastable to ``(n_corr, *window)``.
         scale: multiplies the statistics.
-        reduction: "sum" (over the batch), "mean" (average of per-sample values) or "none".
+        reduction: as :func:`pymks_vae.ops.spatial_stats_loss`: "sum", "batchmean", "mean" or "none".
 
     Returns:
         a scalar, or ``(batch,)`` for ``reduction="none"``.
@@ -133,13 +133,23 @@ def stats_distance(fx, ft, scale=1.0, weight=None, reduction="sum"):
     sq = (scale * (fx - ft)) ** 2
     if weight is not None:
         sq = sq * weight
-    return reduce_per_sample(sq.flatten(1).sum(1), reduction)
+    return reduce_per_sample(sq.flatten(1).sum(1), reduction, fx[0].numel())
 
 
-def reduce_per_sample(per_sample, reduction):
-    """"sum" over the batch, "mean" of the per-sample values, or "none" (the values themselves)."""
+def reduce_per_sample(per_sample, reduction, n_elements):
+    """Reduce per-sample sums ``(batch,)`` over the batch.
+
+    Args:
+        per_sample: per-sample sums over ``n_elements`` squared differences (pairs x lags).
+        reduction: "sum" (over the batch), "batchmean" (mean over the batch of the per-sample
+            sums), "mean" (mean over every element, batch x pairs x lags, as PyTorch's losses)
+            or "none" (the per-sample sums).
+        n_elements: number of squared differences in one sample's sum.
+    """
     if reduction == "sum":
         return per_sample.sum()
-    if reduction == "mean":
+    if reduction == "batchmean":
         return per_sample.mean()
+    if reduction == "mean":
+        return per_sample.mean() / n_elements
     return per_sample

@@ -7,7 +7,7 @@ import torch
 from pymks_vae import ops, reference
 from numpy_reference import np_two_point
 
-REDUCTIONS = ["sum", "mean", "none"]
+REDUCTIONS = ["sum", "batchmean", "mean", "none"]
 
 
 def rel_err(a, b):
@@ -243,3 +243,19 @@ def test_batches_larger_than_a_cache_chunk():
         ref = reference.spatial_stats_loss_ref(xr, t, reduction=reduction)
         (gr,) = torch.autograd.grad((ref * w).sum(), xr)
         assert rel_err(out, ref) < 1e-10 and rel_err(g, gr) < 1e-10
+
+
+@pytest.mark.parametrize("cutoff", [None, 2], ids=["fused", "windowed"])
+def test_reduction_conventions(cutoff):
+    """"mean" divides by every element (as torch.nn.MSELoss), "batchmean" by the batch only."""
+    x = torch.rand(3, 2, 7, 6, dtype=torch.float64)
+    t = torch.rand(3, 2, 7, 6, dtype=torch.float64)
+    pairs = ((0, 0), (0, 1))
+    fx, ft = (ops.two_point_stats(v, pairs, cutoff=cutoff) for v in (x, t))
+    mse = torch.nn.functional.mse_loss(1.5 * fx, 1.5 * ft)
+    got = {red: ops.spatial_stats_loss(x, t, correlations=pairs, cutoff=cutoff, scale=1.5, reduction=red)
+           for red in REDUCTIONS}
+    torch.testing.assert_close(got["mean"], mse)
+    torch.testing.assert_close(got["batchmean"], mse * fx[0].numel())
+    torch.testing.assert_close(got["sum"], mse * fx.numel())
+    torch.testing.assert_close(got["none"].sum(), got["sum"])
