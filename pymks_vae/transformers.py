@@ -5,9 +5,10 @@ Both classes take PyMKS's layout, ``(n_samples, *spatial, n_state)``, as numpy a
 carry through). They slot into a ``sklearn.pipeline.Pipeline`` after ``pymks.PrimitiveTransformer``
 and before any classifier or regressor.
 
-xarray dims are read by name through :func:`_as_pymks_array`: the dim ``"sample"`` holds the
-samples, the dim ``"state"`` the local states, every other dim is spatial, in any order
-(``TwoPointCorrelation`` takes other names as ``sample_dim`` / ``state_dim``).
+The shared adapter :func:`_as_pymks_array` reads xarray dims by name: the dim ``"sample"`` holds
+the samples, the dim ``"state"`` the local states, every other dim is spatial, in any order
+(``TwoPointCorrelation`` takes other names as ``sample_dim`` / ``state_dim``). ``VAETransformer``
+still reads a DataArray by position (first dim = samples) until it calls that adapter too.
 
 - :class:`TwoPointCorrelation`: a drop-in for ``pymks.TwoPointCorrelation`` (same parameters, same
   numbers, stateless like it), computed by the pymks-vae operator.

@@ -369,3 +369,35 @@ def test_all_zero_mask_is_nan_with_a_warning(rng):
     with pytest.warns(MaskOverlapWarning, match="no overlap"):
         out = TwoPointCorrelation(cutoff=2, mask=np.zeros((9, 9))).transform(x)
     assert np.isnan(out).all()
+
+
+# ----------------------------------------------------------------------------- the shared adapter
+def test_adapter_modes_for_grey_fields_and_latents(rng):
+    """The modes VAETransformer needs: grey fields have no state dim, latents are (sample, feature)."""
+    from pymks_vae.transformers import _as_pymks_array, _spatial_dims
+
+    grey = xr.DataArray(rng.random((9, 8, 3)), dims=("x", "y", "sample"), coords={"sample": [4, 5, 6]})
+    array, aligned = _as_pymks_array(grey, state="optional")
+    assert aligned.dims == ("sample", "x", "y") and aligned["sample"].values.tolist() == [4, 5, 6]
+    np.testing.assert_array_equal(array, grey.values.transpose(2, 0, 1))
+    assert _spatial_dims(aligned) == ("x", "y")
+    # the order fixed at fit wins over the input's own
+    array, aligned = _as_pymks_array(grey.transpose("y", "sample", "x"), state="optional", spatial_dims=("x", "y"))
+    np.testing.assert_array_equal(array, grey.values.transpose(2, 0, 1))
+    one_hot = xr.DataArray(rng.random((2, 3, 9, 8)), dims=("state", "sample", "x", "y"))
+    assert _as_pymks_array(one_hot, state="optional")[1].dims == ("sample", "x", "y", "state")
+    latents = xr.DataArray(rng.random((4, 3)), dims=("latent", "sample"))
+    array, aligned = _as_pymks_array(latents, "Z", state="none")
+    assert aligned.dims == ("sample", "latent") and array.shape == (3, 4)
+    with pytest.raises(ValueError, match=r"Z is an xarray DataArray .* none of them named 'sample'"):
+        _as_pymks_array(latents.rename(sample="specimen"), "Z", state="none")
+    with pytest.raises(ValueError, match="none of them named 'state'"):
+        _as_pymks_array(grey, state="required")
+    with pytest.raises(ValueError, match="fitted on"):
+        _as_pymks_array(grey, state="optional", spatial_dims=("x", "z"))
+    with pytest.raises(ValueError, match="state must be one of"):
+        _as_pymks_array(grey, state="maybe")
+    # numpy and dask pass through untouched
+    plain = rng.random((3, 9, 8))
+    assert _as_pymks_array(plain, state="optional")[0] is plain and _as_pymks_array(plain)[1] is None
+    assert _spatial_dims(None) is None
