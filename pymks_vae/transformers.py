@@ -1,13 +1,17 @@
 """scikit-learn transformers for PyMKS pipelines: two-point statistics and a VAE latent space.
 
 Both classes take PyMKS's layout, ``(n_samples, *spatial, n_state)``, as numpy arrays, dask arrays
-(kept lazy, chunked along samples) or xarray ``DataArray`` (first dim = samples, last dim =
-states; the sample dim and its coordinates carry through). They slot into a
-``sklearn.pipeline.Pipeline`` after ``pymks.PrimitiveTransformer`` and before any classifier or
-regressor.
+(kept lazy, chunked along samples) or xarray ``DataArray`` (the sample dim and its coordinates
+carry through). They slot into a ``sklearn.pipeline.Pipeline`` after ``pymks.PrimitiveTransformer``
+and before any classifier or regressor.
+
+The shared adapter :func:`_as_pymks_array` reads xarray dims by name: the dim ``"sample"`` holds
+the samples, the dim ``"state"`` the local states, every other dim is spatial, in any order
+(``TwoPointCorrelation`` takes other names as ``sample_dim`` / ``state_dim``). ``VAETransformer``
+still reads a DataArray by position (first dim = samples) until it calls that adapter too.
 
 - :class:`TwoPointCorrelation`: a drop-in for ``pymks.TwoPointCorrelation`` (same parameters, same
-  numbers), computed by the pymks-vae operator.
+  numbers, stateless like it), computed by the pymks-vae operator.
 - :class:`VAETransformer`: learns a low-dimensional latent space of 2D microstructures with a VAE
   trained in spatial-statistics space; ``transform`` gives the latent means.
 
@@ -23,11 +27,13 @@ import io
 import json
 import numbers
 import os
+import re
 import tempfile
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from pymks_vae import _extension
@@ -88,50 +94,152 @@ def _sample_coords(original):
     return dim, {k: v for k, v in original.coords.items() if v.dims == (dim,)}
 
 
+# The xarray convention: dims are found by name, never by position.
+SAMPLE_DIM = "sample"
+STATE_DIM = "state"
+_STATE_MODES = ("required", "optional", "none")
+
+
+def _unnamed(dataarray):
+    """True when every dim has xarray's default name (dim_0, dim_1, ...): names that say nothing."""
+    return all(re.fullmatch(r"dim_\d+", str(d)) for d in dataarray.dims)
+
+
+def _as_pymks_array(X, name="X", *, sample_dim=SAMPLE_DIM, state_dim=STATE_DIM, state="required",
+                    spatial_dims=None):
+    """:func:`_as_array`, with an xarray DataArray aligned by dim names into PyMKS's layout.
+
+    The convention: the dim named ``sample_dim`` holds the samples, the dim named ``state_dim`` the
+    local states (last in PyMKS's layout), every other dim is spatial, in ``X``'s own order or in
+    ``spatial_dims`` (the order seen at fit). A DataArray whose dims all have xarray's default
+    names (``dim_0``, ...) carries no names to align by and is read by position, as numpy is.
+
+    Args:
+        X: numpy, dask or xarray input (other array-likes become numpy).
+        name: the argument's name, for error messages.
+        sample_dim: name of the sample dim.
+        state_dim: name of the state dim.
+        state: "required" (the state dim must be there), "optional" (grey fields have none) or
+            "none" (no state dim: every dim but the sample dim is kept in order, e.g. latents).
+        spatial_dims: None, or the spatial dim names seen at fit: ``X`` must have exactly these
+            and is transposed to their order.
+
+    Returns:
+        ``(array, aligned)``: the numpy/dask array in ``(sample, *spatial[, state])`` order and
+        the DataArray transposed to that order (None for non-xarray input).
+
+    Raises:
+        ValueError: a named dim is missing, or the spatial dims differ from ``spatial_dims``.
+
+    Example:
+        >>> import numpy as np, xarray as xr
+        >>> from pymks_vae.transformers import _as_pymks_array
+        >>> arr = xr.DataArray(np.zeros((9, 8, 3, 2)), dims=("x", "y", "sample", "state"))
+        >>> _as_pymks_array(arr)[1].dims
+        ('sample', 'x', 'y', 'state')
+    """
+    if state not in _STATE_MODES:
+        raise ValueError(f"state must be one of {_STATE_MODES}, got {state!r}")
+    if sample_dim == state_dim:
+        raise ValueError(f"sample_dim and state_dim must differ, both are {sample_dim!r}")
+    if not _is_xarray(X) or _unnamed(X):
+        return _as_array(X, name)
+    dims = tuple(X.dims)
+    if sample_dim not in dims:
+        raise ValueError(
+            f"{name} is an xarray DataArray with dims {dims}, none of them named {sample_dim!r}. DataArray dims "
+            f"are read by name, not position: the samples are the dim {sample_dim!r}, the local states the dim "
+            f"{state_dim!r}, every other dim is spatial. Rename the sample dim (e.g. "
+            f"{name}.rename({{{dims[0]!r}: {sample_dim!r}}})) or give its name to the transformer (sample_dim=...)"
+        )
+    has_state = state != "none" and state_dim in dims
+    if state == "required" and not has_state:
+        raise ValueError(
+            f"{name} is an xarray DataArray with dims {dims}, none of them named {state_dim!r}, the dim of the local "
+            f"states (PyMKS's n_state axis, e.g. from pymks.PrimitiveTransformer). Rename it (e.g. "
+            f"{name}.rename({{{dims[-1]!r}: {state_dim!r}}})) or give its name to the transformer (state_dim=...)"
+        )
+    spatial = [d for d in dims if d != sample_dim and not (has_state and d == state_dim)]
+    if spatial_dims is not None:
+        if sorted(map(str, spatial)) != sorted(map(str, spatial_dims)) or len(spatial) != len(spatial_dims):
+            raise ValueError(f"{name} has spatial dims {tuple(spatial)}, but the transformer was fitted on "
+                             f"{tuple(spatial_dims)}; spatial dims are matched by name")
+        spatial = list(spatial_dims)
+    aligned = X.transpose(sample_dim, *spatial, *((state_dim,) if has_state else ()))
+    array, _ = _as_array(aligned, name)
+    return array, aligned
+
+
+def _spatial_dims(aligned, state_dim=STATE_DIM):
+    """The spatial dim names of an aligned DataArray (None for other input or unnamed dims)."""
+    if aligned is None or _unnamed(aligned):
+        return None
+    return tuple(d for d in aligned.dims[1:] if d != state_dim)
+
+
 # ----------------------------------------------------------------------------- two-point statistics
 class TwoPointCorrelation(TransformerMixin, BaseEstimator, auto_wrap_output_keys=None):
     """Two-point statistics of PyMKS-layout microstructures, as a scikit-learn transformer.
 
     A drop-in replacement for ``pymks.TwoPointCorrelation``: same parameters, same float64 numbers
-    (``pymks.correlations_multiple``), computed by the pymks-vae operator. Unlike PyMKS's, it is a
-    proper fitted estimator (a ``Pipeline`` ending in it can ``.transform``), it takes ``y=`` as a
-    keyword, and it understands xarray.
-
-    The window is fixed at ``fit``: ``cutoff_`` is resolved from the fitted spatial shape (PyMKS's
-    rule ``int((min(spatial) - 1) / 2)`` when None, larger values clipped), so ``transform`` of new
-    data always gives the same number of features.
+    (``pymks.correlations_multiple``), computed by the pymks-vae operator. Like PyMKS's, it is
+    stateless: ``transform`` works without ``fit`` (and after ``fit(None)``), resolving the pairs
+    and the window from the data it is given. In addition, ``fit(X)`` fixes them from ``X``, so
+    that in a pipeline new data always gives the same number of features; it takes ``y=`` as a
+    keyword, a ``mask``, and xarray aligned by dim names.
 
     Args:
-        correlations: ``(i, j)`` state pairs; None (or empty) means ``[(0, 0), (0, 1), ...,
-            (0, n_state-1)]`` as in PyMKS.
+        correlations: ``(i, j)`` pairs of int state indices; None (or empty) means ``[(0, 0),
+            (0, 1), ..., (0, n_state-1)]`` as in PyMKS. Floats, strings and bools are refused.
         periodic_boundary: periodic boundaries (True) or zero padding with overlap normalisation.
         cutoff: largest lag kept along every spatial axis (None: as large as the field allows).
+        mask: None, or weights in [0, 1] of shape ``spatial`` (one mask for every sample) or
+            ``(n_samples, *spatial)`` (then only data of that many samples can be transformed); a
+            DataArray mask is aligned by dim names like ``X``. PyMKS's semantics: every state is
+            multiplied by it and each lag divided by the mask's own correlation; lags where the
+            mask does not overlap itself are NaN, with a ``MaskOverlapWarning``.
+        sample_dim: name of the sample dim of xarray input.
+        state_dim: name of the state dim of xarray input; every other dim is spatial.
 
-    Attributes:
+    Attributes (set by ``fit(X)`` only; ``fit(None)`` removes them):
         n_state_: number of local states (last axis) seen in fit.
         spatial_shape_: spatial shape seen in fit.
+        spatial_dims_: spatial dim names seen in fit (xarray input), else None.
         correlations_: the resolved list of pairs.
         cutoff_: the resolved cutoff; outputs have ``2 * cutoff_ + 1`` lags per spatial axis.
 
-    Input / output (``n`` samples, ``d`` spatial dims, ``w = 2 * cutoff_ + 1``):
+    Input / output (``n`` samples, ``d`` spatial dims, ``w = 2 * cutoff + 1``):
         numpy ``(n, *spatial, n_state)`` -> numpy ``(n, *(w,)*d, n_corr)`` float64; dask -> lazy
-        dask chunked along samples; xarray DataArray -> DataArray with dims ``(sample_dim,
-        "r_<dim>"..., "correlation")``, integer lag coordinates ``-cutoff_..cutoff_``, pair names
-        such as ``"0-1"``, and the sample coordinates of the input.
+        dask chunked along samples; xarray DataArray with dims ``sample_dim``, ``state_dim`` and
+        the spatial dims, in any order -> DataArray with dims ``(sample_dim, "r_<dim>"...,
+        "correlation")``, integer lag coordinates ``-cutoff..cutoff``, pair names such as
+        ``"0-1"``, and the sample coordinates of the input.
 
     Example:
         >>> import numpy as np
         >>> from pymks_vae import TwoPointCorrelation
         >>> x = np.random.default_rng(0).random((3, 11, 11, 2))
+        >>> TwoPointCorrelation(cutoff=3).transform(x).shape      # stateless, as in PyMKS
+        (3, 7, 7, 2)
         >>> tpc = TwoPointCorrelation(correlations=[(0, 0), (0, 1)], cutoff=3).fit(x)
         >>> tpc.transform(x).shape, tpc.cutoff_, tpc.get_feature_names_out()[:2].tolist()
         ((3, 7, 7, 2), 3, ['corr_0-0_r_-3_-3', 'corr_0-1_r_-3_-3'])
     """
 
-    def __init__(self, correlations=None, periodic_boundary=True, cutoff=None):
+    _FITTED = ("n_state_", "spatial_shape_", "spatial_dims_", "correlations_", "cutoff_")
+
+    def __init__(self, correlations=None, periodic_boundary=True, cutoff=None, mask=None, sample_dim=SAMPLE_DIM,
+                 state_dim=STATE_DIM):
         self.correlations = correlations
         self.periodic_boundary = periodic_boundary
         self.cutoff = cutoff
+        self.mask = mask
+        self.sample_dim = sample_dim
+        self.state_dim = state_dim
+
+    def _check_params(self):
+        if not isinstance(self.periodic_boundary, (bool, np.bool_)):
+            raise TypeError(f"periodic_boundary must be a bool, got {self.periodic_boundary!r}")
 
     def _validate_layout(self, X):
         if X.ndim < 3 or X.ndim > 5:
@@ -143,76 +251,113 @@ class TwoPointCorrelation(TransformerMixin, BaseEstimator, auto_wrap_output_keys
         if X.shape[0] == 0 or any(int(s) == 0 for s in X.shape[1:]):
             raise ValueError(f"X has an empty axis: shape {tuple(X.shape)}")
 
-    def fit(self, X, y=None):
-        """Resolve the pairs and the cutoff from the shape of ``X``; nothing is computed.
+    def _input(self, X, spatial_dims=None):
+        X, aligned = _as_pymks_array(X, sample_dim=self.sample_dim, state_dim=self.state_dim, state="required",
+                                     spatial_dims=spatial_dims)
+        self._validate_layout(X)
+        return X, aligned
+
+    def _aligned_mask(self, aligned):
+        """The mask in the layout of the aligned input: DataArray masks are matched by dim names."""
+        mask = self.mask
+        if not _is_xarray(mask):
+            return mask
+        dims = tuple(mask.dims)
+        order = [self.sample_dim] if self.sample_dim in dims else []
+        if aligned is not None and not _unnamed(aligned):
+            spatial = list(_spatial_dims(aligned, self.state_dim))
+            if sorted(map(str, set(dims) - {self.sample_dim})) != sorted(map(str, spatial)):
+                raise ValueError(f"mask has dims {dims}; it needs the spatial dims of X, {tuple(spatial)}, and "
+                                 f"optionally the sample dim {self.sample_dim!r}")
+            order += spatial
+        else:
+            order += [d for d in dims if d != self.sample_dim]
+        return mask.transpose(*order).data
+
+    def fit(self, X=None, y=None):
+        """Fix the pairs and the window from the shape of ``X``; nothing is computed.
+
+        ``fit()`` or ``fit(None)``, as PyMKS code calls it, leaves the transformer stateless:
+        ``transform`` then resolves the pairs and the window from each input.
 
         Args:
-            X: ``(n_samples, *spatial, n_state)`` numpy, dask or xarray array.
+            X: None, or ``(n_samples, *spatial, n_state)`` numpy, dask or xarray array.
             y: ignored (accepted for pipelines).
 
         Returns:
             self
         """
-        if not isinstance(self.periodic_boundary, (bool, np.bool_)):
-            raise TypeError(f"periodic_boundary must be a bool, got {self.periodic_boundary!r}")
-        X, _ = _as_array(X)
-        self._validate_layout(X)
+        self._check_params()
+        for attr in self._FITTED:
+            self.__dict__.pop(attr, None)
+        if X is None:
+            return self
+        X, aligned = self._input(X)
         _check_finite_numpy(X)
+        spatial = tuple(int(s) for s in X.shape[1:-1])
+        correlations = _corr.resolve_correlations(self.correlations, int(X.shape[-1]))
+        cutoff = _corr.resolve_cutoff(self.cutoff, spatial)
+        _corr._prepare_mask(self._aligned_mask(aligned), X, spatial)  # a bad mask fails here, not later
         self.n_state_ = int(X.shape[-1])
-        self.spatial_shape_ = tuple(int(s) for s in X.shape[1:-1])
-        self.correlations_ = _corr.resolve_correlations(self.correlations, self.n_state_)
-        self.cutoff_ = _corr.resolve_cutoff(self.cutoff, self.spatial_shape_)
+        self.spatial_shape_ = spatial
+        self.spatial_dims_ = _spatial_dims(aligned, self.state_dim)
+        self.correlations_ = correlations
+        self.cutoff_ = cutoff
         return self
-
-    def __sklearn_is_fitted__(self):
-        return hasattr(self, "cutoff_")
 
     def transform(self, X):
         """Two-point statistics of ``X`` (see the class docstring for the layouts).
 
         Args:
-            X: ``(n_samples, *spatial, n_state)`` numpy, dask or xarray array with the fitted
-                ``n_state_`` and number of spatial dims.
+            X: ``(n_samples, *spatial, n_state)`` numpy, dask or xarray array; after ``fit(X)``,
+                with the fitted ``n_state_``, number of spatial dims (and spatial dim names) and a
+                field large enough for ``cutoff_``.
 
         Returns:
             the statistics, numpy / lazy dask / DataArray like the input.
         """
-        check_is_fitted(self)
-        X, original = _as_array(X)
-        self._validate_layout(X)
-        if int(X.shape[-1]) != self.n_state_:
-            raise ValueError(f"X has {X.shape[-1]} states on its last axis, but the transformer was fitted with "
-                             f"n_state={self.n_state_}")
+        self._check_params()
+        fitted = hasattr(self, "cutoff_")
+        X, aligned = self._input(X, getattr(self, "spatial_dims_", None))
         spatial = tuple(int(s) for s in X.shape[1:-1])
-        if len(spatial) != len(self.spatial_shape_):
-            raise ValueError(f"X has {len(spatial)} spatial dims, but the transformer was fitted on "
-                             f"{len(self.spatial_shape_)} (spatial shape {self.spatial_shape_})")
-        if _corr.resolve_cutoff(None, spatial) < self.cutoff_:
-            raise ValueError(f"X's spatial shape {spatial} is too small for the fitted cutoff_={self.cutoff_} "
-                             f"(needs min(spatial) >= {2 * self.cutoff_ + 1})")
+        if fitted:
+            if int(X.shape[-1]) != self.n_state_:
+                raise ValueError(f"X has {X.shape[-1]} states on its last axis, but the transformer was fitted "
+                                 f"with n_state={self.n_state_}")
+            if len(spatial) != len(self.spatial_shape_):
+                raise ValueError(f"X has {len(spatial)} spatial dims, but the transformer was fitted on "
+                                 f"{len(self.spatial_shape_)} (spatial shape {self.spatial_shape_})")
+            if _corr.resolve_cutoff(None, spatial) < self.cutoff_:
+                raise ValueError(f"X's spatial shape {spatial} is too small for the fitted cutoff_={self.cutoff_} "
+                                 f"(needs min(spatial) >= {2 * self.cutoff_ + 1})")
+            correlations, cutoff = self.correlations_, self.cutoff_
+        else:  # stateless, as PyMKS: everything follows from this input
+            correlations = _corr.resolve_correlations(self.correlations, int(X.shape[-1]))
+            cutoff = _corr.resolve_cutoff(self.cutoff, spatial)
         _check_finite_numpy(X)
-        out = _corr.correlations_multiple(X, self.correlations_, periodic_boundary=bool(self.periodic_boundary),
-                                          cutoff=self.cutoff_)
-        if original is None:
+        out = _corr.correlations_multiple(X, correlations, periodic_boundary=bool(self.periodic_boundary),
+                                          cutoff=cutoff, mask=self._aligned_mask(aligned))
+        if aligned is None:
             return out
-        return self._to_dataarray(out, original)
+        return self._to_dataarray(out, aligned, correlations, cutoff)
 
-    def _to_dataarray(self, out, original):
+    def _to_dataarray(self, out, original, correlations, cutoff):
         import xarray as xr
 
         sample_dim, coords = _sample_coords(original)
         lag_dims = [f"r_{d}" for d in original.dims[1:-1]]
-        lags = np.arange(-self.cutoff_, self.cutoff_ + 1)
+        lags = np.arange(-cutoff, cutoff + 1)
         coords.update({d: lags for d in lag_dims})
-        coords["correlation"] = [f"{i}-{j}" for i, j in self.correlations_]
+        coords["correlation"] = [f"{i}-{j}" for i, j in correlations]
         return xr.DataArray(out, dims=(sample_dim, *lag_dims, "correlation"), coords=coords,
                             name="two_point_stats", attrs={"periodic_boundary": int(bool(self.periodic_boundary)),
-                                                           "cutoff": self.cutoff_})
+                                                           "cutoff": cutoff})
 
     def get_feature_names_out(self, input_features=None):
         """Names of the flattened output features, in the order of ``out.reshape(n, -1)``.
 
-        ``corr_<i>-<j>_r_<lag per axis>``, e.g. ``corr_0-1_r_-2_3``.
+        ``corr_<i>-<j>_r_<lag per axis>``, e.g. ``corr_0-1_r_-2_3``. The names need the window,
+        so the transformer must have been fitted on data.
 
         Args:
             input_features: ignored (the inputs are fields, not named columns).
@@ -220,7 +365,9 @@ class TwoPointCorrelation(TransformerMixin, BaseEstimator, auto_wrap_output_keys
         Returns:
             numpy array of str.
         """
-        check_is_fitted(self)
+        if not hasattr(self, "cutoff_"):
+            raise NotFittedError("TwoPointCorrelation.get_feature_names_out needs the window: call fit(X) on data "
+                                 "first (a stateless transformer's window follows each input)")
         lags = np.arange(-self.cutoff_, self.cutoff_ + 1)
         grids = np.stack(np.meshgrid(*([lags] * len(self.spatial_shape_)), indexing="ij"), axis=-1)
         names = [
@@ -232,7 +379,8 @@ class TwoPointCorrelation(TransformerMixin, BaseEstimator, auto_wrap_output_keys
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.requires_fit = True
+        # Stateless like PyMKS's: transform needs no fit (fit(X) only pins the window).
+        tags.requires_fit = False
         tags.input_tags.three_d_array = True
         tags.transformer_tags.preserves_dtype = ["float64"]
         return tags

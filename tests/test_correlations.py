@@ -1,4 +1,4 @@
-"""correlations_multiple in PyMKS's layout against the real pymks 0.4.1, on numpy and dask."""
+"""correlations_multiple and two_point_stats in PyMKS's layout against the real pymks 0.4.1, on numpy and dask."""
 import warnings
 
 import dask
@@ -6,8 +6,9 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from pymks_vae.correlations import (correlations_multiple, resolve_correlations, resolve_cutoff,
-                                    to_channels_first, to_channels_last)
+from pymks_vae.correlations import (MaskOverlapWarning, MaskRangeError, correlations_multiple,
+                                    resolve_correlations, resolve_cutoff, to_channels_first, to_channels_last,
+                                    two_point_stats)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -168,3 +169,168 @@ def test_nan_rejected():
     data[1, 2, 2, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         correlations_multiple(data)
+
+
+# ----------------------------------------------------------------------------- correlations: ints only
+@pytest.mark.parametrize("correlations", [
+    [(0.7, 1.9)], [(0, 1.0)], [("0", "1")], ["01"], [(True, False)], [(np.bool_(True), 0)], [(0, 1, 1)], [0, 1],
+    "01", True, 3, {(0, 1): 1},
+], ids=repr)
+def test_non_integer_correlations_are_refused_not_truncated(correlations):
+    data = np.random.rand(2, 6, 6, 2)
+    with pytest.raises(TypeError, match=r"correlations"):
+        correlations_multiple(data, correlations)
+    with pytest.raises(TypeError, match=r"correlations"):
+        resolve_correlations(correlations, 2)
+
+
+def test_integer_like_correlations_are_accepted():
+    assert resolve_correlations(np.array([[1, 0]]), 2) == [(1, 0)]
+    assert resolve_correlations([(np.int64(1), np.uint8(1))], 2) == [(1, 1)]
+    assert resolve_correlations((p for p in [(0, 1)]), 2) == [(0, 1)]
+
+
+# ----------------------------------------------------------------------------- two_point_stats with a mask
+def pymks_two_point(a, b, mask=None, **kwargs):
+    return np.asarray(pymks.two_point_stats(da.from_array(a), da.from_array(b), mask=None if mask is None else
+                                            da.from_array(mask), **kwargs))
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+@pytest.mark.parametrize("spatial,cutoff", [((13,), 4), ((9, 10), None), ((9, 10), 2), ((6, 7, 5), 1)])
+@pytest.mark.parametrize("kind", ["none", "float", "bool", "int"])
+def test_two_point_stats_matches_pymks(rng, periodic, spatial, cutoff, kind):
+    a, b = rng.random((3,) + spatial), rng.random((3,) + spatial)
+    mask = {"none": None, "float": np.clip(1.6 * rng.random((3,) + spatial), 0, 1),
+            "bool": rng.random((3,) + spatial) > 0.2, "int": (rng.random((3,) + spatial) > 0.2).astype(int)}[kind]
+    if mask is not None:
+        # a block of ones as wide as the window: every lag has some overlap (PyMKS's NaN is tested apart)
+        mask[(slice(None),) + (slice(0, 5),) * len(spatial)] = 1
+    theirs = pymks_two_point(a, b, mask, periodic_boundary=periodic, cutoff=cutoff)
+    ours = two_point_stats(a, b, periodic_boundary=periodic, cutoff=cutoff, mask=mask)
+    assert isinstance(ours, np.ndarray) and ours.dtype == np.float64 and ours.shape == theirs.shape
+    assert np.isfinite(theirs).all()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-12)
+    # the autocorrelation of one array, given once
+    np.testing.assert_allclose(two_point_stats(a, a, periodic_boundary=periodic, cutoff=cutoff, mask=mask),
+                               pymks_two_point(a, a, mask, periodic_boundary=periodic, cutoff=cutoff),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_two_point_stats_shared_mask_is_one_mask_for_every_sample(rng):
+    """PyMKS accepts a (*spatial) mask but normalises it along one axis only; ours is the real thing."""
+    a = rng.random((4, 8, 9))
+    mask = np.clip(1.5 * rng.random((8, 9)), 0, 1)
+    ours = two_point_stats(a, 1 - a, periodic_boundary=False, cutoff=3, mask=mask)
+    np.testing.assert_allclose(ours, two_point_stats(a, 1 - a, periodic_boundary=False, cutoff=3,
+                                                     mask=np.broadcast_to(mask, a.shape)), rtol=1e-12)
+    np.testing.assert_allclose(ours, pymks_two_point(a, 1 - a, np.ascontiguousarray(np.broadcast_to(mask, a.shape)),
+                                                     periodic_boundary=False, cutoff=3), rtol=1e-9, atol=1e-12)
+
+
+def test_two_point_stats_dask_stays_lazy_with_a_per_sample_mask(rng):
+    a, b = rng.random((7, 10, 10)), rng.random((7, 10, 10))
+    mask = np.clip(1.5 * rng.random((7, 10, 10)), 0, 1)
+    ours = two_point_stats(da.from_array(a, chunks=(3, 10, 10)), da.from_array(b, chunks=(3, 5, 10)), cutoff=3,
+                           mask=da.from_array(mask, chunks=(2, 10, 10)))
+    assert isinstance(ours, da.Array) and ours.chunks == ((3, 3, 1), (7,), (7,))
+    np.testing.assert_allclose(ours.compute(), pymks_two_point(a, b, mask, cutoff=3), rtol=1e-9, atol=1e-12)
+    # numpy data and a dask mask (or the other way round): numpy out, as PyMKS does when either is numpy
+    mixed = two_point_stats(a, da.from_array(b, chunks=(3, 10, 10)), cutoff=3, mask=da.from_array(mask))
+    assert isinstance(mixed, np.ndarray)
+    np.testing.assert_allclose(mixed, ours.compute(), rtol=1e-12)
+
+
+def test_correlations_multiple_mask_applies_to_every_state(rng):
+    data = pymks_hat(rng.random((3, 9, 8)), 3)
+    mask = rng.random((3, 9, 8)) > 0.15
+    mask[:, :3, :3] = True
+    for periodic in (True, False):
+        ours = correlations_multiple(data, [(0, 0), (1, 2), (2, 1)], periodic_boundary=periodic, cutoff=3, mask=mask)
+        for k, (i, j) in enumerate([(0, 0), (1, 2), (2, 1)]):
+            theirs = pymks_two_point(data[..., i], data[..., j], mask.astype(float), periodic_boundary=periodic,
+                                     cutoff=3)
+            np.testing.assert_allclose(ours[..., k], theirs, rtol=1e-9, atol=1e-12)
+
+
+def _overlap_count(mask, periodic, cutoff):
+    """sum_x m(x) m(x + r) for each lag of the window, by brute force over shifts (2D)."""
+    n, h, w = mask.shape
+    out = np.zeros((n, 2 * cutoff + 1, 2 * cutoff + 1))
+    for p, dy in enumerate(range(-cutoff, cutoff + 1)):
+        for q, dx in enumerate(range(-cutoff, cutoff + 1)):
+            if periodic:
+                shifted = np.roll(mask, (-dy, -dx), axis=(1, 2))
+            else:
+                shifted = np.zeros_like(mask)
+                shifted[:, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = \
+                    mask[:, max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+            out[:, p, q] = (mask * shifted).sum(axis=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_lags_without_mask_overlap_are_nan_with_a_warning(rng, periodic):
+    a = rng.random((3, 8, 8))
+    mask = np.zeros((3, 8, 8))
+    mask[0] = 1                     # full overlap
+    mask[1, 1:3, 2:4] = 1           # a 2x2 patch: no overlap beyond one pixel of shift
+    # mask[2] stays all zero: every lag undefined
+    with pytest.warns(MaskOverlapWarning, match=r"in 2 of 3 samples"):
+        ours = two_point_stats(a, a, periodic_boundary=periodic, cutoff=3, mask=mask)
+    undefined = _overlap_count(mask, periodic, 3) == 0
+    assert undefined[1].sum() == 49 - 9 and undefined[2].all() and not undefined[0].any()
+    np.testing.assert_array_equal(np.isnan(ours), undefined)
+    # PyMKS divides 0 by 0 at the all-zero mask: NaN there as well; the defined lags agree
+    with np.errstate(all="ignore"):
+        theirs = pymks_two_point(a, a, mask, periodic_boundary=periodic, cutoff=3)
+    assert np.isnan(theirs[2]).all()
+    np.testing.assert_allclose(ours[~undefined], theirs[~undefined], rtol=1e-9, atol=1e-12)
+    # the same through the dask path: the warning comes when the block is computed
+    lazy = two_point_stats(da.from_array(a, chunks=(2, 8, 8)), da.from_array(a, chunks=(2, 8, 8)),
+                           periodic_boundary=periodic, cutoff=3, mask=da.from_array(mask, chunks=(2, 8, 8)))
+    with pytest.warns(MaskOverlapWarning):
+        np.testing.assert_array_equal(np.isnan(lazy.compute(scheduler="synchronous")), undefined)
+
+
+def test_a_full_overlap_mask_gives_no_warning(rng):
+    a = rng.random((2, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = two_point_stats(a, a, cutoff=3, mask=np.ones((8, 8)))
+    np.testing.assert_allclose(out, two_point_stats(a, a, cutoff=3), rtol=1e-12)
+
+
+@pytest.mark.parametrize("mask,exc,match", [
+    (np.full((2, 6, 6), 1.5), MaskRangeError, r"mask values must lie in \[0, 1\]"),
+    (-np.ones((6, 6)), MaskRangeError, r"mask values must lie in \[0, 1\]"),
+    (np.full((6, 6), np.nan), ValueError, "mask contains NaN"),
+    (np.ones((3, 6, 6)), ValueError, r"mask must have shape \(6, 6\)"),
+    (np.ones((6, 5)), ValueError, r"mask must have shape \(6, 6\)"),
+    (np.ones((6, 6), dtype=complex), TypeError, "mask must hold real numbers"),
+    (np.full((6, 6), "a"), TypeError, "mask must hold"),
+])
+def test_bad_masks(mask, exc, match):
+    a = np.random.rand(2, 6, 6)
+    with pytest.raises(exc, match=match):
+        two_point_stats(a, a, mask=mask)
+    with pytest.raises(exc, match=match):
+        correlations_multiple(a[..., None], mask=mask)
+
+
+def test_mask_range_error_is_the_runtime_error_pymks_raised():
+    a = da.from_array(np.ones((1, 4, 4)))
+    with pytest.raises(RuntimeError):  # PyMKS users catch RuntimeError
+        two_point_stats(a, a, mask=da.from_array(np.full((1, 4, 4), 2.0)))
+    assert issubclass(MaskRangeError, ValueError)
+
+
+@pytest.mark.parametrize("arr1,arr2,exc,match", [
+    (np.ones((2, 5)), np.ones((2, 6)), ValueError, "same shape"),
+    (np.ones(5), np.ones(5), ValueError, "arr1 must have shape"),
+    (np.ones((1, 2, 3, 4, 5)), np.ones((1, 2, 3, 4, 5)), ValueError, "1-3 spatial dims"),
+    (np.ones((2, 5), dtype=complex), np.ones((2, 5)), TypeError, "arr1 must hold real numbers"),
+])
+def test_two_point_stats_bad_fields(arr1, arr2, exc, match):
+    with pytest.raises(exc, match=match):
+        two_point_stats(arr1, arr2)

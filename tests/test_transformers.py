@@ -102,7 +102,8 @@ def test_xarray_dims_and_coords(rng, backed):
     arr = xr.DataArray(data, dims=("specimen", "row", "col", "phase"),
                        coords={"specimen": [11, 12, 13, 14], "batch": ("specimen", list("abab")),
                                "row": np.arange(10) * 0.5})
-    out = TwoPointCorrelation(correlations=[(0, 1), (1, 1)], cutoff=3).fit(arr).transform(arr)
+    out = TwoPointCorrelation(correlations=[(0, 1), (1, 1)], cutoff=3, sample_dim="specimen",
+                              state_dim="phase").fit(arr).transform(arr)
     assert isinstance(out, xr.DataArray)
     assert out.dims == ("specimen", "r_row", "r_col", "correlation")
     assert out["specimen"].values.tolist() == [11, 12, 13, 14]
@@ -174,10 +175,56 @@ def test_clone_and_pickle(rng):
     np.testing.assert_array_equal(back.transform(x), tpc.transform(x))
 
 
+# ----------------------------------------------------------------------------- stateless, as PyMKS's
+def test_transform_without_fit_is_pymks_transform(rng):
+    """PyMKS code calls transform without fit: the pairs and window follow each input."""
+    for shape in [(2, 9, 9, 2), (3, 15, 12, 3)]:
+        x = rng.random(shape)
+        tpc = TwoPointCorrelation(periodic_boundary=False)
+        ours = tpc.transform(x)
+        assert not any(k.endswith("_") for k in vars(tpc))  # transform leaves no state behind
+        theirs = pymks.TwoPointCorrelation(periodic_boundary=False).transform(x)
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(ours, np.asarray(theirs), rtol=1e-10, atol=1e-12)
+
+
+def test_fit_none_as_pymks_code_calls_it(rng):
+    x, big = rng.random((2, 9, 9, 2)), rng.random((2, 15, 15, 2))
+    tpc = TwoPointCorrelation()
+    assert tpc.fit() is tpc and tpc.fit(None) is tpc and tpc.fit(None, None) is tpc
+    assert tpc.transform(x).shape == (2, 9, 9, 2) and tpc.transform(big).shape == (2, 15, 15, 2)
+    # fit(X) pins the window; fit(None) afterwards makes it stateless again
+    tpc.fit(x)
+    assert tpc.cutoff_ == 4 and tpc.transform(big).shape == (2, 9, 9, 2)
+    tpc.fit(None)
+    assert not hasattr(tpc, "cutoff_") and tpc.transform(big).shape == (2, 15, 15, 2)
+    with pytest.raises(NotFittedError, match="fit\\(X\\) on data"):
+        tpc.get_feature_names_out()
+
+
+def test_stateless_in_a_pipeline_and_sklearn_tags(rng):
+    from sklearn.utils import get_tags
+    from sklearn.utils.validation import check_is_fitted
+
+    tpc = TwoPointCorrelation(cutoff=2)
+    assert get_tags(tpc).requires_fit is False
+    check_is_fitted(tpc)  # no NotFittedError: a stateless transformer is always usable
+    micro = (rng.random((4, 9, 9)) > 0.5).astype(float)
+    pipe = Pipeline([("onehot", pymks.PrimitiveTransformer(n_state=2, min_=0, max_=1)), ("stats", tpc)])
+    np.testing.assert_allclose(np.asarray(pipe.transform(micro)),
+                               np.asarray(pymks.TwoPointCorrelation(cutoff=2).transform(
+                                   pymks.PrimitiveTransformer(n_state=2, min_=0, max_=1).transform(micro))),
+                               rtol=1e-10, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- bad input
-def test_transform_before_fit_raises(rng):
-    with pytest.raises(NotFittedError):
-        TwoPointCorrelation().transform(rng.random((2, 9, 9, 2)))
+@pytest.mark.parametrize("correlations", [[(0.7, 1.9)], [("0", "1")], [(True, False)], "01", True], ids=repr)
+def test_non_integer_correlations_are_refused(rng, correlations):
+    x = rng.random((2, 9, 9, 2))
+    with pytest.raises(TypeError, match="correlations"):
+        TwoPointCorrelation(correlations=correlations).fit(x)
+    with pytest.raises(TypeError, match="correlations"):
+        TwoPointCorrelation(correlations=correlations).transform(x)
 
 
 @pytest.mark.parametrize("shape", [(5,), (4, 9), (1, 2, 3, 4, 5, 6)])
@@ -224,3 +271,133 @@ def expected_tabular_failures(estimator):
 @parametrize_with_checks([TwoPointCorrelation(cutoff=1)], expected_failed_checks=expected_tabular_failures)
 def test_sklearn_estimator_checks(estimator, check):
     run_check(estimator, check)
+
+
+# ----------------------------------------------------------------------------- xarray: dims by name
+def _canonical(rng, shape=(3, 10, 16, 2)):
+    return xr.DataArray(rng.random(shape), dims=("sample", "x", "y", "state"),
+                        coords={"sample": [7, 8, 9][: shape[0]], "y": np.arange(shape[2])})
+
+
+@pytest.mark.parametrize("order", [("sample", "state", "x", "y"), ("x", "y", "sample", "state"),
+                                   ("state", "x", "sample", "y")])
+def test_xarray_is_aligned_by_dim_names(rng, order):
+    canonical = _canonical(rng)
+    expected = TwoPointCorrelation(cutoff=3).transform(canonical)
+    assert expected.dims == ("sample", "r_x", "r_y", "correlation") and expected.shape == (3, 7, 7, 2)
+    permuted = canonical.transpose(*order)
+    for tpc in (TwoPointCorrelation(cutoff=3), TwoPointCorrelation(cutoff=3).fit(permuted)):
+        out = tpc.transform(permuted)
+        assert out.dims == expected.dims and out["sample"].values.tolist() == [7, 8, 9]
+        np.testing.assert_allclose(out.values, expected.values, rtol=1e-12)
+    np.testing.assert_allclose(expected.values, _pymks_stats(canonical.values, None, True, 3), rtol=1e-10, atol=1e-12)
+
+
+def test_xarray_fit_and_transform_agree_on_spatial_order(rng):
+    """Fitted on (x, y), a (y, x) DataArray is read as (x, y): not transposed statistics."""
+    canonical = _canonical(rng, (3, 12, 12, 2))  # square, so a misreading would not change any shape
+    tpc = TwoPointCorrelation(correlations=[(0, 1)], cutoff=4).fit(canonical)
+    assert tpc.spatial_dims_ == ("x", "y")
+    swapped = canonical.transpose("sample", "y", "x", "state")
+    out = tpc.transform(swapped)
+    assert out.dims == ("sample", "r_x", "r_y", "correlation")
+    np.testing.assert_allclose(out.values, tpc.transform(canonical).values, rtol=1e-12)
+    assert not np.allclose(out.values, tpc.transform(swapped.values))  # read by position: the other statistics
+    with pytest.raises(ValueError, match=r"spatial dims \('row', 'col'\).*fitted on \('x', 'y'\)"):
+        tpc.transform(canonical.rename(x="row", y="col"))
+
+
+def test_xarray_that_cannot_be_aligned_is_refused(rng):
+    canonical = _canonical(rng)
+    with pytest.raises(ValueError, match=r"none of them named 'sample'.*rename"):
+        TwoPointCorrelation().fit(canonical.rename(sample="specimen"))
+    with pytest.raises(ValueError, match=r"none of them named 'state'"):
+        TwoPointCorrelation().transform(canonical.rename(state="phase"))
+    with pytest.raises(ValueError, match=r"sample_dim and state_dim must differ"):
+        TwoPointCorrelation(sample_dim="x", state_dim="x").transform(canonical)
+    # configured names align the same data
+    renamed = canonical.rename(sample="specimen", state="phase").transpose("phase", "y", "specimen", "x")
+    out = TwoPointCorrelation(sample_dim="specimen", state_dim="phase", cutoff=2).transform(renamed)
+    assert out.dims == ("specimen", "r_y", "r_x", "correlation")
+    np.testing.assert_allclose(out.values, TwoPointCorrelation(cutoff=2).transform(
+        canonical.transpose("sample", "y", "x", "state")).values, rtol=1e-12)
+
+
+def test_xarray_with_default_dim_names_is_read_by_position(rng):
+    x = rng.random((2, 9, 9, 2))
+    out = TwoPointCorrelation(cutoff=2).transform(xr.DataArray(x))
+    assert out.dims == ("dim_0", "r_dim_1", "r_dim_2", "correlation")
+    np.testing.assert_allclose(out.values, TwoPointCorrelation(cutoff=2).transform(x), rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- mask
+def test_mask_matches_pymks_two_point_stats(rng):
+    x = rng.random((3, 10, 11, 2))
+    mask = np.clip(1.5 * rng.random((3, 10, 11)), 0, 1)
+    mask[:, :5, :5] = 1
+    pairs = [(0, 0), (0, 1), (1, 1)]
+    for periodic in (True, False):
+        tpc = TwoPointCorrelation(correlations=pairs, periodic_boundary=periodic, cutoff=4, mask=mask)
+        ours = tpc.transform(x)
+        for k, (i, j) in enumerate(pairs):
+            theirs = pymks.two_point_stats(da.from_array(x[..., i]), da.from_array(x[..., j]),
+                                           periodic_boundary=periodic, cutoff=4, mask=da.from_array(mask))
+            np.testing.assert_allclose(ours[..., k], np.asarray(theirs), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(tpc.fit(x).transform(x), ours, rtol=1e-12)
+
+
+def test_mask_shapes_and_alignment(rng):
+    canonical = _canonical(rng, (3, 10, 12, 2))
+    shared = xr.DataArray(np.clip(1.4 * rng.random((12, 10)), 0, 1), dims=("y", "x"))
+    out = TwoPointCorrelation(cutoff=3, mask=shared).transform(canonical.transpose("y", "state", "sample", "x"))
+    assert out.dims == ("sample", "r_y", "r_x", "correlation")  # spatial dims in X's own order
+    expected = TwoPointCorrelation(cutoff=3, mask=shared.values.T).transform(canonical.values)
+    np.testing.assert_allclose(out.transpose("sample", "r_x", "r_y", "correlation").values, expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="needs the spatial dims of X"):
+        TwoPointCorrelation(mask=shared.rename(y="z")).transform(canonical)
+    per_sample = TwoPointCorrelation(cutoff=3, mask=np.ones((3, 10, 12))).fit(canonical.values)
+    with pytest.raises(ValueError, match=r"mask must have shape .*\(2, 10, 12\)"):
+        per_sample.transform(canonical.values[:2])
+    with pytest.raises(ValueError, match=r"mask values must lie in \[0, 1\]"):
+        TwoPointCorrelation(mask=np.full((10, 12), 2.0)).fit(canonical.values)
+
+
+def test_all_zero_mask_is_nan_with_a_warning(rng):
+    from pymks_vae.correlations import MaskOverlapWarning
+
+    x = rng.random((2, 9, 9, 2))
+    with pytest.warns(MaskOverlapWarning, match="no overlap"):
+        out = TwoPointCorrelation(cutoff=2, mask=np.zeros((9, 9))).transform(x)
+    assert np.isnan(out).all()
+
+
+# ----------------------------------------------------------------------------- the shared adapter
+def test_adapter_modes_for_grey_fields_and_latents(rng):
+    """The modes VAETransformer needs: grey fields have no state dim, latents are (sample, feature)."""
+    from pymks_vae.transformers import _as_pymks_array, _spatial_dims
+
+    grey = xr.DataArray(rng.random((9, 8, 3)), dims=("x", "y", "sample"), coords={"sample": [4, 5, 6]})
+    array, aligned = _as_pymks_array(grey, state="optional")
+    assert aligned.dims == ("sample", "x", "y") and aligned["sample"].values.tolist() == [4, 5, 6]
+    np.testing.assert_array_equal(array, grey.values.transpose(2, 0, 1))
+    assert _spatial_dims(aligned) == ("x", "y")
+    # the order fixed at fit wins over the input's own
+    array, aligned = _as_pymks_array(grey.transpose("y", "sample", "x"), state="optional", spatial_dims=("x", "y"))
+    np.testing.assert_array_equal(array, grey.values.transpose(2, 0, 1))
+    one_hot = xr.DataArray(rng.random((2, 3, 9, 8)), dims=("state", "sample", "x", "y"))
+    assert _as_pymks_array(one_hot, state="optional")[1].dims == ("sample", "x", "y", "state")
+    latents = xr.DataArray(rng.random((4, 3)), dims=("latent", "sample"))
+    array, aligned = _as_pymks_array(latents, "Z", state="none")
+    assert aligned.dims == ("sample", "latent") and array.shape == (3, 4)
+    with pytest.raises(ValueError, match=r"Z is an xarray DataArray .* none of them named 'sample'"):
+        _as_pymks_array(latents.rename(sample="specimen"), "Z", state="none")
+    with pytest.raises(ValueError, match="none of them named 'state'"):
+        _as_pymks_array(grey, state="required")
+    with pytest.raises(ValueError, match="fitted on"):
+        _as_pymks_array(grey, state="optional", spatial_dims=("x", "z"))
+    with pytest.raises(ValueError, match="state must be one of"):
+        _as_pymks_array(grey, state="maybe")
+    # numpy and dask pass through untouched
+    plain = rng.random((3, 9, 8))
+    assert _as_pymks_array(plain, state="optional")[0] is plain and _as_pymks_array(plain)[1] is None
+    assert _spatial_dims(None) is None
