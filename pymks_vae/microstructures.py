@@ -5,6 +5,17 @@ small, deterministic replacement: periodic Gaussian-filtered white noise, thresh
 quantile that gives each sample its volume fraction. Classes differ by their correlation lengths
 along each axis (anisotropy) and by their volume fraction.
 
+Three labelled 2D families with a continuous descriptor per sample (for classification and for
+regression, e.g. ``benchmarks/bench_latent.py``) return ``(x, labels, descriptor)``:
+
+* :func:`generate_grf_family`: thresholded Gaussian random fields of equal volume fraction whose
+  classes differ in correlation length and anisotropy; descriptor: the geometric mean of the
+  per-axis filter widths.
+* :func:`generate_inclusions`: disks of a class-dependent radius at random (periodic) places, of
+  similar volume fraction in every class; descriptor: the radius.
+* :func:`generate_lamellae`: wavy, noisy stripes of a class-dependent spacing at a jittered
+  orientation; descriptor: the spacing.
+
 Example:
     >>> from pymks_vae.microstructures import generate_classes
     >>> x, y = generate_classes(n_per_class=3, shape=(16, 16), seed=1)
@@ -18,7 +29,8 @@ import numbers
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["DEFAULT_CLASSES", "generate_classes", "generate_two_phase"]
+__all__ = ["DEFAULT_CLASSES", "GRF_CLASSES", "INCLUSION_CLASSES", "LAMELLA_CLASSES", "generate_classes",
+           "generate_grf_family", "generate_inclusions", "generate_lamellae", "generate_two_phase"]
 
 # Each class: Gaussian filter widths in pixels per axis (correlation lengths) and the mean volume
 # fraction of phase 1. Chosen so that no single simple feature separates all classes.
@@ -28,6 +40,93 @@ DEFAULT_CLASSES = (
     {"name": "y-elongated", "sigma": (4.0, 1.0), "volume_fraction": 0.5},
     {"name": "coarse", "sigma": (3.0, 3.0), "volume_fraction": 0.35},
 )
+
+# Thresholded Gaussian random fields, all of volume fraction 0.5. ``sigma_mean`` is the range of the
+# geometric mean of the two filter widths (pixels), drawn uniformly per sample; ``aspect`` is
+# sigma along axis 1 over sigma along axis 0 (> 1: grains elongated along axis 1, x in a plot).
+# Three classes share a size range and differ only in anisotropy, three share the isotropic shape
+# and differ only in size: neither feature alone separates all five.
+GRF_CLASSES = (
+    {"name": "fine", "sigma_mean": (1.0, 1.6), "aspect": 1.0},
+    {"name": "medium", "sigma_mean": (1.6, 2.4), "aspect": 1.0},
+    {"name": "coarse", "sigma_mean": (2.4, 3.6), "aspect": 1.0},
+    {"name": "x-elongated", "sigma_mean": (1.6, 2.4), "aspect": 3.0},
+    {"name": "y-elongated", "sigma_mean": (1.6, 2.4), "aspect": 1.0 / 3.0},
+)
+
+# Disk inclusions: ``radius`` is the range (pixels) of each sample's disk radius, drawn uniformly.
+# Adjacent ranges: the descriptor is continuous across classes.
+INCLUSION_CLASSES = (
+    {"name": "r1.5-2.5", "radius": (1.5, 2.5)},
+    {"name": "r2.5-3.5", "radius": (2.5, 3.5)},
+    {"name": "r3.5-5", "radius": (3.5, 5.0)},
+    {"name": "r5-7", "radius": (5.0, 7.0)},
+)
+
+# Lamellae: ``spacing`` is the range (pixels) of each sample's period (one layer of each phase),
+# drawn uniformly; optional ``angle`` is the class's mean orientation in degrees (default 0).
+LAMELLA_CLASSES = (
+    {"name": "s4-5.5", "spacing": (4.0, 5.5)},
+    {"name": "s5.5-7.5", "spacing": (5.5, 7.5)},
+    {"name": "s7.5-10", "spacing": (7.5, 10.0)},
+    {"name": "s10-14", "spacing": (10.0, 14.0)},
+)
+
+
+def _check_n(name, value, low=1):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_shape_2d(shape):
+    shape = _check_shape(shape)
+    if len(shape) != 2:
+        raise ValueError(f"shape must be 2D, got {shape!r}")
+    return shape
+
+
+def _check_range(name, value, low, high=np.inf):
+    """A ``(lo, hi)`` pair with ``low <= lo <= hi < high`` (finite floats)."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and low <= lo <= hi < high):
+        raise ValueError(f"{name} must satisfy {low} <= low <= high < {high}, got {value!r}")
+    return lo, hi
+
+
+def _check_fraction(volume_fraction, jitter):
+    vf, jitter = float(volume_fraction), float(jitter)
+    if not 0.0 < vf < 1.0:
+        raise ValueError(f"volume_fraction must lie in (0, 1), got {volume_fraction!r}")
+    if not (0.0 <= jitter and 0.0 < vf - jitter and vf + jitter < 1.0):
+        raise ValueError(
+            f"volume_fraction_jitter must be >= 0 and keep volume_fraction +/- jitter inside (0, 1); "
+            f"got volume_fraction={volume_fraction!r}, jitter={jitter!r}"
+        )
+    return vf, jitter
+
+
+def _check_classes(classes, key):
+    if len(classes) == 0:
+        raise ValueError("classes must name at least one class")
+    for k, spec in enumerate(classes):
+        if key not in spec:
+            raise ValueError(f"classes[{k}] needs a {key!r} entry, got {spec!r}")
+
+
+def _labelled(classes, n_per_class, seed, one_class):
+    """Concatenate ``one_class(spec, n, rng) -> (x, descriptor)`` over classes, one generator each."""
+    seeds = np.random.SeedSequence(seed).spawn(len(classes))
+    xs, ys, ds = [], [], []
+    for label, (spec, class_seed) in enumerate(zip(classes, seeds)):
+        x, d = one_class(spec, n_per_class, np.random.default_rng(class_seed))
+        xs.append(x)
+        ds.append(np.asarray(d, dtype=np.float64))
+        ys.append(np.full(n_per_class, label, dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ds)
 
 
 def _check_shape(shape):
@@ -123,3 +222,240 @@ def generate_classes(n_per_class=50, shape=(32, 32), classes=DEFAULT_CLASSES, vo
         ))
         ys.append(np.full(n_per_class, label, dtype=np.int64))
     return np.concatenate(xs), np.concatenate(ys)
+
+
+def generate_grf_family(n_per_class=60, shape=(64, 64), classes=GRF_CLASSES, volume_fraction=0.5,
+                        volume_fraction_jitter=0.0, seed=0):
+    """Labelled thresholded Gaussian random fields of one volume fraction, with a size descriptor.
+
+    Each sample draws the geometric mean ``s`` of its two filter widths uniformly from its class's
+    ``sigma_mean`` range and uses ``sigma = (s / sqrt(aspect), s * sqrt(aspect))`` (axes 0, 1) in
+    :func:`generate_two_phase` (periodic filtering). All classes share the volume fraction, so it
+    carries no class information.
+
+    Args:
+        n_per_class: samples per class (>= 1).
+        shape: 2D spatial shape, or one int for a square.
+        classes: sequence of dicts with ``sigma_mean`` (a ``(low, high)`` range of the geometric
+            mean filter width, pixels, > 0) and ``aspect`` (sigma along axis 1 over axis 0, > 0).
+            Default :data:`GRF_CLASSES` (5 classes).
+        volume_fraction: fraction of phase 1 in every sample, in (0, 1).
+        volume_fraction_jitter: per-sample spread of the volume fraction (default 0: equal).
+        seed: seed; each class draws from its own generator derived from it.
+
+    Returns:
+        ``(x, labels, descriptor)``: float64 ``(n_classes * n_per_class, *shape)`` with values in
+        {0, 1}, int64 labels ordered by class, and float64 per-sample geometric mean filter width
+        (the mean correlation length, pixels).
+
+    Example:
+        >>> from pymks_vae.microstructures import generate_grf_family
+        >>> x, y, d = generate_grf_family(2, (16, 16), seed=0)
+        >>> x.shape, y.tolist(), d.shape
+        ((10, 16, 16), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4], (10,))
+        >>> bool(abs(x.mean() - 0.5) < 0.01), bool(1.0 <= d.min() and d.max() <= 3.6)
+        (True, True)
+    """
+    n_per_class = _check_n("n_per_class", n_per_class)
+    shape = _check_shape_2d(shape)
+    vf, jitter = _check_fraction(volume_fraction, volume_fraction_jitter)
+    _check_classes(classes, "sigma_mean")
+    specs = []
+    for k, spec in enumerate(classes):
+        lo, hi = _check_range(f"classes[{k}]['sigma_mean']", spec["sigma_mean"], 1e-12)
+        aspect = float(spec.get("aspect", 1.0))
+        if not (np.isfinite(aspect) and aspect > 0):
+            raise ValueError(f"classes[{k}]['aspect'] must be a finite number > 0, got {spec.get('aspect')!r}")
+        specs.append((lo, hi, aspect))
+
+    def one_class(spec, n, rng):
+        lo, hi, aspect = spec
+        s = rng.uniform(lo, hi, size=n)
+        x = np.stack([
+            generate_two_phase(1, shape, sigma=(sk / np.sqrt(aspect), sk * np.sqrt(aspect)), volume_fraction=vf,
+                               volume_fraction_jitter=jitter, seed=rng)[0]
+            for sk in s
+        ])
+        return x, s
+
+    return _labelled(specs, n_per_class, seed, one_class)
+
+
+def _disks(shape, radius, fraction, overlap, rng, max_rejections=10000):
+    """One periodic field of disks of ``radius`` at uniform random centres, up to ``fraction``.
+
+    Disks are added until the covered fraction reaches ``fraction``; the last disk is kept only if
+    that brings the fraction closer to the target. Without ``overlap``, centres closer than
+    ``2 * radius`` (periodic distance) to an earlier one are redrawn.
+    """
+    size = np.array(shape, dtype=float)
+    out = np.zeros(shape, dtype=bool)
+    reach = int(np.ceil(radius)) + 1
+    goal = fraction * out.size
+    filled = 0
+    centres = []
+    rejections = 0
+    while filled < goal:
+        c = rng.uniform(0.0, 1.0, size=2) * size
+        if not overlap and centres:
+            d = np.abs(np.asarray(centres) - c)
+            d = np.minimum(d, size - d)
+            if ((d ** 2).sum(axis=1) < (2 * radius) ** 2).any():
+                rejections += 1
+                if rejections > max_rejections:
+                    raise ValueError(
+                        f"could not place non-overlapping disks of radius {radius:.3g} up to volume fraction "
+                        f"{fraction:.3g} in {shape}; lower the volume fraction or the radii, or allow overlap"
+                    )
+                continue
+        idx = []
+        for axis in range(2):
+            n = shape[axis]
+            if 2 * reach + 1 >= n:
+                pix = np.arange(n)
+            else:
+                pix = (int(np.floor(c[axis])) + np.arange(-reach, reach + 1)) % n
+            # periodic distance from the pixel centres to the disk centre
+            dist = np.abs(pix + 0.5 - c[axis]) % n
+            idx.append((pix, np.minimum(dist, n - dist)))
+        (rows, dy), (cols, dx) = idx
+        patch = dy[:, None] ** 2 + dx[None, :] ** 2 <= radius ** 2
+        old = out[np.ix_(rows, cols)]
+        new = old | patch
+        gain = int(new.sum() - old.sum())
+        if filled + gain > goal and filled + gain - goal > goal - filled:
+            break
+        out[np.ix_(rows, cols)] = new
+        filled += gain
+        centres.append(c)
+    return out
+
+
+def generate_inclusions(n_per_class=60, shape=(64, 64), classes=INCLUSION_CLASSES, volume_fraction=0.3,
+                        volume_fraction_jitter=0.05, overlap=True, seed=0):
+    """Labelled fields of disk inclusions (phase 1) of a class-dependent radius, with the radius.
+
+    Each sample draws one radius uniformly from its class's range and a target volume fraction
+    uniformly within ``volume_fraction +/- volume_fraction_jitter``, then places disks of that
+    radius at uniform random centres (periodic wrap) until the target is reached (within half a
+    disk's area). The volume fraction is thus the same in distribution for every class, so it alone
+    does not classify - except where one disk covers more than the jitter (large radii in small
+    images).
+
+    Args:
+        n_per_class: samples per class (>= 1).
+        shape: 2D spatial shape, or one int for a square.
+        classes: sequence of dicts with ``radius``, a ``(low, high)`` range in pixels,
+            ``0.5 <= low <= high < min(shape) / 2``. Default :data:`INCLUSION_CLASSES` (4 classes).
+        volume_fraction: mean target fraction of phase 1 (the disks), in (0, 1).
+        volume_fraction_jitter: per-sample spread of the target fraction.
+        overlap: allow disks to overlap (True) or redraw centres closer than a diameter (False;
+            raises ValueError when the disks cannot be packed to the target).
+        seed: seed; each class draws from its own generator derived from it.
+
+    Returns:
+        ``(x, labels, descriptor)``: float64 ``(n_classes * n_per_class, *shape)`` with values in
+        {0, 1}, int64 labels ordered by class, and float64 per-sample disk radius (pixels).
+
+    Example:
+        >>> from pymks_vae.microstructures import generate_inclusions
+        >>> x, y, r = generate_inclusions(2, (32, 32), seed=0)
+        >>> x.shape, y.tolist(), bool(1.5 <= r.min() and r.max() <= 7.0)
+        ((8, 32, 32), [0, 0, 1, 1, 2, 2, 3, 3], True)
+        >>> set(x.ravel().tolist()) == {0.0, 1.0}
+        True
+    """
+    n_per_class = _check_n("n_per_class", n_per_class)
+    shape = _check_shape_2d(shape)
+    vf, jitter = _check_fraction(volume_fraction, volume_fraction_jitter)
+    if not isinstance(overlap, (bool, np.bool_)):
+        raise TypeError(f"overlap must be a bool, got {overlap!r}")
+    _check_classes(classes, "radius")
+    specs = [_check_range(f"classes[{k}]['radius']", spec["radius"], 0.5, min(shape) / 2)
+             for k, spec in enumerate(classes)]
+
+    def one_class(spec, n, rng):
+        r = rng.uniform(spec[0], spec[1], size=n)
+        x = np.empty((n,) + shape, dtype=np.float64)
+        for k in range(n):
+            fraction = vf + (rng.uniform(-jitter, jitter) if jitter else 0.0)
+            x[k] = _disks(shape, r[k], fraction, bool(overlap), rng)
+        return x, r
+
+    return _labelled(specs, n_per_class, seed, one_class)
+
+
+def generate_lamellae(n_per_class=60, shape=(64, 64), classes=LAMELLA_CLASSES, angle_jitter=15.0, waviness=0.2,
+                      noise=0.5, volume_fraction=0.5, volume_fraction_jitter=0.0, seed=0):
+    """Labelled lamellar (striped) two-phase fields of a class-dependent spacing, with the spacing.
+
+    Each sample draws a spacing ``s`` (the period: one layer of each phase) uniformly from its
+    class's range, an orientation uniformly within ``angle +/- angle_jitter`` degrees and a random
+    phase, and thresholds, at the quantile that sets its volume fraction, the field
+    ``cos(2 pi (t + w) / s + phase) + noise * n`` where ``t`` is the position along the stripes'
+    normal, ``w = waviness * s * sin(2 pi u / L + psi)`` bends the stripes (``u`` along them, ``L``
+    drawn in [3 s, 6 s]) and ``n`` is unit-variance Gaussian-smoothed (1 pixel) periodic noise. The
+    stripes are not periodic across the image border unless the orientation and spacing fit it.
+
+    Args:
+        n_per_class: samples per class (>= 1).
+        shape: 2D spatial shape, or one int for a square.
+        classes: sequence of dicts with ``spacing``, a ``(low, high)`` range in pixels (>= 2), and an
+            optional ``angle`` in degrees (orientation of the stripes' normal from axis 0; default 0:
+            stripes along axis 1). Default :data:`LAMELLA_CLASSES` (4 classes).
+        angle_jitter: half-width in degrees of the per-sample orientation spread, in [0, 90].
+        waviness: amplitude of the stripes' bending as a fraction of the spacing (>= 0).
+        noise: standard deviation of the noise added before thresholding (>= 0; the stripes'
+            cosine has amplitude 1).
+        volume_fraction: mean fraction of phase 1, in (0, 1).
+        volume_fraction_jitter: per-sample spread of the volume fraction.
+        seed: seed; each class draws from its own generator derived from it.
+
+    Returns:
+        ``(x, labels, descriptor)``: float64 ``(n_classes * n_per_class, *shape)`` with values in
+        {0, 1}, int64 labels ordered by class, and float64 per-sample spacing (pixels).
+
+    Example:
+        >>> from pymks_vae.microstructures import generate_lamellae
+        >>> x, y, s = generate_lamellae(2, (32, 32), seed=0)
+        >>> x.shape, y.tolist(), bool(4.0 <= s.min() and s.max() <= 14.0)
+        ((8, 32, 32), [0, 0, 1, 1, 2, 2, 3, 3], True)
+        >>> bool(abs(x.mean() - 0.5) < 0.01)
+        True
+    """
+    n_per_class = _check_n("n_per_class", n_per_class)
+    shape = _check_shape_2d(shape)
+    vf, jitter = _check_fraction(volume_fraction, volume_fraction_jitter)
+    for name, value, high in (("angle_jitter", angle_jitter, 90.0), ("waviness", waviness, np.inf),
+                              ("noise", noise, np.inf)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= high \
+                or not np.isfinite(value):
+            raise ValueError(f"{name} must be a finite number in [0, {high}], got {value!r}")
+    _check_classes(classes, "spacing")
+    specs = []
+    for k, spec in enumerate(classes):
+        lo, hi = _check_range(f"classes[{k}]['spacing']", spec["spacing"], 2.0)
+        angle = float(spec.get("angle", 0.0))
+        if not np.isfinite(angle):
+            raise ValueError(f"classes[{k}]['angle'] must be finite, got {spec.get('angle')!r}")
+        specs.append((lo, hi, angle))
+    ii, jj = np.meshgrid(np.arange(shape[0]) + 0.5, np.arange(shape[1]) + 0.5, indexing="ij")
+
+    def one_class(spec, n, rng):
+        lo, hi, angle = spec
+        s = rng.uniform(lo, hi, size=n)
+        x = np.empty((n,) + shape, dtype=np.float64)
+        for k in range(n):
+            theta = np.deg2rad(angle + rng.uniform(-angle_jitter, angle_jitter))
+            t = ii * np.cos(theta) + jj * np.sin(theta)
+            u = -ii * np.sin(theta) + jj * np.cos(theta)
+            bend = waviness * s[k] * np.sin(2 * np.pi * u / (s[k] * rng.uniform(3.0, 6.0)) + rng.uniform(0, 2 * np.pi))
+            field = np.cos(2 * np.pi * (t + bend) / s[k] + rng.uniform(0, 2 * np.pi))
+            if noise:
+                n_field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=1.0, mode="wrap")
+                field += noise * n_field / n_field.std()
+            fraction = vf + (rng.uniform(-jitter, jitter) if jitter else 0.0)
+            x[k] = field > np.quantile(field, 1.0 - fraction)
+        return x, s
+
+    return _labelled(specs, n_per_class, seed, one_class)
