@@ -1,17 +1,20 @@
 """correlations_multiple in PyMKS's layout against the real pymks 0.4.1, on numpy and dask."""
 import warnings
 
-import dask
-import dask.array as da
 import numpy as np
 import pytest
+
+from optional import require
+
+dask = require("dask")
+da = require("dask.array")
 
 from pymks_vae.correlations import (correlations_multiple, resolve_correlations, resolve_cutoff,
                                     to_channels_first, to_channels_last)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    import pymks
+    pymks = require("pymks")
     from pymks.fmks.correlations import correlations_multiple as pymks_correlations_multiple
 
 

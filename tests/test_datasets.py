@@ -7,6 +7,7 @@ import pytest
 import scipy.ndimage
 import torch
 
+from optional import require
 from pymks_vae.datasets import (
     BACKGROUND,
     HORIZONTAL,
@@ -216,6 +217,8 @@ def test_dataset_cache_round_trip(tmp_path, monkeypatch):
 
 
 def test_dataarray_is_lazy_and_matches(monkeypatch):
+    require("dask")
+    require("xarray")
     calls = []
     original = lines_module._draw_block
 
