@@ -47,8 +47,11 @@ def run_case(device, B, size, pairs, rounds, repeats):
         torch.fft.rfftn(t, dim=dims)
         return torch.fft.irfftn(xh, s=(size, size), dim=dims)
 
-    # Same gradient first: a benchmark of a wrong answer is worthless.
-    assert torch.allclose(fused(), ref(), rtol=1e-3, atol=1e-9 * float(ref().abs().max())), "fused != reference"
+    # Same gradient first: a benchmark of a wrong answer is worthless. Both are float32 FFT results
+    # with errors near 1e-5 of the largest entry (measured against float64), which entries near 0
+    # cannot meet relatively: with 256 samples of 224^2 some always fail an atol of 1e-9 of it.
+    want = ref()
+    assert torch.allclose(fused(), want, rtol=1e-3, atol=1e-4 * float(want.abs().max())), "fused != reference"
     med, times = alternating_medians({"fused": fused, "torch.fft": ref, "floor": floor}, rounds=rounds,
                                      repeats=repeats, device=device)
     speedup, speedup_stats = ratio_summary(round_ratios(times, "torch.fft", "fused", repeats))
