@@ -39,7 +39,7 @@ test: build
 	$(PY) -m pytest -q -rfEs tests
 
 # `pip install --no-build-isolation .` from a copy of the tree into a fresh venv that borrows this
-# venv's packages, then `import pymks_vae` from elsewhere (about two minutes; see the script).
+# venv's packages, then `import pymks_vae` from elsewhere (about three minutes; see the script).
 install-check: $(DEPS_STAMP)
 	bash .ci/install_check.sh
 

@@ -7,7 +7,7 @@
 # installed again; --no-deps keeps pip from fetching anything, and the declared install_requires
 # are then checked against what that environment holds.
 #
-# The extension is built CPU-only (USE_CUDA=0) here to keep this check near two minutes on two
+# The extension is built CPU-only (USE_CUDA=0) here to keep this check near three minutes on two
 # cores: the CUDA build is covered by `make build` and benchmarks/gpu_check.sh, not by this check.
 #   bash .ci/install_check.sh            (after `make setup`)
 set -euo pipefail
