@@ -300,6 +300,11 @@ def test_bad_arguments():
     for bad in (0, -3, 2.0, True):
         with pytest.raises(ValueError, match="n_images"):
             LinesDataset(bad)
+
+
+def test_dataarray_bad_arguments():
+    require("dask")
+    require("xarray")
     with pytest.raises(ValueError, match="n_images"):
         lines_dataarray(0)
     with pytest.raises(ValueError, match="chunks"):
