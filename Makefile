@@ -11,7 +11,7 @@ CSRC        := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o
 export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS  ?= 2
 
-.PHONY: all setup build test train bench clean
+.PHONY: all setup build test install-check train bench clean
 
 all: build
 
@@ -37,6 +37,11 @@ build: $(EXT_STAMP)
 
 test: build
 	$(PY) -m pytest -q -rfEs tests
+
+# `pip install --no-build-isolation .` from a copy of the tree into a fresh venv that borrows this
+# venv's packages, then `import pymks_vae` from elsewhere (about three minutes; see the script).
+install-check: $(DEPS_STAMP)
+	bash .ci/install_check.sh
 
 train: build
 	$(PY) examples/train_lines.py

@@ -91,12 +91,43 @@ def _extension():
     )
 
 
+# Runtime dependencies, unpinned: an install goes into the user's environment, whose torch (and
+# its CUDA) must be kept - requirements.txt pins the project's own development stack instead.
+INSTALL_REQUIRES = [
+    "torch",
+    "numpy",
+    "scipy",
+    "dask[array]",
+    "xarray",
+    "scikit-learn",
+    "tqdm",
+    "matplotlib",
+]
+EXTRAS_REQUIRE = {
+    # pymks 0.4.1 (the released version) imports pkg_resources (setuptools<80) and dask.dataframe
+    # (pandas, pyarrow), and needs toolz and Deprecated, none of which its sdist declares.
+    "pymks": ["pymks==0.4.1", "setuptools<80", "pandas", "pyarrow", "toolz", "Deprecated"],
+    # VAETransformer.transform on a dask.distributed cluster.
+    "distributed": ["distributed"],
+}
+
+
+def _long_description():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
 setup(
     name="pymks-vae",
     version="0.1.0",
     description="Latent representations of microstructures learned in spatial-statistics space",
+    long_description=_long_description(),
+    long_description_content_type="text/markdown",
+    license="MIT",
     packages=find_packages(include=["pymks_vae", "pymks_vae.*"]),
     python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

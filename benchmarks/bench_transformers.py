@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import alternating_medians, machine, markdown_table, write_json  # noqa: E402
+from timing import alternating_medians, machine, markdown_table, ratio_summary, round_ratios, write_json  # noqa: E402
 
 import pymks_vae  # noqa: E402
 from pymks_vae.microstructures import generate_two_phase  # noqa: E402
@@ -129,20 +129,20 @@ def main(argv=None):
     medians, all_times = alternating_medians({"pymks": run_pymks, "pymks_vae": run_ours}, rounds=args.rounds,
                                              repeats=args.repeats, warmup=args.warmup)
     t_ours, t_pymks = medians["pymks_vae"], medians["pymks"]
-    n = args.repeats
-    block_ratios = sorted(statistics.median(all_times["pymks"][k * n:(k + 1) * n])
-                          / statistics.median(all_times["pymks_vae"][k * n:(k + 1) * n]) for k in range(args.rounds))
+    block_ratios = round_ratios(all_times, "pymks", "pymks_vae", args.repeats)
+    speedup_text, speedup = ratio_summary(block_ratios, digits=1)
     info = pymks_vae.build_info()
     rows = [
         {"implementation": "pymks 0.4.1 TwoPointCorrelation", "median ms": f"{1e3 * t_pymks:.1f}", "speed-up": "1.0x"},
         {"implementation": "pymks-vae TwoPointCorrelation" + ("" if info["compiled"] else " (reference ops)"),
-         "median ms": f"{1e3 * t_ours:.1f}", "speed-up": f"{t_pymks / t_ours:.1f}x"},
+         "median ms": f"{1e3 * t_ours:.1f}", "speed-up": speedup_text},
     ]
     desc = machine()
     print(f"\nTwoPointCorrelation on dask: {args.n_samples} x {args.size}x{args.size} one-hot, 2 states, "
           f"chunks of {args.chunk}, {'periodic' if periodic else 'non-periodic'}, cutoff {args.cutoff}, pairs {PAIRS}; "
           f"medians of {args.rounds} x {args.repeats} warm runs each (max |diff| {max_diff:.1e})")
-    print("Speed-up per round: " + ", ".join(f"{r:.1f}x" for r in block_ratios))
+    print("Speed-up per round (the table: their median, then the smallest and largest): "
+          + ", ".join(f"{r:.1f}x" for r in block_ratios))
     print(f"Machine: {desc}; extension compiled: {info['compiled']}\n")
     print(markdown_table(rows, ["implementation", "median ms", "speed-up"]))
     split = None
@@ -163,11 +163,11 @@ def main(argv=None):
         "seconds": {"pymks": t_pymks, "pymks_vae": t_ours},
         "all_seconds": all_times,
         "speedup_per_round": block_ratios,
-        "speedup": t_pymks / t_ours,
+        "speedup": speedup["median"],
         "max_abs_diff": max_diff,
         "timeline": split,
     })
-    return t_pymks / t_ours
+    return speedup["median"]
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Two-point statistics: the pymks-vae operator vs the plain torch.fft reference vs PyMKS.
 
-Measured side by side in one run, medians of repeats. Cases (from the foundation issue):
+Measured side by side in interleaved rounds (operator, reference[, pymks], operator, ...): times are
+medians of every timed call; each ratio is computed per round and reported as its median over the
+rounds with the smallest and largest round in brackets. Cases (from the foundation issue):
 * 2D: B=32 two-state one-hot microstructures of 224x224, pairs [(1,1), (0,1)], float32.
 * 3D: B=8 two-state one-hot of 64^3, same pairs.
 Forward and forward+backward, CPU, and CUDA when a GPU is present. PyMKS's TwoPointCorrelation
 (numpy in, dask computed) runs forward only, at its default cutoff int((N-1)/2), against the
 operator at the same cutoff.
 
-Usage: python benchmarks/bench_two_point.py [--repeats 15] [--json out.json] [--quick]
+Usage: python benchmarks/bench_two_point.py [--rounds 5] [--repeats 3] [--json out.json] [--quick]
 """
 import argparse
 import os
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import machine, markdown_table, median_seconds, write_json  # noqa: E402
+from timing import alternating_medians, machine, markdown_table, ratio_summary, round_ratios, write_json  # noqa: E402
 
 from pymks_vae import build_info, ops, reference  # noqa: E402
 
@@ -31,7 +33,20 @@ def one_hot(B, spatial, device, dtype=torch.float32, seed=0):
     return torch.nn.functional.one_hot(labels, 2).movedim(-1, 1).to(device=device, dtype=dtype).contiguous()
 
 
-def time_case(x, cutoff, repeats, device, backward):
+def time_case(x, cutoff, rounds, repeats, device, backward, others=None):
+    """Times the operator and the torch.fft reference (and ``others``) in interleaved rounds.
+
+    Args:
+        x: the input batch.
+        cutoff: as in ops.two_point_stats.
+        rounds, repeats: interleaved rounds, and timed calls per function in each.
+        device: where x lives ("cuda" synchronises after each call).
+        backward: time forward + backward instead of forward only.
+        others: optional dict name -> callable timed in the same rounds (e.g. pymks).
+
+    Returns:
+        (dict name -> median seconds, dict name -> all timed seconds) as from alternating_medians.
+    """
     def ours():
         if backward:
             xr = x.detach().requires_grad_(True)
@@ -50,17 +65,19 @@ def time_case(x, cutoff, repeats, device, backward):
     with torch.no_grad():
         a, b = ops.two_point_stats(x, PAIRS, cutoff=cutoff), reference.two_point_stats_ref(x, PAIRS, cutoff=cutoff)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), "operator and reference disagree"
-    t_ours = median_seconds(ours, repeats, device=device)
-    t_ref = median_seconds(ref, repeats, device=device)
-    return t_ours, t_ref
+    fns = {"pymks-vae": ours, "torch.fft": ref}
+    fns.update(others or {})
+    return alternating_medians(fns, rounds=rounds, repeats=repeats, device=device)
 
 
-def time_pymks(x, cutoff, repeats):
+def pymks_transform(x, cutoff):
+    """PyMKS's TwoPointCorrelation on x (checked equal to the operator first) as a callable, or None
+    when pymks is not installed (it is optional for the benchmark)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from pymks import TwoPointCorrelation
-    except Exception as exc:  # pymks is optional for the benchmark
+    except Exception as exc:
         print(f"pymks unavailable ({exc}); skipping its rows", file=sys.stderr)
         return None
     data = x.movedim(1, -1).cpu().numpy()
@@ -68,10 +85,26 @@ def time_pymks(x, cutoff, repeats):
     theirs = np.asarray(est.fit_transform(data))
     ours = ops.two_point_stats(x.cpu(), PAIRS, cutoff=cutoff).movedim(1, -1).numpy()
     assert np.allclose(theirs, ours, rtol=1e-4, atol=1e-6), "operator and pymks disagree"
-    return median_seconds(lambda: np.asarray(est.transform(data)), max(3, repeats // 3), warmup=1)
+    return lambda: np.asarray(est.transform(data))
 
 
-def counting_rows(x, name, shape, cutoff, repeats):
+def make_row(device, case, pass_, window, timing, repeats, details):
+    """A table row from interleaved timings: medians, and ratios per round (median, min-max)."""
+    med, times = timing
+    speedup, stats = ratio_summary(round_ratios(times, "torch.fft", "pymks-vae", repeats))
+    row = {"device": device, "case": case, "pass": pass_, "window": window,
+           "pymks-vae ms": f"{med['pymks-vae'] * 1e3:.2f}", "torch.fft ms": f"{med['torch.fft'] * 1e3:.2f}",
+           "vs torch.fft": speedup, "pymks ms": "", "vs pymks": ""}
+    detail = {"row": row, "seconds": times, "speedup_vs_torch_fft": stats}
+    if "pymks" in med:
+        row["pymks ms"] = f"{med['pymks'] * 1e3:.1f}"
+        row["vs pymks"], detail["speedup_vs_pymks"] = ratio_summary(round_ratios(times, "pymks", "pymks-vae", repeats),
+                                                                    digits=1)
+    details.append(detail)
+    return row
+
+
+def counting_rows(x, name, shape, cutoff, rounds, repeats, details):
     """A small cutoff (PyMKS's usual setting) on the CPU: the operator's exact counting route for
     binary fields (its default there, where the cost model picks it) against its transforms
     (PYMKS_VAE_BINARY_PATH=off), each beside the torch.fft reference."""
@@ -80,11 +113,9 @@ def counting_rows(x, name, shape, cutoff, repeats):
     try:
         for mode, label in [("auto", "default route"), ("off", "transforms forced")]:
             os.environ["PYMKS_VAE_BINARY_PATH"] = mode
-            t_ours, t_ref = time_case(x, cutoff, repeats, "cpu", False)
-            rows.append({"device": "cpu", "case": f"{name} {shape}", "pass": "fwd",
-                         "window": f"cutoff {cutoff}, {label}", "pymks-vae ms": f"{t_ours * 1e3:.2f}",
-                         "torch.fft ms": f"{t_ref * 1e3:.2f}", "vs torch.fft": f"{t_ref / t_ours:.2f}x",
-                         "pymks ms": "", "vs pymks": ""})
+            timing = time_case(x, cutoff, rounds, repeats, "cpu", False)
+            rows.append(make_row("cpu", f"{name} {shape}", "fwd", f"cutoff {cutoff}, {label}", timing, repeats,
+                                 details))
     finally:
         if before is None:
             os.environ.pop("PYMKS_VAE_BINARY_PATH", None)
@@ -95,43 +126,48 @@ def counting_rows(x, name, shape, cutoff, repeats):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (one ratio each)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per function and round")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
+                   help="which rows to run (all: CPU, and CUDA when a GPU is present)")
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.repeats < 1:
+        p.error("--rounds and --repeats must be >= 1")
+    R, n = args.rounds, args.repeats
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [d for d in ("cpu", "cuda") if args.device in ("all", d)]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            p.error("--device cuda: no GPU is available")
+        devices.remove("cuda")
     cases = [("2D", 32, (224, 224)), ("3D", 8, (64, 64, 64))]
     if args.quick:
         cases = [("2D", 4, (32, 32)), ("3D", 2, (12, 12, 12))]
-    rows = []
+    rows, details = [], []
     for device in devices:
         for name, B, spatial in cases:
             x = one_hot(B, spatial, device)
             shape = f"{B}x" + "x".join(map(str, spatial))
             for backward in (False, True):
-                t_ours, t_ref = time_case(x, None, args.repeats, device, backward)
-                rows.append({"device": device, "case": f"{name} {shape}", "pass": "fwd+bwd" if backward else "fwd",
-                             "window": "full", "pymks-vae ms": f"{t_ours * 1e3:.2f}",
-                             "torch.fft ms": f"{t_ref * 1e3:.2f}", "vs torch.fft": f"{t_ref / t_ours:.2f}x",
-                             "pymks ms": "", "vs pymks": ""})
+                timing = time_case(x, None, R, n, device, backward)
+                rows.append(make_row(device, f"{name} {shape}", "fwd+bwd" if backward else "fwd", "full", timing, n,
+                                     details))
             if device == "cpu":
                 cutoff = int((min(spatial) - 1) / 2)
-                t_pymks = time_pymks(x, cutoff, args.repeats)
-                if t_pymks is not None:
-                    t_ours, t_ref = time_case(x, cutoff, args.repeats, device, False)
-                    rows.append({"device": device, "case": f"{name} {shape}", "pass": "fwd",
-                                 "window": f"cutoff {cutoff}", "pymks-vae ms": f"{t_ours * 1e3:.2f}",
-                                 "torch.fft ms": f"{t_ref * 1e3:.2f}", "vs torch.fft": f"{t_ref / t_ours:.2f}x",
-                                 "pymks ms": f"{t_pymks * 1e3:.1f}", "vs pymks": f"{t_pymks / t_ours:.1f}x"})
-            if device == "cpu":
-                rows += counting_rows(x, name, shape, min(20, (min(spatial) - 1) // 2), args.repeats)
+                theirs = pymks_transform(x, cutoff)
+                if theirs is not None:
+                    timing = time_case(x, cutoff, R, n, device, False, others={"pymks": theirs})
+                    rows.append(make_row(device, f"{name} {shape}", "fwd", f"cutoff {cutoff}", timing, n, details))
+                rows += counting_rows(x, name, shape, min(20, (min(spatial) - 1) // 2), R, n, details)
     cols = ["device", "case", "pass", "window", "pymks-vae ms", "torch.fft ms", "vs torch.fft", "pymks ms", "vs pymks"]
     print(f"Two-point statistics, pairs {PAIRS}, float32, periodic, one-hot (partition) input")
     print(f"Machine: {machine()}; build: cuda={build_info()['cuda']}")
-    print(f"Medians of {args.repeats} repeats (pymks: {max(3, args.repeats // 3)})\n")
+    print(f"Times: medians of {R} interleaved rounds x {n} calls; ratios: median of the per-round ratios "
+          f"(smallest-largest round)\n")
     print(markdown_table(rows, cols))
-    write_json(args.json, {"machine": machine(), "rows": rows})
+    write_json(args.json, {"machine": machine(), "rounds": R, "repeats": n, "rows": rows, "cases": details})
 
 
 if __name__ == "__main__":

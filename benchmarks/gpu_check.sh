@@ -1,23 +1,123 @@
 #!/usr/bin/env bash
-# One go on a machine with an NVIDIA GPU (see docs/benchmarks.md): build in place for the local GPU,
-# run the CUDA tests, then the benchmarks, and print a short table. Uses the machine's own Python
-# (torch, nvcc, pytest, dask, xarray, scikit-learn preinstalled); pymks is optional there.
-#   bash benchmarks/gpu_check.sh [OUT_DIR]
+# One go on a machine with an NVIDIA GPU, in under 10 minutes (see docs/benchmarks.md): build in place
+# for the local GPU's architecture, check that the CUDA kernels loaded, run the CUDA tests, the CUDA
+# benchmark rows, the operators' CPU tests on this machine's torch, and a compute-sanitizer pass, then
+# print one table, also written to OUT_DIR/summary.md.
+#
+# Uses the machine's own Python as it is. The lent machines have Python 3.12 and torch 2.11, and no
+# dask, distributed or pymks (and no package registry): the tests that need those skip there.
+#   bash benchmarks/gpu_check.sh [OUT_DIR]          (default: $OUT, else /tmp/pymks-vae-gpu)
+# Environment: PYTHON (default python3), BUDGET_S (seconds for the whole check, default 540),
+# SANITIZER=0 (skip the compute-sanitizer pass), TORCH_CUDA_ARCH_LIST (default: the local GPUs').
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-/tmp/pymks-vae-gpu}}"
 mkdir -p "$OUT"
+: > "$OUT/steps.tsv"
 PY="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1 FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+BUDGET_S="${BUDGET_S:-540}"
+export PYTHONUNBUFFERED=1 FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-"$PY" setup.py -q build_ext --inplace 2>&1 | tail -3 | tee "$OUT/build.log"
-"$PY" -c "import pymks_vae, json; print(json.dumps(pymks_vae.build_info()))" | tee "$OUT/build_info.json"
-"$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_two_point.py tests/test_loss.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -3
-"$PY" benchmarks/bench_two_point.py --json "$OUT/bench_two_point.json" 2>&1 | tee "$OUT/bench_two_point.md" | tail -12
-"$PY" benchmarks/bench_loss.py --json "$OUT/bench_loss.json" 2>&1 | tee "$OUT/bench_loss.md" | tail -8
-echo
-echo "== summary =="
-grep -E "passed|failed" "$OUT/cuda_tests.log" | tail -1
-grep -E "^\| cuda" "$OUT/bench_two_point.md" "$OUT/bench_loss.md" || echo "(no CUDA rows)"
+
+# step NAME MAX_S CMD...: runs CMD for at most MAX_S seconds, and never past the budget (less a
+# reserve for the summary), output in $OUT/NAME.log; records the result in steps.tsv. A step that
+# runs out of time is stopped, not waited for: the summary must come out in any case.
+step() {
+  local name=$1 max=$2
+  shift 2
+  local t=$((BUDGET_S - SECONDS - 20))
+  ((t > max)) && t=$max
+  if ((t < 15)); then
+    printf '%s\tskipped\t0\tout of time\n' "$name" >> "$OUT/steps.tsv"
+    echo "== $name: skipped (out of time)"
+    return 1
+  fi
+  local start=$SECONDS rc=0
+  timeout --kill-after=10 "$t" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
+  local status=ok note=""
+  if ((rc == 124 || rc == 137)); then
+    status=timeout note="stopped after $t s"
+  elif ((rc != 0)); then
+    status=failed note="exit $rc"
+  fi
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - start))" "$note" >> "$OUT/steps.tsv"
+  echo "== $name: $status ($((SECONDS - start)) s)"
+  return $rc
+}
+
+finish() {
+  echo
+  "$PY" benchmarks/gpu_summary.py "$OUT"
+  exit $?
+}
+
+nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  # Build for exactly the GPUs here: one architecture compiles in a fraction of the default list's time.
+  TORCH_CUDA_ARCH_LIST="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | tr -d ' ' | sort -u | paste -sd';')"
+fi
+export TORCH_CUDA_ARCH_LIST
+if [ -z "$TORCH_CUDA_ARCH_LIST" ]; then
+  echo "gpu_check: nvidia-smi reports no GPU" >&2
+  exit 1
+fi
+"$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" \
+  | tee "$OUT/stack.txt"
+
+# The build: a failure stops the check (every later step would only repeat it), with the full log kept.
+# A module left from an earlier build must not pass for this one.
+rm -f pymks_vae/_C*.so
+if ! step build 300 "$PY" setup.py build_ext --inplace; then
+  echo "gpu_check: the build failed; the last lines of $OUT/build.log:" >&2
+  tail -40 "$OUT/build.log" >&2
+  finish
+fi
+
+# The CUDA kernels must be in the module and registered before any test runs: a build that silently
+# dropped them would otherwise leave the CUDA tests nothing to test.
+if ! step build_info 60 "$PY" - "$OUT/build_info.json" <<'PY'
+import json
+import sys
+
+import torch
+
+import pymks_vae
+
+info = pymks_vae.build_info()
+with open(sys.argv[1], "w") as f:
+    json.dump(info, f)
+print(json.dumps(info))
+assert info["compiled"], f"pymks_vae._C did not load: {info.get('error')}"
+assert info["cuda"], "pymks_vae._C holds no CUDA kernels"
+assert info["cuda_available"], "torch sees no GPU"
+for i in range(torch.cuda.device_count()):
+    cap = "%d.%d" % torch.cuda.get_device_capability(i)
+    assert cap in info["cuda_archs"], f"GPU {i} is sm_{cap}, the kernels were built for {info['cuda_archs']}"
+for op in ("two_point_stats", "two_point_stats_backward", "stats_loss", "stats_loss_backward"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pymks_vae::{op}", "CUDA"), f"no CUDA kernel for {op}"
+PY
+then
+  cat "$OUT/build_info.log" >&2
+  finish
+fi
+
+step cuda_tests 240 "$PY" -m pytest -q -rfEs -p no:cacheprovider -m cuda --junitxml="$OUT/cuda_tests.xml" tests
+step bench_two_point 75 "$PY" benchmarks/bench_two_point.py --device cuda --json "$OUT/bench_two_point.json"
+step bench_loss 45 "$PY" benchmarks/bench_loss.py --device cuda --json "$OUT/bench_loss.json"
+# The operators' CPU tests on this machine's (older) torch: schemas, opcheck, torch.compile.
+step op_cpu_tests 90 "$PY" -m pytest -q -rfEs -p no:cacheprovider -m "not cuda" --junitxml="$OUT/op_cpu_tests.xml" \
+  tests/test_extension.py tests/test_two_point.py tests/test_loss.py
+# Out-of-bounds accesses of the kernels, on a few CUDA tests; torch's caching allocator is off, or an
+# access past a tensor's end would land in another block of its pool unseen.
+SAN="${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"
+command -v compute-sanitizer > /dev/null && SAN=compute-sanitizer
+if [ "${SANITIZER:-1}" != 0 ] && [ -x "$(command -v "$SAN")" ]; then
+  step sanitizer 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 9 \
+    "$PY" -m pytest -q -x -p no:cacheprovider --junitxml="$OUT/sanitizer.xml" \
+    "tests/test_two_point.py::test_cuda_matches_cpu" "tests/test_loss.py::test_cuda_matches_cpu" \
+    -k spatial1
+else
+  printf 'sanitizer\tskipped\t0\t%s\n' "$([ "${SANITIZER:-1}" = 0 ] && echo SANITIZER=0 || echo "compute-sanitizer not found")" \
+    >> "$OUT/steps.tsv"
+fi
+finish

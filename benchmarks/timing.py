@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: medians of repeats, machine description, tables."""
+"""Timing helpers shared by the benchmarks: interleaved rounds, per-round ratios, machine description,
+tables."""
 import json
 import os
 import platform
@@ -73,6 +74,45 @@ def alternating_medians(fns, rounds=3, repeats=5, warmup=1, device="cpu"):
                 sync()
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}, times
+
+
+def round_ratios(times, numerator, denominator, repeats):
+    """Per-round speed ratios from the timings of :func:`alternating_medians`.
+
+    Each round's ratio compares the two functions' blocks of that round, which ran back to back and
+    so saw the same state of a noisy machine; a ratio of two overall medians would not.
+
+    Args:
+        times: dict name -> list of timed seconds, as returned by :func:`alternating_medians`.
+        numerator, denominator: names in ``times``; the ratio is numerator time / denominator time
+            (e.g. reference / ours for a speed-up).
+        repeats: timed calls per block (``repeats`` of :func:`alternating_medians`).
+
+    Returns:
+        list of floats, one per round, in round order.
+    """
+    a, b = times[numerator], times[denominator]
+    rounds = len(a) // repeats
+    if rounds < 1 or len(a) != rounds * repeats or len(b) != len(a):
+        raise ValueError(f"round_ratios: {len(a)} and {len(b)} timings do not make rounds of {repeats}")
+    return [statistics.median(a[k * repeats:(k + 1) * repeats]) / statistics.median(b[k * repeats:(k + 1) * repeats])
+            for k in range(rounds)]
+
+
+def ratio_summary(ratios, digits=2):
+    """The median and spread of per-round ratios, as a table cell and as numbers.
+
+    Args:
+        ratios: per-round ratios (:func:`round_ratios`).
+        digits: decimals shown.
+
+    Returns:
+        (text such as ``"1.52x (1.31-1.70)"`` - the median, then the smallest and largest round -
+        and a dict with ``median``, ``min``, ``max`` and ``rounds`` for JSON output).
+    """
+    med, lo, hi = statistics.median(ratios), min(ratios), max(ratios)
+    text = f"{med:.{digits}f}x ({lo:.{digits}f}-{hi:.{digits}f})"
+    return text, {"median": med, "min": lo, "max": hi, "rounds": list(ratios)}
 
 
 def markdown_table(rows, columns):

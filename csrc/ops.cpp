@@ -2,8 +2,14 @@
 // Kernels register per device in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels and
 // autograd formulas are attached in Python (pymks_vae/ops.py).
 #include <torch/extension.h>
-#include <torch/headeronly/version.h>
 #include <torch/library.h>
+// TORCH_VERSION: recent torch defines it in torch/headeronly/version.h, older releases (such as
+// the 2.11 of the lent GPU machines) in torch/version.h, which lies on the extension include path.
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#else
+#include <torch/version.h>
+#endif
 
 #include "spectral.h"
 #include "two_point.h"

@@ -9,6 +9,8 @@
 // the backward pass is one inverse transform.
 #include "two_point.h"
 
+#include <c10/core/DeviceGuard.h>
+
 namespace pymks_vae {
 
 std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x_in, const at::Tensor& t_in,
@@ -16,11 +18,13 @@ std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x_in, co
                                                       double scale, bool need_grad,
                                                       const StatsLossBackend& be) {
   const char* op = "spatial_stats_loss";
+  check_real_float(x_in, "x", op);
+  check_like(t_in, "target", x_in, "x", op);
+  check_field_shape(x_in, op);
   TORCH_CHECK_VALUE(x_in.sizes() == t_in.sizes(), op, ": target shape ", t_in.sizes(),
                     " differs from x shape ", x_in.sizes());
-  TORCH_CHECK_TYPE(x_in.scalar_type() == t_in.scalar_type(), op, ": target dtype differs from x dtype");
-  const int64_t nd = x_in.dim() - 2;
-  TORCH_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": x must have 1-3 spatial dims");
+  // The kernels launch on the current device's stream: make it x's (cuda:1 while cuda:0 is current).
+  const c10::DeviceGuard guard(x_in.device());
   TORCH_CHECK_VALUE(x_in.size(0) > 0, op, ": x is an empty batch");
   const int64_t n_state = x_in.size(1);
   check_pairs(pair_i, pair_j, n_state, op);
@@ -72,12 +76,30 @@ std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x_in, co
 at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectrum,
                                at::IntArrayRef spatial, int64_t n_state, at::IntArrayRef states) {
   const char* op = "spatial_stats_loss_backward";
-  TORCH_CHECK_VALUE(spectrum.dim() == static_cast<int64_t>(spatial.size()) + 2 && spectrum.is_complex(),
-                    op, ": the saved spectrum does not match the spatial shape");
+  TORCH_CHECK(spectrum.scalar_type() == at::kComplexFloat || spectrum.scalar_type() == at::kComplexDouble, op,
+              ": spectrum must be complex64 or complex128, got ", spectrum.scalar_type());
+  TORCH_CHECK(grad.device() == spectrum.device(), op, ": grad is on ", grad.device(), " but spectrum is on ",
+              spectrum.device());
+  // The per-sample gradient has the dtype of the forward's values, the real counterpart of the spectrum.
+  TORCH_CHECK(grad.scalar_type() == c10::toRealValueType(spectrum.scalar_type()), op, ": grad has dtype ",
+              grad.scalar_type(), " but spectrum has dtype ", spectrum.scalar_type(), " (grad must be ",
+              c10::toRealValueType(spectrum.scalar_type()), ")");
+  const int64_t nd = static_cast<int64_t>(spatial.size());
+  TORCH_CHECK_VALUE(nd >= 1 && nd <= kMaxDims && spectrum.dim() == nd + 2, op, ": spectrum has shape ",
+                    spectrum.sizes(), ", which does not match spatial ", spatial);
+  for (int64_t d = 0; d < nd; ++d) {
+    const int64_t want = d + 1 < nd ? spatial[d] : spatial[d] / 2 + 1;  // the half spectrum's last axis
+    TORCH_CHECK_VALUE(spatial[d] >= 1 && spectrum.size(d + 2) == want, op, ": spectrum has shape ",
+                      spectrum.sizes(), ", which does not match spatial ", spatial);
+  }
   TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == spectrum.size(0), op,
                     ": grad must have shape (batch,)");
   TORCH_CHECK_VALUE(static_cast<int64_t>(states.size()) == spectrum.size(1), op,
                     ": states does not match the saved spectrum");
+  for (size_t k = 0; k < states.size(); ++k)
+    TORCH_CHECK_VALUE(states[k] >= 0 && states[k] < n_state && (k == 0 || states[k] > states[k - 1]), op,
+                      ": states must be increasing state indices below n_state=", n_state, ", got ", states);
+  const c10::DeviceGuard guard(spectrum.device());
   std::vector<int64_t> view(spectrum.dim(), 1);
   view[0] = grad.size(0);
   const auto dims = spatial_dims(spectrum.dim());

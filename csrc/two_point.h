@@ -166,6 +166,17 @@ at::Tensor table_to(const std::vector<S>& v, const at::Device& device) {
   return device.is_cpu() ? t : t.to(device);
 }
 at::Tensor ints_to(const std::vector<int32_t>& v, const at::Device& device);
+// Argument checks of the registered operators. The operators are public (torch.compile and users
+// call them directly, not only through pymks_vae/ops.py), and their kernels read raw pointers of
+// one type on one device, so each entry point runs these before any kernel, naming the argument.
+// RuntimeError unless x is float32 or float64.
+void check_real_float(const at::Tensor& x, const char* name, const char* op);
+// RuntimeError unless t is on the device of ref and has its dtype.
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name, const char* op);
+// ValueError unless x is (B, n_state, *spatial) with 1-3 spatial dims.
+void check_field_shape(const at::Tensor& x, const char* op);
+// The mask of a two-point call, when given: like x (RuntimeError) and (1 or B, *spatial) (ValueError).
+void check_mask_arg(const c10::optional<at::Tensor>& mask, const at::Tensor& x, const char* op);
 // Raises ValueError unless pair_i/pair_j are non-empty, of equal length and name states < n_state.
 void check_pairs(at::IntArrayRef pair_i, at::IntArrayRef pair_j, int64_t n_state, const char* op);
 // The states named by the pairs, sorted, and each one's position in that list.

@@ -1,6 +1,8 @@
 // Device-independent orchestration of the two-point operator (see two_point.h).
 #include "two_point.h"
 
+#include <c10/core/DeviceGuard.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -44,6 +46,37 @@ at::Tensor ints_to(const std::vector<int32_t>& v, const at::Device& device) {
   auto t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kInt));
   if (!v.empty()) std::memcpy(t.data_ptr(), v.data(), v.size() * sizeof(int32_t));
   return device.is_cpu() ? t : t.to(device);
+}
+
+void check_real_float(const at::Tensor& x, const char* name, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", x.scalar_type());
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name, const char* op) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+              ref_name, " has dtype ", ref.scalar_type());
+}
+
+void check_field_shape(const at::Tensor& x, const char* op) {
+  TORCH_CHECK_VALUE(x.dim() >= 3 && x.dim() <= 2 + kMaxDims, op,
+                    ": x must have shape (batch, n_state, *spatial) with 1-3 spatial dims, got ", x.sizes());
+}
+
+void check_mask_arg(const c10::optional<at::Tensor>& mask, const at::Tensor& x, const char* op) {
+  if (!mask.has_value() || !mask->defined()) return;
+  const at::Tensor& m = *mask;
+  check_like(m, "mask", x, "x", op);
+  std::vector<int64_t> shared{1}, per_sample{x.size(0)};
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    shared.push_back(x.size(d));
+    per_sample.push_back(x.size(d));
+  }
+  TORCH_CHECK_VALUE(m.sizes() == at::IntArrayRef(shared) || m.sizes() == at::IntArrayRef(per_sample), op,
+                    ": mask has shape ", m.sizes(), ", expected ", at::IntArrayRef(shared), " or ",
+                    at::IntArrayRef(per_sample), " for x of shape ", x.sizes());
 }
 
 void check_pairs(at::IntArrayRef pair_i, at::IntArrayRef pair_j, int64_t n_state, const char* op) {
@@ -362,6 +395,11 @@ at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at:
                              const c10::optional<at::Tensor>& mask_in, int64_t partition,
                              const TwoPointBackend& be) {
   const char* op = "two_point_stats";
+  check_real_float(x_in, "x", op);
+  check_field_shape(x_in, op);
+  check_mask_arg(mask_in, x_in, op);
+  // The kernels launch on the current device's stream: make it x's (cuda:1 while cuda:0 is current).
+  const c10::DeviceGuard guard(x_in.device());
   // A strided x (PyMKS's channels-last data seen channels first) is read in place when its spatial
   // dims flatten to one stride: the transforms take views, and only the states they need are read.
   auto x = spatial_flattens(x_in) ? x_in : x_in.contiguous();
@@ -413,9 +451,15 @@ at::Tensor two_point_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
                               at::IntArrayRef pair_j, bool periodic, at::IntArrayRef window,
                               const c10::optional<at::Tensor>& mask_in, const TwoPointBackend& be) {
   const char* op = "two_point_stats_backward";
+  check_real_float(x_in, "x", op);
+  check_like(grad_in, "grad", x_in, "x", op);
+  check_field_shape(x_in, op);
+  check_mask_arg(mask_in, x_in, op);
+  const c10::DeviceGuard guard(x_in.device());
   auto x = x_in.contiguous();
   auto grad = grad_in.contiguous();
   const int64_t B = x.size(0), n_state = x.size(1), n_pairs = static_cast<int64_t>(pair_i.size());
+  check_pairs(pair_i, pair_j, n_state, op);
   Setup s = make_setup(x, periodic, window, op);
   std::vector<int64_t> want{B, n_pairs};
   for (int64_t d = 0; d < s.geom.ndim; ++d) want.push_back(s.geom.w[d]);

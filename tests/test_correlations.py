@@ -1,10 +1,13 @@
 """correlations_multiple and two_point_stats in PyMKS's layout against the real pymks 0.4.1, on numpy and dask."""
 import warnings
 
-import dask
-import dask.array as da
 import numpy as np
 import pytest
+
+from optional import require
+
+dask = require("dask")
+da = require("dask.array")
 
 from pymks_vae.correlations import (MaskOverlapWarning, MaskRangeError, correlations_multiple,
                                     resolve_correlations, resolve_cutoff, to_channels_first, to_channels_last,
@@ -12,7 +15,7 @@ from pymks_vae.correlations import (MaskOverlapWarning, MaskRangeError, correlat
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    import pymks
+    pymks = require("pymks")
     from pymks.fmks.correlations import correlations_multiple as pymks_correlations_multiple
 
 

@@ -7,6 +7,7 @@ import pytest
 import scipy.ndimage
 import torch
 
+from optional import require
 from pymks_vae.datasets import (
     BACKGROUND,
     HORIZONTAL,
@@ -216,6 +217,8 @@ def test_dataset_cache_round_trip(tmp_path, monkeypatch):
 
 
 def test_dataarray_is_lazy_and_matches(monkeypatch):
+    require("dask")
+    require("xarray")
     calls = []
     original = lines_module._draw_block
 
@@ -297,6 +300,11 @@ def test_bad_arguments():
     for bad in (0, -3, 2.0, True):
         with pytest.raises(ValueError, match="n_images"):
             LinesDataset(bad)
+
+
+def test_dataarray_bad_arguments():
+    require("dask")
+    require("xarray")
     with pytest.raises(ValueError, match="n_images"):
         lines_dataarray(0)
     with pytest.raises(ValueError, match="chunks"):

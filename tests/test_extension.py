@@ -1,5 +1,6 @@
 """The compiled module: what build_info reports, and the pure-torch fallback when it is missing."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -88,3 +89,18 @@ def test_one_thread_per_task_limits_only_the_calling_worker_thread():
     # On the main thread (numpy calls, dask's synchronous scheduler) nothing changes.
     with _extension.one_thread_per_task():
         assert torch.get_num_threads() == main_before
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_built_for_this_gpu():
+    """Where a GPU is present the CUDA kernels must be there, for its architecture, and registered:
+    a CUDA build that failed or was skipped fails here instead of passing on the reference."""
+    info = pymks_vae.build_info()
+    assert info["compiled"] and info["cuda"], info
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        # Code for sm_X.y runs on any X.z with z >= y (and PTX is compiled on the fly).
+        built = [tuple(map(int, re.match(r"(\d+)\.(\d+)", a).groups())) for a in info["cuda_archs"]]
+        assert any(b[0] == major and b[1] <= minor for b in built), (f"GPU {i} is sm_{major}{minor}", info)
+    for name in ["two_point_stats", "two_point_stats_backward", "stats_loss", "stats_loss_backward"]:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pymks_vae::{name}", "CUDA"), name

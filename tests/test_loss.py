@@ -1,11 +1,14 @@
 """The fused spatial-statistics loss against the torch.fft/autograd reference, its registration,
 the soft indicator, and bad input."""
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from pymks_vae import ops, reference
 from numpy_reference import np_two_point
+from optional import require
 
 REDUCTIONS = ["sum", "batchmean", "mean", "none"]
 
@@ -100,13 +103,19 @@ def test_zero_for_identical_and_shifted_inputs():
     assert ops.spatial_stats_loss(x, torch.rand_like(x)).item() > 1e-6
 
 
-def test_no_grad_forward_and_missing_gradient():
+def test_no_grad_forward_and_missing_gradient(device):
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
     t = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    want = reference.spatial_stats_loss_ref(x, t, reduction="none")
     with torch.no_grad():
-        a = ops.spatial_stats_loss(x.requires_grad_(True), t)
-    assert not a.requires_grad
-    assert rel_err(a, reference.spatial_stats_loss_ref(x.detach(), t)) < 1e-10
+        a = ops.spatial_stats_loss(x.detach().to(device).requires_grad_(True), t.to(device), reduction="none")
+    assert not a.requires_grad and a.device.type == device.type
+    assert rel_err(a.cpu(), want) < 1e-10
+    # x without requires_grad takes the same route: no gradient spectrum is prepared
+    b = ops.spatial_stats_loss(x.to(device), t.to(device), reduction="none")
+    assert not b.requires_grad and rel_err(b.cpu(), want) < 1e-10
+    values, spectrum = torch.ops.pymks_vae.stats_loss(x.to(device), t.to(device), [0], [0], 1.0, False)
+    assert spectrum.numel() == 0 and rel_err(values.cpu(), want) < 1e-10
 
 
 @pytest.mark.parametrize("spatial,pairs", [((7,), [(0, 0)]), ((4, 5), [(0, 1), (1, 1)]), ((3, 3, 4), [(1, 0)])])
@@ -121,30 +130,126 @@ def test_gradcheck(spatial, pairs):
 
 
 @pytest.mark.parametrize("spatial,pairs", [((8,), [0, 1]), ((5, 6), [1, 1]), ((3, 4, 5), [0, 0])])
-def test_opcheck(spatial, pairs):
-    x = torch.rand((2, 2) + spatial, dtype=torch.float64, requires_grad=True)
-    t = torch.rand((2, 2) + spatial, dtype=torch.float64)
+def test_opcheck(spatial, pairs, device):
+    x = torch.rand((2, 2) + spatial, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.rand((2, 2) + spatial, dtype=torch.float64, device=device)
     torch.library.opcheck(torch.ops.pymks_vae.stats_loss.default, (x, t, [pairs[0]], [pairs[1]], 1.5, True))
     torch.library.opcheck(torch.ops.pymks_vae.stats_loss.default, (x.detach(), t, [pairs[0]], [pairs[1]], 1.0, False))
     _, spec = torch.ops.pymks_vae.stats_loss(x.detach(), t, [pairs[0]], [pairs[1]], 1.0, True)
     states = sorted(set(pairs))
     torch.library.opcheck(torch.ops.pymks_vae.stats_loss_backward.default,
-                          (torch.rand(2, dtype=torch.float64), spec, list(spatial), 2, states))
+                          (torch.rand(2, dtype=torch.float64, device=device), spec, list(spatial), 2, states))
 
 
-def test_torch_compile_fullgraph():
-    t = torch.rand(3, 1, 10, 12, dtype=torch.float64)
+def test_torch_compile_fullgraph(device):
+    t = torch.rand(3, 1, 10, 12, dtype=torch.float64, device=device)
 
     def step(x):
         ind = ops.soft_indicator(x, (0.0,))
         return ops.spatial_stats_loss(ind, ops.soft_indicator(t, (0.0,)), reduction="mean")
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    x = torch.rand(3, 1, 10, 12, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(3, 1, 10, 12, dtype=torch.float64, device=device, requires_grad=True)
     v1, v2 = step(x), compiled(x)
     g1 = torch.autograd.grad(v1, x)[0]
     g2 = torch.autograd.grad(v2, x)[0]
     assert torch.allclose(v1, v2, rtol=1e-12) and torch.allclose(g1, g2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n_state,pairs", [(3, [(2, 2)]), (3, [(0, 2)]), (4, [(1, 3), (3, 1)]), (4, [(1, 2), (2, 2)])])
+def test_partial_state_sets(n_state, pairs, device):
+    """Pairs that name some of the states: the forward transforms only those (a view of a run of
+    states, or index_select), the backward puts their gradients back by index_copy, others 0."""
+    x = torch.rand((2, n_state, 6, 9), dtype=torch.float64)
+    t = torch.rand((2, n_state, 6, 9), dtype=torch.float64)
+    xd = x.detach().to(device).requires_grad_(True)
+    out = ops.spatial_stats_loss(xd, t.to(device), correlations=pairs, reduction="none")
+    xr = x.clone().requires_grad_(True)
+    ref = reference.spatial_stats_loss_ref(xr, t, correlations=pairs, reduction="none")
+    assert rel_err(out.cpu(), ref) < 1e-10
+    w = torch.randn(2, dtype=torch.float64)
+    (g,) = torch.autograd.grad((out * w.to(device)).sum(), xd)
+    (gr,) = torch.autograd.grad((ref * w).sum(), xr)
+    assert rel_err(g.cpu(), gr) < 1e-10
+    used = sorted({s for p in pairs for s in p})
+    assert torch.all(g[:, [s for s in range(n_state) if s not in used]] == 0)
+    assert torch.all(g[:, used].abs().amax(dim=(0, 2, 3)) > 0)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "every_other"])
+def test_strided_input(layout, device):
+    x = torch.rand(3, 2, 8, 10, dtype=torch.float64)
+    t = torch.rand(3, 2, 8, 10, dtype=torch.float64)
+    if layout == "channels_last":
+        view = x.to(device).movedim(1, -1).contiguous().movedim(-1, 1)
+    else:
+        wide = torch.zeros(3, 2, 8, 20, dtype=torch.float64, device=device)
+        wide[..., ::2] = x.to(device)
+        view = wide[..., ::2]
+    assert not view.is_contiguous()
+    pairs = [(0, 1), (1, 1)]
+    xd = view.requires_grad_(True)
+    out = ops.spatial_stats_loss(xd, t.to(device), correlations=pairs, reduction="none")
+    xr = x.clone().requires_grad_(True)
+    ref = reference.spatial_stats_loss_ref(xr, t, correlations=pairs, reduction="none")
+    assert rel_err(out.cpu(), ref) < 1e-10
+    (g,) = torch.autograd.grad(out.sum(), xd)
+    (gr,) = torch.autograd.grad(ref.sum(), xr)
+    assert rel_err(g.cpu(), gr) < 1e-10
+
+
+# ----------------------------------------------------------------------------- the raw operators
+# Registered operators are public (torch.compile calls them directly): each refuses bad arguments
+# itself, before any kernel reads memory of the wrong type or on the wrong device.
+def _xt(device, dtype=torch.float64):
+    return (torch.rand(2, 2, 6, 7, dtype=dtype, device=device), torch.rand(2, 2, 6, 7, dtype=dtype, device=device))
+
+
+def _loss(x, t, need_grad=True):
+    return torch.ops.pymks_vae.stats_loss(x, t, [0], [1], 1.0, need_grad)
+
+
+def _spectrum(device, dtype=torch.float64):
+    return _loss(*_xt(device, dtype))[1]
+
+
+def _loss_backward(grad, spectrum, spatial=(6, 7), n_state=2, states=(0, 1)):
+    return torch.ops.pymks_vae.stats_loss_backward(grad, spectrum, list(spatial), n_state, list(states))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda d: _loss(_xt(d)[0], _xt(d)[1].float()), RuntimeError, "target has dtype Float but x has dtype Double"),
+    (lambda d: _loss(_xt(d)[0].float(), _xt(d)[1]), RuntimeError, "target has dtype Double but x has dtype Float"),
+    (lambda d: _loss(*_xt(d, torch.float16)), RuntimeError, "x must be float32 or float64, got Half"),
+    (lambda d: _loss_backward(torch.ones(2, device=d), _spectrum(d)), RuntimeError,
+     "grad has dtype Float but spectrum has dtype ComplexDouble"),
+    (lambda d: _loss_backward(torch.ones(2, dtype=torch.float64, device=d), _spectrum(d, torch.float32)),
+     RuntimeError, "grad has dtype Double but spectrum has dtype ComplexFloat"),
+    (lambda d: _loss_backward(torch.ones(2, device=d), torch.rand(2, 2, 6, 4, device=d)), RuntimeError,
+     "spectrum must be complex64 or complex128, got Float"),
+    (lambda d: _loss_backward(torch.ones(2, dtype=torch.float64, device=d), _spectrum(d), spatial=(6, 8)),
+     ValueError, "does not match spatial"),
+    (lambda d: _loss_backward(torch.ones(2, dtype=torch.float64, device=d), _spectrum(d), states=(0, 2)),
+     ValueError, "states must be increasing"),
+    (lambda d: _loss_backward(torch.ones(2, dtype=torch.float64, device=d), _spectrum(d), states=(1, 0)),
+     ValueError, "states must be increasing"),
+])
+def test_raw_ops_reject_bad_arguments(call, exc, match, device):
+    with pytest.raises(exc, match=match):
+        call(device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("call,match", [
+    (lambda: _loss(_xt("cuda")[0], _xt("cpu")[1]), "target is on cpu but x is on cuda:0"),
+    (lambda: _loss(_xt("cpu")[0], _xt("cuda")[1]), "target is on cuda:0 but x is on cpu"),
+    (lambda: _loss_backward(torch.ones(2, dtype=torch.float64), _spectrum("cuda")), "grad is on cpu but spectrum is on cuda"),
+    (lambda: _loss_backward(torch.ones(2, dtype=torch.float64, device="cuda"), _spectrum("cpu")),
+     "grad is on cuda:0 but spectrum is on cpu"),
+])
+def test_cuda_raw_ops_reject_mixed_devices(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
 
 
 # ----------------------------------------------------------------------------- soft indicator
@@ -230,6 +335,59 @@ def test_cuda_opcheck_and_errors():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="target contains NaN"):
         ops.spatial_stats_loss(x, bad)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spatial", [(1030, 1030), (104, 104, 104)])
+def test_cuda_grids_past_2_20_elements(spatial):
+    """More than 2^20 spectral bins per batch: the loss kernel's threads (4096 blocks of 256 at most)
+    walk several bins each; values and gradients against the CPU kernels."""
+    x = torch.rand((2, 2) + spatial, dtype=torch.float64)
+    t = torch.rand((2, 2) + spatial, dtype=torch.float64)
+    assert math.prod(spatial) > 2**20
+    pairs = [(0, 1), (1, 1)]
+    c_out, c_g, w = value_and_grad(lambda a, b: ops.spatial_stats_loss(a, b, correlations=pairs, reduction="none"), x, t)
+    xg = x.cuda().requires_grad_(True)
+    g_out = ops.spatial_stats_loss(xg, t.cuda(), correlations=pairs, reduction="none")
+    (g_g,) = torch.autograd.grad((g_out * w.cuda()).sum(), xg)
+    assert rel_err(g_out.cpu(), c_out) < 1e-10 and rel_err(g_g.cpu(), c_g) < 1e-10
+
+
+@pytest.mark.cuda
+def test_cuda_second_device():
+    """On cuda:1 while cuda:0 is current: the loss and its gradient stay there and match the CPU."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two GPUs; this machine has {torch.cuda.device_count()}")
+    dev = torch.device("cuda:1")
+    x = torch.rand(3, 2, 9, 10, dtype=torch.float64)
+    t = torch.rand(3, 2, 9, 10, dtype=torch.float64)
+    c_out, c_g, w = value_and_grad(lambda a, b: ops.spatial_stats_loss(a, b, correlations=[(0, 1)], reduction="none"), x, t)
+    with torch.cuda.device(0):
+        xg = x.to(dev).requires_grad_(True)
+        out = ops.spatial_stats_loss(xg, t.to(dev), correlations=[(0, 1)], reduction="none")
+        (g,) = torch.autograd.grad((out * w.to(dev)).sum(), xg)
+        assert out.device == dev and g.device == dev and torch.cuda.current_device() == 0
+    assert rel_err(out.cpu(), c_out) < 1e-10 and rel_err(g.cpu(), c_g) < 1e-10
+    with pytest.raises(RuntimeError, match="target is on cuda:0 but x is on cuda:1"):
+        _loss(x.to(dev), t.to("cuda:0"))
+
+
+@pytest.mark.cuda
+def test_cuda_torch_compile_inductor():
+    """A training-like step (indicator, loss, gradient) compiled by inductor on the GPU, float32."""
+    require("triton")
+    t = torch.rand(4, 1, 32, 32, device="cuda")
+
+    def step(x):
+        return ops.spatial_stats_loss(ops.soft_indicator(x, (0.0,)), ops.soft_indicator(t, (0.0,)), reduction="mean")
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    x = torch.rand(4, 1, 32, 32, device="cuda", requires_grad=True)
+    v1, v2 = step(x), compiled(x)
+    g1 = torch.autograd.grad(v1, x)[0]
+    g2 = torch.autograd.grad(v2, x)[0]
+    torch.testing.assert_close(v2, v1, rtol=1e-5, atol=0)
+    torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-7 * float(g1.abs().max()))
 
 
 def test_batches_larger_than_a_cache_chunk():

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
+from optional import require
 from pymks_vae.microstructures import DEFAULT_CLASSES, generate_classes, generate_two_phase
 from pymks_vae.transformers import TwoPointCorrelation
 
@@ -66,7 +67,7 @@ def test_generator_rejects_bad_arguments(kwargs, match):
 
 # ----------------------------------------------------------------------------- the example, tiny
 def test_example_quick_run(tmp_path):
-    import pymks  # noqa: F401  (installed by make setup; the example needs it)
+    require("pymks")  # installed by make setup; the example needs it
     import torch
 
     spec = importlib.util.spec_from_file_location("pymks_pipeline_example", EXAMPLE)

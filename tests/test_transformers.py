@@ -2,8 +2,6 @@
 import pickle
 import warnings
 
-import dask
-import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
@@ -16,9 +14,12 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from sklearn_checks import run_check, tabular_failures
 
+from optional import require
 from pymks_vae.transformers import TwoPointCorrelation
 
-import pymks  # noqa: E402  (installed by `make setup`; the comparison needs the real thing)
+dask = require("dask")
+da = require("dask.array")
+pymks = require("pymks")  # installed by `make setup`; the comparison needs the real thing
 
 
 

@@ -1,6 +1,7 @@
 """The two-point operator against an independent float64 numpy reference, its gradient, its
 registration (opcheck, torch.compile), its partition-of-unity shortcut, and its errors."""
 import itertools
+import math
 import warnings
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import pymks_vae
 from pymks_vae import _extension, ops, reference
 from numpy_reference import np_two_point, np_window
+from optional import require
 
 SHAPES = [(9,), (8,), (6, 9), (8, 8), (5, 4), (4, 5, 6), (3, 3, 3)]
 
@@ -59,15 +61,25 @@ def test_matches_numpy_reference(spatial, periodic, kind):
 @pytest.mark.parametrize("spatial", [(9,), (6, 9), (8, 8), (4, 5, 6)])
 @pytest.mark.parametrize("periodic", [True, False])
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_mask_matches_numpy_reference(spatial, periodic, per_sample):
+def test_mask_matches_numpy_reference(spatial, periodic, per_sample, device):
     x = torch.rand((3, 2) + spatial, dtype=torch.float64)
     mshape = ((3,) if per_sample else ()) + spatial
     mask = torch.rand(mshape, dtype=torch.float64)
     mask[mask < 0.2] = 0.0
     pairs = [(0, 0), (1, 0), (0, 1)]
     for cutoff in [None, 1]:
-        f = ops.two_point_stats(x, pairs, periodic=periodic, cutoff=cutoff, mask=mask)
+        f = ops.two_point_stats(x.to(device), pairs, periodic=periodic, cutoff=cutoff, mask=mask.to(device))
+        assert f.device.type == device.type
         assert_close(f, np_two_point(x.numpy(), pairs, periodic, cutoff, mask.numpy()))
+        # the gradient with the mask, against the reference's autograd on the CPU
+        g = torch.randn(f.shape, dtype=torch.float64)
+        xd = x.detach().to(device).requires_grad_(True)
+        ours = torch.autograd.grad((ops.two_point_stats(xd, pairs, periodic=periodic, cutoff=cutoff,
+                                                        mask=mask.to(device)) * g.to(device)).sum(), xd)[0]
+        xr = x.clone().requires_grad_(True)
+        ref = torch.autograd.grad((reference.two_point_stats_ref(xr, pairs, periodic=periodic, cutoff=cutoff,
+                                                                 mask=mask) * g).sum(), xr)[0]
+        assert_close(ours, ref.numpy())
 
 
 def test_bool_mask_and_no_overlap_lags_give_zero():
@@ -86,7 +98,7 @@ def test_bool_mask_and_no_overlap_lags_give_zero():
 # so a random mask with no overlap at some far lag warns there (outside the compared window).
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in divide:RuntimeWarning")
 def test_matches_pymks_two_point_stats_with_mask():
-    import pymks.fmks.correlations as pymks_corr
+    pymks_corr = require("pymks.fmks.correlations")
     x = np.random.rand(2, 7, 8)
     mask = (np.random.rand(2, 7, 8) > 0.3).astype(float)
     for periodic in [True, False]:
@@ -107,39 +119,40 @@ def test_float32_close_to_float64_reference(dtype):
 
 @pytest.mark.parametrize("spatial", [(10,), (7, 6), (4, 5, 3)])
 @pytest.mark.parametrize("basis", [one_hot, hat_basis])
-def test_partition_shortcut_matches_direct(spatial, basis):
+def test_partition_shortcut_matches_direct(spatial, basis, device):
     for n_state in [2, 3, 4]:
         x = basis(3, n_state, spatial)
         pairs = all_pairs(n_state)
         ref = np_two_point(x.numpy(), pairs, True, None)
         for mode in [None, True, False]:
-            assert_close(ops.two_point_stats(x, pairs, partition=mode), ref)
+            assert_close(ops.two_point_stats(x.to(device), pairs, partition=mode), ref)
         # PyMKS's default pairs and the benchmark pairs
         for pairs in [[(0, k) for k in range(n_state)], [(n_state - 1, n_state - 1), (0, n_state - 1)]]:
-            assert_close(ops.two_point_stats(x, pairs), np_two_point(x.numpy(), pairs, True, None))
+            assert_close(ops.two_point_stats(x.to(device), pairs), np_two_point(x.numpy(), pairs, True, None))
 
 
-def test_partition_check_rejects_non_partitions():
+def test_partition_check_rejects_non_partitions(device):
     """With partition=True the relations are trusted (documented), so on input that is *not* a
     partition they give a different answer - proof that the shortcut path runs - while the
     default check notices and computes directly."""
     x = torch.rand(2, 2, 12, 12, dtype=torch.float64)
     pairs = [(1, 1), (0, 1)]
     ref = np_two_point(x.numpy(), pairs, True, None)
-    assert_close(ops.two_point_stats(x, pairs), ref)
-    trusted = ops.two_point_stats(x, pairs, partition=True).numpy()
+    assert_close(ops.two_point_stats(x.to(device), pairs), ref)
+    assert_close(ops.two_point_stats(x.to(device), pairs, partition=False), ref)
+    trusted = ops.two_point_stats(x.to(device), pairs, partition=True).cpu().numpy()
     assert np.abs(trusted - ref).max() > 1e-3
     # a near-partition off by more than rounding is not one
     y = one_hot(2, 2, (12, 12))
     y[0, 0, 3, 3] += 1e-6
-    assert_close(ops.two_point_stats(y, pairs), np_two_point(y.numpy(), pairs, True, None))
+    assert_close(ops.two_point_stats(y.to(device), pairs), np_two_point(y.numpy(), pairs, True, None))
 
 
 def _views(x):
     """Strided views of the same data: channels last seen channels first (PyMKS's layout, read in
     place), and a view whose spatial dims do not flatten (every other pixel of a wider field)."""
     last = x.movedim(1, -1).contiguous().movedim(-1, 1)
-    wide = torch.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
+    wide = torch.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype, device=x.device)
     wide[..., ::2] = x
     return {"channels_last": last, "every_other": wide[..., ::2]}
 
@@ -147,18 +160,18 @@ def _views(x):
 @pytest.mark.parametrize("spatial", [(9,), (8,), (6, 9), (8, 8), (4, 5, 6)])
 @pytest.mark.parametrize("n_state", [2, 3])
 @pytest.mark.parametrize("kind", ["one_hot", "random"])
-def test_strided_input_matches_reference(spatial, n_state, kind):
+def test_strided_input_matches_reference(spatial, n_state, kind, device):
     x = one_hot(2, n_state, spatial) if kind == "one_hot" else torch.rand((2, n_state) + spatial, dtype=torch.float64)
     pairs = all_pairs(n_state)
-    for name, view in _views(x).items():
-        assert not view.is_contiguous(), name
+    for name, view in _views(x.to(device)).items():
+        assert not view.is_contiguous() and view.device.type == device.type, name
         for periodic, cutoff in [(True, None), (True, 1), (False, 1)]:
             ref = np_two_point(x.numpy(), pairs, periodic, cutoff)
             assert_close(ops.two_point_stats(view, pairs, periodic=periodic, cutoff=cutoff), ref)
 
 
-def test_strided_input_gradcheck():
-    x = torch.rand(2, 2, 5, 6, dtype=torch.float64).movedim(1, -1).contiguous().movedim(-1, 1)
+def test_strided_input_gradcheck(device):
+    x = torch.rand(2, 2, 5, 6, dtype=torch.float64, device=device).movedim(1, -1).contiguous().movedim(-1, 1)
     x.requires_grad_(True)
     assert not x.is_contiguous()
     fn = lambda t: ops.two_point_stats(t, [(1, 1), (0, 1)], cutoff=2)
@@ -168,36 +181,39 @@ def test_strided_input_gradcheck():
     torch.testing.assert_close(g, torch.autograd.grad(fn(xc).square().sum(), xc)[0], rtol=1e-12, atol=1e-12)
 
 
-def test_strided_partition_check_rejects_non_partitions():
+def test_strided_partition_check_rejects_non_partitions(device):
     """The partition check reads channels-last data in place: one pixel off must still be seen."""
     x = one_hot(2, 2, (12, 12))
     x[1, 0, 5, 7] += 1e-6
     pairs = [(1, 1), (0, 1)]
     ref = np_two_point(x.numpy(), pairs, True, None)
-    for view in _views(x).values():
+    for view in _views(x.to(device)).values():
         assert_close(ops.two_point_stats(view, pairs), ref)
 
 
 @pytest.mark.parametrize("spatial", [(7,), (8,), (6, 9), (4, 5, 6)])
 @pytest.mark.parametrize("periodic", [True, False])
-def test_gradient_matches_reference(spatial, periodic):
+def test_gradient_matches_reference(spatial, periodic, device):
     x = torch.rand((2, 3) + spatial, dtype=torch.float64, requires_grad=True)
+    xd = x.detach().to(device).requires_grad_(True)
     pairs = [(0, 1), (1, 0), (2, 2), (0, 0)]
     for cutoff in [None, 1]:
         for mask in [None, torch.rand(spatial, dtype=torch.float64)]:
             g = torch.randn((2, len(pairs)) + reference.window_shape(spatial, cutoff), dtype=torch.float64)
-            ours = torch.autograd.grad((ops.two_point_stats(x, pairs, periodic=periodic, cutoff=cutoff,
-                                                            mask=mask) * g).sum(), x)[0]
+            md = None if mask is None else mask.to(device)
+            ours = torch.autograd.grad((ops.two_point_stats(xd, pairs, periodic=periodic, cutoff=cutoff,
+                                                            mask=md) * g.to(device)).sum(), xd)[0]
             ref = torch.autograd.grad((reference.two_point_stats_ref(x, pairs, periodic=periodic, cutoff=cutoff,
                                                                      mask=mask) * g).sum(), x)[0]
             assert_close(ours, ref.numpy())
 
 
-def test_gradient_of_partition_input_is_that_of_the_definition():
+def test_gradient_of_partition_input_is_that_of_the_definition(device):
     x = one_hot(2, 3, (6, 7)).requires_grad_(True)
+    xd = x.detach().to(device).requires_grad_(True)
     pairs = [(2, 2), (0, 2), (1, 0)]
     g = torch.randn(2, 3, 6, 7, dtype=torch.float64)
-    ours = torch.autograd.grad((ops.two_point_stats(x, pairs) * g).sum(), x)[0]
+    ours = torch.autograd.grad((ops.two_point_stats(xd, pairs) * g.to(device)).sum(), xd)[0]
     ref = torch.autograd.grad((reference.two_point_stats_ref(x, pairs) * g).sum(), x)[0]
     assert_close(ours, ref.numpy())
     assert ours[:, 2].abs().max() > 0  # the eliminated state still gets its gradient
@@ -220,25 +236,25 @@ def test_gradcheck(spatial, periodic, cutoff, masked):
     dict(spatial=(4, 3, 5), periodic=True, window=[3, 3, 3], mask=False, partition=1),
     dict(spatial=(6, 7), periodic=True, window=[5, 3], mask=False, partition=2, channels_last=True),
 ])
-def test_opcheck(args):
-    x = torch.rand((2, 2) + args["spatial"], dtype=torch.float64)
+def test_opcheck(args, device):
+    x = torch.rand((2, 2) + args["spatial"], dtype=torch.float64, device=device)
     if args.get("channels_last"):  # PyMKS's layout seen channels first: read in place by the kernel
         x = x.movedim(1, -1).contiguous().movedim(-1, 1)
     x.requires_grad_(True)
-    mask = torch.rand(args["spatial"], dtype=torch.float64).unsqueeze(0) if args["mask"] else None
+    mask = torch.rand(args["spatial"], dtype=torch.float64, device=device).unsqueeze(0) if args["mask"] else None
     torch.library.opcheck(torch.ops.pymks_vae.two_point_stats.default,
                           (x, [0, 1], [1, 1], args["periodic"], args["window"], mask, args["partition"]))
-    grad = torch.rand((2, 2) + tuple(args["window"]), dtype=torch.float64)
+    grad = torch.rand((2, 2) + tuple(args["window"]), dtype=torch.float64, device=device)
     torch.library.opcheck(torch.ops.pymks_vae.two_point_stats_backward.default,
                           (grad, x.detach(), [0, 1], [1, 1], args["periodic"], args["window"], mask))
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(device):
     def stats(x):
         return ops.two_point_stats(x, [(0, 0), (0, 1)], cutoff=3).square().sum()
 
     compiled = torch.compile(stats, fullgraph=True, backend="aot_eager")
-    x = torch.rand(2, 2, 10, 9, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(2, 2, 10, 9, dtype=torch.float64, device=device, requires_grad=True)
     eager_val = stats(x)
     eager_grad = torch.autograd.grad(eager_val, x)[0]
     val = compiled(x)
@@ -346,6 +362,170 @@ def test_cuda_gradcheck_and_opcheck():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         ops.two_point_stats(bad, [(0, 0)])
+
+
+@pytest.mark.parametrize("pairs", [[(1, 3)], [(2, 0), (0, 0)], [(3, 3), (1, 1)], [(1, 2), (2, 1), (2, 2)]])
+@pytest.mark.parametrize("periodic", [True, False])
+@pytest.mark.parametrize("kind", ["one_hot", "random"])
+def test_partial_state_sets(pairs, periodic, kind, device):
+    """Pairs that name some of the states: the forward reads them as a view (a run of states) or by
+    index_select, the backward writes their gradients back by index_copy and leaves the others 0."""
+    x = one_hot(2, 4, (7, 8)) if kind == "one_hot" else torch.rand(2, 4, 7, 8, dtype=torch.float64)
+    xd = x.detach().to(device).requires_grad_(True)
+    for cutoff in [None, 2]:
+        f = ops.two_point_stats(xd, pairs, periodic=periodic, cutoff=cutoff)
+        assert_close(f, np_two_point(x.numpy(), pairs, periodic, cutoff))
+        g = torch.randn(f.shape, dtype=torch.float64)
+        ours = torch.autograd.grad((f * g.to(device)).sum(), xd)[0]
+        xr = x.clone().requires_grad_(True)
+        ref = torch.autograd.grad((reference.two_point_stats_ref(xr, pairs, periodic=periodic, cutoff=cutoff)
+                                   * g).sum(), xr)[0]
+        assert_close(ours, ref.numpy())
+        used = sorted({s for p in pairs for s in p})
+        unused = [s for s in range(4) if s not in used]
+        assert torch.all(ours[:, unused] == 0)
+        assert torch.all(ours[:, used].abs().amax(dim=(0, 2, 3)) > 0)
+
+
+# ----------------------------------------------------------------------------- the raw operators
+# The registered operators are public (torch.compile calls them directly), so each refuses bad
+# arguments by itself rather than trusting ops.py: float32 memory read as float64 returns garbage.
+def _raw(device, dtype=torch.float64, spatial=(6, 7)):
+    x = torch.rand((2, 2) + spatial, dtype=dtype, device=device)
+    grad = torch.rand((2, 2) + spatial, dtype=dtype, device=device)
+    mask = torch.rand((1,) + spatial, dtype=dtype, device=device)
+    return x, grad, mask
+
+
+def _forward(x, mask):
+    return torch.ops.pymks_vae.two_point_stats(x, [0, 1], [1, 1], True, list(x.shape[2:]), mask, 0)
+
+
+def _backward(grad, x, mask):
+    return torch.ops.pymks_vae.two_point_stats_backward(grad, x, [0, 1], [1, 1], True, list(x.shape[2:]), mask)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda d: _backward(_raw(d)[1].float(), _raw(d)[0], None), "grad has dtype Float but x has dtype Double"),
+    (lambda d: _backward(_raw(d)[1], _raw(d)[0].float(), None), "grad has dtype Double but x has dtype Float"),
+    (lambda d: _backward(_raw(d)[1], _raw(d)[0], _raw(d)[2].float()), "mask has dtype Float but x"),
+    (lambda d: _forward(_raw(d)[0], _raw(d)[2].float()), "mask has dtype Float but x"),
+    (lambda d: _forward(_raw(d)[0], _raw(d)[2] > 0.5), "mask has dtype Bool but x"),
+    (lambda d: _forward(_raw(d)[0].half(), None), "x must be float32 or float64, got Half"),
+    (lambda d: _forward(_raw(d)[0].to(torch.complex128), None), "x must be float32 or float64"),
+    (lambda d: _backward(_raw(d)[1].half(), _raw(d)[0].half(), None), "x must be float32 or float64"),
+])
+def test_raw_ops_reject_mismatched_dtypes(call, match, device):
+    with pytest.raises(RuntimeError, match=match):
+        call(device)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda d: _forward(_raw(d)[0], _raw(d)[2][:, :5]), r"mask has shape \[1, 5, 7\]"),
+    (lambda d: _forward(_raw(d)[0], torch.rand(3, 6, 7, dtype=torch.float64, device=d)), "mask has shape"),
+    (lambda d: _backward(_raw(d)[1], _raw(d)[0], _raw(d)[2][0]), r"mask has shape \[6, 7\]"),
+])
+def test_raw_ops_reject_bad_mask_shapes(call, match, device):
+    with pytest.raises(ValueError, match=match):
+        call(device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("call,match", [
+    (lambda: _forward(_raw("cuda")[0], _raw("cpu")[2]), "mask is on cpu but x is on cuda"),
+    (lambda: _forward(_raw("cpu")[0], _raw("cuda")[2]), "mask is on cuda:0 but x is on cpu"),
+    (lambda: _backward(_raw("cpu")[1], _raw("cuda")[0], None), "grad is on cpu but x is on cuda"),
+    (lambda: _backward(_raw("cuda")[1], _raw("cpu")[0], None), "grad is on cuda:0 but x is on cpu"),
+    (lambda: _backward(_raw("cuda")[1], _raw("cuda")[0], _raw("cpu")[2]), "mask is on cpu but x is on cuda"),
+])
+def test_cuda_raw_ops_reject_mixed_devices(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------- CUDA only
+@pytest.mark.cuda
+def test_cuda_kernels_ran():
+    """The CUDA kernels themselves ran (seen by the profiler), not a fallback or a CPU copy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = one_hot(2, 3, (16, 16)).cuda().requires_grad_(True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        f = ops.two_point_stats(x, [(0, 0), (0, 1)], cutoff=3, partition=False)
+        f.square().sum().backward()
+        torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    assert "pymks_vae::two_point_stats" in names and "pymks_vae::two_point_stats_backward" in names
+    for kernel in ["power_half_kernel", "pair_products_kernel", "gather_kernel", "embed_grad_kernel",
+                   "combine_grad_kernel"]:
+        assert kernel in names, f"{kernel} did not run on the GPU"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spatial,periodic,cutoff", [
+    ((1030, 1030), True, None), ((1030, 1030), True, 4), ((1030, 1030), False, 4), ((104, 104, 104), True, 3),
+])
+def test_cuda_backward_of_grids_past_2_20_elements(spatial, periodic, cutoff):
+    """Grids of more than 2^20 elements: launches are capped at 4096 blocks of 256 threads, so each
+    thread of the backward's kernels (and the forward's) walks several elements."""
+    x = torch.rand((2, 2) + spatial, dtype=torch.float64)
+    assert math.prod(spatial) > 2**20
+    pairs = [(0, 1), (1, 1)]
+    xc = x.clone().requires_grad_(True)
+    xg = x.cuda().requires_grad_(True)
+    fc = ops.two_point_stats(xc, pairs, periodic=periodic, cutoff=cutoff)
+    fg = ops.two_point_stats(xg, pairs, periodic=periodic, cutoff=cutoff)
+    assert_close(fg, fc.detach().numpy(), rel=1e-9)
+    g = torch.randn(fc.shape, dtype=torch.float64)
+    gc = torch.autograd.grad((fc * g).sum(), xc)[0]
+    gg = torch.autograd.grad((fg * g.cuda()).sum(), xg)[0]
+    assert_close(gg, gc.numpy(), rel=1e-9)
+
+
+@pytest.mark.cuda
+def test_cuda_second_device():
+    """Tensors on cuda:1 run there while cuda:0 is current (the kernels' device guard), and a mix of
+    the two GPUs is refused, naming the argument."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two GPUs; this machine has {torch.cuda.device_count()}")
+    dev = torch.device("cuda:1")
+    x = torch.rand(2, 3, 9, 8, dtype=torch.float64)
+    mask = torch.rand(9, 8, dtype=torch.float64)
+    pairs = [(0, 1), (2, 2)]
+    g = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    with torch.cuda.device(0):
+        xd = x.to(dev).requires_grad_(True)
+        f = ops.two_point_stats(xd, pairs, cutoff=2, mask=mask.to(dev))
+        grad = torch.autograd.grad((f * g.to(dev)).sum(), xd)[0]
+        assert f.device == dev and grad.device == dev
+        assert torch.cuda.current_device() == 0
+    xc = x.clone().requires_grad_(True)
+    fc = ops.two_point_stats(xc, pairs, cutoff=2, mask=mask)
+    assert_close(f, fc.detach().numpy())
+    assert_close(grad, torch.autograd.grad((fc * g).sum(), xc)[0].numpy())
+    with pytest.raises(RuntimeError, match="mask is on cuda:0 but x is on cuda:1"):
+        _forward(x.to(dev), mask.unsqueeze(0).to("cuda:0"))
+    with pytest.raises(RuntimeError, match="grad is on cuda:0 but x is on cuda:1"):
+        _backward(torch.rand(2, 2, 9, 8, dtype=torch.float64, device="cuda:0"), x[:, :2].to(dev), None)
+
+
+@pytest.mark.cuda
+def test_cuda_torch_compile_inductor():
+    """The whole step compiled by inductor (Triton on the GPU) around the operator, in float32."""
+    require("triton")
+
+    def stats(x):
+        ind = ops.soft_indicator(x, (0.0, 1.0))
+        return ops.two_point_stats(ind, [(0, 0), (0, 1)], cutoff=4).square().mean()
+
+    compiled = torch.compile(stats, fullgraph=True, backend="inductor")
+    x = torch.rand(4, 1, 32, 24, device="cuda", requires_grad=True)
+    eager_val = stats(x)
+    eager_grad = torch.autograd.grad(eager_val, x)[0]
+    val = compiled(x)
+    grad = torch.autograd.grad(val, x)[0]
+    torch.testing.assert_close(val, eager_val, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-7 * float(eager_grad.abs().max()))
 
 
 @pytest.mark.parametrize("masked", [None, "shared", "per_sample"])

@@ -6,8 +6,6 @@ import os
 import pickle
 import warnings
 
-import dask
-import dask.array as da
 import numpy as np
 import pytest
 import torch
@@ -19,10 +17,14 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
+from optional import require
 from sklearn_checks import run_check, tabular_failures
 
 from pymks_vae.microstructures import generate_classes
 from pymks_vae.transformers import TwoPointCorrelation, VAETransformer
+
+dask = require("dask")
+da = require("dask.array")
 
 
 SIZE = 16
@@ -181,7 +183,7 @@ def test_dask_fit_validates_chunks_when_loaded(one_hot):
 def test_distributed_cluster_transform(fitted_one_hot, one_hot):
     """Both transformers' lazy outputs run on a cluster of two worker processes (one cluster for both:
     starting one costs seconds)."""
-    import distributed
+    distributed = require("distributed")
     x = da.from_array(one_hot, chunks=(4, SIZE, SIZE, 2))
     z = fitted_one_hot.transform(x)
     local = z.compute(scheduler="sync")
@@ -220,7 +222,7 @@ def test_xarray_in_and_out(fitted_one_hot, one_hot):
 
 # ----------------------------------------------------------------------------- scikit-learn composition
 def test_pipeline_after_pymks_primitive_and_grid_search(micro):
-    import pymks
+    pymks = require("pymks")
     x, y = micro
     pipe = Pipeline([
         ("onehot", pymks.PrimitiveTransformer(n_state=2, min_=0.0, max_=1.0)),

@@ -2,7 +2,6 @@
 // the arithmetic of spectral.h (see stats_loss_driver.cpp for the math).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda/cuda_loops.cuh"
@@ -61,16 +60,16 @@ void loss_pass(const LossArgs& a) {
 
 const StatsLossBackend kCuda{loss_pass};
 
+// No device guard here: the drivers check every tensor argument first, then set the current device.
+
 std::tuple<at::Tensor, at::Tensor> stats_loss_cuda(const at::Tensor& x, const at::Tensor& target,
                                                    at::IntArrayRef pair_i, at::IntArrayRef pair_j, double scale,
                                                    bool need_grad) {
-  c10::cuda::CUDAGuard guard(x.device());
   return stats_loss_forward(x, target, pair_i, pair_j, scale, need_grad, kCuda);
 }
 
 at::Tensor stats_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& spectrum, at::IntArrayRef spatial,
                                     int64_t n_state, at::IntArrayRef states) {
-  c10::cuda::CUDAGuard guard(spectrum.device());
   return stats_loss_backward(grad, spectrum, spatial, n_state, states);
 }
 

@@ -2,7 +2,6 @@
 // per element, with the arithmetic of spectral.h.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda/cuda_loops.cuh"
@@ -190,17 +189,18 @@ at::Tensor combine_grad(const CombineArgs& a) {
 
 const TwoPointBackend kCuda{partition_check, pair_products, power_half, gather, embed_grad, combine_grad, nullptr};
 
+// No device guard here: the drivers check every tensor argument first (a CPU mask with a CUDA x
+// lands here, and must get an error naming it), then set the current device to x's.
+
 at::Tensor two_point_stats_cuda(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
                                 bool periodic, at::IntArrayRef window, const c10::optional<at::Tensor>& mask,
                                 int64_t partition) {
-  c10::cuda::CUDAGuard guard(x.device());
   return two_point_forward(x, pair_i, pair_j, periodic, window, mask, partition, kCuda);
 }
 
 at::Tensor two_point_stats_backward_cuda(const at::Tensor& grad, const at::Tensor& x, at::IntArrayRef pair_i,
                                          at::IntArrayRef pair_j, bool periodic, at::IntArrayRef window,
                                          const c10::optional<at::Tensor>& mask) {
-  c10::cuda::CUDAGuard guard(x.device());
   return two_point_backward(grad, x, pair_i, pair_j, periodic, window, mask, kCuda);
 }
 
