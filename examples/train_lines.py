@@ -27,7 +27,7 @@ import torch
 
 from pymks_vae import evaluation, plotting
 from pymks_vae.datasets import LinesDataset, generate_lines, train_val_split
-from pymks_vae.losses import DataSpaceLoss, SpatialStatsLoss, stats_scale_from_data
+from pymks_vae.losses import DataSpaceLoss, SpatialStatsLoss
 from pymks_vae.models import VAE
 from pymks_vae.training import TrainConfig, reconstruct, train_vae
 
@@ -53,17 +53,20 @@ class RunConfig:
     image_size: int = 64
     n_images: int = 3000
     encoder: str = "cnn"
-    decoder: str = "auto"
+    decoder: str = "strokes"
     weights: str = None
     latent_dim: int = 9
     epochs: int = 24
     vanilla_epochs: int = 12
     batch_size: int = 32
     lr: float = 3e-3
-    beta: float = 1.0
+    beta: float = None  # None: the loss's default (losses.DEFAULT_BETA for the variance convention)
+    vanilla_beta: float = 1.0
     alpha: float = 1.0
     eps: float = 0.25
-    normalise_stats: bool = True
+    normalise: str = "variance"
+    indicator: str = "straight_through"
+    cutoff: str = "auto"
     seed: int = 127
     data_seed: int = 0
     val_fraction: float = 0.3
@@ -101,17 +104,46 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--out", default=os.path.join("results", "lines"), help="output folder")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default, one per core)")
+    p.add_argument("--beta", type=float, help="KL weight of the spatial-statistics VAE (default: the loss's, 1e-4)")
+    p.add_argument("--vanilla-beta", type=float, help="KL weight of the vanilla VAE (default 1, the paper's)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default: the preset's)")
+    p.add_argument("--decoder", choices=("strokes", "cnn", "paper", "auto"), help="decoder of both models")
+    p.add_argument("--indicator", choices=("straight_through", "gaussian", "hat"),
+                   help="phase indicator of the reconstruction in the statistics (default straight_through)")
+    p.add_argument("--normalise", choices=("variance", "minmax"),
+                   help="statistics convention: variance (default) or minmax (the paper's SSE, beta 1)")
+    p.add_argument("--cutoff", help="lag window of the loss: auto (default), none or an int")
+    p.add_argument("--eps", type=float, help="width of the Gaussian indicator (default 0.25, the paper's)")
+    p.add_argument("--vanilla-epochs", type=int, help="epochs of the vanilla VAE (default: the preset's)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
     cfg = dataclasses.replace(CONFIGS[args.config])
     for flag, field in (("epochs", "epochs"), ("n_images", "n_images"), ("image_size", "image_size"),
                         ("latent_dim", "latent_dim"), ("batch_size", "batch_size"), ("eval_images", "eval_images"),
-                        ("weights", "weights"), ("device", "device"), ("seed", "seed")):
+                        ("weights", "weights"), ("device", "device"), ("seed", "seed"), ("beta", "beta"),
+                        ("vanilla_beta", "vanilla_beta"), ("lr", "lr"), ("decoder", "decoder"),
+                        ("indicator", "indicator"), ("normalise", "normalise"), ("cutoff", "cutoff"),
+                        ("eps", "eps")):
         value = getattr(args, flag)
         if value is not None:
             setattr(cfg, field, value)
     if args.epochs is not None:
         cfg.vanilla_epochs = args.epochs
+    if args.vanilla_epochs is not None:
+        cfg.vanilla_epochs = args.vanilla_epochs
+    if isinstance(cfg.cutoff, str) and cfg.cutoff not in ("auto", "none"):
+        try:
+            cfg.cutoff = int(cfg.cutoff)
+        except ValueError:
+            p.error(f"--cutoff must be auto, none or an int >= 0, got {cfg.cutoff!r}")
+        if cfg.cutoff < 0:
+            p.error(f"--cutoff must be auto, none or an int >= 0, got {cfg.cutoff}")
+    for name in ("lr", "eps"):
+        if not getattr(cfg, name) > 0:
+            p.error(f"--{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("beta", "vanilla_beta"):
+        if getattr(cfg, name) is not None and not getattr(cfg, name) >= 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     for name in ("epochs", "n_images", "image_size", "latent_dim", "batch_size", "eval_images"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -170,27 +202,35 @@ def _take(data, cfg, indices_within):
 
 
 # ----------------------------------------------------------------------------- models
-def make_model_and_loss(name, cfg, scale):
+def make_stats_loss(cfg, sample):
+    """The spatial-statistics loss of ``cfg``, calibrated (window and scale) on training images ``sample``."""
+    cutoff = None if cfg.cutoff == "none" else cfg.cutoff
+    if cfg.normalise == "minmax":  # the paper's convention: SSE of min/max-scaled statistics, beta 1
+        loss = SpatialStatsLoss(states=(0.0,), eps=cfg.eps, normalise="minmax", indicator=cfg.indicator,
+                                alpha=cfg.alpha, beta=1.0 if cfg.beta is None else cfg.beta, cutoff=cutoff,
+                                reduction="sum")
+    else:
+        loss = SpatialStatsLoss(states=(0.0,), eps=cfg.eps, indicator=cfg.indicator, alpha=cfg.alpha,
+                                beta=cfg.beta, cutoff=cutoff)
+    return loss.calibrate(sample)
+
+
+def make_model_and_loss(name, cfg, stats_loss):
     model = VAE(encoder=cfg.encoder, latent_dim=cfg.latent_dim, image_size=cfg.image_size, channels=1,
                 weights=cfg.weights, decoder=cfg.decoder)
-    if name == "spatial_stats":
-        loss = SpatialStatsLoss(states=(0.0,), eps=cfg.eps, scale=scale, alpha=cfg.alpha, beta=cfg.beta)
-    else:
-        loss = DataSpaceLoss(beta=cfg.beta)
+    loss = stats_loss if name == "spatial_stats" else DataSpaceLoss(beta=cfg.vanilla_beta)
     return model, loss
 
 
 def train_models(cfg, data, out, resume, progress):
-    scale = 1.0
-    if cfg.normalise_stats:
-        sample = _take(data["train"], cfg, np.arange(min(1000, len(data["train_idx"]))))
-        scale = stats_scale_from_data(sample, eps=cfg.eps)
+    sample = _take(data["train"], cfg, np.arange(min(1000, len(data["train_idx"]))))
+    stats_loss = make_stats_loss(cfg, sample)
     n_val_loss = min(cfg.val_loss_images, len(data["val_idx"]))
     val_subset = _take(data["val"], cfg, np.arange(n_val_loss))
     models, histories = {}, {}
     for name in MODELS:
         torch.manual_seed(cfg.seed)  # same initial weights for both models
-        model, loss = make_model_and_loss(name, cfg, scale)
+        model, loss = make_model_and_loss(name, cfg, stats_loss)
         tc = TrainConfig(epochs=cfg.epochs if name == "spatial_stats" else cfg.vanilla_epochs,
                          batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
                          num_workers=cfg.num_workers, progress=progress,
@@ -198,7 +238,7 @@ def train_models(cfg, data, out, resume, progress):
         print(f"[train_lines] training {name}: {loss!r}, {tc.epochs} epochs on {len(data['train_idx'])} images")
         histories[name] = train_vae(model, loss, data["train"], tc, val_data=val_subset, resume=resume)
         models[name] = model
-    return models, histories, scale
+    return models, histories, stats_loss
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -296,7 +336,7 @@ def write_report(path, metrics):
         f"Configuration `{cfg['name']}`: {cfg['n_images']} images of {cfg['image_size']}x{cfg['image_size']} "
         f"({metrics['n_train']} train / {metrics['n_val']} validation), encoder `{cfg['encoder']}`, "
         f"latent {cfg['latent_dim']}, {cfg['epochs']} epochs (vanilla {cfg['vanilla_epochs']}), batch "
-        f"{cfg['batch_size']}, lr {cfg['lr']}, beta {cfg['beta']}, stats scale {metrics['stats_scale']:.4g}, "
+        f"{cfg['batch_size']}, lr {cfg['lr']}, beta {metrics['stats_beta']:g} (vanilla {cfg['vanilla_beta']:g}), stats scale {metrics['stats_scale']:.4g}, "
         f"seed {cfg['seed']}; device {metrics['device']}; {metrics['total_seconds']:.0f} s in all.",
         "",
         f"Evaluated on {metrics['spatial_stats']['n_evaluated']} held-out images (the paper: 100). "
@@ -384,7 +424,7 @@ def main(argv=None):
 
     device = resolve_device(cfg.device)
     data = build_data(cfg, out)
-    models, histories, scale = train_models(cfg, data, out, args.resume, not args.no_progress)
+    models, histories, stats_loss = train_models(cfg, data, out, args.resume, not args.no_progress)
 
     n_val, n_train = len(data["val_idx"]), len(data["train_idx"])
     n_eval = min(cfg.eval_images, n_val)
@@ -398,7 +438,8 @@ def main(argv=None):
     n_over = min(cfg.overfit_images, n_train, n_val)
     overfit = (_take(data["train"], cfg, np.arange(n_over)), _take(data["val"], cfg, np.arange(n_over)))
 
-    metrics = {"config": dataclasses.asdict(cfg), "n_train": n_train, "n_val": n_val, "stats_scale": scale,
+    metrics = {"config": dataclasses.asdict(cfg), "n_train": n_train, "n_val": n_val, "stats_scale": stats_loss.scale_,
+               "stats_cutoff": stats_loss.cutoff_, "stats_beta": stats_loss.beta, "stats_loss": repr(stats_loss),
                "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "platform": platform.platform(), "cpu_count": os.cpu_count()}
     details = {}

@@ -349,6 +349,11 @@ def _run_loss(model, loss_fn, batch, device):
     return loss_fn(x_hat, batch, mu, logvar), batch.shape[0]
 
 
+def _batch_sum(value, loss_fn, n):
+    """The batch's sum of a loss value reduced by ``loss_fn.reduction`` ("sum" or "batchmean")."""
+    return float(value) * (n if getattr(loss_fn, "reduction", "sum") == "batchmean" else 1)
+
+
 @torch.no_grad()
 def evaluate_loss(model, loss_fn, data, batch_size=64, device=None):
     """Per-sample mean of ``loss_fn`` over ``data`` with the model in eval mode (``z = mu``).
@@ -371,7 +376,7 @@ def evaluate_loss(model, loss_fn, data, batch_size=64, device=None):
     try:
         for batch in _batches(data, batch_size, False, None, 0):
             (loss, _), n = _run_loss(model, loss_fn, batch, device)
-            total += float(loss.detach())
+            total += _batch_sum(loss.detach(), loss_fn, n)
             count += n
     finally:
         model.train(was_training)
@@ -429,7 +434,8 @@ def train_vae(model, loss_fn, train_data, config, *, val_data=None, resume=False
         model: a :class:`~pymks_vae.models.VAE` (moved to the configured device).
         loss_fn: ``loss_fn(x_hat, x, mu, logvar) -> (total, parts)``, e.g.
             :class:`~pymks_vae.losses.SpatialStatsLoss` or :class:`~pymks_vae.losses.DataSpaceLoss`;
-            ``total`` summed over the batch.
+            ``total`` summed over the batch, or averaged when ``loss_fn.reduction == "batchmean"``
+            (the history holds per-sample means either way).
         train_data: a torch Dataset whose items are ``(image, ...)`` or images ``(C, H, W)``; a
             tensor / numpy array ``(n, C, H, W)``; or a zero-argument callable returning an
             iterator of batches (tensors ``(b, C, H, W)`` or tuples whose first item is one);
@@ -528,10 +534,10 @@ def _train(model, loss_fn, train_data, config, val_data, resume, callback, devic
                 if config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 optimizer.step()
-                total += float(loss.detach())
+                total += _batch_sum(loss.detach(), loss_fn, n)
                 count += n
                 for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+                    parts_sum[k] = parts_sum.get(k, 0.0) + _batch_sum(v, loss_fn, n)
                 if bar is not None:
                     bar.set_postfix(loss=f"{total / count:.4g}", refresh=False)
             if count == 0:

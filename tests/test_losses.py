@@ -35,7 +35,8 @@ def test_kl_closed_form():
     per_dim = -sigma.log() + (sigma**2 + mu**2) / 2 - 0.5
     torch.testing.assert_close(kl_divergence(mu, logvar, reduction="none"), per_dim.sum(1))
     torch.testing.assert_close(kl_divergence(mu, logvar), per_dim.sum())
-    torch.testing.assert_close(kl_divergence(mu, logvar, reduction="mean"), per_dim.sum(1).mean())
+    torch.testing.assert_close(kl_divergence(mu, logvar, reduction="batchmean"), per_dim.sum(1).mean())
+    torch.testing.assert_close(kl_divergence(mu, logvar, reduction="mean"), per_dim.mean())
     ref = torch.distributions.kl_divergence(torch.distributions.Normal(mu, sigma),
                                             torch.distributions.Normal(0.0, 1.0)).sum()
     torch.testing.assert_close(kl_divergence(mu, logvar), ref)
@@ -47,7 +48,8 @@ def test_stats_loss_equals_direct_computation():
     x_hat = torch.rand(3, 1, 12, 10, dtype=torch.float64)
     mu, logvar = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
     eps, scale, alpha, beta = 0.25, 3.0, 2.0, 0.5
-    loss = SpatialStatsLoss(states=(0.0,), eps=eps, scale=scale, alpha=alpha, beta=beta)
+    loss = SpatialStatsLoss(states=(0.0,), eps=eps, scale=scale, alpha=alpha, beta=beta, normalise="none",
+                            indicator="gaussian", reduction="sum")
     total, parts = loss(x_hat, x, mu, logvar)
 
     def ind(t):
@@ -77,7 +79,8 @@ def test_stats_loss_two_states_and_hard_target():
     x = torch.randint(0, 2, (2, 1, 8, 8)).double()
     x_hat = torch.rand(2, 1, 8, 8, dtype=torch.float64)
     zeros = torch.zeros(2, 3, dtype=torch.float64)
-    loss = SpatialStatsLoss(states=(0.0, 1.0), eps=0.3, correlations=((0, 0), (0, 1)), soft=False)
+    loss = SpatialStatsLoss(states=(0.0, 1.0), eps=0.3, correlations=((0, 0), (0, 1)), soft=False, normalise="none",
+                            indicator="gaussian", reduction="sum")
     total, parts = loss(x_hat, x, zeros, zeros)
     soft = [torch.exp(-((x_hat[:, 0] - h) ** 2) / (2 * 0.3**2)) for h in (0.0, 1.0)]
     hard = [((x[:, 0] - h).abs() <= 0.3).double() for h in (0.0, 1.0)]
@@ -93,7 +96,7 @@ def test_multichannel_uses_channels_as_indicators():
     x_hat = torch.softmax(torch.randn(2, 3, 9, 11, dtype=torch.float64), dim=1)
     zeros = torch.zeros(2, 3, dtype=torch.float64)
     pairs = ((0, 0), (1, 2))
-    loss = SpatialStatsLoss(correlations=pairs, states=(123.0,))  # states ignored for channels > 1
+    loss = SpatialStatsLoss(correlations=pairs, states=(123.0,), normalise="none", reduction="sum")  # states ignored
     _, parts = loss(x_hat, x, zeros, zeros)
     ref = sum(((autocorrelation(x_hat[:, i], x_hat[:, j]) - autocorrelation(x[:, i], x[:, j])) ** 2).sum()
               for i, j in pairs)
@@ -109,13 +112,13 @@ def test_cutoff_and_non_periodic_statistics():
     zeros = torch.zeros(2, 2, dtype=torch.float64)
     ind = SpatialStatsLoss().indicators
     for periodic, cutoff, used in ((True, 3, 3), (False, None, None), (False, 2, 2), (True, 50, 5)):
-        loss = SpatialStatsLoss(periodic=periodic, cutoff=cutoff, scale=2.0)
+        loss = SpatialStatsLoss(periodic=periodic, cutoff=cutoff, scale=2.0, normalise="none", reduction="sum")
         fa = ops.two_point_stats(ind(x_hat), [(0, 0)], periodic=periodic, cutoff=used)
         fb = ops.two_point_stats(ind(x), [(0, 0)], periodic=periodic, cutoff=used)
         torch.testing.assert_close(loss(x_hat, x, zeros, zeros)[1]["stats"], ((2.0 * (fa - fb)) ** 2).sum())
     # a window is a subset of the lags: never more error than the full periodic map
-    full = SpatialStatsLoss()(x_hat, x, zeros, zeros)[0]
-    assert SpatialStatsLoss(cutoff=2)(x_hat, x, zeros, zeros)[0] < full
+    full = SpatialStatsLoss(normalise="none")(x_hat, x, zeros, zeros)[0]
+    assert SpatialStatsLoss(cutoff=2, normalise="none")(x_hat, x, zeros, zeros)[0] < full
     with pytest.raises(ValueError, match="cutoff"):
         SpatialStatsLoss(cutoff=-1)
     with pytest.raises(TypeError, match="periodic"):
@@ -182,7 +185,22 @@ def test_bad_arguments():
         SpatialStatsLoss(correlations="00")
     with pytest.raises(TypeError, match="soft"):
         SpatialStatsLoss(soft="yes")
-    loss = SpatialStatsLoss()
+    with pytest.raises(ValueError, match="normalise"):
+        SpatialStatsLoss(normalise="l2")
+    with pytest.raises(ValueError, match="indicator"):
+        SpatialStatsLoss(indicator="box")
+    with pytest.raises(ValueError, match="reduction"):
+        SpatialStatsLoss(reduction="mean")
+    with pytest.raises(ValueError, match="reduction"):
+        DataSpaceLoss(reduction="none")
+    with pytest.raises(ValueError, match="distinct"):
+        SpatialStatsLoss(states=(0.0, 0.0))
+    with pytest.raises(TypeError, match="correlations"):
+        SpatialStatsLoss(correlations=((0.7, 1.9),))
+    z1 = torch.zeros(1, 3)
+    with pytest.raises(ValueError, match="2 or more"):  # lazy calibration needs a variance
+        SpatialStatsLoss()(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), z1, z1)
+    loss = SpatialStatsLoss(scale=1.0)
     z = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="x_hat shape"):
         loss(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 9), z, z)
@@ -194,3 +212,61 @@ def test_bad_arguments():
         kl_divergence(z, z, reduction="max")
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         DataSpaceLoss()(torch.rand(2, 1, 4, 4), np.ones((2, 1, 4, 4)), z, z)
+
+
+@pytest.mark.parametrize("shape", [(9, 12), (16, 16), (7, 6, 5)], ids=["9x12", "16x16", "7x6x5"])
+@pytest.mark.parametrize("cutoff", [None, 2])
+def test_variance_convention_is_dimensionless(shape, cutoff):
+    """Calibrated on a set, the error between two of its members averages to exactly 2 (= 2 var / var),
+    whatever the size, dimension, window or number of pairs: the balance with KL cannot drift with them."""
+    x = (torch.rand((6, 1) + shape, dtype=torch.float64) > 0.6).double()
+    for states, pairs in (((0.0,), ((0, 0),)), ((0.0, 1.0), ((0, 0), (0, 1), (1, 1)))):
+        loss = SpatialStatsLoss(states=states, correlations=pairs, cutoff=cutoff).calibrate(x)
+        n = len(x)
+        a = x.repeat_interleave(n, 0)
+        b = x.repeat(n, *([1] * (x.ndim - 1)))
+        per_pair = loss.stats_error(a, b, reduction="none")
+        torch.testing.assert_close(per_pair.sum() / (n * (n - 1)), torch.tensor(2.0, dtype=torch.float64))
+        f = loss.target_statistics(x)
+        torch.testing.assert_close(loss.scale_, float(f.var(0).mean()) ** -0.5)
+
+
+def test_variance_convention_reductions_and_kl_balance():
+    x = (torch.rand(4, 1, 10, 10, dtype=torch.float64) > 0.5).double()
+    x_hat = torch.rand(4, 1, 10, 10, dtype=torch.float64)
+    mu, logvar = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    loss = SpatialStatsLoss(beta=0.01).calibrate(x)
+    per = loss.stats_error(x_hat, x, reduction="none")
+    f_hat = loss.target_statistics(1.0 - loss.indicators(x_hat))  # hat indicator of state 0: 1 - x
+    ref = ((f_hat - loss.target_statistics(x)) ** 2).flatten(1).mean(1) * loss.scale_**2
+    torch.testing.assert_close(per, ref)
+    total, parts = loss(x_hat, x, mu, logvar)
+    torch.testing.assert_close(total, (per + 0.01 * kl_divergence(mu, logvar, reduction="none")).mean())
+    torch.testing.assert_close(parts["stats"], per.mean())
+    summed = SpatialStatsLoss(beta=0.01, reduction="sum", scale=loss.scale_)(x_hat, x, mu, logvar)[0]
+    torch.testing.assert_close(summed, total * 4)
+
+
+def test_hat_indicator_is_pymks_hat_basis():
+    x = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64).reshape(1, 1, 2, 2)
+    torch.testing.assert_close(SpatialStatsLoss().indicators(x), 1.0 - x)
+    two = SpatialStatsLoss(states=(0.0, 1.0)).indicators(x)
+    torch.testing.assert_close(two, torch.cat([1.0 - x, x], 1))
+    three = SpatialStatsLoss(states=(0.0, 0.5, 1.0)).indicators(x)
+    torch.testing.assert_close(three.sum(1), torch.ones(1, 2, 2, dtype=torch.float64))  # partition of unity
+    torch.testing.assert_close(three[0, :, 0, 1], torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
+    hard = SpatialStatsLoss(states=(0.0, 0.5, 1.0), soft=False).indicators(x, target=True)
+    assert hard.sum(1).eq(1).all() and hard[0, 2, 1, 1] == 1
+
+
+def test_paper_preset():
+    loss = SpatialStatsLoss.paper(scale=4.0)
+    assert (loss.normalise, loss.indicator, loss.reduction, loss.beta, loss.scale_) == \
+        ("minmax", "gaussian", "sum", 1.0, 4.0)
+    x = (torch.rand(2, 1, 8, 8, dtype=torch.float64) > 0.5).double()
+    x_hat = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    ind = lambda t: torch.exp(-(t[:, 0] ** 2) / (2 * 0.25**2))  # noqa: E731
+    ref = ((4.0 * (autocorrelation(ind(x_hat), ind(x_hat)) - autocorrelation(ind(x), ind(x)))) ** 2).sum()
+    z = torch.zeros(2, 2, dtype=torch.float64)
+    torch.testing.assert_close(loss(x_hat, x, z, z)[0], ref)
+    assert math.isclose(stats_scale_from_data(x, loss=loss), stats_scale_from_data(x), rel_tol=1e-12)

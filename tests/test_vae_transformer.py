@@ -119,13 +119,13 @@ def test_loss_boundary_and_window(micro):
 
     x = torch.from_numpy(micro[0][:2, None]).float()
     x_hat = torch.rand_like(x)
-    kwargs = dict(states=(0.0, 1.0), correlations=((1, 1),))
-    periodic = losses.SpatialStatsLoss(**kwargs).stats_error(x_hat, x)
-    assert torch.equal(_stats_loss(losses.SpatialStatsLoss, kwargs).stats_error(x_hat, x), periodic)
-    non_periodic = _stats_loss(losses.SpatialStatsLoss, kwargs, periodic=False).stats_error(x_hat, x)
+    kwargs = dict(states=(0.0, 1.0), correlations=((1, 1),), normalise="none", indicator="gaussian", scale=1.0)
+    periodic = losses.SpatialStatsLoss(**kwargs).stats_error(x_hat, x, reduction="sum")
+    assert torch.equal(_stats_loss(losses.SpatialStatsLoss, kwargs).stats_error(x_hat, x, reduction="sum"), periodic)
+    non_periodic = _stats_loss(losses.SpatialStatsLoss, kwargs, periodic=False).stats_error(x_hat, x, reduction="sum")
     assert torch.isfinite(non_periodic) and not torch.isclose(periodic, non_periodic)
     # a cutoff compares the central (2c+1)^2 lags only
-    windowed = _stats_loss(losses.SpatialStatsLoss, kwargs, cutoff=2).stats_error(x_hat, x)
+    windowed = _stats_loss(losses.SpatialStatsLoss, kwargs, cutoff=2).stats_error(x_hat, x, reduction="sum")
     ind = lambda t: ops.soft_indicator(t, (0.0, 1.0))  # noqa: E731
     f_hat, f = (ops.two_point_stats(ind(t), [(1, 1)])[..., 8 - 2:8 + 3, 8 - 2:8 + 3] for t in (x_hat, x))
     torch.testing.assert_close(windowed, ((f_hat - f) ** 2).sum(), rtol=1e-4, atol=1e-6)
@@ -207,17 +207,23 @@ def test_distributed_cluster_transform(fitted_one_hot, one_hot):
 # ----------------------------------------------------------------------------- xarray
 def test_xarray_in_and_out(fitted_one_hot, one_hot):
     ids = np.arange(100, 100 + len(one_hot))
-    arr = xr.DataArray(da.from_array(one_hot, chunks=(8, SIZE, SIZE, 2)), dims=("specimen", "x", "y", "phase"),
-                       coords={"specimen": ids, "grade": ("specimen", np.arange(len(one_hot)) % 3)})
+    arr = xr.DataArray(da.from_array(one_hot, chunks=(8, SIZE, SIZE, 2)), dims=("sample", "x", "y", "state"),
+                       coords={"sample": ids, "grade": ("sample", np.arange(len(one_hot)) % 3)})
     z = fitted_one_hot.transform(arr)
-    assert isinstance(z, xr.DataArray) and z.dims == ("specimen", "latent")
+    assert isinstance(z, xr.DataArray) and z.dims == ("sample", "latent")
     assert isinstance(z.data, da.Array)
-    assert z["specimen"].values.tolist() == ids.tolist()
+    assert z["sample"].values.tolist() == ids.tolist()
     assert z["grade"].values.tolist() == (np.arange(len(one_hot)) % 3).tolist()
     assert z["latent"].values.tolist() == ["vae0", "vae1", "vae2"]
     np.testing.assert_allclose(z.values, fitted_one_hot.transform(one_hot), rtol=1e-6, atol=1e-6)
     rec = fitted_one_hot.inverse_transform(z)
-    assert rec.dims == ("specimen", "x", "y", "state") and rec["specimen"].values.tolist() == ids.tolist()
+    assert rec.dims == ("sample", "x", "y", "state") and rec["sample"].values.tolist() == ids.tolist()
+    # dims are read by name: any order of the same dims gives the same latents
+    for order in (("state", "sample", "x", "y"), ("x", "y", "sample", "state")):
+        z_perm = fitted_one_hot.transform(arr.transpose(*order))
+        np.testing.assert_allclose(np.asarray(z_perm), z.values, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="sample"):
+        fitted_one_hot.transform(arr.rename({"sample": "specimen"}))
 
 
 # ----------------------------------------------------------------------------- scikit-learn composition
