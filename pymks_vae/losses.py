@@ -161,6 +161,12 @@ class SpatialStatsLoss:
             (PyMKS's convention).
         indicator: ``"hat"``, ``"gaussian"`` or ``"straight_through"`` (see above).
         reduction: ``"batchmean"``, ``"sum"`` or ``"none"`` over the batch.
+        centre: compare autocovariances ``f(r) - mean_i mean_j`` instead of ``f(r)`` (None: True for
+            ``"variance"``, False otherwise). The volume fraction shifts every lag of ``f`` by the
+            same ``mean_i mean_j``; without centring that shift holds most of the variance of ``f``
+            in a data set whose volume fraction varies, and a VAE trained on it learns the volume
+            fraction and little of the shape (measured: 0.51 against 1.00 test accuracy on
+            ``generate_classes``, docs/spatial_stats_loss.md). ``f(0)`` still carries the fraction.
 
     Attributes:
         scale_: the factor in use (None until calibrated).
@@ -176,7 +182,7 @@ class SpatialStatsLoss:
 
     def __init__(self, states=(0.0,), eps=0.25, correlations=((0, 0),), normalise="variance", scale=None,
                  alpha=1.0, beta=None, soft=True, periodic=True, cutoff="auto", indicator="hat",
-                 reduction="batchmean"):
+                 reduction="batchmean", centre=None):
         try:
             self.states = tuple(float(h) for h in states)
         except (TypeError, ValueError):
@@ -233,6 +239,11 @@ class SpatialStatsLoss:
         if reduction not in ("batchmean", "sum", "none"):
             raise ValueError(f"reduction must be 'batchmean', 'sum' or 'none', got {reduction!r}")
         self.reduction = reduction
+        if centre is None:
+            centre = normalise == "variance"
+        if not isinstance(centre, bool):
+            raise TypeError(f"centre must be None, True or False, got {centre!r}")
+        self.centre = centre
 
     @classmethod
     def paper(cls, scale, states=(0.0,), eps=0.25):
@@ -240,7 +251,7 @@ class SpatialStatsLoss:
 
         Example:
             >>> SpatialStatsLoss.paper(scale=5.0)
-            SpatialStatsLoss(normalise='minmax', indicator='gaussian', states=(0.0,), eps=0.25, correlations=((0, 0),), scale_=5, alpha=1, beta=1, reduction='sum', periodic=True, cutoff=None, cutoff_=None)
+            SpatialStatsLoss(normalise='minmax', indicator='gaussian', states=(0.0,), eps=0.25, correlations=((0, 0),), scale_=5, alpha=1, beta=1, reduction='sum', centre=False, periodic=True, cutoff=None, cutoff_=None)
         """
         return cls(states=states, eps=eps, normalise="minmax", scale=scale, beta=1.0, indicator="gaussian",
                    reduction="sum", cutoff=None)
@@ -249,7 +260,7 @@ class SpatialStatsLoss:
         scale = "None" if self.scale_ is None else f"{self.scale_:g}"
         return (f"SpatialStatsLoss(normalise={self.normalise!r}, indicator={self.indicator!r}, "
                 f"states={self.states}, eps={self.eps}, correlations={self.correlations}, scale_={scale}, "
-                f"alpha={self.alpha:g}, beta={self.beta:g}, reduction={self.reduction!r}, "
+                f"alpha={self.alpha:g}, beta={self.beta:g}, reduction={self.reduction!r}, centre={self.centre}, "
                 f"periodic={self.periodic}, cutoff={self.cutoff!r}, cutoff_={self.cutoff_})")
 
     def indicators(self, x, target=False):
@@ -276,11 +287,25 @@ class SpatialStatsLoss:
             return None
         return min(self.cutoff_, (min(x.shape[2:]) - 1) // 2)
 
+    def _mean_products(self, m):
+        """``mean(m_i) * mean(m_j)`` per sample and pair, ``(batch, n_pairs)``: the statistics' far level."""
+        mu = m.flatten(2).mean(2)
+        i = torch.tensor([p[0] for p in self.correlations], device=m.device)
+        j = torch.tensor([p[1] for p in self.correlations], device=m.device)
+        return mu[:, i] * mu[:, j]
+
+    def statistics(self, m):
+        """The compared statistics ``(batch, n_pairs, *window)`` of indicators ``m``: two-point
+        statistics, minus ``mean(m_i) mean(m_j)`` (the autocovariance) when ``centre``."""
+        f = ops.two_point_stats(m, self.correlations, periodic=self.periodic, cutoff=self._cutoff(m))
+        if self.centre:
+            f = f - self._mean_products(m).reshape(f.shape[:2] + (1,) * (f.ndim - 2))
+        return f
+
     def target_statistics(self, x):
-        """Two-point statistics ``(batch, n_pairs, *window)`` of the inputs' indicators (no gradient)."""
+        """The compared statistics of the inputs ``x`` (their indicators, no gradient); see :meth:`statistics`."""
         with torch.no_grad():
-            return ops.two_point_stats(self.indicators(x, target=True), self.correlations, periodic=self.periodic,
-                                       cutoff=self._cutoff(x))
+            return self.statistics(self.indicators(x, target=True))
 
     def calibrate(self, images, batch_size=256):
         """Set ``cutoff_`` (when ``"auto"``) and ``scale_`` from a sample of inputs; returns self.
@@ -315,10 +340,20 @@ class SpatialStatsLoss:
         if self.scale_ is None or not self._window_resolved:
             self.calibrate(x.detach())
         with torch.no_grad():
-            target = self.indicators(x.to(x_hat.dtype), target=True)
-        per_sample = ops.spatial_stats_loss(self.indicators(x_hat), target.detach(), correlations=self.correlations,
-                                            periodic=self.periodic, cutoff=self._cutoff(x), scale=self.scale_,
-                                            reduction="none")
+            target = self.indicators(x.to(x_hat.dtype), target=True).detach()
+        m_hat = self.indicators(x_hat)
+        full_periodic = self.periodic and self._cutoff(x) is None
+        if full_periodic or not self.centre:
+            # the fused kernel (periodic, every lag); centring then only removes a per-sample constant:
+            # sum_r (df(r) - dc)^2 = sum_r df(r)^2 - S dc^2, since sum_r f(r) = S mean_i mean_j exactly.
+            per_sample = ops.spatial_stats_loss(m_hat, target, correlations=self.correlations, periodic=self.periodic,
+                                                cutoff=self._cutoff(x), scale=self.scale_, reduction="none")
+            if self.centre:
+                dc = self._mean_products(m_hat) - self._mean_products(target)
+                per_sample = per_sample - self.scale_**2 * math.prod(x.shape[2:]) * dc.pow(2).sum(1)
+        else:
+            diff = self.scale_ * (self.statistics(m_hat) - self.statistics(target))
+            per_sample = diff.pow(2).flatten(1).sum(1)
         if self.normalise == "variance":
             window = x.shape[2:] if self._cutoff(x) is None else (2 * self._cutoff(x) + 1,) * (x.ndim - 2)
             per_sample = per_sample / (len(self.correlations) * math.prod(window))

@@ -25,6 +25,7 @@ Example:
 import hashlib
 import io
 import json
+import math
 import numbers
 import os
 import re
@@ -483,6 +484,10 @@ def _stats_loss(cls, kwargs, periodic=True, cutoff=None):
     return cls(periodic=periodic, cutoff=cutoff, **kwargs)
 
 
+#: ``epochs="auto"`` trains at least this many epochs and optimisation steps.
+AUTO_MIN_EPOCHS, AUTO_MIN_STEPS = 60, 1000
+
+
 def _is_auto(value):
     return isinstance(value, str) and value == "auto"
 
@@ -540,7 +545,9 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             ``var_f`` their variance over the first block of training data (up to 256 samples),
             averaged over pairs and lags in the window; or a positive number. Ignored by
             ``loss="data"``.
-        epochs: training epochs (default 60: a 300-sample 64x64 fit in about 40 s on one CPU core).
+        epochs: training epochs, or ``"auto"`` (default): at least 60 epochs and at least 1000
+            optimisation steps (small data sets need more passes to learn; a 300-sample 64x64 fit
+            runs 60 epochs, about 40 s on one CPU core).
         batch_size: training batch size.
         learning_rate: Adam learning rate.
         device: ``"auto"`` (GPU when available), ``"cpu"`` or ``"cuda"``; used for training only,
@@ -566,7 +573,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, latent_dim=9, encoder="cnn", correlations=((0, 0),), periodic_boundary=True,
-                 cutoff="auto", loss="spatial_stats", beta="auto", stats_scale="auto", epochs=60, batch_size=16,
+                 cutoff="auto", loss="spatial_stats", beta="auto", stats_scale="auto", epochs="auto", batch_size=16,
                  learning_rate=3e-3, device="auto", random_state=None, verbose=False):
         self.latent_dim = latent_dim
         self.encoder = encoder
@@ -586,7 +593,8 @@ class VAETransformer(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------ validation
     def _check_params(self):
         _check_int("latent_dim", self.latent_dim, 1)
-        _check_int("epochs", self.epochs, 1)
+        if not _is_auto(self.epochs):
+            _check_int("epochs", self.epochs, 1)
         _check_int("batch_size", self.batch_size, 2)
         if self.loss not in ("spatial_stats", "data"):
             raise ValueError(f"loss must be 'spatial_stats' or 'data', got {self.loss!r}")
@@ -666,6 +674,12 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
+    def _epochs(self, n_samples):
+        if not _is_auto(self.epochs):
+            return int(self.epochs)
+        steps = math.ceil(n_samples / int(self.batch_size))
+        return max(AUTO_MIN_EPOCHS, math.ceil(AUTO_MIN_STEPS / steps))
+
     def _make_loss(self, X, grey, n_state):
         """The training loss; the spatial-statistics loss is calibrated on the first block of ``X``."""
         from pymks_vae import losses
@@ -743,7 +757,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
 
         model = VAE(encoder=self.encoder, latent_dim=int(self.latent_dim), image_size=shape[:2],
                     channels=1 if grey else n_state)
-        config = TrainConfig(epochs=int(self.epochs), batch_size=int(self.batch_size), lr=float(self.learning_rate),
+        config = TrainConfig(epochs=self._epochs(X.shape[0]), batch_size=int(self.batch_size), lr=float(self.learning_rate),
                              seed=seed, device=self._device(), progress=bool(self.verbose))
         rng = np.random.default_rng(seed)
         loss = self._make_loss(X, grey, n_state)

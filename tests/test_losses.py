@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from pymks_vae import ops
 from pymks_vae.losses import DataSpaceLoss, SpatialStatsLoss, kl_divergence, stats_scale_from_data
 
 
@@ -270,3 +271,22 @@ def test_paper_preset():
     z = torch.zeros(2, 2, dtype=torch.float64)
     torch.testing.assert_close(loss(x_hat, x, z, z)[0], ref)
     assert math.isclose(stats_scale_from_data(x, loss=loss), stats_scale_from_data(x), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(9, 12), (8, 8, 5)], ids=["2d", "3d"])
+def test_centred_statistics_fused_path_matches_explicit(shape):
+    """The periodic full-window centred loss (fused kernel minus S dc^2) equals the explicit autocovariance SSE."""
+    x = (torch.rand((3, 1) + shape, dtype=torch.float64) > 0.6).double()
+    x_hat = torch.rand((3, 1) + shape, dtype=torch.float64, requires_grad=True)
+    loss = SpatialStatsLoss(states=(0.0, 1.0), correlations=((0, 0), (0, 1)), cutoff=None).calibrate(x)
+    got = loss.stats_error(x_hat, x, reduction="none")
+    m_hat, m = loss.indicators(x_hat), loss.indicators(x, target=True)
+    cov = lambda t: ops.two_point_stats(t, loss.correlations) - torch.stack(  # noqa: E731
+        [t[:, i].mean((1, 2) if len(shape) == 2 else (1, 2, 3)) * t[:, j].mean((1, 2) if len(shape) == 2 else (1, 2, 3))
+         for i, j in loss.correlations], 1).reshape((3, 2) + (1,) * len(shape))
+    ref = (loss.scale_ * (cov(m_hat) - cov(m))).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(got, ref)
+    g_got, = torch.autograd.grad(got.sum(), x_hat)
+    g_ref, = torch.autograd.grad(ref.sum(), x_hat)
+    torch.testing.assert_close(g_got, g_ref)
+    assert loss.centre and not SpatialStatsLoss(normalise="minmax").centre  # the defaults of each convention

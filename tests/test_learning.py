@@ -1,0 +1,52 @@
+"""Learning regressions: small, fast training runs that fail when the model stops learning.
+
+Accuracies and orientations here are measured on held-out samples; thresholds sit well above
+chance and below what the current defaults reach (so a real regression, not noise, fails them).
+Slower evidence lives in examples/ and benchmarks/ (docs/pymks.md, docs/replication.md).
+"""
+import numpy as np
+import pytest
+import torch
+
+from pymks_vae import VAETransformer, evaluation
+from pymks_vae.datasets import generate_lines
+from pymks_vae.losses import SpatialStatsLoss
+from pymks_vae.microstructures import generate_two_phase
+from pymks_vae.models import VAE
+from pymks_vae.training import TrainConfig, reconstruct, train_vae
+
+
+def test_default_vae_transformer_separates_classes():
+    """Only latent_dim set: fine isotropic grains against grains elongated along y, 32x32, one-hot."""
+    torch.set_num_threads(1)
+    fine = generate_two_phase(40, (32, 32), sigma=(1.0, 1.0), volume_fraction=0.5, seed=11)
+    elongated = generate_two_phase(40, (32, 32), sigma=(3.0, 0.7), volume_fraction=0.5, seed=12)
+    x = np.concatenate([fine, elongated])
+    y = np.repeat([0, 1], 40)
+    order = np.random.default_rng(0).permutation(80)
+    train, test = order[:48], order[48:]
+    onehot = np.stack([1.0 - x, x], axis=-1)
+    vae = VAETransformer(latent_dim=2, random_state=0).fit(onehot[train])
+    z = vae.transform(onehot)
+    from sklearn.linear_model import LogisticRegression
+
+    acc = LogisticRegression().fit(z[train], y[train]).score(z[test], y[test])
+    assert acc >= 0.85, f"held-out accuracy {acc:.2f} (chance 0.5)"
+    assert vae.cutoff_ is not None and vae.cutoff_ < 15  # the auto window found the short-range structure
+
+
+def test_lines_model_draws_a_dark_line_in_the_right_orientation():
+    """The spatial-statistics lines model (stroke decoder, defaults of train_lines) after a short run."""
+    torch.set_num_threads(1)
+    images, orientation, _ = generate_lines(range(320), size=48, seed=5)
+    x = torch.from_numpy(images)[:, None]
+    train, test = x[:256], x[256:]
+    torch.manual_seed(0)
+    model = VAE(latent_dim=4, image_size=48, decoder="strokes")
+    loss = SpatialStatsLoss(indicator="straight_through").calibrate(train)
+    train_vae(model, loss, train, TrainConfig(epochs=30, batch_size=32, lr=3e-3, seed=0, progress=False,
+                                              device="cpu"))
+    rec = reconstruct(model, test)[:, 0].numpy()
+    found, _ = evaluation.analyse_lines(rec, level=0.5)
+    assert (found != evaluation.NO_LINE).mean() >= 0.9, "reconstructions without a dark line"
+    assert (found == orientation[256:]).mean() >= 0.8, f"orientation {np.mean(found == orientation[256:]):.2f}"
