@@ -45,12 +45,14 @@ def parse_args(argv=None):
     p.add_argument("--n-per-class", type=int, default=100, help="microstructures per class")
     p.add_argument("--size", type=int, default=32, help="image side in pixels (divisible by 16)")
     p.add_argument("--latent-dims", type=int, nargs="+", default=[2, 4], help="latent sizes searched")
-    p.add_argument("--epochs", type=int, default=60, help="VAE training epochs")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--beta", type=float, default=0.01, help="KL weight of the VAE loss")
-    p.add_argument("--stats-scale", type=float, default=10.0, help="factor on the statistics in the VAE loss")
+    p.add_argument("--epochs", type=int, help="VAE training epochs (default: VAETransformer's)")
+    p.add_argument("--batch-size", type=int, help="VAE batch size (default: VAETransformer's)")
+    p.add_argument("--beta", type=float, help="KL weight of the VAE loss (default: VAETransformer's)")
+    p.add_argument("--stats-scale", type=float, help="factor on the statistics in the VAE loss (default: auto)")
     p.add_argument("--cutoff", type=int, default=5,
-                   help="largest lag of the two-point statistics: in the VAE loss, the classic features and the error")
+                   help="largest lag of the classic features and of the statistics error (the VAE's own window "
+                        "stays its default, cutoff='auto', unless --vae-cutoff is given)")
+    p.add_argument("--vae-cutoff", type=int, help="lag window of the VAE loss (default: auto)")
     p.add_argument("--cv", type=int, default=3, help="cross-validation folds of the grid searches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
@@ -59,11 +61,19 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.n_per_class, args.size, args.latent_dims, args.epochs, args.cv, args.cutoff = 6, 16, [2, 3], 1, 2, 3
+        args.batch_size = 4
     if args.size % 16:
         p.error("--size must be divisible by 16 (the VAE's CNN encoder halves it four times)")
     if args.n_per_class < 2 * args.cv:
         p.error("--n-per-class must be at least twice --cv")
     return args
+
+
+def vae_overrides(args):
+    """The VAETransformer arguments given on the command line (the rest stay at their defaults)."""
+    names = {"epochs": "epochs", "batch_size": "batch_size", "beta": "beta", "stats_scale": "stats_scale",
+             "vae_cutoff": "cutoff"}
+    return {param: getattr(args, flag) for flag, param in names.items() if getattr(args, flag) is not None}
 
 
 def build_pipelines(args):
@@ -77,10 +87,7 @@ def build_pipelines(args):
 
     vae = Pipeline([
         ("onehot", pymks.PrimitiveTransformer(n_state=2, min_=0.0, max_=1.0)),
-        ("vae", VAETransformer(latent_dim=args.latent_dims[0], correlations=((1, 1),), cutoff=args.cutoff,
-                               beta=args.beta,
-                               stats_scale=args.stats_scale, epochs=args.epochs, batch_size=args.batch_size,
-                               random_state=args.seed)),
+        ("vae", VAETransformer(latent_dim=args.latent_dims[0], random_state=args.seed, **vae_overrides(args))),
         ("scale", StandardScaler()),
         ("clf", LogisticRegression(max_iter=2000)),
     ])
