@@ -54,6 +54,7 @@ class RunConfig:
     n_images: int = 3000
     encoder: str = "cnn"
     decoder: str = "strokes"
+    vanilla_decoder: str = "cnn"
     weights: str = None
     latent_dim: int = 9
     epochs: int = 24
@@ -83,6 +84,7 @@ class RunConfig:
 CONFIGS = {
     "cpu": RunConfig(),
     "paper": RunConfig(name="paper", image_size=224, n_images=100_000, encoder="resnet152", decoder="paper",
+                       vanilla_decoder="paper",
                        lr=1e-3, epochs=1500, vanilla_epochs=400, eval_images=100, overfit_images=1000,
                        nn_pool=10_000, val_loss_images=2048, num_workers=4),
 }
@@ -107,7 +109,10 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, help="KL weight of the spatial-statistics VAE (default: the loss's, 1e-4)")
     p.add_argument("--vanilla-beta", type=float, help="KL weight of the vanilla VAE (default 1, the paper's)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default: the preset's)")
-    p.add_argument("--decoder", choices=("strokes", "cnn", "paper", "auto"), help="decoder of both models")
+    p.add_argument("--decoder", choices=("strokes", "cnn", "paper", "auto"),
+                   help="decoder of the spatial-statistics VAE (default strokes; paper: the paper's)")
+    p.add_argument("--vanilla-decoder", choices=("strokes", "cnn", "paper", "auto"),
+                   help="decoder of the vanilla VAE (default cnn; paper: the paper's)")
     p.add_argument("--indicator", choices=("straight_through", "gaussian", "hat"),
                    help="phase indicator of the reconstruction in the statistics (default straight_through)")
     p.add_argument("--normalise", choices=("variance", "minmax"),
@@ -122,6 +127,7 @@ def parse_args(argv=None):
                         ("latent_dim", "latent_dim"), ("batch_size", "batch_size"), ("eval_images", "eval_images"),
                         ("weights", "weights"), ("device", "device"), ("seed", "seed"), ("beta", "beta"),
                         ("vanilla_beta", "vanilla_beta"), ("lr", "lr"), ("decoder", "decoder"),
+                        ("vanilla_decoder", "vanilla_decoder"),
                         ("indicator", "indicator"), ("normalise", "normalise"), ("cutoff", "cutoff"),
                         ("eps", "eps")):
         value = getattr(args, flag)
@@ -217,7 +223,7 @@ def make_stats_loss(cfg, sample):
 
 def make_model_and_loss(name, cfg, stats_loss):
     model = VAE(encoder=cfg.encoder, latent_dim=cfg.latent_dim, image_size=cfg.image_size, channels=1,
-                weights=cfg.weights, decoder=cfg.decoder)
+                weights=cfg.weights, decoder=cfg.decoder if name == "spatial_stats" else cfg.vanilla_decoder)
     loss = stats_loss if name == "spatial_stats" else DataSpaceLoss(beta=cfg.vanilla_beta)
     return model, loss
 
@@ -229,7 +235,7 @@ def train_models(cfg, data, out, resume, progress):
     val_subset = _take(data["val"], cfg, np.arange(n_val_loss))
     models, histories = {}, {}
     for name in MODELS:
-        torch.manual_seed(cfg.seed)  # same initial weights for both models
+        torch.manual_seed(cfg.seed)  # same seed for both models (same encoder weights)
         model, loss = make_model_and_loss(name, cfg, stats_loss)
         tc = TrainConfig(epochs=cfg.epochs if name == "spatial_stats" else cfg.vanilla_epochs,
                          batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=cfg.device,

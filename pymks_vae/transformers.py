@@ -7,8 +7,8 @@ and before any classifier or regressor.
 
 The shared adapter :func:`_as_pymks_array` reads xarray dims by name: the dim ``"sample"`` holds
 the samples, the dim ``"state"`` the local states, every other dim is spatial, in any order
-(``TwoPointCorrelation`` takes other names as ``sample_dim`` / ``state_dim``). ``VAETransformer``
-still reads a DataArray by position (first dim = samples) until it calls that adapter too.
+(``TwoPointCorrelation`` takes other names as ``sample_dim`` / ``state_dim``); ``VAETransformer``
+reads DataArrays through it too (grey fields have no ``"state"`` dim).
 
 - :class:`TwoPointCorrelation`: a drop-in for ``pymks.TwoPointCorrelation`` (same parameters, same
   numbers, stateless like it), computed by the pymks-vae operator.
@@ -524,7 +524,8 @@ class VAETransformer(TransformerMixin, BaseEstimator):
           ``pymks.PrimitiveTransformer`` (values in [0, 1], summing to 1 over the states); the
           model then outputs softmax phase probabilities.
         numpy arrays, dask arrays (``fit`` streams them one chunk of samples at a time;
-        ``transform`` stays lazy) and xarray DataArrays (first dim = samples) are accepted.
+        ``transform`` stays lazy) and xarray DataArrays (dims read by name: ``"sample"``, ``"state"``
+        for one-hot input, the rest spatial) are accepted.
 
     Args:
         latent_dim: size of the latent space.
