@@ -50,3 +50,19 @@ def test_lines_model_draws_a_dark_line_in_the_right_orientation():
     found, _ = evaluation.analyse_lines(rec, level=0.5)
     assert (found != evaluation.NO_LINE).mean() >= 0.9, "reconstructions without a dark line"
     assert (found == orientation[256:]).mean() >= 0.8, f"orientation {np.mean(found == orientation[256:]):.2f}"
+
+
+def test_same_seed_same_model():
+    """Two runs with the same seed on one machine give identical weights (metrics.json is reproducible)."""
+    torch.set_num_threads(1)
+    images, _, _ = generate_lines(range(40), size=32, seed=2)
+    x = torch.from_numpy(images)[:, None]
+    states = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        model = VAE(latent_dim=3, image_size=32, decoder="strokes")
+        loss = SpatialStatsLoss(indicator="straight_through").calibrate(x)
+        train_vae(model, loss, x, TrainConfig(epochs=2, batch_size=8, seed=3, progress=False, device="cpu"))
+        states.append(model.state_dict())
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k

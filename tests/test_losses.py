@@ -290,3 +290,30 @@ def test_centred_statistics_fused_path_matches_explicit(shape):
     g_ref, = torch.autograd.grad(ref.sum(), x_hat)
     torch.testing.assert_close(g_got, g_ref)
     assert loss.centre and not SpatialStatsLoss(normalise="minmax").centre  # the defaults of each convention
+
+
+def test_straight_through_indicator_forward_hard_backward_gaussian():
+    x = torch.tensor([0.0, 0.3, 0.49, 0.51, 0.9], dtype=torch.float64).reshape(1, 1, 1, 5).requires_grad_(True)
+    st = SpatialStatsLoss(indicator="straight_through").indicators(x)
+    torch.testing.assert_close(st.detach(), torch.tensor([[[[1.0, 1.0, 1.0, 0.0, 0.0]]]], dtype=torch.float64))
+    st.sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    ops.soft_indicator(x, (0.0,), 0.25).sum().backward()
+    torch.testing.assert_close(g, x.grad)
+
+
+def test_auto_cutoff_follows_the_structure():
+    from pymks_vae.losses import auto_cutoff
+    from pymks_vae.microstructures import generate_two_phase
+
+    fine = generate_two_phase(48, (48, 48), sigma=1.0, seed=0)
+    c_fine = auto_cutoff(fine)
+    assert c_fine is not None and 1 <= c_fine <= 6  # grains of ~2 px: the structure is within a few px
+    stripes = np.zeros((4, 32, 32)); stripes[:, :, 10:13] = 1.0  # structure at every lag along the stripes
+    assert auto_cutoff(stripes) is None
+    loss = SpatialStatsLoss().calibrate(fine[:, None])
+    assert loss.cutoff_ == c_fine
+    assert SpatialStatsLoss(cutoff=3).calibrate(fine[:, None]).cutoff_ == 3
+    with pytest.raises(ValueError, match="cutoff"):
+        SpatialStatsLoss(cutoff="wide")

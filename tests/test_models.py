@@ -185,3 +185,43 @@ def test_building_blocks_directly():
     assert ConvDecoder(4, 32, 1, widths=(8, 4))(torch.zeros(3, 4)).shape == (3, 1, 32, 32)
     with pytest.raises(ValueError, match="divisible by 4"):
         ConvDecoder(4, 30, 1, widths=(8, 4))
+
+
+def test_stroke_decoder_draws_bars_and_passes_gradients():
+    from pymks_vae.models.decoder import StrokeDecoder
+
+    torch.manual_seed(0)
+    model = VAE(latent_dim=5, image_size=(48, 32), decoder="strokes")
+    x = torch.rand(4, 1, 48, 32)
+    x_hat, _, _ = model(x)
+    assert x_hat.shape == (4, 1, 48, 32) and float(x_hat.min()) >= 0.0 and float(x_hat.max()) <= 1.0
+    ((1.0 - x_hat) ** 2).sum().backward()
+    for name, p in model.decoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name  # every stroke parameter learns
+    dec = StrokeDecoder(latent_dim=2, image_size=16, n_strokes=3, straight_through=("presence", "orientation")).eval()
+    s = dec.strokes(torch.randn(6, 2))
+    for name in ("presence", "orientation"):  # 0 or 1 (up to the rounding of p - p)
+        torch.testing.assert_close(s[name], s[name].round(), atol=1e-6, rtol=0)
+    assert float(s["row"].min()) >= 0 and float(s["row"].max()) <= 15
+    with pytest.raises(ValueError, match="channels"):
+        StrokeDecoder(latent_dim=2, image_size=16, channels=2)
+    with pytest.raises(ValueError, match="straight_through"):
+        StrokeDecoder(latent_dim=2, image_size=16, straight_through=("width",))
+    with pytest.raises(ValueError, match="softness"):
+        StrokeDecoder(latent_dim=2, image_size=16, softness=0)
+
+
+def test_one_present_stroke_is_a_dark_bar():
+    from pymks_vae.models.decoder import StrokeDecoder
+
+    dec = StrokeDecoder(latent_dim=1, image_size=20, n_strokes=1).eval()
+    with torch.no_grad():  # presence 1, centre (10, 5), half-length 6, half-width 1.25, vertical
+        dec.head.weight.zero_()
+        dec.head.bias.copy_(torch.tensor([20.0, 0.0, 0.0, 0.0, 0.0, 20.0]))
+        dec.head.bias[1] = torch.logit(torch.tensor(10.0 / 19))
+        dec.head.bias[2] = torch.logit(torch.tensor(5.0 / 19))
+        dec.head.bias[3] = torch.logit(torch.tensor(5.0 / 10))   # 1 + 0.5 * 20 / 2 = 6
+        dec.head.bias[4] = torch.logit(torch.tensor(1.0 / 1.25))  # 0.25 + 0.8 * 20 / 16 = 1.25
+        img = dec(torch.zeros(2, 1))[0, 0]
+    assert img[10, 5] < 0.1 and img[6, 5] < 0.1 and img[10, 15] > 0.99 and img[1, 5] > 0.99  # vertical bar
+    assert img[10, 4] < 0.5 and img[10, 8] > 0.9

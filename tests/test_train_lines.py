@@ -59,8 +59,15 @@ def test_bad_flags_are_refused(example, tmp_path):
     with pytest.raises(SystemExit):
         example.parse_args(["--config", "paper"])  # no --weights
     cfg, _ = example.parse_args(["--config", "paper", "--weights", "w.pth"])
-    assert (cfg.image_size, cfg.n_images, cfg.encoder, cfg.latent_dim, cfg.epochs, cfg.batch_size, cfg.lr,
-            cfg.beta) == (224, 100_000, "resnet152", 9, 1500, 32, 1e-3, 1.0)
+    assert (cfg.image_size, cfg.n_images, cfg.encoder, cfg.decoder, cfg.latent_dim, cfg.epochs, cfg.batch_size,
+            cfg.lr) == (224, 100_000, "resnet152", "paper", 9, 1500, 32, 1e-3)
+    # the paper's configuration keeps the same loss balance as the CPU default (issue: size-free defaults)
+    assert (cfg.normalise, cfg.beta, cfg.cutoff) == ("variance", None, "auto")
+    for bad in (["--cutoff", "wide"], ["--cutoff", "-1"], ["--beta", "-1"], ["--lr", "0"]):
+        with pytest.raises(SystemExit):
+            example.parse_args(bad)
+    cfg, _ = example.parse_args(["--beta", "0.01", "--cutoff", "5", "--indicator", "gaussian", "--decoder", "cnn"])
+    assert (cfg.beta, cfg.cutoff, cfg.indicator, cfg.decoder) == (0.01, 5, "gaussian", "cnn")
 
 
 def test_large_configurations_stream_from_the_disk_cache(example, tmp_path, monkeypatch):

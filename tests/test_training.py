@@ -33,7 +33,7 @@ def config(tmp_path=None, **kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("loss_fn", [SpatialStatsLoss(scale=5.0), DataSpaceLoss()], ids=["stats", "data"])
+@pytest.mark.parametrize("loss_fn", [SpatialStatsLoss.paper(scale=5.0), DataSpaceLoss()], ids=["stats", "data"])
 def test_training_lowers_the_loss(lines, loss_fn):
     model = tiny_model()
     before = evaluate_loss(model, loss_fn, lines)
@@ -45,7 +45,7 @@ def test_training_lowers_the_loss(lines, loss_fn):
 
 
 def test_history_contents(lines, tmp_path):
-    history = train_vae(tiny_model(), SpatialStatsLoss(scale=5.0), lines, config(tmp_path, epochs=3),
+    history = train_vae(tiny_model(), SpatialStatsLoss.paper(scale=5.0), lines, config(tmp_path, epochs=3),
                         val_data=lines[:10])
     assert history["epochs"] == 3
     assert len(history["train_loss"]) == len(history["val_loss"]) == 3
@@ -77,7 +77,7 @@ def _interrupt_at(epoch):
 
 @pytest.mark.parametrize("how", ["max_epochs_this_call", "callback_raises"])
 def test_resume_is_bit_identical(lines, tmp_path, how):
-    loss_fn = SpatialStatsLoss(scale=5.0)
+    loss_fn = SpatialStatsLoss.paper(scale=5.0)
     ref_model = tiny_model()
     ref = train_vae(ref_model, loss_fn, lines, config(tmp_path / "a"), val_data=lines[:8])
 
@@ -171,7 +171,7 @@ def test_corrupt_or_foreign_checkpoint_errors_name_the_file(lines, tmp_path):
 
 def test_load_model_reproduces_the_trained_model(lines, tmp_path):
     model = tiny_model()
-    train_vae(model, SpatialStatsLoss(scale=5.0), lines, config(tmp_path, epochs=2))
+    train_vae(model, SpatialStatsLoss.paper(scale=5.0), lines, config(tmp_path, epochs=2))
     loaded = load_model(tmp_path / "ckpt.pt")
     assert loaded.config == model.config and not loaded.training
     torch.testing.assert_close(reconstruct(loaded, lines[:5]), reconstruct(model, lines[:5]), rtol=0, atol=0)
@@ -230,3 +230,16 @@ def test_training_leaves_the_callers_random_state_alone(lines):
     assert torch.equal(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
     assert got[2] == expected[2]
+
+
+def test_batchmean_loss_history_is_per_sample(lines):
+    """A loss averaged over the batch ("batchmean") records the same per-sample history as its sum."""
+    mean_loss = SpatialStatsLoss(scale=3.0, cutoff=None)
+    sum_loss = SpatialStatsLoss(scale=3.0, cutoff=None, reduction="sum")
+    assert evaluate_loss(tiny_model(), mean_loss, lines) == pytest.approx(evaluate_loss(tiny_model(), sum_loss, lines),
+                                                                          rel=1e-5)
+    # a vanishing learning rate: both runs see the same model, batches and noise
+    h_mean = train_vae(tiny_model(), mean_loss, lines, config(epochs=1, lr=1e-12))
+    h_sum = train_vae(tiny_model(), sum_loss, lines, config(epochs=1, lr=1e-12))
+    assert h_mean["train_loss"][0] == pytest.approx(h_sum["train_loss"][0], rel=1e-5)
+    assert h_mean["train_parts"]["stats"][0] == pytest.approx(h_sum["train_parts"]["stats"][0], rel=1e-5)
