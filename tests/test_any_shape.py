@@ -270,3 +270,23 @@ def test_example_microstructures_3d_quick(tmp_path):
     assert [r["method"] for r in saved["results"]] == ["VAE (spatial stats)", "2-point stats + PCA"]
     assert all(np.isfinite(v) for r in payload["results"] for k, v in r.items() if k != "method")
     assert saved["machine"] and saved["date"]
+
+
+def test_checkpoints_of_the_2d_release_still_load(tmp_path):
+    """A file written before 3D support (no spatial_ndim, spatial_shape_ or correlations_, pairs as
+    a list) loads, and reads its input as before."""
+    import json
+
+    from pymks_vae.transformers import VAETransformer
+
+    x = generate_two_phase(4, (16, 16), sigma=1.5, seed=0)
+    vae = tiny().fit(x)
+    payload = torch.load(vae.save(tmp_path / "new.pt"), weights_only=True)
+    params, fitted = json.loads(payload["params_json"]), json.loads(payload["fitted_json"])
+    del params["spatial_ndim"], fitted["spatial_shape_"], fitted["correlations_"]
+    params["correlations"] = [[0, 0]]  # the old default, ((0, 0),), as JSON wrote it
+    payload.update(params_json=json.dumps(params), fitted_json=json.dumps(fitted))
+    torch.save(payload, tmp_path / "old.pt")
+    old = VAETransformer.load(tmp_path / "old.pt")
+    assert old.spatial_shape_ == (16, 16) and old.correlations_ is None and old.correlations == ((0, 0),)
+    np.testing.assert_array_equal(old.transform(x), vae.transform(x))
