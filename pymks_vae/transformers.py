@@ -527,8 +527,8 @@ class VAETransformer(TransformerMixin, BaseEstimator):
           produced by ``pymks.PrimitiveTransformer`` (one-hot or hat basis: values in [0, 1],
           summing to 1 over the states); the model then outputs softmax phase probabilities.
         numpy arrays, dask arrays (``fit`` streams them one chunk of samples at a time;
-        ``transform`` stays lazy) and xarray DataArrays (dims read by name: ``"sample"``,
-        ``"state"`` for one-hot input, every other dim spatial) are accepted.
+        ``transform`` stays lazy) and xarray DataArrays (dims read by name: ``"sample"``, ``"state"``
+        for one-hot input, the rest spatial) are accepted.
 
     Which layout a 4-axis array has is ambiguous: 2D one-hot ``(n, H, W, n_state)`` or 3D grey
     ``(n, X, Y, Z)``. ``spatial_ndim="auto"`` (default) reads 3 axes as 2D grey, 4 axes as 2D
