@@ -530,13 +530,6 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         ``transform`` stays lazy) and xarray DataArrays (dims read by name: ``"sample"``, ``"state"``
         for one-hot input, the rest spatial) are accepted.
 
-    Which layout a 4-axis array has is ambiguous: 2D one-hot ``(n, H, W, n_state)`` or 3D grey
-    ``(n, X, Y, Z)``. ``spatial_ndim="auto"`` (default) reads 3 axes as 2D grey, 4 axes as 2D
-    one-hot (their last axis must sum to 1, else a ValueError says to pass ``spatial_ndim=3``)
-    and 5 axes as 3D one-hot; ``spatial_ndim=3`` reads 4 axes as 3D grey, ``spatial_ndim=2``
-    refuses 5 axes. A DataArray with named dims says which it is (a ``"state"`` dim or not).
-    ``transform`` reads its input as ``fit`` did.
-
     Args:
         latent_dim: size of the latent space.
         encoder: encoder architecture name understood by :class:`pymks_vae.models.VAE`
@@ -573,7 +566,12 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             the fitted model lives on the CPU.
         random_state: None, an int or a numpy random state: seeds initialisation and shuffling.
         verbose: show a tqdm progress bar while training.
-        spatial_ndim: ``"auto"``, 2 or 3: how many axes of the input are spatial (see above).
+        spatial_ndim: ``"auto"``, 2 or 3: how many axes of the input are spatial. A 4-axis array
+            is either 2D one-hot ``(n, H, W, n_state)`` or 3D grey ``(n, X, Y, Z)``: ``"auto"``
+            (default) reads 3 axes as 2D grey, 4 axes as 2D one-hot (their last axis must sum to
+            1, else a ValueError says to pass ``spatial_ndim=3``) and 5 axes as 3D one-hot; 3
+            reads 4 axes as 3D grey; 2 refuses 5 axes. A DataArray with named dims says which it
+            is (a ``"state"`` dim or not). ``transform`` reads its input as ``fit`` did.
 
     Attributes:
         model_: the trained ``torch.nn.Module`` (on the CPU, eval mode).
