@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results/pymks_pipeline/", help="output folder")
     p.add_argument("--n-per-class", type=int, default=100, help="microstructures per class")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels (divisible by 16)")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (any size)")
     p.add_argument("--latent-dims", type=int, nargs="+", default=[2, 4], help="latent sizes searched")
     p.add_argument("--epochs", type=int, help="VAE training epochs (default: VAETransformer's)")
     p.add_argument("--batch-size", type=int, help="VAE batch size (default: VAETransformer's)")
@@ -62,8 +62,6 @@ def parse_args(argv=None):
     if args.quick:
         args.n_per_class, args.size, args.latent_dims, args.epochs, args.cv, args.cutoff = 6, 16, [2, 3], 1, 2, 3
         args.batch_size = 4
-    if args.size % 16:
-        p.error("--size must be divisible by 16 (the VAE's CNN encoder halves it four times)")
     if args.n_per_class < 2 * args.cv:
         p.error("--n-per-class must be at least twice --cv")
     return args

@@ -23,7 +23,8 @@ import torch
 
 from pymks_vae import ops
 
-__all__ = ["kl_divergence", "SpatialStatsLoss", "DataSpaceLoss", "stats_scale_from_data", "auto_cutoff", "DEFAULT_BETA"]
+__all__ = ["kl_divergence", "SpatialStatsLoss", "DataSpaceLoss", "stats_scale_from_data", "auto_cutoff", "DEFAULT_BETA",
+           "independent_correlations"]
 
 _REDUCTIONS = ("sum", "batchmean", "mean", "none")
 
@@ -531,3 +532,37 @@ def stats_scale_from_data(images, eps=0.25, states=(0.0,), correlations=((0, 0),
     if not var > 0:
         raise ValueError("the statistics do not vary over these images: no variance scale exists")
     return 1.0 / math.sqrt(var)
+
+
+def independent_correlations(n_state):
+    """The pairs ``(i, j)``, ``i <= j < n_state - 1``: every two-point statistic of ``n_state`` phases, once.
+
+    Phase indicators (one-hot or hat-basis) sum to 1 at every pixel: ``sum_k m_k = 1``. So for every
+    lag ``r``, ``sum_k f_ik(r) = mean(m_i)``, and for the autocovariances that the loss compares by
+    default (``centre=True``) ``sum_k c_ik(r) = 0``: the statistics involving the last phase follow
+    from the others, ``c_{i,n-1} = -sum_{k<n-1} c_ik`` and ``c_{n-1,n-1} = sum_{j,k<n-1} c_jk``
+    (with ``c_ji(r) = c_ij(-r)``). The pairs among the first ``n_state - 1`` phases therefore
+    determine every auto- and cross-correlation of all phases, lag by lag, with no pair that the
+    others already fix: ``(0, 0)`` for two phases (the paper's single autocorrelation), ``(0, 0),
+    (0, 1), (1, 1)`` for three, ``n_state (n_state - 1) / 2`` pairs in general.
+
+    Two other choices were considered and lose information from three phases on: PyMKS's default
+    ``[(0, 0), (0, 1), ..., (0, n-1)]`` holds only ``n - 1`` independent functions (its last
+    pair follows from the others) and says nothing of how phases 1 and 2 sit relative to each
+    other; all autocorrelations ``(k, k)`` fix only the symmetric part ``c_ij(r) + c_ij(-r)`` of
+    the cross-correlations for three phases, and not even that for four or more.
+
+    Args:
+        n_state: number of phases (>= 1; one phase has the single pair ``(0, 0)``).
+
+    Returns:
+        list of ``(int, int)`` pairs.
+
+    Example:
+        >>> independent_correlations(2), independent_correlations(3)
+        ([(0, 0)], [(0, 0), (0, 1), (1, 1)])
+    """
+    if isinstance(n_state, bool) or not isinstance(n_state, numbers.Integral) or n_state < 1:
+        raise ValueError(f"n_state must be an int >= 1, got {n_state!r}")
+    last = max(int(n_state) - 1, 1)
+    return [(i, j) for i in range(last) for j in range(i, last)]

@@ -1,19 +1,21 @@
-"""Synthetic two-phase microstructures in classes, for PyMKS-style classification examples and tests.
+"""Synthetic microstructures in classes, for PyMKS-style classification examples and tests.
 
 PyMKS 0.4.1's ``generate_multiphase`` no longer runs on numpy >= 1.26, so this module provides a
 small, deterministic replacement: periodic Gaussian-filtered white noise, thresholded at the
-quantile that gives each sample its volume fraction. Classes differ by their correlation lengths
-along each axis (anisotropy) and by their volume fraction.
+quantile that gives each sample its volume fraction (:func:`generate_two_phase`, 1-3D), or at
+several quantiles into three or more phases (:func:`generate_multiphase`, 1-3D). Classes differ by
+their correlation lengths along each axis (anisotropy) and by their volume fraction.
 
-Three labelled 2D families with a continuous descriptor per sample (for classification and for
+Three labelled families with a continuous descriptor per sample (for classification and for
 regression, e.g. ``benchmarks/bench_latent.py``) return ``(x, labels, descriptor)``:
 
 * :func:`generate_grf_family`: thresholded Gaussian random fields of equal volume fraction whose
-  classes differ in correlation length and anisotropy; descriptor: the geometric mean of the
+  classes differ in correlation length and anisotropy, 2D (:data:`GRF_CLASSES`) or 3D
+  (:data:`GRF_CLASSES_3D`: grains, fibres, plates); descriptor: the geometric mean of the
   per-axis filter widths.
-* :func:`generate_inclusions`: disks of a class-dependent radius at random (periodic) places, of
+* :func:`generate_inclusions` (2D): disks of a class-dependent radius at random (periodic) places, of
   similar volume fraction in every class; descriptor: the radius.
-* :func:`generate_lamellae`: wavy, noisy stripes of a class-dependent spacing at a jittered
+* :func:`generate_lamellae` (2D): wavy, noisy stripes of a class-dependent spacing at a jittered
   orientation; descriptor: the spacing.
 
 Example:
@@ -29,8 +31,9 @@ import numbers
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["DEFAULT_CLASSES", "GRF_CLASSES", "INCLUSION_CLASSES", "LAMELLA_CLASSES", "generate_classes",
-           "generate_grf_family", "generate_inclusions", "generate_lamellae", "generate_two_phase"]
+__all__ = ["DEFAULT_CLASSES", "GRF_CLASSES", "GRF_CLASSES_3D", "INCLUSION_CLASSES", "LAMELLA_CLASSES",
+           "generate_classes", "generate_grf_family", "generate_inclusions", "generate_lamellae", "generate_multiphase",
+           "generate_two_phase"]
 
 # Each class: Gaussian filter widths in pixels per axis (correlation lengths) and the mean volume
 # fraction of phase 1. Chosen so that no single simple feature separates all classes.
@@ -52,6 +55,19 @@ GRF_CLASSES = (
     {"name": "coarse", "sigma_mean": (2.4, 3.6), "aspect": 1.0},
     {"name": "x-elongated", "sigma_mean": (1.6, 2.4), "aspect": 3.0},
     {"name": "y-elongated", "sigma_mean": (1.6, 2.4), "aspect": 1.0 / 3.0},
+)
+
+# The 3D family, 32^3 or larger: ``aspect`` is a scalar (filter width along the last axis, z, over
+# the others) or one relative width per axis; either is rescaled to geometric mean 1, so that
+# ``sigma_mean`` stays the geometric mean of the widths (the descriptor). Three isotropic sizes,
+# and two shapes at the medium size: fibres along z and plates normal to z. As in 2D, neither size
+# nor shape alone separates all five.
+GRF_CLASSES_3D = (
+    {"name": "fine", "sigma_mean": (1.0, 1.6), "aspect": 1.0},
+    {"name": "medium", "sigma_mean": (1.6, 2.4), "aspect": 1.0},
+    {"name": "coarse", "sigma_mean": (2.4, 3.6), "aspect": 1.0},
+    {"name": "z-fibres", "sigma_mean": (1.6, 2.4), "aspect": 4.0},
+    {"name": "xy-plates", "sigma_mean": (1.6, 2.4), "aspect": (2.0, 2.0, 0.5)},
 )
 
 # Disk inclusions: ``radius`` is the range (pixels) of each sample's disk radius, drawn uniformly.
@@ -83,6 +99,13 @@ def _check_shape_2d(shape):
     shape = _check_shape(shape)
     if len(shape) != 2:
         raise ValueError(f"shape must be 2D, got {shape!r}")
+    return shape
+
+
+def _check_shape_2d_3d(shape):
+    shape = _check_shape(shape)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"shape must be 2D or 3D, got {shape!r}")
     return shape
 
 
@@ -188,6 +211,54 @@ def generate_two_phase(n_samples, shape=(32, 32), sigma=(2.0, 2.0), volume_fract
     return out
 
 
+def generate_multiphase(n_samples, shape=(32, 32), sigma=2.0, volume_fractions=(1 / 3, 1 / 3, 1 / 3), seed=0):
+    """Random microstructures of two or more phases: one smoothed noise field cut into bands.
+
+    Each sample filters white noise with a periodic Gaussian of widths ``sigma`` and assigns phase
+    ``k`` to the band of values between the quantiles ``sum(volume_fractions[:k])`` and
+    ``sum(volume_fractions[:k+1])``: every sample holds exactly these fractions, and phase ``k``
+    borders phases ``k - 1`` and ``k + 1`` (a grain of phase 0 is wrapped in phase 1 before phase
+    2), so the cross-correlations carry structure that the auto-correlations alone do not.
+
+    Args:
+        n_samples: number of microstructures (>= 1).
+        shape: spatial shape (1-3 axes), or one int for a square.
+        sigma: Gaussian filter width per axis in pixels (a float applies to every axis).
+        volume_fractions: fraction of each phase, each > 0, summing to 1 (2 or more phases).
+        seed: seed of the numpy generator, or a numpy Generator.
+
+    Returns:
+        int64 array ``(n_samples, *shape)`` of phase labels ``0..len(volume_fractions)-1``, as
+        PyMKS's ``generate_multiphase`` (one-hot: ``pymks.PrimitiveTransformer(n_state=n_phase,
+        min_=0, max_=n_phase - 1)``, or ``np.eye(n_phase)[x]``).
+
+    Example:
+        >>> from pymks_vae.microstructures import generate_multiphase
+        >>> x = generate_multiphase(2, (12, 10, 8), sigma=1.5, volume_fractions=(0.5, 0.3, 0.2), seed=0)
+        >>> x.shape, x.dtype.name, [round(float((x == k).mean()), 2) for k in range(3)]
+        ((2, 12, 10, 8), 'int64', [0.5, 0.3, 0.2])
+    """
+    n_samples = _check_n("n_samples", n_samples)
+    shape = _check_shape(shape)
+    sigma = np.broadcast_to(np.asarray(sigma, dtype=float), (len(shape),))
+    if np.any(sigma < 0) or not np.all(np.isfinite(sigma)):
+        raise ValueError(f"sigma must be finite and >= 0, got {sigma.tolist()}")
+    try:
+        fractions = np.asarray(volume_fractions, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"volume_fractions must be a sequence of numbers, got {volume_fractions!r}") from None
+    if len(fractions) < 2 or not np.all(np.isfinite(fractions)) or np.any(fractions <= 0) \
+            or abs(fractions.sum() - 1.0) > 1e-6:
+        raise ValueError(f"volume_fractions must hold 2 or more fractions > 0 summing to 1, got {volume_fractions!r}")
+    rng = np.random.default_rng(seed)
+    levels = np.cumsum(fractions)[:-1]
+    out = np.empty((n_samples,) + shape, dtype=np.int64)
+    for k in range(n_samples):
+        field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=tuple(sigma), mode="wrap")
+        out[k] = np.searchsorted(np.quantile(field, levels), field, side="right")
+    return out
+
+
 def generate_classes(n_per_class=50, shape=(32, 32), classes=DEFAULT_CLASSES, volume_fraction_jitter=0.05,
                      seed=0):
     """A labelled set of two-phase microstructures, ``n_per_class`` from each class.
@@ -224,21 +295,45 @@ def generate_classes(n_per_class=50, shape=(32, 32), classes=DEFAULT_CLASSES, vo
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def generate_grf_family(n_per_class=60, shape=(64, 64), classes=GRF_CLASSES, volume_fraction=0.5,
-                        volume_fraction_jitter=0.0, seed=0):
-    """Labelled thresholded Gaussian random fields of one volume fraction, with a size descriptor.
+def _grf_sigma(s, aspect, ndim):
+    """Per-axis filter widths of geometric mean ``s`` in the proportions ``aspect`` (see :data:`GRF_CLASSES_3D`)."""
+    if np.ndim(aspect) == 0 and ndim == 2:
+        # the 2D formula of the first release, kept as written so that 2D samples stay the same to the bit
+        return (s / np.sqrt(aspect), s * np.sqrt(aspect))
+    if np.ndim(aspect) == 0:
+        rel = np.ones(ndim)
+        rel[-1] = aspect
+    else:
+        rel = np.asarray(aspect, dtype=float)
+    return tuple(float(v) for v in s * rel / np.exp(np.log(rel).mean()))
 
-    Each sample draws the geometric mean ``s`` of its two filter widths uniformly from its class's
-    ``sigma_mean`` range and uses ``sigma = (s / sqrt(aspect), s * sqrt(aspect))`` (axes 0, 1) in
+
+def _check_aspect(value, ndim, name):
+    """A scalar > 0, or ``ndim`` relative widths > 0."""
+    arr = np.asarray(value, dtype=float) if not isinstance(value, (str, bytes)) else np.asarray(np.nan)
+    ok = arr.ndim == 0 or (arr.ndim == 1 and len(arr) == ndim)
+    if not ok or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise ValueError(f"{name} must be a number > 0 or {ndim} numbers > 0 (one per axis), got {value!r}")
+    return float(arr) if arr.ndim == 0 else tuple(float(v) for v in arr)
+
+
+def generate_grf_family(n_per_class=60, shape=(64, 64), classes=None, volume_fraction=0.5,
+                        volume_fraction_jitter=0.0, seed=0):
+    """Labelled thresholded Gaussian random fields of one volume fraction, with a size descriptor; 2D or 3D.
+
+    Each sample draws the geometric mean ``s`` of its filter widths uniformly from its class's
+    ``sigma_mean`` range and uses per-axis widths of geometric mean ``s`` in the proportions of
+    the class's ``aspect`` (2D, a scalar ``a``: ``sigma = (s / sqrt(a), s * sqrt(a))``; 3D, a
+    scalar ``a``: ``a`` times wider along z than along x and y; or one relative width per axis) in
     :func:`generate_two_phase` (periodic filtering). All classes share the volume fraction, so it
     carries no class information.
 
     Args:
         n_per_class: samples per class (>= 1).
-        shape: 2D spatial shape, or one int for a square.
+        shape: 2D or 3D spatial shape, or one int for a square.
         classes: sequence of dicts with ``sigma_mean`` (a ``(low, high)`` range of the geometric
-            mean filter width, pixels, > 0) and ``aspect`` (sigma along axis 1 over axis 0, > 0).
-            Default :data:`GRF_CLASSES` (5 classes).
+            mean filter width, pixels, > 0) and ``aspect`` (see above; > 0). None (default):
+            :data:`GRF_CLASSES` (5 classes) for 2D shapes, :data:`GRF_CLASSES_3D` (5) for 3D.
         volume_fraction: fraction of phase 1 in every sample, in (0, 1).
         volume_fraction_jitter: per-sample spread of the volume fraction (default 0: equal).
         seed: seed; each class draws from its own generator derived from it.
@@ -255,24 +350,26 @@ def generate_grf_family(n_per_class=60, shape=(64, 64), classes=GRF_CLASSES, vol
         ((10, 16, 16), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4], (10,))
         >>> bool(abs(x.mean() - 0.5) < 0.01), bool(1.0 <= d.min() and d.max() <= 3.6)
         (True, True)
+        >>> generate_grf_family(1, (16, 16, 16), seed=0)[0].shape       # GRF_CLASSES_3D
+        (5, 16, 16, 16)
     """
     n_per_class = _check_n("n_per_class", n_per_class)
-    shape = _check_shape_2d(shape)
+    shape = _check_shape_2d_3d(shape)
     vf, jitter = _check_fraction(volume_fraction, volume_fraction_jitter)
+    if classes is None:
+        classes = GRF_CLASSES if len(shape) == 2 else GRF_CLASSES_3D
     _check_classes(classes, "sigma_mean")
     specs = []
     for k, spec in enumerate(classes):
         lo, hi = _check_range(f"classes[{k}]['sigma_mean']", spec["sigma_mean"], 1e-12)
-        aspect = float(spec.get("aspect", 1.0))
-        if not (np.isfinite(aspect) and aspect > 0):
-            raise ValueError(f"classes[{k}]['aspect'] must be a finite number > 0, got {spec.get('aspect')!r}")
+        aspect = _check_aspect(spec.get("aspect", 1.0), len(shape), f"classes[{k}]['aspect']")
         specs.append((lo, hi, aspect))
 
     def one_class(spec, n, rng):
         lo, hi, aspect = spec
         s = rng.uniform(lo, hi, size=n)
         x = np.stack([
-            generate_two_phase(1, shape, sigma=(sk / np.sqrt(aspect), sk * np.sqrt(aspect)), volume_fraction=vf,
+            generate_two_phase(1, shape, sigma=_grf_sigma(sk, aspect, len(shape)), volume_fraction=vf,
                                volume_fraction_jitter=jitter, seed=rng)[0]
             for sk in s
         ])

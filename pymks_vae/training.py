@@ -170,7 +170,7 @@ def _as_tensor(batch, name):
     if isinstance(batch, np.ndarray):
         batch = torch.from_numpy(batch)
     if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"{name} yielded a {type(batch).__name__}; expected tensors (batch, C, H, W)")
+        raise TypeError(f"{name} yielded a {type(batch).__name__}; expected tensors (batch, C, *spatial)")
     return batch
 
 
@@ -178,8 +178,9 @@ def _check_data(data, name):
     if isinstance(data, np.ndarray):
         data = torch.from_numpy(data)
     if isinstance(data, torch.Tensor):
-        if data.ndim != 4 or data.shape[0] == 0:
-            raise ValueError(f"{name} as a tensor must have shape (n, C, H, W) with n >= 1, got {tuple(data.shape)}")
+        if data.ndim not in (4, 5) or data.shape[0] == 0:
+            raise ValueError(f"{name} as a tensor must have shape (n, C, H, W) or (n, C, X, Y, Z) with n >= 1, "
+                             f"got {tuple(data.shape)}")
         return data
     if isinstance(data, torch.utils.data.Dataset):
         if hasattr(data, "__len__") and len(data) == 0:
@@ -188,7 +189,7 @@ def _check_data(data, name):
     if callable(data):
         return data
     raise TypeError(
-        f"{name} must be a torch Dataset, a tensor (n, C, H, W) or a zero-argument callable returning an "
+        f"{name} must be a torch Dataset, a tensor (n, C, *spatial) or a zero-argument callable returning an "
         f"iterator of batches; got {type(data).__name__}"
     )
 
@@ -387,7 +388,7 @@ def evaluate_loss(model, loss_fn, data, batch_size=64, device=None):
 
 @torch.no_grad()
 def reconstruct(model, images, batch_size=64, device=None):
-    """Reconstructions (``z = mu``) of ``images`` ``(n, C, H, W)`` (tensor or numpy), as a CPU tensor.
+    """Reconstructions (``z = mu``) of ``images`` ``(n, C, *spatial)`` (tensor or numpy, 2D or 3D), as a CPU tensor.
 
     Example:
         >>> m = VAE(latent_dim=2, image_size=32)
@@ -396,7 +397,7 @@ def reconstruct(model, images, batch_size=64, device=None):
     """
     x = _check_data(images, "images")
     if not isinstance(x, torch.Tensor):
-        raise TypeError("images must be a tensor or numpy array (n, C, H, W)")
+        raise TypeError("images must be a tensor or numpy array (n, C, *spatial)")
     device = next(model.parameters()).device if device is None else resolve_device(device)
     was_training = model.training
     model.eval()
@@ -436,9 +437,10 @@ def train_vae(model, loss_fn, train_data, config, *, val_data=None, resume=False
             :class:`~pymks_vae.losses.SpatialStatsLoss` or :class:`~pymks_vae.losses.DataSpaceLoss`;
             ``total`` summed over the batch, or averaged when ``loss_fn.reduction == "batchmean"``
             (the history holds per-sample means either way).
-        train_data: a torch Dataset whose items are ``(image, ...)`` or images ``(C, H, W)``; a
-            tensor / numpy array ``(n, C, H, W)``; or a zero-argument callable returning an
-            iterator of batches (tensors ``(b, C, H, W)`` or tuples whose first item is one);
+        train_data: a torch Dataset whose items are ``(image, ...)`` or images ``(C, *spatial)``;
+            a tensor / numpy array ``(n, C, H, W)`` or ``(n, C, X, Y, Z)``; or a zero-argument
+            callable returning an iterator of batches (tensors ``(b, C, *spatial)`` or tuples
+            whose first item is one);
             a callable shuffles (or not) by itself. One-image batches are skipped in training
             (BatchNorm cannot normalise a single sample).
         config: a :class:`TrainConfig`.

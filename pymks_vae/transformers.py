@@ -12,8 +12,9 @@ reads DataArrays through it too (grey fields have no ``"state"`` dim).
 
 - :class:`TwoPointCorrelation`: a drop-in for ``pymks.TwoPointCorrelation`` (same parameters, same
   numbers, stateless like it), computed by the pymks-vae operator.
-- :class:`VAETransformer`: learns a low-dimensional latent space of 2D microstructures with a VAE
-  trained in spatial-statistics space; ``transform`` gives the latent means.
+- :class:`VAETransformer`: learns a low-dimensional latent space of 2D or 3D microstructures of
+  any size and number of phases with a VAE trained in spatial-statistics space; ``transform``
+  gives the latent means.
 
 Example:
     >>> import numpy as np
@@ -436,7 +437,7 @@ class _ModelSnapshot:
 
 
 def _to_tensor(block, grey):
-    """PyMKS-layout numpy block -> channels-first float32 tensor ``(n, C, H, W)``."""
+    """PyMKS-layout numpy block -> channels-first float32 tensor ``(n, C, *spatial)``."""
     x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
     return x.unsqueeze(1) if grey else x.movedim(-1, 1).contiguous()
 
@@ -509,34 +510,44 @@ def _seed_from(random_state):
 
 
 class VAETransformer(TransformerMixin, BaseEstimator):
-    """A VAE latent space of 2D microstructures as a scikit-learn transformer.
+    """A VAE latent space of 2D or 3D microstructures as a scikit-learn transformer.
 
     ``fit`` trains a :class:`pymks_vae.models.VAE` on the microstructures - by default with the
     spatial-statistics loss, which compares the two-point statistics of input and reconstruction
     instead of their pixels - and ``transform`` returns the latent means, ``(n_samples,
     latent_dim)``, ready for a classifier or regressor.
 
-    Inputs (2D only; the VAE is 2D):
-        - grey microstructures ``(n, H, W)`` with values in [0, 1]; the spatial-statistics loss
-          sees them through soft phase indicators of the states 0.0 and 1.0 (so the state indices
-          of ``correlations`` mean the same phases as with one-hot input);
-        - one-hot / phase-probability fields ``(n, H, W, n_state)`` as produced by
-          ``pymks.PrimitiveTransformer`` (values in [0, 1], summing to 1 over the states); the
-          model then outputs softmax phase probabilities.
+    Inputs, 2D ``(n, H, W[, n_state])`` or 3D ``(n, X, Y, Z[, n_state])``, of any size (odd,
+    prime, non-square: the CNN's strided convolutions see the field wrapped periodically to the
+    next multiple of 16 and the decoder's output is cropped back, :mod:`pymks_vae.models.shapes`):
+        - grey microstructures ``(n, *spatial)`` with values in [0, 1]; the spatial-statistics
+          loss sees them through soft phase indicators of the states 0.0 and 1.0 (so the state
+          indices of ``correlations`` mean the same phases as with one-hot input);
+        - one-hot / phase-probability fields ``(n, *spatial, n_state)``, any ``n_state`` >= 2, as
+          produced by ``pymks.PrimitiveTransformer`` (one-hot or hat basis: values in [0, 1],
+          summing to 1 over the states); the model then outputs softmax phase probabilities.
         numpy arrays, dask arrays (``fit`` streams them one chunk of samples at a time;
         ``transform`` stays lazy) and xarray DataArrays (dims read by name: ``"sample"``, ``"state"``
         for one-hot input, the rest spatial) are accepted.
 
     Args:
         latent_dim: size of the latent space.
-        encoder: encoder architecture name understood by :class:`pymks_vae.models.VAE`.
-        correlations: state pairs compared by the spatial-statistics loss.
+        encoder: encoder architecture name understood by :class:`pymks_vae.models.VAE`
+            (``"resnet152"``: 2D only).
+        correlations: state pairs compared by the spatial-statistics loss: ``"auto"`` (default)
+            every pair ``(i, j)``, ``i <= j < n_state - 1``
+            (:func:`pymks_vae.losses.independent_correlations`): ``(0, 0)`` for two phases and
+            grey input, ``(0, 0), (0, 1), (1, 1)`` for three. Phase indicators sum to 1, so these
+            pairs determine every auto- and cross-correlation of all phases, lag by lag, and none
+            is redundant (PyMKS's default, ``None`` here, ``[(0, 0), ..., (0, n_state-1)]``, holds
+            a redundant last pair and, from three phases on, nothing on how the phases other than
+            0 arrange among themselves). Or a list of ``(i, j)`` pairs of state indices.
         periodic_boundary: periodic two-point statistics in the loss.
         cutoff: largest lag compared by the loss along each axis: ``"auto"`` (default) the window
             where the training data's statistics hold structure, beyond which single samples differ
             only by sampling noise (:func:`pymks_vae.losses.auto_cutoff`, measured on the first
             block of up to 256 samples); None for every lag of the field; or an int (values above
-            ``(min(H, W) - 1) // 2`` are clipped to it, as in PyMKS).
+            ``(min(spatial) - 1) // 2`` are clipped to it, as in PyMKS).
         loss: ``"spatial_stats"`` (the paper's loss) or ``"data"`` (pixel-space reconstruction).
         beta: weight of the KL term: ``"auto"`` (default) is
             :data:`pymks_vae.losses.DEFAULT_BETA` for the spatial-statistics loss (whose statistics
@@ -555,11 +566,19 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             the fitted model lives on the CPU.
         random_state: None, an int or a numpy random state: seeds initialisation and shuffling.
         verbose: show a tqdm progress bar while training.
+        spatial_ndim: ``"auto"``, 2 or 3: how many axes of the input are spatial. A 4-axis array
+            is either 2D one-hot ``(n, H, W, n_state)`` or 3D grey ``(n, X, Y, Z)``: ``"auto"``
+            (default) reads 3 axes as 2D grey, 4 axes as 2D one-hot (their last axis must sum to
+            1, else a ValueError says to pass ``spatial_ndim=3``) and 5 axes as 3D one-hot; 3
+            reads 4 axes as 3D grey; 2 refuses 5 axes. A DataArray with named dims says which it
+            is (a ``"state"`` dim or not). ``transform`` reads its input as ``fit`` did.
 
     Attributes:
         model_: the trained ``torch.nn.Module`` (on the CPU, eval mode).
-        input_shape_: per-sample shape seen in fit, ``(H, W)`` or ``(H, W, n_state)``.
+        input_shape_: per-sample shape seen in fit, ``(*spatial)`` or ``(*spatial, n_state)``.
+        spatial_shape_: the spatial shape seen in fit, ``(H, W)`` or ``(X, Y, Z)``.
         n_state_: number of states of one-hot input, None for grey input.
+        correlations_: the pairs the spatial-statistics loss compared (None for ``loss="data"``).
         stats_scale_: the factor on the statistics actually used (1.0 for ``loss="data"``).
         cutoff_: the loss's lag window actually used (None: every lag, and for ``loss="data"``).
         history_: the training history returned by :func:`pymks_vae.training.train_vae`.
@@ -571,11 +590,20 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         >>> vae = VAETransformer(latent_dim=3, epochs=1, batch_size=8, random_state=0).fit(x)
         >>> vae.transform(x).shape, vae.get_feature_names_out().tolist()
         ((16, 3), ['vae0', 'vae1', 'vae2'])
+
+        Three phases in 3D, 15^3 voxels:
+
+        >>> import numpy as np
+        >>> from pymks_vae.microstructures import generate_multiphase
+        >>> x3 = np.eye(3)[generate_multiphase(8, (15, 15, 15), seed=0)]      # one-hot (8, 15, 15, 15, 3)
+        >>> vae3 = VAETransformer(latent_dim=2, epochs=1, batch_size=4, random_state=0).fit(x3)
+        >>> vae3.transform(x3).shape, vae3.correlations_
+        ((8, 2), [(0, 0), (0, 1), (1, 1)])
     """
 
-    def __init__(self, latent_dim=9, encoder="cnn", correlations=((0, 0),), periodic_boundary=True,
+    def __init__(self, latent_dim=9, encoder="cnn", correlations="auto", periodic_boundary=True,
                  cutoff="auto", loss="spatial_stats", beta="auto", stats_scale="auto", epochs="auto", batch_size=16,
-                 learning_rate=3e-3, device="auto", random_state=None, verbose=False):
+                 learning_rate=3e-3, device="auto", random_state=None, verbose=False, spatial_ndim="auto"):
         self.latent_dim = latent_dim
         self.encoder = encoder
         self.correlations = correlations
@@ -590,6 +618,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+        self.spatial_ndim = spatial_ndim
 
     # ------------------------------------------------------------------ validation
     def _check_params(self):
@@ -618,23 +647,43 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             raise TypeError(f"periodic_boundary must be a bool, got {self.periodic_boundary!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:k]', got {self.device!r}")
+        if not (_is_auto(self.spatial_ndim) or (isinstance(self.spatial_ndim, numbers.Integral)
+                                                and not isinstance(self.spatial_ndim, bool)
+                                                and self.spatial_ndim in (2, 3))):
+            raise ValueError(f"spatial_ndim must be 'auto', 2 or 3, got {self.spatial_ndim!r}")
+        if isinstance(self.correlations, str) and not _is_auto(self.correlations):
+            raise ValueError(f"correlations must be 'auto', None or a list of (i, j) pairs, got {self.correlations!r}")
 
-    @staticmethod
-    def _check_layout(X, name="X"):
-        """Check the rank; return True for grey ``(n, H, W)``, False for one-hot ``(n, H, W, S)``."""
-        if X.ndim == 5:
+    def _layout(self, X, aligned, name="X", fitted_ndim=None):
+        """How ``X`` is read: ``(grey, spatial_ndim)`` (see the class docstring).
+
+        Args:
+            X: the numpy/dask array in PyMKS's layout.
+            aligned: the aligned DataArray (its dim names decide), or None.
+            name: the argument's name, for error messages.
+            fitted_ndim: the spatial_ndim seen in fit (``transform`` reads as ``fit`` did).
+        """
+        want = self.spatial_ndim if not _is_auto(self.spatial_ndim) else fitted_ndim
+        if aligned is not None and not _unnamed(aligned):
+            grey = STATE_DIM not in aligned.dims
+            ndim = X.ndim - 1 - (0 if grey else 1)
+            if want is not None and ndim != want:
+                raise ValueError(f"{name} is a DataArray with dims {tuple(aligned.dims)}: {ndim} spatial dims, but "
+                                 f"spatial_ndim={want}")
+        elif want is None:  # the default reading: 3 axes 2D grey, 4 axes 2D one-hot, 5 axes 3D one-hot
+            grey, ndim = X.ndim == 3, (2 if X.ndim in (3, 4) else 3)
+        else:
+            grey, ndim = X.ndim == want + 1, int(want)
+        if X.ndim not in (ndim + 1, ndim + 2) or ndim not in (2, 3):
             raise ValueError(
-                f"{name} has shape {tuple(X.shape)}: a 3D microstructure (n, X, Y, Z, n_state). "
-                "VAETransformer is 2D only: give (n, H, W) grey fields or (n, H, W, n_state) one-hot fields."
-            )
-        if X.ndim not in (3, 4):
-            raise ValueError(
-                f"{name} must be 2D microstructures, (n_samples, H, W) grey or (n_samples, H, W, n_state) "
-                f"one-hot (PyMKS layout); got shape {tuple(X.shape)}"
+                f"{name} must be 2D microstructures, (n_samples, H, W) grey or (n_samples, H, W, n_state) one-hot, or "
+                f"3D ones, (n_samples, X, Y, Z) grey (spatial_ndim=3) or (n_samples, X, Y, Z, n_state) one-hot "
+                f"(PyMKS layout); got shape {tuple(X.shape)}"
+                + ("" if want is None else f" with spatial_ndim={want}")
             )
         if any(int(s) == 0 for s in X.shape):
             raise ValueError(f"{name} has an empty axis: shape {tuple(X.shape)}")
-        return X.ndim == 3
+        return grey, ndim
 
     @staticmethod
     def _check_values(block, grey, name="X"):
@@ -648,21 +697,31 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         if not grey:
             sums = block.sum(axis=-1)
             if np.abs(sums - 1.0).max() > 1e-3:
+                layout = "(n, H, W, n_state)" if block.ndim == 4 else "(n, X, Y, Z, n_state)"
+                hint = (" A 3D grey volume (n, X, Y, Z) needs spatial_ndim=3: a 4-axis array is otherwise read as "
+                        "2D one-hot." if block.ndim == 4 else "")
                 raise ValueError(
-                    f"{name} has 4 axes, so it is read as one-hot (n, H, W, n_state) phase probabilities, "
+                    f"{name} has {block.ndim} axes, so it is read as one-hot {layout} phase probabilities, "
                     f"but its last axis does not sum to 1 (found sums in [{sums.min():.3g}, {sums.max():.3g}]). "
-                    "Use pymks.PrimitiveTransformer for the one-hot; a 3D grey field (n, X, Y, Z) is not "
-                    "supported: VAETransformer is 2D only."
+                    f"Use pymks.PrimitiveTransformer for the one-hot.{hint}"
                 )
 
-    def _check_fitted_input(self, X, name="X"):
-        grey = self._check_layout(X, name)
+    def _fitted_ndim(self):
+        return len(getattr(self, "spatial_shape_", None) or self._spatial_of(self.input_shape_, self.n_state_))
+
+    @staticmethod
+    def _spatial_of(input_shape, n_state):
+        return tuple(input_shape) if n_state is None else tuple(input_shape)[:-1]
+
+    def _check_fitted_input(self, X, aligned, name="X"):
+        grey, _ = self._layout(X, aligned, name, fitted_ndim=self._fitted_ndim())
         shape = tuple(int(s) for s in X.shape[1:])
         if not grey and self.n_state_ is not None and shape[-1] != self.n_state_:
             raise ValueError(f"{name} has n_state={shape[-1]} on its last axis, but the transformer was "
                              f"fitted with n_state={self.n_state_}")
         if grey != (self.n_state_ is None):
-            fitted = "grey (n, H, W)" if self.n_state_ is None else f"one-hot (n, H, W, {self.n_state_})"
+            axes = "H, W" if self._fitted_ndim() == 2 else "X, Y, Z"
+            fitted = f"grey (n, {axes})" if self.n_state_ is None else f"one-hot (n, {axes}, {self.n_state_})"
             raise ValueError(f"{name} has shape {tuple(X.shape)}, but the transformer was fitted on {fitted} input")
         if shape != self.input_shape_:
             raise ValueError(f"{name} has per-sample shape {shape}, but the transformer was fitted on "
@@ -689,7 +748,10 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         if self.loss == "data":
             return losses.DataSpaceLoss(beta=1.0 if beta is None else beta)
         states = (0.0, 1.0) if grey else tuple(float(s) for s in range(n_state))
-        pairs = tuple(_corr.resolve_correlations(self.correlations, len(states)))
+        if _is_auto(self.correlations):
+            pairs = tuple(losses.independent_correlations(len(states)))
+        else:
+            pairs = tuple(_corr.resolve_correlations(self.correlations, len(states)))
         scale = None if _is_auto(self.stats_scale) else float(self.stats_scale)
         loss = _stats_loss(losses.SpatialStatsLoss, {"states": states, "correlations": pairs, "scale": scale,
                                                      "beta": beta}, bool(self.periodic_boundary), self.cutoff)
@@ -734,8 +796,8 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         """Train the VAE on ``X``.
 
         Args:
-            X: ``(n, H, W)`` grey or ``(n, H, W, n_state)`` one-hot; numpy, dask (streamed chunk by
-                chunk) or xarray.
+            X: ``(n, *spatial)`` grey or ``(n, *spatial, n_state)`` one-hot, 2D or 3D (see the
+                class docstring); numpy, dask (streamed chunk by chunk) or xarray.
             y: ignored (accepted for pipelines).
 
         Returns:
@@ -745,18 +807,19 @@ class VAETransformer(TransformerMixin, BaseEstimator):
 
         self._check_params()
         X, aligned = _as_pymks_array(X, state="optional")
-        grey = self._check_layout(X)
+        grey, ndim = self._layout(X, aligned)
         if X.shape[0] < 2:
             raise ValueError(f"VAETransformer needs at least 2 samples to fit, got {X.shape[0]}")
         if isinstance(X, np.ndarray):
             self._check_values(X, grey)
         shape = tuple(int(s) for s in X.shape[1:])
         n_state = None if grey else shape[-1]
+        spatial = shape[:ndim]
         seed = _seed_from(self.random_state)
         torch.manual_seed(seed)
         from pymks_vae.models import VAE
 
-        model = VAE(encoder=self.encoder, latent_dim=int(self.latent_dim), image_size=shape[:2],
+        model = VAE(encoder=self.encoder, latent_dim=int(self.latent_dim), image_size=spatial,
                     channels=1 if grey else n_state)
         config = TrainConfig(epochs=self._epochs(X.shape[0]), batch_size=int(self.batch_size), lr=float(self.learning_rate),
                              seed=seed, device=self._device(), progress=bool(self.verbose))
@@ -767,8 +830,10 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         self.stats_scale_ = float(getattr(loss, "scale_", 1.0))
         self.cutoff_ = getattr(loss, "cutoff_", None)
         self.input_shape_ = shape
+        self.spatial_shape_ = spatial
         self.spatial_dims_ = _spatial_dims(aligned)
         self.n_state_ = n_state
+        self.correlations_ = list(loss.correlations) if hasattr(loss, "correlations") else None
         self.history_ = history
         return self
 
@@ -792,7 +857,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X, original = _as_pymks_array(X, state="optional", spatial_dims=getattr(self, "spatial_dims_", None))
-        grey = self._check_fitted_input(X)
+        grey = self._check_fitted_input(X, original)
         latent = int(self.model_.config["latent_dim"])
         if isinstance(X, np.ndarray):
             self._check_values(X, grey)
@@ -820,8 +885,9 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             Z: ``(n_samples, latent_dim)`` numpy, dask or xarray.
 
         Returns:
-            ``(n, H, W)`` grey levels or ``(n, H, W, n_state)`` phase probabilities (float64), as
-            numpy / lazy dask / DataArray like ``Z``.
+            ``(n, *spatial)`` grey levels or ``(n, *spatial, n_state)`` phase probabilities
+            (float64), as numpy / lazy dask / DataArray like ``Z`` (spatial dims named as in fit,
+            else ``"x", "y"[, "z"]``).
         """
         check_is_fitted(self)
         Z, original = _as_pymks_array(Z, "Z", state="none")
@@ -846,7 +912,8 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         import xarray as xr
 
         dim, coords = _sample_coords(original)
-        dims = (dim, "x", "y") if grey else (dim, "x", "y", "state")
+        spatial = getattr(self, "spatial_dims_", None) or ("x", "y", "z")[:self._fitted_ndim()]
+        dims = (dim, *spatial) if grey else (dim, *spatial, STATE_DIM)
         return xr.DataArray(out, dims=dims, coords=coords, name="reconstruction")
 
     def sample(self, n_samples=1, random_state=None):
@@ -857,7 +924,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             random_state: None or an int seed for the draws.
 
         Returns:
-            numpy ``(n_samples, H, W)`` or ``(n_samples, H, W, n_state)``.
+            numpy ``(n_samples, *spatial)`` or ``(n_samples, *spatial, n_state)``.
         """
         check_is_fitted(self)
         n_samples = _check_int("n_samples", n_samples, 1)
@@ -895,6 +962,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
 
     def _fitted_json(self):
         return {"input_shape_": list(self.input_shape_), "n_state_": self.n_state_, "stats_scale_": self.stats_scale_,
+                "spatial_shape_": list(self.spatial_shape_), "correlations_": _jsonable(self.correlations_),
                 "cutoff_": self.cutoff_, "spatial_dims_": _jsonable(getattr(self, "spatial_dims_", None)),
                 "history_": _jsonable(self.history_)}
 
@@ -949,7 +1017,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         if payload.get("version") != _FORMAT_VERSION:
             raise ValueError(f"{path}: unsupported checkpoint version {payload.get('version')!r}")
         params = json.loads(payload["params_json"])
-        if params.get("correlations") is not None:
+        if isinstance(params.get("correlations"), list):
             params["correlations"] = tuple(tuple(p) for p in params["correlations"])
         est = cls(**params)
         fitted = json.loads(payload["fitted_json"])
@@ -958,6 +1026,10 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         est.model_ = model.eval()
         est.input_shape_ = tuple(fitted["input_shape_"])
         est.n_state_ = fitted["n_state_"]
+        # checkpoints written before 3D support hold 2D shapes only and no pairs
+        est.spatial_shape_ = tuple(fitted.get("spatial_shape_") or cls._spatial_of(est.input_shape_, est.n_state_))
+        pairs = fitted.get("correlations_")
+        est.correlations_ = None if pairs is None else [tuple(p) for p in pairs]
         est.history_ = fitted["history_"]
         est.stats_scale_ = fitted["stats_scale_"]
         est.cutoff_ = fitted.get("cutoff_")

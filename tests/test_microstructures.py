@@ -4,11 +4,13 @@ import pytest
 
 from pymks_vae.microstructures import (
     GRF_CLASSES,
+    GRF_CLASSES_3D,
     INCLUSION_CLASSES,
     LAMELLA_CLASSES,
     generate_grf_family,
     generate_inclusions,
     generate_lamellae,
+    generate_multiphase,
 )
 
 FAMILIES = [
@@ -120,12 +122,15 @@ def test_lamellae_orientation_follows_angle():
 @pytest.mark.parametrize("gen, kwargs, match", [
     (generate_grf_family, dict(n_per_class=0), "n_per_class"),
     (generate_grf_family, dict(n_per_class=True), "n_per_class"),
-    (generate_grf_family, dict(shape=(16, 16, 16)), "2D"),
+    (generate_grf_family, dict(shape=(16, 16, 16, 16)), "shape"),
     (generate_grf_family, dict(classes=()), "at least one"),
     (generate_grf_family, dict(classes=({"aspect": 1.0},)), "sigma_mean"),
     (generate_grf_family, dict(classes=({"sigma_mean": (2.0, 1.0)},)), "sigma_mean"),
     (generate_grf_family, dict(classes=({"sigma_mean": (1.0, 2.0), "aspect": 0.0},)), "aspect"),
     (generate_grf_family, dict(volume_fraction=0.0), "volume_fraction"),
+    (generate_grf_family, dict(shape=(16, 16, 16), classes=({"sigma_mean": (1.0, 2.0), "aspect": (1.0, 2.0)},)),
+     "aspect"),
+    (generate_grf_family, dict(shape=(16,)), "2D or 3D"),
     (generate_inclusions, dict(shape=(1, 16)), "shape"),
     (generate_inclusions, dict(classes=({"radius": (1.0, 9.0)},), shape=16), "radius"),
     (generate_inclusions, dict(classes=({"radius": 3.0},)), "pair"),
@@ -141,3 +146,54 @@ def test_rejects_bad_arguments(gen, kwargs, match):
     err = TypeError if match == "overlap" else ValueError
     with pytest.raises(err, match=match):
         gen(**{"n_per_class": 1, "shape": 16, **kwargs})
+
+
+def _autocorrelation_lag(x, axis, lag):
+    """Mean over samples of the periodic autocorrelation of phase 1 at ``lag`` pixels along ``axis``."""
+    return float((x * np.roll(x, lag, axis=axis)).mean())
+
+
+def test_grf_family_3d_sizes_and_shapes():
+    x, y, d = generate_grf_family(6, (24, 24, 24), seed=0)
+    assert x.shape == (30, 24, 24, 24) and set(np.unique(x).tolist()) == {0.0, 1.0}
+    np.testing.assert_allclose(x.mean(axis=(1, 2, 3)), 0.5, atol=1e-3)  # one volume fraction for all
+    names = [c["name"] for c in GRF_CLASSES_3D]
+    for label, spec in enumerate(GRF_CLASSES_3D):
+        lo, hi = spec["sigma_mean"]
+        assert (lo <= d[y == label]).all() and (d[y == label] <= hi).all()
+    # isotropic sizes: the correlation at a lag of 3 grows from fine to coarse
+    iso = [np.mean([_autocorrelation_lag(x[y == c], a, 3) for a in (1, 2, 3)]) for c in range(3)]
+    assert iso[0] < iso[1] < iso[2]
+    # fibres are longer along z than across; plates are thinner along z than across
+    fibres, plates = x[y == names.index("z-fibres")], x[y == names.index("xy-plates")]
+    assert _autocorrelation_lag(fibres, 3, 3) > 1.2 * _autocorrelation_lag(fibres, 1, 3)
+    assert _autocorrelation_lag(plates, 1, 3) > 1.2 * _autocorrelation_lag(plates, 3, 3)
+
+
+def test_grf_family_2d_default_is_unchanged():
+    """classes=None means GRF_CLASSES in 2D: the same samples as passing them."""
+    for a, b in zip(generate_grf_family(2, 16, seed=3), generate_grf_family(2, 16, classes=GRF_CLASSES, seed=3)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(40,), (21, 21), (12, 10, 8)])
+def test_multiphase_fractions_and_bands(shape):
+    x = generate_multiphase(3, shape, sigma=1.5, volume_fractions=(0.5, 0.3, 0.2), seed=0)
+    assert x.shape == (3,) + shape and x.dtype == np.int64
+    for k, vf in enumerate((0.5, 0.3, 0.2)):
+        np.testing.assert_allclose((x == k).mean(axis=tuple(range(1, x.ndim))), vf, atol=0.02)
+    # phases are bands of one smooth field: 0 and 2 touch far less often than 0 and 1
+    touch = lambda a, b: sum(((x == a) & (np.roll(x, 1, axis=ax) == b)).sum() for ax in range(1, x.ndim))  # noqa: E731
+    assert touch(0, 2) < 0.2 * touch(0, 1)
+    np.testing.assert_array_equal(x, generate_multiphase(3, shape, sigma=1.5, volume_fractions=(0.5, 0.3, 0.2),
+                                                         seed=0))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(volume_fractions=(1.0,)), "volume_fractions"), (dict(volume_fractions=(0.5, 0.6)), "summing to 1"),
+    (dict(volume_fractions=(1.2, -0.2)), "volume_fractions"), (dict(sigma=-1.0), "sigma"),
+    (dict(n_samples=0), "n_samples"), (dict(shape=(2, 2, 2, 2)), "shape"),
+])
+def test_multiphase_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate_multiphase(**{"n_samples": 1, "shape": 8, **kwargs})

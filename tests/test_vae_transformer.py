@@ -283,14 +283,18 @@ def test_transform_before_fit():
         VAETransformer().inverse_transform(np.zeros((2, 9)))
 
 
-def test_wrong_rank_and_3d(micro):
-    with pytest.raises(ValueError, match="2D only"):
-        tiny().fit(np.zeros((2, SIZE, SIZE, SIZE, 2)))
+def test_wrong_rank_and_ambiguous_layouts(micro):
     with pytest.raises(ValueError, match="2D microstructures"):
         tiny().fit(np.zeros((4, SIZE)))
-    # a 4-axis array that is not a one-hot: most likely a 3D grey field
-    with pytest.raises(ValueError, match="2D only"):
+    with pytest.raises(ValueError, match=r"3D ones.*\(2, 4, 4, 4, 4, 2\)"):
+        tiny().fit(np.zeros((2, 4, 4, 4, 4, 2)))
+    # a 4-axis array that is not a one-hot is most likely a 3D grey field: say how to pass one
+    with pytest.raises(ValueError, match="spatial_ndim=3"):
         tiny().fit(np.random.default_rng(0).random((3, SIZE, SIZE, SIZE)))
+    with pytest.raises(ValueError, match="with spatial_ndim=2"):
+        tiny(spatial_ndim=2).fit(np.zeros((2, 4, 4, 4, 2)))
+    with pytest.raises(ValueError, match="with spatial_ndim=3"):
+        tiny(spatial_ndim=3).fit(micro[0])
 
 
 def test_wrong_n_state_and_shape(fitted_one_hot, micro):
@@ -330,6 +334,8 @@ def test_inverse_transform_width(fitted_one_hot):
     (dict(loss="mse"), "loss"), (dict(beta=-1.0), "beta"), (dict(learning_rate=0.0), "learning_rate"),
     (dict(stats_scale="big"), "stats_scale"), (dict(device="tpu"), "device"),
     (dict(encoder="transformer"), "encoder"), (dict(cutoff=-1), "cutoff"),
+    (dict(spatial_ndim=4), "spatial_ndim"), (dict(spatial_ndim=True), "spatial_ndim"),
+    (dict(correlations="all"), "correlations"),
 ])
 def test_bad_parameters(micro, params, match):
     with pytest.raises(ValueError, match=match):
@@ -344,7 +350,7 @@ def test_one_sample_refused(micro):
 
 
 def expected_tabular_failures(estimator):
-    return tabular_failures(estimator, "2D microstructures (n, H, W) or (n, H, W, n_state)")
+    return tabular_failures(estimator, "2D or 3D microstructures (n, *spatial) or (n, *spatial, n_state)")
 
 
 @parametrize_with_checks([VAETransformer(latent_dim=2, epochs=1, batch_size=4)],

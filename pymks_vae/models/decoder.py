@@ -1,12 +1,14 @@
-"""Decoders of the VAE: each maps a latent batch ``(B, latent)`` to images ``(B, channels, H, W)``.
+"""Decoders of the VAE: each maps a latent batch ``(B, latent)`` to fields ``(B, channels, *spatial)``.
 
 * :class:`PaperDecoder` (``"paper"``): the paper's decoder. ``latent -> 1024 (BN, ReLU) -> 1024
   (BN, ReLU) -> (64, 4, 4) -> three 3x3 stride-2 transposed convolutions (64 -> 32 -> 8 -> 3,
   BN/ReLU between) -> 39x39 -> bilinear resize to (H, W) -> 1x1 conv 3 -> channels``. Any image
-  size works through the final resize (the paper used 224x224).
+  size works through the final resize (the paper used 224x224). 2D only.
 * :class:`ConvDecoder` (``"cnn"``): a lighter mirror of :class:`~pymks_vae.models.encoders.ConvEncoder`
-  whose transposed convolutions reach (H, W) exactly, so thin lines of small images stay sharp;
-  the CPU default.
+  whose transposed convolutions reach the size exactly, so thin lines of small images stay sharp;
+  the CPU default, 2D or 3D, any size (other sizes than multiples of its stride are drawn larger
+  and cropped, :mod:`pymks_vae.models.shapes`).
+* :class:`StrokeDecoder` (``"strokes"``): draws axis-aligned bars (the lines experiment). 2D only.
 
 The output activation is a sigmoid for one channel (a grey image in [0, 1]) and a softmax over
 the channels otherwise (phase probabilities summing to 1 at every pixel).
@@ -17,11 +19,14 @@ Example:
     >>> PaperDecoder(latent_dim=9, image_size=64).eval()(torch.zeros(2, 9)).shape
     torch.Size([2, 1, 64, 64])
 """
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pymks_vae.models.encoders import _check_positive_int, image_hw
+from pymks_vae.models.encoders import BATCH_NORM, CONV, CONV_TRANSPOSE, _check_positive_int
+from pymks_vae.models.shapes import crop, image_hw, padded_shape, spatial_shape
 
 __all__ = ["PaperDecoder", "ConvDecoder", "StrokeDecoder", "build_decoder", "DECODERS", "output_activation"]
 
@@ -53,7 +58,7 @@ class PaperDecoder(nn.Module):
         super().__init__()
         self.latent_dim = _check_positive_int(latent_dim, "latent_dim")
         self.channels = _check_positive_int(channels, "channels")
-        self.image_size = image_hw(image_size)
+        self.image_size = image_hw(image_size, owner="decoder='paper' (the paper's architecture)")
         self.fc = nn.Sequential(
             nn.Linear(self.latent_dim, 1024), nn.BatchNorm1d(1024), nn.ReLU(True),
             nn.Linear(1024, 1024), nn.BatchNorm1d(1024), nn.ReLU(True),
@@ -73,21 +78,36 @@ class PaperDecoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """A light decoder mirroring :class:`~pymks_vae.models.encoders.ConvEncoder`.
+    """A light decoder mirroring :class:`~pymks_vae.models.encoders.ConvEncoder`, 2D or 3D.
 
-    ``latent -> hidden (BN, ReLU) -> widths[0] x (H/2^k) x (W/2^k) (BN, ReLU) -> k stages of
+    2D: ``latent -> hidden (BN, ReLU) -> widths[0] x (H/2^k) x (W/2^k) (BN, ReLU) -> k stages of
     (4x4 transposed conv, stride 2, BN, ReLU) -> 3x3 conv -> channels``, k = ``len(widths)``.
+
+    3D: the same, except that the last of the k stages is a 4x4x4 transposed convolution straight
+    to ``channels``, without the full-resolution 3x3x3 convolution: at 32^3 that convolution and
+    a stage that keeps ``widths[-1]`` channels at full resolution cost 4-7x the rest of the
+    decoder on a CPU (measured: 380 ms against 52 ms forward+backward for a batch of 16).
+
+    A size that is not a multiple of ``2 ** k`` is drawn at the next multiples and cropped to its
+    first entries along each axis (the inverse of the encoder's periodic padding); sizes that are
+    multiples are not cropped, so their networks are exactly those of a fixed-size decoder.
 
     Args:
         latent_dim: size of the latent vector.
-        image_size: int or ``(H, W)``, divisible by ``2 ** len(widths)``.
+        image_size: int (a square), ``(H, W)`` or ``(X, Y, Z)``, any positive sizes.
         channels: output channels.
         widths: channels entering each upsampling stage (default ``(64, 32, 16, 8)``).
         hidden: width of the first fully connected layer.
 
+    Attributes:
+        image_size: the output's spatial shape.
+        padded_size: the shape the transposed convolutions draw before the crop.
+
     Example:
         >>> ConvDecoder(latent_dim=2, image_size=32, widths=(16, 8)).eval()(torch.zeros(1, 2)).shape
         torch.Size([1, 1, 32, 32])
+        >>> ConvDecoder(latent_dim=2, image_size=(15, 20, 9), channels=3).eval()(torch.zeros(1, 2)).shape
+        torch.Size([1, 3, 15, 20, 9])
     """
 
     def __init__(self, latent_dim, image_size, channels=1, widths=(64, 32, 16, 8), hidden=256):
@@ -98,28 +118,35 @@ class ConvDecoder(nn.Module):
         widths = tuple(_check_positive_int(w, "widths[i]") for w in widths)
         if not widths:
             raise ValueError("widths must hold at least one stage width")
-        h, w = self.image_size = image_hw(image_size)
+        self.image_size = spatial_shape(image_size)
+        ndim = len(self.image_size)
         factor = 2 ** len(widths)
-        if h % factor or w % factor:
-            raise ValueError(
-                f"image_size {(h, w)} is not supported by the 'cnn' decoder with {len(widths)} stride-2 stages: "
-                f"H and W must be divisible by {factor}"
-            )
-        self.start = (widths[0], h // factor, w // factor)
-        n_start = widths[0] * (h // factor) * (w // factor)
+        self.padded_size = padded_shape(self.image_size, factor)
+        self.start = (widths[0],) + tuple(p // factor for p in self.padded_size)
+        n_start = math.prod(self.start)
         self.fc = nn.Sequential(
             nn.Linear(self.latent_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(True),
             nn.Linear(hidden, n_start), nn.BatchNorm1d(n_start), nn.ReLU(True),
         )
         layers = []
-        for c_in, c_out in zip(widths, widths[1:] + (widths[-1],)):
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(c_out), nn.ReLU(True)]
-        layers.append(nn.Conv2d(widths[-1], self.channels, 3, padding=1))
+        if ndim == 2:
+            outs = widths[1:] + (widths[-1],)
+        else:  # the last stage draws the channels itself (see the class docstring)
+            outs = widths[1:]
+        for c_in, c_out in zip(widths, outs):
+            layers += [CONV_TRANSPOSE[ndim](c_in, c_out, 4, stride=2, padding=1, bias=False),
+                       BATCH_NORM[ndim](c_out), nn.ReLU(True)]
+        if ndim == 2:
+            layers.append(CONV[ndim](widths[-1], self.channels, 3, padding=1))
+        else:
+            layers.append(CONV_TRANSPOSE[ndim](widths[-1], self.channels, 4, stride=2, padding=1))
         self.deconv = nn.Sequential(*layers)
 
     def forward(self, z):
-        return output_activation(self.deconv(self.fc(z).view(-1, *self.start)))
+        logits = self.deconv(self.fc(z).view(-1, *self.start))
+        if self.padded_size != self.image_size:
+            logits = crop(logits, self.image_size)
+        return output_activation(logits)
 
 
 def _edge(half, d, softness):
@@ -183,7 +210,7 @@ class StrokeDecoder(nn.Module):
             raise ValueError(f"the 'strokes' decoder draws grey images: channels must be 1, got {channels!r}")
         self.n_strokes = _check_positive_int(n_strokes, "n_strokes")
         hidden = _check_positive_int(hidden, "hidden")
-        self.image_size = image_hw(image_size)
+        self.image_size = image_hw(image_size, owner="decoder='strokes' (bars drawn in a plane)")
         self.fc = nn.Sequential(
             nn.Linear(self.latent_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(True),
             nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(True),
@@ -229,7 +256,7 @@ class StrokeDecoder(nn.Module):
 
 
 def build_decoder(name, *, latent_dim, image_size, channels=1):
-    """The decoder called ``name`` (one of :data:`DECODERS`).
+    """The decoder called ``name`` (one of :data:`DECODERS`; only ``"cnn"`` draws 3D volumes).
 
     Example:
         >>> build_decoder("paper", latent_dim=9, image_size=224).__class__.__name__

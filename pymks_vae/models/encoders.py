@@ -1,9 +1,11 @@
-"""Encoders of the VAE: each maps images ``(B, C, H, W)`` to ``(mu, logvar)``, both ``(B, latent)``.
+"""Encoders of the VAE: each maps fields ``(B, C, *spatial)`` to ``(mu, logvar)``, both ``(B, latent)``.
 
-* :class:`ConvEncoder` (``"cnn"``): a small strided-convolution encoder sized for CPU work.
+* :class:`ConvEncoder` (``"cnn"``): a small strided-convolution encoder sized for CPU work, 2D
+  images ``(B, C, H, W)`` or 3D volumes ``(B, C, X, Y, Z)`` of any size (fields whose sizes are
+  not multiples of its stride are wrapped periodically, :mod:`pymks_vae.models.shapes`).
 * :class:`ResNet152Encoder` (``"resnet152"``): the paper's encoder, torchvision's ResNet-152
   without its ``fc`` layer, frozen, behind a learnable 1x1 convolution to 3 channels and the
-  ImageNet normalisation, followed by a 2048 -> 1024 -> 1024 head.
+  ImageNet normalisation, followed by a 2048 -> 1024 -> 1024 head. 2D only.
 
 Example:
     >>> import torch
@@ -11,12 +13,18 @@ Example:
     >>> mu, logvar = ConvEncoder(latent_dim=9, image_size=32).eval()(torch.rand(2, 1, 32, 32))
     >>> tuple(mu.shape), tuple(logvar.shape)
     ((2, 9), (2, 9))
+    >>> mu, _ = ConvEncoder(latent_dim=4, image_size=(15, 15, 15)).eval()(torch.rand(2, 1, 15, 15, 15))
+    >>> tuple(mu.shape)
+    (2, 4)
 """
+import math
 import numbers
 import os
 
 import torch
 from torch import nn
+
+from pymks_vae.models.shapes import image_hw, padded_shape, spatial_shape, wrap_pad
 
 __all__ = ["ConvEncoder", "ResNet152Encoder", "build_encoder", "ENCODERS", "image_hw"]
 
@@ -25,22 +33,10 @@ ENCODERS = ("cnn", "resnet152")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-def image_hw(image_size, name="image_size"):
-    """``image_size`` (an int or a pair) as a tuple ``(H, W)`` of positive ints; ValueError else."""
-    if isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool):
-        hw = (int(image_size), int(image_size))
-    else:
-        try:
-            hw = tuple(image_size)
-        except TypeError:
-            raise ValueError(f"{name} must be an int or a pair (H, W) of ints, got {image_size!r}") from None
-        if len(hw) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in hw):
-            raise ValueError(f"{name} must be an int or a pair (H, W) of ints, got {image_size!r}")
-        hw = (int(hw[0]), int(hw[1]))
-    if min(hw) < 1:
-        raise ValueError(f"{name} must be positive, got {image_size!r}")
-    return hw
+#: Convolution and batch-norm layers per number of spatial axes.
+CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+CONV_TRANSPOSE = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 def _check_positive_int(value, name):
@@ -62,22 +58,34 @@ class _Gaussian(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """A small convolutional encoder for CPU-sized images.
+    """A small convolutional encoder for CPU-sized 2D images or 3D volumes.
 
-    ``len(widths)`` stages of (4x4 conv, stride 2) -> BatchNorm -> ReLU, each halving H and W,
-    then flatten -> linear ``hidden`` (BatchNorm, ReLU) -> ``mu``, ``logvar``.
+    ``len(widths)`` stages of (4x4[x4] conv, stride 2) -> BatchNorm -> ReLU, each halving every
+    spatial axis, then flatten -> linear ``hidden`` (BatchNorm, ReLU) -> ``mu``, ``logvar``.
+
+    A field whose sizes are not multiples of ``2 ** len(widths)`` is first extended periodically
+    to the next multiples (microstructures are periodic: the padding repeats the field's own
+    opposite side, and adds no edge that is not in the material); sizes that are multiples are
+    not padded, so their networks are exactly those of a fixed-size encoder.
 
     Args:
         latent_dim: size of the latent vector.
-        image_size: int or ``(H, W)``; both must be divisible by ``2 ** len(widths)``.
+        image_size: int (a square), ``(H, W)`` or ``(X, Y, Z)``, any positive sizes.
         channels: input channels.
         widths: output channels of each stage (default ``(8, 16, 32, 64)``: 64x64 -> 4x4).
         hidden: width of the fully connected layer.
+
+    Attributes:
+        image_size: the input's spatial shape.
+        padded_size: the shape the convolutions see (``image_size`` rounded up to multiples of
+            ``2 ** len(widths)``).
 
     Example:
         >>> enc = ConvEncoder(latent_dim=4, image_size=(16, 32), widths=(8, 8))
         >>> [tuple(t.shape) for t in enc.eval()(torch.rand(3, 1, 16, 32))]
         [(3, 4), (3, 4)]
+        >>> ConvEncoder(latent_dim=4, image_size=(21, 50)).padded_size
+        (32, 64)
     """
 
     def __init__(self, latent_dim, image_size, channels=1, widths=(8, 16, 32, 64), hidden=256):
@@ -88,24 +96,24 @@ class ConvEncoder(nn.Module):
         widths = tuple(_check_positive_int(w, "widths[i]") for w in widths)
         if not widths:
             raise ValueError("widths must hold at least one stage width")
-        h, w = image_hw(image_size)
+        self.image_size = spatial_shape(image_size)
+        ndim = len(self.image_size)
         factor = 2 ** len(widths)
-        if h % factor or w % factor:
-            raise ValueError(
-                f"image_size {(h, w)} is not supported by the 'cnn' encoder with {len(widths)} stride-2 stages: "
-                f"H and W must be divisible by {factor} (e.g. 32, 64, 128, 224)"
-            )
+        self.padded_size = padded_shape(self.image_size, factor)
         layers = []
         c_in = channels
         for c_out in widths:
-            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+            layers += [CONV[ndim](c_in, c_out, 4, stride=2, padding=1, bias=False), BATCH_NORM[ndim](c_out),
+                       nn.ReLU(True)]
             c_in = c_out
         self.features = nn.Sequential(*layers)
-        flat = c_in * (h // factor) * (w // factor)
+        flat = c_in * math.prod(p // factor for p in self.padded_size)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.BatchNorm1d(hidden), nn.ReLU(True))
         self.gaussian = _Gaussian(hidden, latent_dim)
 
     def forward(self, x):
+        if self.padded_size != self.image_size:
+            x = wrap_pad(x, self.padded_size)
         return self.gaussian(self.head(self.features(x)))
 
 
@@ -237,13 +245,13 @@ def build_encoder(name, *, latent_dim, image_size, channels=1, weights=None, fre
     """The encoder called ``name`` (one of :data:`ENCODERS`).
 
     Args:
-        name: ``"cnn"`` or ``"resnet152"``.
+        name: ``"cnn"`` (2D or 3D) or ``"resnet152"`` (2D).
         latent_dim, image_size, channels: the model's sizes.
         weights: for ``"resnet152"`` only (see :class:`ResNet152Encoder`).
         freeze: freeze the encoder; for ``"cnn"`` only None/False (it has no pretrained weights).
 
     Returns:
-        an ``nn.Module`` mapping ``(B, channels, H, W)`` to ``(mu, logvar)``.
+        an ``nn.Module`` mapping ``(B, channels, *image_size)`` to ``(mu, logvar)``.
 
     Example:
         >>> build_encoder("cnn", latent_dim=2, image_size=32).__class__.__name__
@@ -261,6 +269,6 @@ def build_encoder(name, *, latent_dim, image_size, channels=1, weights=None, fre
             )
         return ConvEncoder(latent_dim, image_size, channels)
     if name == "resnet152":
-        image_hw(image_size)
+        image_hw(image_size, owner="encoder='resnet152' (the paper's ImageNet network)")
         return ResNet152Encoder(latent_dim, channels, weights=weights, freeze=freeze)
     raise ValueError(f"encoder must be one of {ENCODERS}, got {name!r}")

@@ -7,12 +7,16 @@ Example:
     >>> x_hat, mu, logvar = model(torch.rand(4, 1, 32, 32))
     >>> tuple(x_hat.shape), tuple(mu.shape)
     ((4, 1, 32, 32), (4, 9))
+    >>> volume = VAE(latent_dim=4, image_size=(15, 15, 15), channels=3).eval()   # any size, 2D or 3D
+    >>> tuple(volume(torch.rand(2, 3, 15, 15, 15))[0].shape)
+    (2, 3, 15, 15, 15)
 """
 import torch
 from torch import nn
 
 from pymks_vae.models.decoder import DECODERS, build_decoder
-from pymks_vae.models.encoders import ENCODERS, _check_positive_int, build_encoder, image_hw
+from pymks_vae.models.encoders import ENCODERS, _check_positive_int, build_encoder
+from pymks_vae.models.shapes import spatial_shape
 
 __all__ = ["VAE"]
 
@@ -20,25 +24,30 @@ _CONFIG_KEYS = ("encoder", "decoder", "latent_dim", "image_size", "channels", "f
 
 
 class VAE(nn.Module):
-    """A VAE for images or phase-probability fields ``(B, channels, H, W)``.
+    """A VAE for 2D images or 3D volumes of grey levels or phase probabilities ``(B, channels, *image_size)``.
 
     In training mode ``forward`` samples ``z = mu + sigma * noise``; in eval mode it uses
     ``z = mu`` (as the paper's authors did at evaluation).
 
     Args:
-        encoder: ``"cnn"`` (small, CPU-sized) or ``"resnet152"`` (the paper's).
+        encoder: ``"cnn"`` (small, CPU-sized, 2D or 3D) or ``"resnet152"`` (the paper's, 2D).
         latent_dim: size of the latent vector (the paper: 9).
-        image_size: int or ``(H, W)``; inputs of another size are refused.
+        image_size: int (a square), ``(H, W)`` (2D) or ``(X, Y, Z)`` (3D), any positive sizes (the
+            ``"cnn"`` networks wrap other sizes than multiples of 16 periodically, see
+            :mod:`pymks_vae.models.shapes`); inputs of another size are refused.
         channels: 1 for a grey image (sigmoid output, the paper), > 1 for phase probabilities
             (e.g. one-hot microstructures; softmax over channels).
         weights: ResNet-152 ImageNet weights (a file path or ``"imagenet"``); ``"resnet152"`` only.
         freeze_encoder: freeze the ResNet-152 backbone. None means True for ``"resnet152"`` (the
             paper; needs ``weights``) and False for ``"cnn"``.
-        decoder: ``"paper"`` (the paper's decoder, any size via a final resize), ``"cnn"`` (a
-            lighter decoder reaching the size exactly) or ``"auto"``: ``"paper"`` with the
-            ResNet-152 encoder, ``"cnn"`` with the CNN encoder.
+        decoder: ``"paper"`` (the paper's decoder, any 2D size via a final resize), ``"cnn"`` (a
+            lighter decoder reaching the size exactly, 2D or 3D), ``"strokes"`` (bars, 2D grey
+            only) or ``"auto"``: ``"paper"`` with the ResNet-152 encoder, ``"cnn"`` with the CNN
+            encoder.
 
     Attributes:
+        image_size: the spatial shape, a tuple of 2 or 3 ints.
+        spatial_ndim: 2 or 3.
         config: the constructor arguments that rebuild this architecture (weights excluded:
             they are in the state dict); see :meth:`from_config`.
 
@@ -64,7 +73,8 @@ class VAE(nn.Module):
             raise TypeError(f"freeze_encoder must be None, True or False, got {freeze_encoder!r}")
         self.latent_dim = _check_positive_int(latent_dim, "latent_dim")
         self.channels = _check_positive_int(channels, "channels")
-        self.image_size = image_hw(image_size)
+        self.image_size = spatial_shape(image_size)
+        self.spatial_ndim = len(self.image_size)
         self.encoder = build_encoder(encoder, latent_dim=self.latent_dim, image_size=self.image_size,
                                      channels=self.channels, weights=weights, freeze=freeze_encoder)
         self.decoder = build_decoder(decoder, latent_dim=self.latent_dim, image_size=self.image_size,
@@ -106,17 +116,17 @@ class VAE(nn.Module):
         return model
 
     def check_input(self, x, name="x"):
-        """Raise TypeError/ValueError unless ``x`` is a float tensor ``(B, channels, H, W)`` of this model."""
+        """Raise TypeError/ValueError unless ``x`` is a float tensor ``(B, channels, *image_size)`` of this model."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
         want = (self.channels,) + self.image_size
-        if x.ndim != 4 or tuple(x.shape[1:]) != want:
+        if x.ndim != 2 + self.spatial_ndim or tuple(x.shape[1:]) != want:
+            axes = "H, W" if self.spatial_ndim == 2 else "X, Y, Z"
             raise ValueError(
-                f"{name} has shape {tuple(x.shape)}, but this model was built for (batch, channels, H, W) = "
-                f"(batch, {self.channels}, {self.image_size[0]}, {self.image_size[1]}) "
-                f"(channels={self.channels}, image_size={self.image_size})"
+                f"{name} has shape {tuple(x.shape)}, but this model was built for (batch, channels, {axes}) = "
+                f"(batch, {', '.join(str(v) for v in want)}) (channels={self.channels}, image_size={self.image_size})"
             )
         if x.shape[0] == 0:
             raise ValueError(f"{name} is an empty batch")
@@ -132,7 +142,7 @@ class VAE(nn.Module):
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
     def decode(self, z):
-        """Images ``(B, channels, H, W)`` in [0, 1] from latent vectors ``(B, latent_dim)``."""
+        """Fields ``(B, channels, *image_size)`` in [0, 1] from latent vectors ``(B, latent_dim)``."""
         if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != self.latent_dim:
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"z must be a tensor (batch, {self.latent_dim}), got {shape}")
@@ -153,7 +163,7 @@ class VAE(nn.Module):
             generator: optional ``torch.Generator`` for the draw.
 
         Returns:
-            tensor ``(n, channels, H, W)`` on the model's device.
+            tensor ``(n, channels, *image_size)`` on the model's device.
         """
         n = _check_positive_int(n, "n")
         device = next(self.parameters()).device
