@@ -147,6 +147,11 @@ def init_distributed(backend="auto", timeout_s=None):
 def shutdown():
     """Leave the process group (when there is one); safe to call more than once."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Free what still holds the group (a DDP wrapper left in a reference cycle) while the group
+        # exists, rather than at some later collection or at interpreter exit.
+        import gc
+
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 

@@ -324,7 +324,10 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
         )
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    # Under torch.compile a float attribute may arrive as a symbolic float, which math.isfinite
+    # cannot read without breaking the graph; the loss classes check their scale when it is set.
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or (
+            not torch.compiler.is_compiling() and not math.isfinite(scale)):
         raise TypeError(f"{op}: scale must be a finite real number, got {scale!r}")
     if not isinstance(periodic, bool):
         raise TypeError(f"{op}: periodic must be a bool, got {periodic!r}")

@@ -682,7 +682,7 @@ def _train(model, loss_fn, train_data, config, val_data, resume, callback, devic
                     with ops.data_checks(first or checks_every_batch):
                         (loss, parts), _ = _run_loss(net, loss_fn, batch, device, noise)
                         if checks_every_batch and not torch.isfinite(loss):
-                            raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch + 1}; lower lr")
+                            raise FloatingPointError(f"the loss became {float(loss.detach())} at epoch {epoch + 1}; lower lr")
                         weight = _rank_weight(loss_fn, ctx, n, n_global)
                         optimizer.zero_grad(set_to_none=True)
                         (loss * weight if weight != 1.0 else loss).backward()
