@@ -50,6 +50,7 @@ bench: build
 	$(PY) benchmarks/bench_two_point.py
 	$(PY) benchmarks/bench_loss.py
 	$(PY) benchmarks/bench_transformers.py
+	$(PY) benchmarks/bench_training.py
 
 clean:
 	rm -rf build pymks_vae/_C*.so $(VENV)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One go on a machine with an NVIDIA GPU, in under 10 minutes (see docs/benchmarks.md): build in place
 # for the local GPU's architecture, check that the CUDA kernels loaded, run the CUDA tests, the CUDA
-# benchmark rows, the operators' CPU tests on this machine's torch, and a compute-sanitizer pass, then
-# print one table, also written to OUT_DIR/summary.md.
+# benchmark rows (operators, loss, training step), the operators' CPU tests on this machine's torch
+# and a compute-sanitizer pass, then print one table, also written to OUT_DIR/summary.md.
 #
 # Uses the machine's own Python as it is. The lent machines have Python 3.12 and torch 2.11, and no
 # dask, distributed or pymks (and no package registry): the tests that need those skip there.
@@ -104,6 +104,8 @@ fi
 step cuda_tests 240 "$PY" -m pytest -q -rfEs -p no:cacheprovider -m cuda --junitxml="$OUT/cuda_tests.xml" tests
 step bench_two_point 75 "$PY" benchmarks/bench_two_point.py --device cuda --json "$OUT/bench_two_point.json"
 step bench_loss 45 "$PY" benchmarks/bench_loss.py --device cuda --json "$OUT/bench_loss.json"
+# Training images/s of a full step (encoder, decoder, loss, backward, Adam): spatial-statistics vs vanilla vs torch.fft.
+step bench_training 60 "$PY" benchmarks/bench_training.py --device cuda --json "$OUT/bench_training.json"
 # The operators' CPU tests on this machine's (older) torch: schemas, opcheck, torch.compile.
 step op_cpu_tests 90 "$PY" -m pytest -q -rfEs -p no:cacheprovider -m "not cuda" --junitxml="$OUT/op_cpu_tests.xml" \
   tests/test_extension.py tests/test_two_point.py tests/test_loss.py

@@ -92,7 +92,9 @@ def summary(out):
     for name, cols in [("bench_two_point", ["device", "case", "pass", "window", "pymks-vae ms", "torch.fft ms",
                                             "vs torch.fft"]),
                        ("bench_loss", ["device", "case", "fused ms", "torch.fft ms", "floor ms",
-                                       "speed-up vs torch.fft", "fused / floor"])]:
+                                       "speed-up vs torch.fft", "fused / floor"]),
+                       ("bench_training", ["device", "case", "spatial img/s", "vanilla img/s", "torch.fft img/s",
+                                           "spatial / vanilla", "torch.fft / spatial"])]:
         rows = bench_rows(os.path.join(out, name + ".json"))
         if rows:
             lines += [f"## {name}", "", markdown_table(rows, cols), ""]

@@ -98,4 +98,7 @@ PYBIND11_MODULE(_C, m) {
         "Index of a lag in the pruned even layout of spectral.h (for tests)");
   m.def("_set_thread_limits", &set_thread_limits, pybind11::arg("omp"), pybind11::arg("mkl"),
         "Set this thread's OpenMP and MKL thread limits; returns the previous (omp, mkl)");
+  m.def("_set_data_checks", &pymks_vae::set_data_checks, pybind11::arg("enabled"),
+        "Turn this thread's data checks (NaN/Inf, mask range) on or off; returns the previous setting");
+  m.def("_data_checks_enabled", &pymks_vae::data_checks_enabled, "Whether this thread's data checks are on");
 }

@@ -103,10 +103,10 @@ at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectru
   std::vector<int64_t> view(spectrum.dim(), 1);
   view[0] = grad.size(0);
   const auto dims = spatial_dims(spectrum.dim());
-  // The transform is linear: scale its real output in place rather than a copy of the spectrum,
-  // and not at all for the common reduction="sum" (every per-sample gradient is 1). Chunks keep
-  // the transform's internal copies in cache.
-  const bool unit = at::equal(grad, at::ones_like(grad));
+  // The transform is linear: scale its real output in place rather than a copy of the spectrum.
+  // (Always: telling a unit grad - reduction="sum" - apart would read it back to the host, a
+  // device synchronisation on a GPU, for the price of one element-wise pass.) Chunks keep the
+  // transform's internal copies in cache.
   std::vector<int64_t> out_sizes{spectrum.size(0), spectrum.size(1)};
   for (auto n : spatial) out_sizes.push_back(n);
   auto gx = at::empty(out_sizes, spectrum.options().dtype(c10::toRealValueType(spectrum.scalar_type())));
@@ -117,13 +117,12 @@ at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectru
     auto out_c = gx.narrow(0, b0, n);
     at::fft_irfftn_out(out_c, spectrum.narrow(0, b0, n), spatial, dims);
   }
-  if (!unit) gx.mul_(grad.view(view).to(gx.scalar_type()));
+  gx.mul_(grad.view(view).to(gx.scalar_type()));
   if (static_cast<int64_t>(states.size()) == n_state) return gx.contiguous();
   std::vector<int64_t> sizes{grad.size(0), n_state};
   for (auto s : spatial) sizes.push_back(s);
   auto out = at::zeros(sizes, gx.options());
-  auto idx = at::tensor(states.vec(), at::TensorOptions().dtype(at::kLong)).to(gx.device());
-  out.index_copy_(1, idx, gx);
+  out.index_copy_(1, longs_to(states.vec(), gx.device()), gx);
   return out;
 }
 

@@ -157,15 +157,28 @@ MaskNorm<T> mask_norm_view(const at::Tensor& zmask, const at::Tensor& zlevel) {
   }
   return m;
 }
-// Copies a vector of POD structs into a byte tensor on `device`.
+// A read-only table of `bytes` bytes (numel elements of dtype) for the kernels, on `device`. On a
+// GPU a table is uploaded once per device and content, then kept: an upload on every call copies
+// from pageable host memory, which the host waits for and a CUDA graph cannot capture, and the
+// tables are few (one set per plan of pairs) and tiny. Callers must never write into the result.
+at::Tensor device_table(const void* data, int64_t bytes, at::ScalarType dtype, int64_t numel, const at::Device& device);
+// Copies a vector of POD structs into a byte tensor on `device` (see device_table).
 template <typename S>
 at::Tensor table_to(const std::vector<S>& v, const at::Device& device) {
-  auto bytes = static_cast<int64_t>(v.size() * sizeof(S));
-  auto t = at::empty({bytes > 0 ? bytes : 1}, at::TensorOptions().dtype(at::kByte));
-  if (bytes > 0) std::memcpy(t.data_ptr(), v.data(), bytes);
-  return device.is_cpu() ? t : t.to(device);
+  const auto bytes = static_cast<int64_t>(v.size() * sizeof(S));
+  if (bytes == 0) return at::empty({1}, at::TensorOptions().dtype(at::kByte).device(device));
+  return device_table(v.data(), bytes, at::kByte, bytes, device);
 }
 at::Tensor ints_to(const std::vector<int32_t>& v, const at::Device& device);
+// int64 indices (for index_select / index_copy_) on `device` (see device_table).
+at::Tensor longs_to(const std::vector<int64_t>& v, const at::Device& device);
+// Whether the operators check the data itself on this thread (NaN/Inf in a field, a mask outside
+// [0, 1]; default on). Each such check reads a value back to the host - on a GPU, a wait for every
+// queued kernel - so a training loop turns them off once its first batch has passed them
+// (pymks_vae.ops.data_checks). Argument checks (shapes, dtypes, devices, indices) always run.
+bool data_checks_enabled();
+// Sets this thread's data checks; returns the previous setting.
+bool set_data_checks(bool enabled);
 // Argument checks of the registered operators. The operators are public (torch.compile and users
 // call them directly, not only through pymks_vae/ops.py), and their kernels read raw pointers of
 // one type on one device, so each entry point runs these before any kernel, naming the argument.

@@ -7,7 +7,10 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <set>
+#include <string>
+#include <unordered_map>
 
 namespace pymks_vae {
 
@@ -42,10 +45,45 @@ int64_t cache_chunk(const at::Tensor& x, int64_t per_sample_elems) {
   return (B + n_chunks - 1) / n_chunks;  // equal chunks: no short tail
 }
 
+namespace {
+thread_local bool tl_data_checks = true;
+}  // namespace
+
+bool data_checks_enabled() { return tl_data_checks; }
+
+bool set_data_checks(bool enabled) {
+  const bool prev = tl_data_checks;
+  tl_data_checks = enabled;
+  return prev;
+}
+
+at::Tensor device_table(const void* data, int64_t bytes, at::ScalarType dtype, int64_t numel, const at::Device& device) {
+  auto host = at::empty({numel}, at::TensorOptions().dtype(dtype));
+  if (bytes > 0) std::memcpy(host.data_ptr(), data, static_cast<size_t>(bytes));
+  if (device.is_cpu()) return host;
+  // Keyed by device, dtype and content. Never destroyed (a static map would free its GPU tensors
+  // after the CUDA runtime has shut down at exit); capped, past which tables are uploaded per call.
+  constexpr size_t kMaxTables = 4096;
+  static std::mutex mutex;
+  static auto* cache = new std::unordered_map<std::string, at::Tensor>();
+  std::string key = device.str() + "|" + std::to_string(static_cast<int>(dtype)) + "|";
+  key.append(static_cast<const char*>(data), static_cast<size_t>(bytes));
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache->find(key);
+  if (it != cache->end()) return it->second;
+  auto on_device = host.to(device);
+  if (cache->size() < kMaxTables) cache->emplace(std::move(key), on_device);
+  return on_device;
+}
+
 at::Tensor ints_to(const std::vector<int32_t>& v, const at::Device& device) {
-  auto t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kInt));
-  if (!v.empty()) std::memcpy(t.data_ptr(), v.data(), v.size() * sizeof(int32_t));
-  return device.is_cpu() ? t : t.to(device);
+  const auto n = static_cast<int64_t>(v.size());
+  return device_table(v.data(), n * static_cast<int64_t>(sizeof(int32_t)), at::kInt, n, device);
+}
+
+at::Tensor longs_to(const std::vector<int64_t>& v, const at::Device& device) {
+  const auto n = static_cast<int64_t>(v.size());
+  return device_table(v.data(), n * static_cast<int64_t>(sizeof(int64_t)), at::kLong, n, device);
 }
 
 void check_real_float(const at::Tensor& x, const char* name, const char* op) {
@@ -111,14 +149,14 @@ at::Tensor select_states(const at::Tensor& x, const std::vector<int64_t>& states
   const int64_t k = static_cast<int64_t>(states.size());
   if (k == x.size(1)) return x;
   if (states.back() - states.front() + 1 == k) return x.narrow(1, states.front(), k);
-  auto idx = at::tensor(states, at::TensorOptions().dtype(at::kLong)).to(x.device());
-  return x.index_select(1, idx);
+  return x.index_select(1, longs_to(states, x.device()));
 }
 
 void check_spectrum_finite(const at::Tensor& spec, const char* op, const char* what) {
   // A NaN or Inf anywhere in a field reaches its DC bin (the sum of all its values), so checking
   // the DC bins catches bad input at the cost of reading B * n_state numbers; their largest
   // magnitude (NaN propagates through max) is one reduction and one number to bring back.
+  if (!data_checks_enabled()) return;
   auto dc = at::view_as_real(spec.flatten(2).select(2, 0));
   TORCH_CHECK_VALUE(std::isfinite(at::abs(dc).max().item<double>()), op, ": ", what,
                     " contains NaN or Inf (or values so large that their sum overflows)");
@@ -268,6 +306,7 @@ std::pair<at::Tensor, at::Tensor> mask_norm(const at::Tensor& mask, const Setup&
 }
 
 void check_mask(const at::Tensor& mask, const char* op) {
+  if (!data_checks_enabled()) return;
   auto lo = mask.min().item<double>();
   auto hi = mask.max().item<double>();
   TORCH_CHECK_VALUE(lo >= 0.0 && hi <= 1.0, op,
@@ -336,6 +375,9 @@ bool partition_holds(const at::Tensor& x, bool periodic, bool has_mask, int64_t 
   const int64_t n_state = x.size(1);
   if (!periodic || has_mask || n_state < 2 || partition == 0) return false;
   if (partition == 1) return true;
+  // Checking reads the answer back to the host: on a GPU with data checks off (a training loop's
+  // hot path) the relations go unused instead; the result is the same, a few transforms dearer.
+  if (!x.device().is_cpu() && !data_checks_enabled()) return false;
   const double tol = 64.0 * (x.scalar_type() == at::kFloat ? 1.1920929e-07 : 2.220446049250313e-16) * n_state;
   return be.partition_check(x, tol);
 }
@@ -351,7 +393,7 @@ void forward_chunk(const at::Tensor& x, const TwoPointPlan& plan, const PlanTens
   if (has_mask) xs = xs * mask_view;
   auto x_hat = at::fft_rfftn(xs, s.grid, s.dims).contiguous();
   check_spectrum_finite(x_hat, op, "x");
-  if (trusted_partition && static_cast<int64_t>(plan.fwd_states.size()) != n_state) {
+  if (trusted_partition && static_cast<int64_t>(plan.fwd_states.size()) != n_state && data_checks_enabled()) {
     // Trusted partition: the eliminated states are never transformed, so check their values here
     // (one sum each, read in place: a NaN or Inf anywhere makes it non-finite).
     std::vector<at::Tensor> sums;
@@ -519,8 +561,7 @@ at::Tensor two_point_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
   if (has_mask) gx = gx * mask_view;
   if (static_cast<int64_t>(cp.states.size()) == n_state) return gx.contiguous();
   auto out = at::zeros_like(x);
-  auto idx = at::tensor(cp.states, at::TensorOptions().dtype(at::kLong)).to(x.device());
-  out.index_copy_(1, idx, gx);
+  out.index_copy_(1, longs_to(cp.states, x.device()), gx);
   return out;
 }
 

@@ -14,6 +14,12 @@ Usage:
     python examples/train_lines.py                      # CPU default, ~2-3 minutes on 2 cores
     python examples/train_lines.py --epochs 40 --n-images 6000 --out results/lines_long
     python examples/train_lines.py --config paper --weights /data/resnet152-f82ba261.pth --device cuda
+    torchrun --nproc_per_node=4 examples/train_lines.py --config paper --weights /data/resnet152-f82ba261.pth
+
+Under ``torchrun`` each model is trained by all processes with DistributedDataParallel (gloo on
+CPUs, NCCL on GPUs); ``--batch-size`` stays the global batch (docs/scaling.md). Rank 0 alone
+evaluates and writes the outputs, which are those of a single-process run, and ``metrics.json``
+records ``world_size`` and ``global_batch_size``.
 """
 import argparse
 import dataclasses
@@ -25,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from pymks_vae import evaluation, plotting
+from pymks_vae import distributed, evaluation, plotting
 from pymks_vae.datasets import LinesDataset, generate_lines, train_val_split
 from pymks_vae.losses import DataSpaceLoss, SpatialStatsLoss
 from pymks_vae.models import VAE
@@ -194,7 +200,7 @@ def build_data(cfg, out):
     else:
         ds = LinesDataset(cfg.n_images, size=cfg.image_size, seed=cfg.data_seed,
                           cache_dir=os.path.join(out, "cache"))
-        orientation, n_lines = ds.labels(progress=True)
+        orientation, n_lines = ds.labels(progress=distributed.is_main_process())
         train_data, val_data = _Subset(ds, train_idx), _Subset(ds, val_idx)
     return {"train_idx": train_idx, "val_idx": val_idx, "train": train_data, "val": val_data,
             "orientation": orientation, "n_lines": n_lines, "dataset": ds}
@@ -241,7 +247,8 @@ def train_models(cfg, data, out, resume, progress):
                          batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
                          num_workers=cfg.num_workers, progress=progress,
                          checkpoint_path=os.path.join(out, "checkpoints", f"{name}.pt"))
-        print(f"[train_lines] training {name}: {loss!r}, {tc.epochs} epochs on {len(data['train_idx'])} images")
+        if distributed.is_main_process():
+            print(f"[train_lines] training {name}: {loss!r}, {tc.epochs} epochs on {len(data['train_idx'])} images")
         histories[name] = train_vae(model, loss, data["train"], tc, val_data=val_subset, resume=resume)
         models[name] = model
     return models, histories, stats_loss
@@ -419,10 +426,19 @@ def print_summary(metrics):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    """Run the experiment; returns the metrics dict (also written to ``--out/metrics.json``)."""
+    """Run the experiment; returns the metrics dict (also written to ``--out/metrics.json``); None
+    on the ranks other than 0 of a distributed run."""
     cfg, args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    ctx = distributed.init_distributed()  # under torchrun: join the process group; else nothing
+    try:
+        return _run(cfg, args, ctx)
+    finally:
+        distributed.shutdown()
+
+
+def _run(cfg, args, ctx):
     t0 = time.perf_counter()
     out = args.out
     os.makedirs(out, exist_ok=True)
@@ -431,6 +447,8 @@ def main(argv=None):
     device = resolve_device(cfg.device)
     data = build_data(cfg, out)
     models, histories, stats_loss = train_models(cfg, data, out, args.resume, not args.no_progress)
+    if not ctx.is_main:  # evaluation, figures and the report are rank 0's
+        return None
 
     n_val, n_train = len(data["val_idx"]), len(data["train_idx"])
     n_eval = min(cfg.eval_images, n_val)
@@ -446,6 +464,7 @@ def main(argv=None):
 
     metrics = {"config": dataclasses.asdict(cfg), "n_train": n_train, "n_val": n_val, "stats_scale": stats_loss.scale_,
                "stats_cutoff": stats_loss.cutoff_, "stats_beta": stats_loss.beta, "stats_loss": repr(stats_loss),
+               "world_size": ctx.world_size, "global_batch_size": cfg.batch_size,
                "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "platform": platform.platform(), "cpu_count": os.cpu_count()}
     details = {}

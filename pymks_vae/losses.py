@@ -76,6 +76,11 @@ def kl_divergence(mu, logvar, reduction="sum"):
     return per_sample
 
 
+def _at_least_fp32(t):
+    """``t`` cast up to float32 when it is a half-precision tensor (under autocast), else ``t``."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _check_pair(x_hat, x):
     for name, t in (("x_hat", x_hat), ("x", x)):
         if not isinstance(t, torch.Tensor):
@@ -268,19 +273,22 @@ class SpatialStatsLoss:
         """Phase indicators ``(batch, n_phase, *spatial)`` of ``x`` (see the class docstring)."""
         if x.shape[1] > 1:
             return x
-        h = torch.tensor(self.states, dtype=x.dtype, device=x.device).reshape((1, -1) + (1,) * (x.ndim - 2))
+        # State by state with python floats: a tensor of the states built here would be copied from
+        # the host on every call (a GPU waits for it, and a CUDA graph cannot capture it).
+        states = self.states
         if target and not self.soft:
             if self.indicator != "gaussian":  # each value to its nearest state
-                nearest = (x - h).abs().argmin(dim=1, keepdim=True)
-                return (nearest == torch.arange(len(self.states), device=x.device).reshape(h.shape)).to(x.dtype)
-            return ((x - h).abs() <= self.eps).to(x.dtype)
+                dist = torch.cat([(x - h).abs() for h in states], dim=1)
+                nearest = dist.argmin(dim=1, keepdim=True)
+                return torch.cat([(nearest == k).to(x.dtype) for k in range(len(states))], dim=1)
+            return torch.cat([((x - h).abs() <= self.eps).to(x.dtype) for h in states], dim=1)
         if self.indicator == "gaussian":
-            return ops.soft_indicator(x, self.states, self.eps)
-        w = torch.tensor(self._widths, dtype=x.dtype, device=x.device).reshape(h.shape)
+            return ops.soft_indicator(x, states, self.eps)
         if self.indicator == "hat":
-            return torch.clamp(1.0 - (x - h).abs() / w, min=0.0)
-        soft = ops.soft_indicator(x, self.states, self.eps)
-        hard = ((x - h).abs() < 0.5 * w).to(x.dtype)
+            return torch.cat([torch.clamp(1.0 - (x - h).abs() / w, min=0.0) for h, w in zip(states, self._widths)],
+                             dim=1)
+        soft = ops.soft_indicator(x, states, self.eps)
+        hard = torch.cat([((x - h).abs() < 0.5 * w).to(x.dtype) for h, w in zip(states, self._widths)], dim=1)
         return hard + (soft - soft.detach())
 
     def _cutoff(self, x):
@@ -291,9 +299,8 @@ class SpatialStatsLoss:
     def _mean_products(self, m):
         """``mean(m_i) * mean(m_j)`` per sample and pair, ``(batch, n_pairs)``: the statistics' far level."""
         mu = m.flatten(2).mean(2)
-        i = torch.tensor([p[0] for p in self.correlations], device=m.device)
-        j = torch.tensor([p[1] for p in self.correlations], device=m.device)
-        return mu[:, i] * mu[:, j]
+        # indexed by python ints, not index tensors built on the host (see indicators)
+        return torch.stack([mu[:, i] * mu[:, j] for i, j in self.correlations], dim=1)
 
     def statistics(self, m):
         """The compared statistics ``(batch, n_pairs, *window)`` of indicators ``m``: two-point
@@ -330,16 +337,32 @@ class SpatialStatsLoss:
         self.scale_ = stats_scale_from_data(images, normalise=self.normalise, loss=self, batch_size=batch_size)
         return self
 
+    @property
+    def needs_calibration(self):
+        """True until :meth:`calibrate` (or the first batch) has fixed ``scale_`` and ``cutoff_``."""
+        return self.scale_ is None or not self._window_resolved
+
     def stats_error(self, x_hat, x, reduction="batchmean"):
         """The statistics term ``E`` alone (without ``alpha``), reduced over the batch.
+
+        Statistics are computed in float32 at least, outside any ``torch.autocast`` region: a
+        network running in bfloat16/float16 hands over its reconstruction, which is cast up here
+        (differentiably), so the FFTs and the squared differences keep full precision.
 
         Args:
             x_hat, x: reconstruction and input, ``(batch, C, *spatial)``.
             reduction: ``"batchmean"``, ``"sum"`` or ``"none"``.
+
+        Returns:
+            a scalar tensor (``(batch,)`` for ``"none"``), float32 or float64.
         """
         _check_pair(x_hat, x)
-        if self.scale_ is None or not self._window_resolved:
+        if self.needs_calibration:
             self.calibrate(x.detach())
+        with torch.autocast(x_hat.device.type, enabled=False):
+            return self._stats_error(_at_least_fp32(x_hat), x, reduction)
+
+    def _stats_error(self, x_hat, x, reduction):
         with torch.no_grad():
             target = self.indicators(x.to(x_hat.dtype), target=True).detach()
         m_hat = self.indicators(x_hat)
@@ -363,7 +386,7 @@ class SpatialStatsLoss:
     def __call__(self, x_hat, x, mu, logvar):
         _check_posterior(mu, logvar)
         stats = self.stats_error(x_hat, x, reduction="none")
-        kl = kl_divergence(mu, logvar, reduction="none")
+        kl = kl_divergence(_at_least_fp32(mu), _at_least_fp32(logvar), reduction="none")
         total = _reduce(self.alpha * stats + self.beta * kl, self.reduction)
         return total, {"stats": _reduce(stats, self.reduction).detach(), "kl": _reduce(kl, self.reduction).detach()}
 
@@ -469,6 +492,7 @@ class DataSpaceLoss:
     def __call__(self, x_hat, x, mu, logvar):
         _check_pair(x_hat, x)
         _check_posterior(mu, logvar)
+        x_hat, mu, logvar = _at_least_fp32(x_hat), _at_least_fp32(mu), _at_least_fp32(logvar)  # as SpatialStatsLoss
         data = _reduce((x_hat - x.to(x_hat.dtype)).pow(2).flatten(1).sum(1), self.reduction)
         kl = kl_divergence(mu, logvar, reduction=self.reduction)
         return data + self.beta * kl, {"data": data.detach(), "kl": kl.detach()}

@@ -7,15 +7,69 @@ validation - or, when the extension is not built, the pure-torch reference of
 inside the kernels, so they also hold under ``torch.compile``.
 
 Layout: channels first, ``(batch, n_state, *spatial)`` with 1, 2 or 3 spatial dims.
+
+Data checks and the hot path: the checks that read the data (NaN/Inf, a mask outside [0, 1], and
+on a GPU whether the states partition every pixel) each bring one value back to the host - on a
+GPU a wait for all queued work, and an operation a CUDA graph cannot capture. They are on by
+default; :func:`data_checks` turns them off for a block (per thread), which is what
+:func:`pymks_vae.training.train_vae` does after its first batch has passed them. Argument checks
+(types, shapes, dtypes, devices, indices) read no data and always run. With the checks off, NaN
+or Inf input gives NaN statistics instead of an error (the training loop checks its accumulated
+loss once per epoch), and on a GPU ``partition=None`` does not use the partition relations.
 """
+import contextlib
 import math
 import numbers
+import threading
 
 import torch
 
 from pymks_vae import _extension, reference
 
-__all__ = ["two_point_stats", "spatial_stats_loss", "soft_indicator"]
+__all__ = ["two_point_stats", "spatial_stats_loss", "soft_indicator", "data_checks", "data_checks_enabled"]
+
+_CHECKS = threading.local()
+
+
+def data_checks_enabled():
+    """Whether the operators check the data itself on this thread (see the module docstring)."""
+    return getattr(_CHECKS, "enabled", True)
+
+
+def _set_data_checks(enabled):
+    prev = data_checks_enabled()
+    _CHECKS.enabled = enabled
+    # A module built before the switch existed keeps its kernel checks on: slower, still correct.
+    setter = getattr(_extension._C, "_set_data_checks", None) if _extension.has_extension() else None
+    if setter is not None:
+        setter(enabled)
+    return prev
+
+
+@contextlib.contextmanager
+def data_checks(enabled=True):
+    """Turn this thread's data checks (NaN/Inf, mask range, GPU partition check) on or off in a block.
+
+    Args:
+        enabled: True (the default outside any block) or False.
+
+    Yields:
+        None; the previous setting comes back on exit.
+
+    Example:
+        >>> import torch
+        >>> x = torch.full((1, 1, 8, 8), float("nan"))
+        >>> with data_checks(False):   # no error, no host synchronisation: NaN out
+        ...     bool(torch.isnan(two_point_stats(x, [(0, 0)])).all())
+        True
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"data_checks: enabled must be True or False, got {enabled!r}")
+    prev = _set_data_checks(enabled)
+    try:
+        yield
+    finally:
+        _set_data_checks(prev)
 
 _REDUCTIONS = ("sum", "batchmean", "mean", "none")
 _PARTITION_MODE = {False: 0, True: 1, None: 2}
@@ -206,6 +260,8 @@ def _run_two_point_stats(x, pairs, periodic, cutoff, window, mask, partition):
 
 def _check_finite_eager(op, **tensors):
     """Data checks for the reference path (the kernels do these themselves)."""
+    if not data_checks_enabled():
+        return
     for name, t in tensors.items():
         if t is None:
             continue
@@ -268,7 +324,10 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
         )
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    # Under torch.compile a float attribute may arrive as a symbolic float, which math.isfinite
+    # cannot read without breaking the graph; the loss classes check their scale when it is set.
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or (
+            not torch.compiler.is_compiling() and not math.isfinite(scale)):
         raise TypeError(f"{op}: scale must be a finite real number, got {scale!r}")
     if not isinstance(periodic, bool):
         raise TypeError(f"{op}: periodic must be a bool, got {periodic!r}")
@@ -310,7 +369,7 @@ def _loss_weight(weight, x, n_corr, window, op):
         raise ValueError(
             f"{op}: weight shape {tuple(weight.shape)} does not broadcast to (n_corr, *window) = {want}"
         ) from None
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(weight).all()):
+    if not torch.compiler.is_compiling() and data_checks_enabled() and not bool(torch.isfinite(weight).all()):
         raise ValueError(f"{op}: weight contains NaN or Inf")
     return weight.to(device=x.device, dtype=x.dtype)
 
@@ -345,8 +404,11 @@ def soft_indicator(x, states, eps=0.25):
         raise ValueError(f"{op}: states must be a non-empty sequence of finite numbers, got {states!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")
-    h = torch.tensor(values, dtype=x.dtype, device=x.device).reshape((1, -1) + (1,) * (x.ndim - 2))
-    return torch.exp(-((x - h) ** 2) / (2.0 * float(eps) ** 2))
+    # One state at a time with python floats: a tensor of the states built here would be copied
+    # from the host on every call (a GPU waits for it, and a CUDA graph cannot capture it).
+    width = 2.0 * float(eps) ** 2
+    parts = [torch.exp(-((x - h) ** 2) / width) for h in values]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 # ----------------------------------------------------------------------------- registration

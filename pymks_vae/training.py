@@ -8,6 +8,17 @@ random-number-generator state and the model config, all in types that
 ``torch.load(path, weights_only=True)`` accepts; ``resume=True`` continues exactly where the run
 stopped (bit-identical to an uninterrupted run on the same device).
 
+One code path serves 1..N processes (``torchrun``, see docs/scaling.md and
+:mod:`pymks_vae.distributed`): ``batch_size`` is the global batch, which every rank forms alike and
+shares out, the model is wrapped in DistributedDataParallel, BatchNorm uses the global batch's
+statistics, each rank's latent noise is its share of one global draw, and rank 0 alone writes
+checkpoints and shows progress; N processes thereby follow the single-process trajectory.
+
+The step never waits on the host: the loss is accumulated on the device and read once per
+epoch (where a non-finite value stops the run before its checkpoint is written), and the
+operators' data checks, which read values back, run on the first batch only
+(:func:`pymks_vae.ops.data_checks`; ``TrainConfig.data_checks="always"`` keeps them on).
+
 Example:
     >>> import torch
     >>> from pymks_vae.models import VAE
@@ -34,6 +45,7 @@ import zipfile
 import numpy as np
 import torch
 
+from pymks_vae import distributed, ops
 from pymks_vae.models import VAE
 
 __all__ = [
@@ -75,6 +87,10 @@ class TrainConfig:
             to ``epochs``.
         shuffle: reshuffle the training data every epoch.
         grad_clip: clip the gradient norm to this value (None: no clipping; the paper did not clip).
+        data_checks: ``"first"`` (default): the operators' data checks (NaN/Inf, which read a
+            value back to the host) run on the first batch of each call only, later batches are
+            covered by the once-per-epoch check of the accumulated loss; ``"always"``: on every
+            batch (slower on a GPU; names the bad batch's epoch at once).
 
     Example:
         >>> TrainConfig(epochs=3).lr
@@ -94,6 +110,7 @@ class TrainConfig:
     max_epochs_this_call: int = None
     shuffle: bool = True
     grad_clip: float = None
+    data_checks: str = "first"
 
     def __post_init__(self):
         def positive_int(name, allow_none=False, minimum=1):
@@ -120,6 +137,8 @@ class TrainConfig:
         g = self.grad_clip
         if g is not None and (isinstance(g, bool) or not isinstance(g, numbers.Real) or not g > 0):
             raise ValueError(f"TrainConfig.grad_clip must be None or a number > 0, got {g!r}")
+        if self.data_checks not in ("first", "always"):
+            raise ValueError(f"TrainConfig.data_checks must be 'first' or 'always', got {self.data_checks!r}")
         if self.checkpoint_path is not None:
             self.checkpoint_path = os.fspath(self.checkpoint_path)
         resolve_device(self.device)
@@ -194,25 +213,74 @@ def _check_data(data, name):
     )
 
 
-def _batches(data, batch_size, shuffle, generator, num_workers):
-    """Iterate over batches of ``data`` (see :func:`train_vae`); shuffles with ``generator``."""
+class _ShardSampler(torch.utils.data.Sampler):
+    """Batches of dataset indices: this rank's share of each global batch (see :func:`_shards`).
+
+    Every rank draws the same permutation from the same generator, so the global batches agree
+    across ranks without communication (what ``DistributedSampler`` + ``set_epoch`` achieve by
+    seeding with the epoch); ``sizes`` lists the global size and offset of each batch yielded.
+    """
+
+    def __init__(self, n, batch_size, shuffle, generator, ctx, min_global):
+        self.n, self.batch_size, self.shuffle, self.generator = n, batch_size, shuffle, generator
+        self.ctx, self.min_global = ctx, min_global
+        self.sizes = []
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        for s in range(0, self.n, self.batch_size):
+            g = min(self.batch_size, self.n - s)
+            a, b = distributed.shard_bounds(g, self.ctx.rank, self.ctx.world_size)
+            if g < self.min_global or b == a:
+                continue
+            self.sizes.append((g, a))
+            yield order[s + a : s + b].tolist()
+
+    def __len__(self):
+        return -(-self.n // self.batch_size)
+
+
+def _shards(data, batch_size, shuffle, generator, num_workers, ctx=None, min_global=1, pin_memory=False):
+    """This rank's shares of the global batches of ``data``: ``(images, global_size, offset)``.
+
+    The global batches are those a single process forms (``batch_size`` images, shuffled with
+    ``generator``); a rank takes the contiguous share :func:`pymks_vae.distributed.shard_bounds`
+    gives it, starting at ``offset`` within the global batch. Global batches smaller than
+    ``min_global`` are skipped, as are empty shares. A callable must yield the same batches on
+    every rank (seed it); each rank keeps its share of each.
+    """
+    ctx = distributed.DistContext() if ctx is None else ctx
     if isinstance(data, torch.Tensor):
         n = data.shape[0]
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for s in range(0, n, batch_size):
-            yield data[order[s : s + batch_size]]
-    elif isinstance(data, torch.utils.data.Dataset):
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                             num_workers=num_workers)
-        for item in loader:
-            yield _as_tensor(_first(item), "the dataset")
+            g = min(batch_size, n - s)
+            a, b = distributed.shard_bounds(g, ctx.rank, ctx.world_size)
+            if g >= min_global and b > a:
+                yield data[order[s + a : s + b]], g, a
+    elif isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        sampler = _ShardSampler(len(data), batch_size, shuffle, generator, ctx, min_global)
+        loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, generator=generator,
+                                             num_workers=num_workers, pin_memory=pin_memory)
+        for k, item in enumerate(loader):
+            g, a = sampler.sizes[k]
+            yield _as_tensor(_first(item), "the dataset"), g, a
     else:
-        for item in data():
-            yield _as_tensor(_first(item), "the train_data callable")
+        if isinstance(data, torch.utils.data.Dataset):  # iterable dataset: batched as it comes
+            source = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=num_workers)
+            what = "the dataset"
+        else:
+            source, what = data(), "the train_data callable"
+        for item in source:
+            batch = _as_tensor(_first(item), what)
+            g = batch.shape[0]
+            a, b = distributed.shard_bounds(g, ctx.rank, ctx.world_size)
+            if g >= min_global and b > a:
+                yield batch[a:b], g, a
 
 
 # ----------------------------------------------------------------------------- RNG states
-def _rng_state(loader_gen):
+def _rng_state(loader_gen, device=None):
     np_state = np.random.get_state()
     py_state = random.getstate()
     state = {
@@ -230,10 +298,14 @@ def _rng_state(loader_gen):
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = list(torch.cuda.get_rng_state_all())
+        if device is not None and device.type == "cuda":
+            # The generator that drew this run's noise. Every rank draws the same numbers on its
+            # own GPU, so rank 0's generator state is every rank's (see _set_rng_state).
+            state["cuda_train"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state, loader_gen):
+def _set_rng_state(state, loader_gen, device=None):
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
@@ -242,7 +314,11 @@ def _set_rng_state(state, loader_gen):
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     loader_gen.set_state(state["loader"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        states = state["cuda"][: torch.cuda.device_count()]
+        for index, st in enumerate(states):
+            torch.cuda.set_rng_state(st, index)
+    if "cuda_train" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_train"], device)
 
 
 def _seed_everything(seed):
@@ -343,16 +419,45 @@ def load_model(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------- loop
-def _run_loss(model, loss_fn, batch, device):
+def _run_loss(model, loss_fn, batch, device, noise=None):
     batch = batch.to(device=device, dtype=torch.float32, non_blocking=True)
-    model.check_input(batch, name="a training batch")
-    x_hat, mu, logvar = model(batch)
+    if noise is None:
+        x_hat, mu, logvar = model(batch)
+    else:
+        x_hat, mu, logvar = model(batch, noise=noise)
     return loss_fn(x_hat, batch, mu, logvar), batch.shape[0]
 
 
 def _batch_sum(value, loss_fn, n):
-    """The batch's sum of a loss value reduced by ``loss_fn.reduction`` ("sum" or "batchmean")."""
-    return float(value) * (n if getattr(loss_fn, "reduction", "sum") == "batchmean" else 1)
+    """The batch's sum of a loss value reduced by ``loss_fn.reduction`` ("sum" or "batchmean"),
+    as a detached tensor on the value's device (nothing is read back to the host)."""
+    value = value.detach()
+    return value * n if getattr(loss_fn, "reduction", "sum") == "batchmean" else value
+
+
+def _rank_weight(loss_fn, ctx, n_local, n_global):
+    """Factor on this rank's loss so that DDP's gradient average is the global batch's gradient.
+
+    DDP averages the ranks' gradients. With "batchmean" the global loss is the sum over ranks of
+    (n_local / n_global) x the rank's own mean, with "sum" the sum of the ranks' sums; times the
+    world size to undo the average. 1 for a single process.
+    """
+    if not ctx.distributed:
+        return 1.0
+    if getattr(loss_fn, "reduction", "sum") == "batchmean":
+        return ctx.world_size * n_local / n_global
+    return float(ctx.world_size)
+
+
+def _loss_sums(model, loss_fn, data, batch_size, device, ctx):
+    """This rank's share of the per-sample loss sum over ``data`` (eval mode): (tensor, count)."""
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for batch, _, _ in _shards(data, batch_size, False, None, 0, ctx):
+        model.check_input(batch, name="an evaluation batch")
+        (loss, _), n = _run_loss(model, loss_fn, batch, device)
+        total += _batch_sum(loss, loss_fn, n)
+        count += n
+    return total, count
 
 
 @torch.no_grad()
@@ -373,17 +478,13 @@ def evaluate_loss(model, loss_fn, data, batch_size=64, device=None):
     device = next(model.parameters()).device if device is None else resolve_device(device)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     try:
-        for batch in _batches(data, batch_size, False, None, 0):
-            (loss, _), n = _run_loss(model, loss_fn, batch, device)
-            total += _batch_sum(loss.detach(), loss_fn, n)
-            count += n
+        total, count = _loss_sums(model, loss_fn, data, batch_size, device, distributed.DistContext())
     finally:
         model.train(was_training)
     if count == 0:
         raise ValueError("data yielded no images")
-    return total / count
+    return float(total) / count
 
 
 @torch.no_grad()
@@ -411,7 +512,7 @@ def reconstruct(model, images, batch_size=64, device=None):
 
 def _new_history():
     return {"train_loss": [], "val_loss": [], "train_parts": {}, "lr": [], "epochs": 0, "seconds": 0.0,
-            "images_per_second": 0.0, "images_seen": 0}
+            "images_per_second": 0.0, "images_seen": 0, "world_size": 1, "global_batch_size": None}
 
 
 @contextlib.contextmanager
@@ -429,7 +530,7 @@ def _caller_rng_restored(device):
 
 
 def train_vae(model, loss_fn, train_data, config, *, val_data=None, resume=False, callback=None):
-    """Train ``model`` with Adam on ``loss_fn``.
+    """Train ``model`` with Adam on ``loss_fn``, in this process or in all ranks of a process group.
 
     Args:
         model: a :class:`~pymks_vae.models.VAE` (moved to the configured device).
@@ -451,15 +552,31 @@ def train_vae(model, loss_fn, train_data, config, *, val_data=None, resume=False
         callback: optional ``callback(epoch, history)`` called after each epoch (1-based count of
             completed epochs), after the checkpoint is written; return True to stop early.
 
+    Distributed (a process group of N > 1 ranks is active, e.g. under ``torchrun`` after
+    :func:`pymks_vae.distributed.init_distributed`): every rank calls this with the same
+    arguments. ``config.batch_size`` is the global batch; each rank trains on its share of it
+    (global batches smaller than N are skipped), the learning-rate schedule is the
+    single-process one, and the weights follow the single-process run to float tolerance.
+    ``device="auto"`` or ``"cuda"`` means this rank's GPU (``LOCAL_RANK``). Rank 0 writes the
+    checkpoint and shows the progress bar; all ranks resume from the same checkpoint file (on a
+    filesystem they share). The history (losses summed over the ranks) and the callback's
+    arguments are the same on every rank; rank 0's callback decides whether to stop. A failing
+    rank stops the others (:func:`pymks_vae.distributed.stop_together`). A data callable
+    must yield the same batches on every rank, and a loss that calibrates itself must be
+    calibrated before (``loss.calibrate(images)``), or ranks would calibrate on different shares.
+
     Returns:
         history dict: ``train_loss`` and ``val_loss`` (per epoch, per-sample means; ``val_loss``
         empty without ``val_data``), ``train_parts`` (name -> per-epoch per-sample means of each
         loss part), ``lr`` per epoch, ``epochs`` completed, ``seconds`` of training,
-        ``images_per_second``, ``images_seen``.
+        ``images_per_second`` (all ranks together), ``images_seen``, ``world_size`` and
+        ``global_batch_size`` (of the latest call).
 
     Raises:
         TypeError/ValueError: bad arguments; CheckpointError: the checkpoint to resume from is
-            corrupt or belongs to a different model configuration.
+            corrupt or belongs to a different model configuration; FloatingPointError: the loss
+            of an epoch was not finite (that epoch's checkpoint is not written);
+            :class:`~pymks_vae.distributed.DistributedRunError`: another rank failed.
     """
     if not isinstance(model, VAE):
         raise TypeError(f"model must be a pymks_vae.models.VAE, got {type(model).__name__}")
@@ -474,12 +591,27 @@ def train_vae(model, loss_fn, train_data, config, *, val_data=None, resume=False
     train_data = _check_data(train_data, "train_data")
     if val_data is not None:
         val_data = _check_data(val_data, "val_data")
-    device = resolve_device(config.device)
-    with _caller_rng_restored(device):
-        return _train(model, loss_fn, train_data, config, val_data, resume, callback, device)
+    ctx = distributed.context()
+    if ctx.distributed and getattr(loss_fn, "needs_calibration", False):
+        raise ValueError(
+            f"loss_fn {type(loss_fn).__name__} is not calibrated: in a distributed run each rank would calibrate "
+            "it on its own share of the first batch; call loss_fn.calibrate(images) with the same images on every "
+            "rank first"
+        )
+    device = _rank_device(config.device, ctx)
+    with _caller_rng_restored(device), distributed.stop_together(ctx):
+        return _train(model, loss_fn, train_data, config, val_data, resume, callback, device, ctx)
 
 
-def _train(model, loss_fn, train_data, config, val_data, resume, callback, device):
+def _rank_device(device, ctx):
+    """The configured device; in a process group, "auto"/"cuda" mean this rank's GPU (LOCAL_RANK)."""
+    dev = resolve_device(device)
+    if ctx.distributed and dev.type == "cuda" and (device == "auto" or dev.index is None):
+        dev = torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
+    return dev
+
+
+def _train(model, loss_fn, train_data, config, val_data, resume, callback, device, ctx):
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -502,83 +634,140 @@ def _train(model, loss_fn, train_data, config, val_data, resume, callback, devic
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {config.checkpoint_path!r} does not fit this model: {exc}") from exc
         history = ckpt["history"]
+        for key, value in _new_history().items():  # checkpoints written before a key existed
+            history.setdefault(key, value)
         start = int(ckpt["epoch"])
-        _set_rng_state(ckpt["rng"], loader_gen)
+        _set_rng_state(ckpt["rng"], loader_gen, device)
     else:
         _seed_everything(config.seed)
         loader_gen.manual_seed(config.seed)
+    history["world_size"] = ctx.world_size
+    history["global_batch_size"] = config.batch_size
 
     stop = config.epochs
     if config.max_epochs_this_call is not None:
         stop = min(stop, start + config.max_epochs_this_call)
 
+    # Each rank needs one image or more of every global batch it trains on; BatchNorm needs two.
+    min_global = max(2, ctx.world_size)
+    net = model
+    if ctx.distributed:
+        # The wrapper averages gradients during backward (and broadcasts rank 0's weights now).
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     bar = None
-    if config.progress and stop > start:
+    if config.progress and stop > start and ctx.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=stop - start, desc=f"training {type(loss_fn).__name__}", unit="epoch")
+    checks_every_batch = config.data_checks == "always"
+    first = True
     try:
-        for epoch in range(start, stop):
-            lr = lr_at_epoch(config, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.train()
-            t0 = time.perf_counter()
-            total, count, parts_sum = 0.0, 0, {}
-            for batch in _batches(train_data, config.batch_size, config.shuffle, loader_gen, config.num_workers):
-                if batch.shape[0] < 2:
-                    continue
-                (loss, parts), n = _run_loss(model, loss_fn, batch, device)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch + 1}; lower lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                optimizer.step()
-                total += _batch_sum(loss.detach(), loss_fn, n)
-                count += n
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + _batch_sum(v, loss_fn, n)
+        with distributed.global_batchnorm(model) if ctx.distributed else contextlib.nullcontext():
+            for epoch in range(start, stop):
+                lr = lr_at_epoch(config, epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                model.train()
+                t0 = time.perf_counter()
+                # Sums stay on the device; they are read once, at the end of the epoch.
+                total = torch.zeros((), dtype=torch.float64, device=device)
+                count, parts_sum = 0, {}
+                for batch, n_global, offset in _shards(train_data, config.batch_size, config.shuffle, loader_gen,
+                                                       config.num_workers, ctx, min_global,
+                                                       pin_memory=device.type == "cuda"):
+                    model.check_input(batch, name="a training batch")
+                    n = batch.shape[0]
+                    # Every rank draws the whole global batch's noise and keeps its share, so the
+                    # samples - and every rank's generator state - are the single process's.
+                    noise = torch.randn(n_global, model.latent_dim, device=device)[offset : offset + n]
+                    with ops.data_checks(first or checks_every_batch):
+                        (loss, parts), _ = _run_loss(net, loss_fn, batch, device, noise)
+                        if checks_every_batch and not torch.isfinite(loss):
+                            raise FloatingPointError(f"the loss became {float(loss.detach())} at epoch {epoch + 1}; lower lr")
+                        weight = _rank_weight(loss_fn, ctx, n, n_global)
+                        optimizer.zero_grad(set_to_none=True)
+                        (loss * weight if weight != 1.0 else loss).backward()
+                    first = False
+                    if config.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                    optimizer.step()
+                    total += _batch_sum(loss, loss_fn, n)
+                    count += n
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + _batch_sum(v, loss_fn, n)
+                train_total, train_count, parts_mean = _epoch_sums(total, count, parts_sum, device, ctx)
+                if train_count == 0:
+                    raise ValueError(f"train_data yielded no batch of {min_global} or more images")
+                if not math.isfinite(train_total):
+                    raise FloatingPointError(
+                        f"the loss became {train_total / train_count} during epoch {epoch + 1} (checkpoint left at "
+                        f"epoch {epoch}); lower lr, or set TrainConfig(data_checks='always') to find the batch"
+                    )
+                seconds = time.perf_counter() - t0
+                history["train_loss"].append(train_total / train_count)
+                for k, v in parts_mean.items():
+                    history["train_parts"].setdefault(k, []).append(v / train_count)
+                history["lr"].append(lr)
+                if val_data is not None:
+                    history["val_loss"].append(_validation_loss(model, loss_fn, val_data, config.batch_size,
+                                                                device, ctx))
+                history["epochs"] = epoch + 1
+                history["seconds"] = float(history["seconds"]) + seconds
+                history["images_seen"] = int(history["images_seen"]) + train_count
+                history["images_per_second"] = history["images_seen"] / max(history["seconds"], 1e-12)
+                if config.checkpoint_path is not None and ctx.is_main:
+                    # Every rank holds the same weights, optimizer and generator states: rank 0's serve all.
+                    save_checkpoint(config.checkpoint_path, {
+                        "format": CHECKPOINT_FORMAT,
+                        "model_config": dict(model.config),
+                        "model_state": model.state_dict(),
+                        "optimizer_state": optimizer.state_dict(),
+                        "epoch": epoch + 1,
+                        "history": history,
+                        "rng": _rng_state(loader_gen, device),
+                        "train_config": config.to_dict(),
+                        "world_size": ctx.world_size,
+                    })
                 if bar is not None:
-                    bar.set_postfix(loss=f"{total / count:.4g}", refresh=False)
-            if count == 0:
-                raise ValueError("train_data yielded no batch of 2 or more images")
-            seconds = time.perf_counter() - t0
-            history["train_loss"].append(total / count)
-            for k, v in parts_sum.items():
-                history["train_parts"].setdefault(k, []).append(v / count)
-            history["lr"].append(lr)
-            if val_data is not None:
-                history["val_loss"].append(evaluate_loss(model, loss_fn, val_data, config.batch_size, device))
-            history["epochs"] = epoch + 1
-            history["seconds"] = float(history["seconds"]) + seconds
-            history["images_seen"] = int(history["images_seen"]) + count
-            history["images_per_second"] = history["images_seen"] / max(history["seconds"], 1e-12)
-            if config.checkpoint_path is not None:
-                save_checkpoint(config.checkpoint_path, {
-                    "format": CHECKPOINT_FORMAT,
-                    "model_config": dict(model.config),
-                    "model_state": model.state_dict(),
-                    "optimizer_state": optimizer.state_dict(),
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "rng": _rng_state(loader_gen),
-                    "train_config": config.to_dict(),
-                })
-            if bar is not None:
-                post = {"loss": f"{history['train_loss'][-1]:.4g}"}
-                if history["val_loss"]:
-                    post["val"] = f"{history['val_loss'][-1]:.4g}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-            if callback is not None and callback(epoch + 1, history) is True:
-                break
+                    post = {"loss": f"{history['train_loss'][-1]:.4g}"}
+                    if history["val_loss"]:
+                        post["val"] = f"{history['val_loss'][-1]:.4g}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if callback is not None:
+                    wants_stop = callback(epoch + 1, history) is True
+                    if distributed.broadcast_flag(wants_stop, ctx, device):
+                        break
     finally:
         if bar is not None:
             bar.close()
     model.eval()
     return history
+
+
+def _epoch_sums(total, count, parts_sum, device, ctx):
+    """The epoch's loss sum, image count and part sums over every rank, read back in one go."""
+    keys = sorted(parts_sum)
+    packed = torch.stack([total.to(torch.float64), torch.tensor(float(count), dtype=torch.float64, device=device)]
+                         + [parts_sum[k].to(torch.float64) for k in keys])
+    values = distributed.all_reduce_sum(packed, ctx).tolist()
+    return values[0], int(round(values[1])), dict(zip(keys, values[2:]))
+
+
+def _validation_loss(model, loss_fn, data, batch_size, device, ctx):
+    """Per-sample mean loss over ``data`` in eval mode, each rank evaluating its share."""
+    model.eval()
+    try:
+        with ops.data_checks(True):  # not the hot path: user data gets every check
+            total, count = _loss_sums(model, loss_fn, data, batch_size, device, ctx)
+    finally:
+        model.train()
+    packed = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)])
+    total, count = distributed.all_reduce_sum(packed, ctx).tolist()
+    if count == 0:
+        raise ValueError("val_data yielded no images")
+    return total / count
 
 
 def _normalise(config):

@@ -30,6 +30,7 @@ def test_tiny_run_writes_every_output(example, tmp_path):
         saved = json.load(fh)
     assert saved["config"]["image_size"] == 32 and saved["config"]["n_images"] == 40
     assert saved["n_train"] + saved["n_val"] == 40
+    assert saved["world_size"] == 1 and saved["global_batch_size"] == 32  # one process, the preset's batch
     for model in ("spatial_stats", "vanilla"):
         for key in KEYS:
             assert key in saved[model], (model, key)

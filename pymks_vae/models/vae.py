@@ -137,9 +137,23 @@ class VAE(nn.Module):
         return self.encoder(x)
 
     @staticmethod
-    def reparameterize(mu, logvar):
-        """A draw ``mu + exp(logvar / 2) * noise`` with standard normal noise (torch's global RNG)."""
-        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    def reparameterize(mu, logvar, noise=None):
+        """A draw ``mu + exp(logvar / 2) * noise``.
+
+        Args:
+            mu, logvar: posterior parameters ``(B, latent_dim)``.
+            noise: standard normal draws ``(B, latent_dim)``; None draws them from torch's global
+                RNG (``randn_like(mu)``).
+
+        Returns:
+            ``z`` ``(B, latent_dim)``.
+        """
+        if noise is None:
+            noise = torch.randn_like(mu)
+        elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != tuple(mu.shape):
+            shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"noise must be a tensor of shape {tuple(mu.shape)} (batch, latent_dim), got {shape}")
+        return mu + torch.exp(0.5 * logvar) * noise
 
     def decode(self, z):
         """Fields ``(B, channels, *image_size)`` in [0, 1] from latent vectors ``(B, latent_dim)``."""
@@ -148,10 +162,17 @@ class VAE(nn.Module):
             raise ValueError(f"z must be a tensor (batch, {self.latent_dim}), got {shape}")
         return self.decoder(z)
 
-    def forward(self, x):
-        """``(x_hat, mu, logvar)``; ``z`` is sampled in training mode and equals ``mu`` in eval mode."""
+    def forward(self, x, noise=None):
+        """``(x_hat, mu, logvar)``; ``z`` is sampled in training mode and equals ``mu`` in eval mode.
+
+        Args:
+            x: images ``(B, channels, H, W)``.
+            noise: optional standard normal draws ``(B, latent_dim)`` for the sample in training
+                mode (a distributed run passes each rank its share of one global draw, so that N
+                processes sample what one process would); None draws them here. Ignored in eval mode.
+        """
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar) if self.training else mu
+        z = self.reparameterize(mu, logvar, noise) if self.training else mu
         return self.decode(z), mu, logvar
 
     @torch.no_grad()

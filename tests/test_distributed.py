@@ -1,0 +1,187 @@
+"""Distributed training on this CPU: 2 gloo processes started by torchrun, and the pieces alone.
+
+The end-to-end tests launch tests/distributed_worker.py with ``python -m torch.distributed.run``
+(torchrun) under a timeout, so a hang fails the test instead of stalling the suite.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pymks_vae import distributed, training
+from pymks_vae.distributed import DistContext, shard_bounds
+from pymks_vae.losses import SpatialStatsLoss
+from pymks_vae.models import VAE
+from pymks_vae.training import TrainConfig, load_checkpoint, train_vae
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import distributed_worker as worker  # noqa: E402
+
+LAUNCH_TIMEOUT_S = 150
+
+
+def torchrun(out, *args, nproc=2, monitor_interval=None):
+    """Run the worker on ``nproc`` local processes; returns (returncode, output, seconds)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", PYMKS_VAE_DIST_TIMEOUT="60")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--max-restarts=0"]
+    if monitor_interval is not None:
+        cmd.append(f"--monitor-interval={monitor_interval}")
+    cmd += [os.path.join(HERE, "distributed_worker.py"), "--out", str(out), *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
+
+
+def saved(out, name, rank=0):
+    return torch.load(os.path.join(out, f"{name}.rank{rank}.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """Both models trained for 2 epochs by 2 processes (global batch 8, 4 per rank)."""
+    out = tmp_path_factory.mktemp("ddp")
+    rc, log, _ = torchrun(out, "--epochs", "2")
+    assert rc == 0, log[-4000:]
+    return out
+
+
+# ----------------------------------------------------------------------------- pieces, in this process
+def test_shard_bounds_split_every_batch_evenly():
+    for n in range(0, 13):
+        for world in (1, 2, 3, 5):
+            bounds = [shard_bounds(n, r, world) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, in rank order
+            sizes = [b - a for a, b in bounds]
+            assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("kind", ["tensor", "dataset", "callable"])
+def test_the_ranks_shares_make_up_the_single_process_batches(kind):
+    data = torch.arange(21.0).reshape(21, 1, 1, 1)
+    if kind == "dataset":
+        source = torch.utils.data.TensorDataset(data)
+    elif kind == "callable":
+        def source():
+            return iter(data.split(5))
+    else:
+        source = data
+
+    def batches(ctx, min_global=2):
+        gen = torch.Generator().manual_seed(3)
+        return [(b.flatten().tolist(), g, a) for b, g, a in
+                training._shards(source, 5, kind != "callable", gen, 0, ctx, min_global)]
+
+    single = batches(DistContext())
+    assert [g for _, g, _ in single] == [5, 5, 5, 5]  # the global batch of 1 is skipped
+    ranks = [batches(DistContext(rank=r, world_size=2, distributed=True)) for r in range(2)]
+    for k, (whole, g, _) in enumerate(single):
+        (first, g0, a0), (second, g1, a1) = ranks[0][k], ranks[1][k]
+        assert first + second == whole and (g0, g1) == (g, g) and (a0, a1) == (0, 3)
+    # with 3 ranks a global batch of 2 leaves a rank without an image: skipped by every rank
+    three = [batches(DistContext(rank=r, world_size=3, distributed=True), min_global=3) for r in range(3)]
+    assert all(len(b) == 4 for b in three)
+
+
+def test_global_batchnorm_outside_a_process_group_is_plain_batchnorm():
+    torch.manual_seed(0)
+    model = VAE(latent_dim=2, image_size=16)
+    x = torch.rand(4, 1, 16, 16)
+    noise = torch.randn(4, 2)
+    keys = list(model.state_dict())
+    ref = [t.detach() for t in model(x, noise=noise)]
+    torch.manual_seed(0)
+    model = VAE(latent_dim=2, image_size=16)
+    with distributed.global_batchnorm(model) as n:
+        assert n > 0 and type(model.encoder.head[2]).__name__ == "GlobalBatchNorm1d"
+        got = [t.detach() for t in model(x, noise=noise)]
+        assert list(model.state_dict()) == keys
+    assert type(model.encoder.head[2]) is torch.nn.BatchNorm1d
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+
+
+def test_uncalibrated_loss_is_refused_in_a_distributed_run(monkeypatch):
+    monkeypatch.setattr(distributed, "context", lambda: DistContext(rank=0, world_size=2, distributed=True))
+    model = VAE(latent_dim=2, image_size=16)
+    with pytest.raises(ValueError, match=r"calibrate\(images\)"):
+        train_vae(model, SpatialStatsLoss(), torch.rand(8, 1, 16, 16), TrainConfig(epochs=1, progress=False))
+
+
+def test_noise_of_the_wrong_shape_is_refused():
+    model = VAE(latent_dim=2, image_size=16)
+    with pytest.raises(ValueError, match=r"noise must be a tensor of shape \(4, 2\)"):
+        model(torch.rand(4, 1, 16, 16), noise=torch.zeros(4, 3))
+
+
+# ----------------------------------------------------------------------------- 2 processes
+def test_two_processes_follow_the_single_process_run(two_process_run):
+    out = two_process_run
+    for name, loss in worker.losses().items():
+        model = worker.model()
+        hook = worker.record_first_gradients(model, str(out / f"{name}.grads.single.pt"))
+        try:
+            single = train_vae(model, loss, worker.lines(), worker.config(str(out / "single"), name, 2),
+                               val_data=worker.lines()[:6])
+        finally:
+            hook.remove()
+        dist0, dist1 = saved(out, name, 0), saved(out, name, 1)
+
+        # The gradient of the first step - after DDP's average, through the global BatchNorm, the
+        # per-rank loss weights and the shared noise - is the single process's to float rounding.
+        g_single = torch.load(out / f"{name}.grads.single.pt", weights_only=True)
+        g_dist = torch.load(out / f"{name}.grads.rank0.pt", weights_only=True)
+        scale = max(g.abs().max() for g in g_single.values())
+        for k, g in g_single.items():
+            torch.testing.assert_close(g_dist[k], g, rtol=1e-3, atol=1e-6 * float(scale), msg=f"{name}: grad {k}")
+
+        # Adam's early steps are nearly sign(g) * lr, so elements whose gradient is rounding noise
+        # (biases ahead of a BatchNorm, zero gradient in exact arithmetic) may step either way: a
+        # 1e-6 relative change of the initial weights moves some tensors by 15-30% (L2) after these
+        # 6 steps here. The distributed run stays far closer than that.
+        h = dist0["history"]
+        assert h["world_size"] == 2 and h["global_batch_size"] == worker.BATCH
+        assert h["images_seen"] == single["images_seen"] == 2 * worker.N_IMAGES
+        torch.testing.assert_close(torch.tensor(h["train_loss"]), torch.tensor(single["train_loss"]), rtol=1e-3, atol=0)
+        torch.testing.assert_close(torch.tensor(h["val_loss"]), torch.tensor(single["val_loss"]), rtol=1e-3, atol=0)
+        for k, w in model.named_parameters():
+            if float(g_single[k].abs().max()) < 1e-6 * float(scale):
+                continue  # a bias ahead of a BatchNorm: its gradient is rounding noise, its steps random
+            rel = float((dist0["state"][k] - w.detach()).norm() / w.detach().norm().clamp_min(1e-12))
+            assert rel < 0.05, (name, k, rel)
+        # every rank ends with the very same model
+        for k, v in dist0["state"].items():
+            assert torch.equal(v, dist1["state"][k]), (name, k)
+        ckpt = load_checkpoint(out / f"{name}.ckpt")
+        assert ckpt["world_size"] == 2 and ckpt["epoch"] == 2
+
+
+def test_interrupted_two_process_run_resumes_exactly(two_process_run, tmp_path):
+    rc, log, _ = torchrun(tmp_path, "--epochs", "2", "--max-epochs-this-call", "1")
+    assert rc == 0, log[-4000:]
+    assert load_checkpoint(tmp_path / "stats.ckpt")["epoch"] == 1
+    rc, log, _ = torchrun(tmp_path, "--epochs", "2", "--resume")
+    assert rc == 0, log[-4000:]
+    for name in worker.losses():
+        whole, resumed = saved(two_process_run, name), saved(tmp_path, name)
+        assert resumed["history"]["train_loss"] == whole["history"]["train_loss"], name
+        assert resumed["history"]["val_loss"] == whole["history"]["val_loss"], name
+        for k, v in whole["state"].items():
+            assert torch.equal(v, resumed["state"][k]), (name, k)
+
+
+def test_a_failing_rank_stops_every_rank_quickly(tmp_path):
+    # torchrun checks its workers every 2 s here, so rank 0 has time to report on its own.
+    rc, log, seconds = torchrun(tmp_path, "--fail-rank", "1", monitor_interval=2)
+    assert rc != 0
+    assert "ValueError: planted failure on rank 1" in log
+    assert "rank 0 of 2 stops: another rank failed first (rank 1: ValueError: planted failure on rank 1)" in log
+    assert seconds < 60, seconds
+    assert not os.path.exists(tmp_path / "fail.ckpt")  # the failure came mid-epoch: no checkpoint
