@@ -332,7 +332,7 @@ class SpatialStatsLoss:
         if not self._window_resolved:
             self.cutoff_ = auto_cutoff(images, loss=self, batch_size=batch_size)
             self._window_resolved = True
-        if self.normalise == "none":
+        if self.normalise == "none" or self.scale is not None:  # a scale the user gave is kept
             return self
         self.scale_ = stats_scale_from_data(images, normalise=self.normalise, loss=self, batch_size=batch_size)
         return self

@@ -755,14 +755,17 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         scale = None if _is_auto(self.stats_scale) else float(self.stats_scale)
         loss = _stats_loss(losses.SpatialStatsLoss, {"states": states, "correlations": pairs, "scale": scale,
                                                      "beta": beta}, bool(self.periodic_boundary), self.cutoff)
-        if scale is None:
+        if loss.needs_calibration:  # the scale and/or the auto window, from the first block, not one batch
             first = X[: min(256, X.chunks[0][0] if _is_dask(X) else 256)]
             first = np.asarray(first.compute() if _is_dask(first) else first)
             self._check_values(first, grey)
             try:
                 loss.calibrate(_to_tensor(first, grey))
             except ValueError:  # statistics constant over the block (e.g. one phase only): no normalisation
-                loss.scale_ = 1.0
+                if loss.scale_ is None:
+                    loss.scale_ = 1.0
+                if loss.needs_calibration:  # the window too: every lag
+                    loss.cutoff_, loss._window_resolved = None, True
         return loss
 
     def _batches(self, X, grey, rng):

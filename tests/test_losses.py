@@ -317,3 +317,11 @@ def test_auto_cutoff_follows_the_structure():
     assert SpatialStatsLoss(cutoff=3).calibrate(fine[:, None]).cutoff_ == 3
     with pytest.raises(ValueError, match="cutoff"):
         SpatialStatsLoss(cutoff="wide")
+
+
+def test_calibrate_keeps_a_given_scale():
+    x = (torch.rand(6, 1, 16, 16, dtype=torch.float64) > 0.5).double()
+    loss = SpatialStatsLoss(scale=2.0)
+    assert loss.needs_calibration  # the auto window is still open
+    loss.calibrate(x)
+    assert loss.scale_ == 2.0 and not loss.needs_calibration
