@@ -1,9 +1,11 @@
 """VAE losses: the spatial-statistics loss of the paper, the data-space (vanilla) loss, and KL.
 
 Every loss is a callable ``loss(x_hat, x, mu, logvar) -> (total, parts)``: ``total`` is a scalar
-tensor, the per-sample sums of squared errors (SSE) plus ``beta * KL`` summed over the batch (as
-the paper's authors did), and ``parts`` a dict of detached scalar tensors (``"stats"`` or
-``"data"``, and ``"kl"``) for logging.
+tensor, a per-sample error plus ``beta * KL`` reduced over the batch as the loss's ``reduction``
+says (``"batchmean"`` or ``"sum"``), and ``parts`` a dict of detached scalar tensors (``"stats"`` or
+``"data"``, and ``"kl"``) for logging. :class:`SpatialStatsLoss` defaults to the variance
+convention (the unexplained fraction of the statistics' variance, the same balance at every image
+size); :meth:`SpatialStatsLoss.paper` is the paper's exact SSE. See docs/spatial_stats_loss.md.
 
 Example:
     >>> import torch
