@@ -169,23 +169,9 @@ def plot_statistics(f_true, f_vae, f_pca, picks, names, path):
     plt.close(fig)
 
 
-def plot_latent(latents, y, names, path):
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(latents), figsize=(4.2 * len(latents), 3.8), squeeze=False)
-    for ax, (title, z) in zip(axes[0], latents.items()):
-        for c, name in enumerate(names):
-            pts = z[y == c]
-            ax.scatter(pts[:, 0], pts[:, 1] if z.shape[1] > 1 else np.zeros(len(pts)), s=12, label=name, alpha=0.8)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("latent 0"), ax.set_ylabel("latent 1")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None):
+    from pymks_vae.plotting import latent_scatter
+
     args = parse_args(argv)
     import torch
     from sklearn.decomposition import PCA
@@ -263,9 +249,9 @@ def main(argv=None):
     picks = [int(np.flatnonzero(y_test == c)[0]) for c in range(len(names))]
     plot_reconstructions(x[idx_test], rec[..., 1], picks, names, os.path.join(args.figures, "3d_reconstructions.png"))
     plot_statistics(f_test, f_vae, f_pca, picks, names, os.path.join(args.figures, "3d_statistics.png"))
-    plot_latent({f"VAE latent (size {args.latent_dim})": z_vae["test"],
-                 f"PCA of 2-point stats (size {args.latent_dim})": z_pca["test"]},
-                y_test, names, os.path.join(args.figures, "3d_latent.png"))
+    latent_scatter({f"VAE latent (size {args.latent_dim})": z_vae["test"],
+                    f"PCA of 2-point stats (size {args.latent_dim})": z_pca["test"]},
+                   y_test, names, os.path.join(args.figures, "3d_latent.png"))
 
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(table + "\n")

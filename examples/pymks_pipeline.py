@@ -124,22 +124,6 @@ def plot_microstructures(x, y, names, path, per_class=4):
     plt.close(fig)
 
 
-def plot_latent(latents, y, names, path):
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(latents), figsize=(4.2 * len(latents), 3.8), squeeze=False)
-    for ax, (title, z) in zip(axes[0], latents.items()):
-        for c, name in enumerate(names):
-            pts = z[y == c]
-            ax.scatter(pts[:, 0], pts[:, 1] if z.shape[1] > 1 else np.zeros(len(pts)), s=12, label=name, alpha=0.8)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("latent 0"), ax.set_ylabel("latent 1")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def plot_accuracy(per_size, path):
     import matplotlib.pyplot as plt
 
@@ -159,6 +143,8 @@ def plot_accuracy(per_size, path):
 
 
 def main(argv=None):
+    from pymks_vae.plotting import latent_scatter
+
     args = parse_args(argv)
     # scikit-learn steps after a lazy dask step compute it through numpy; dask warns on the way
     # (np.may_share_memory has no dask version). The numbers are right; the warning is noise here.
@@ -227,8 +213,9 @@ def main(argv=None):
     print("\n" + table)
 
     plot_microstructures(x, y, names, os.path.join(args.out, "microstructures.png"))
-    plot_latent({f"VAE latent (size {z_vae.shape[1]})": z_vae, f"PCA of 2-point stats (size {z_pca.shape[1]})": z_pca},
-                y_test, names, os.path.join(args.out, "latent_scatter.png"))
+    latent_scatter({f"VAE latent (size {z_vae.shape[1]})": z_vae,
+                    f"PCA of 2-point stats (size {z_pca.shape[1]})": z_pca},
+                   y_test, names, os.path.join(args.out, "latent_scatter.png"))
     plot_accuracy(per_size, os.path.join(args.out, "accuracy.png"))
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(table + "\n")

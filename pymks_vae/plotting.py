@@ -27,6 +27,7 @@ __all__ = [
     "confusion_matrix_plot",
     "loss_curves",
     "distribution_comparison",
+    "latent_scatter",
 ]
 
 
@@ -263,5 +264,40 @@ def distribution_comparison(train_values, val_values, path, title="Average MSE t
     ax.set_ylabel("density")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def latent_scatter(latents, labels, names, path):
+    """The first two latent coordinates of each method side by side, coloured by class.
+
+    Args:
+        latents: dict ``title -> (n, k)`` array (one panel each; k = 1 is drawn on a line).
+        labels: ``(n,)`` int class of each sample (indices into ``names``).
+        names: class names.
+        path: PNG file written (folders are created).
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> import tempfile, os
+        >>> z = np.random.default_rng(0).normal(size=(6, 2))
+        >>> p = latent_scatter({"VAE": z}, np.array([0, 0, 0, 1, 1, 1]), ["a", "b"],
+        ...                    os.path.join(tempfile.mkdtemp(), "z.png"))
+        >>> os.path.getsize(p) > 0
+        True
+    """
+    labels = np.asarray(labels)
+    fig = Figure(figsize=(4.2 * len(latents), 3.8))
+    axes = fig.subplots(1, len(latents), squeeze=False)
+    for ax, (title, z) in zip(axes[0], latents.items()):
+        z = np.asarray(z)
+        for c, name in enumerate(names):
+            pts = z[labels == c]
+            ax.scatter(pts[:, 0], pts[:, 1] if z.shape[1] > 1 else np.zeros(len(pts)), s=12, label=name, alpha=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("latent 0"), ax.set_ylabel("latent 1")
+    axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
