@@ -154,7 +154,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             ``loss="data"``.
         epochs: training epochs, or ``"auto"`` (default): at least 60 epochs and at least 1000
             optimisation steps (small data sets need more passes to learn; a 300-sample 64x64 fit
-            runs 60 epochs, about 40 s on one CPU core).
+            runs 60 epochs, about 35 s on two CPU cores).
         batch_size: training batch size.
         learning_rate: Adam learning rate.
         device: ``"auto"`` (GPU when available), ``"cpu"`` or ``"cuda"``; used for training only,
