@@ -368,12 +368,12 @@ class SpatialStatsLoss:
         with torch.no_grad():
             target = self.indicators(x.to(x_hat.dtype), target=True).detach()
         m_hat = self.indicators(x_hat)
-        full_periodic = self.periodic and self._cutoff(x) is None
-        if full_periodic or not self.centre:
+        cutoff = self._cutoff(x)
+        if (self.periodic and cutoff is None) or not self.centre:
             # the fused kernel (periodic, every lag); centring then only removes a per-sample constant:
             # sum_r (df(r) - dc)^2 = sum_r df(r)^2 - S dc^2, since sum_r f(r) = S mean_i mean_j exactly.
             per_sample = ops.spatial_stats_loss(m_hat, target, correlations=self.correlations, periodic=self.periodic,
-                                                cutoff=self._cutoff(x), scale=self.scale_, reduction="none")
+                                                cutoff=cutoff, scale=self.scale_, reduction="none")
             if self.centre:
                 dc = self._mean_products(m_hat) - self._mean_products(target)
                 per_sample = per_sample - self.scale_**2 * math.prod(x.shape[2:]) * dc.pow(2).sum(1)
@@ -381,7 +381,7 @@ class SpatialStatsLoss:
             diff = self.scale_ * (self.statistics(m_hat) - self.statistics(target))
             per_sample = diff.pow(2).flatten(1).sum(1)
         if self.normalise == "variance":
-            window = x.shape[2:] if self._cutoff(x) is None else (2 * self._cutoff(x) + 1,) * (x.ndim - 2)
+            window = x.shape[2:] if cutoff is None else (2 * cutoff + 1,) * (x.ndim - 2)
             per_sample = per_sample / (len(self.correlations) * math.prod(window))
         return _reduce(per_sample, reduction)
 

@@ -357,10 +357,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             try:
                 loss.calibrate(_to_tensor(first, grey))
             except ValueError:  # statistics constant over the block (e.g. one phase only): no normalisation
-                if loss.scale_ is None:
-                    loss.scale_ = 1.0
-                if loss.needs_calibration:  # the window too: every lag
-                    loss.cutoff_, loss._window_resolved = None, True
+                loss.scale_ = 1.0  # (calibrate fixes the window before it measures the scale, which raised)
         return loss
 
     def _batches(self, X, grey, rng):
