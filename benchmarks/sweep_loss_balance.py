@@ -55,7 +55,7 @@ def parse_args(argv=None):
 
 
 def _cutoff(text):
-    return {"auto": "auto", "none": None}.get(text, None if text == "none" else (text if text == "auto" else int(text)))
+    return {"auto": "auto", "none": None}[text] if text in ("auto", "none") else int(text)
 
 
 def run_cell(x, y, d, tr, te, args, beta, cutoff, scale_factor):
@@ -66,23 +66,24 @@ def run_cell(x, y, d, tr, te, args, beta, cutoff, scale_factor):
 
     from pymks_vae import VAETransformer
 
+    from pymks_vae.losses import SpatialStatsLoss
+
     onehot = np.stack([1.0 - x, x], axis=-1)
+    # The auto-window, calibrated-scale loss of the training fields: the scale VAETransformer calibrates
+    # (the scale-factor cells multiply it) and the yardstick of the held-out unexplained fraction.
+    ref = SpatialStatsLoss(states=(0.0, 1.0), correlations=((0, 0),)).calibrate(
+        torch.from_numpy(onehot[tr]).permute(0, 3, 1, 2))
     kw = {"latent_dim": args.latent_dim, "beta": beta, "cutoff": cutoff, "random_state": args.seed}
     if args.epochs:
         kw["epochs"] = args.epochs
+    if scale_factor != 1.0:
+        kw["stats_scale"] = ref.scale_ * scale_factor
     t0 = time.perf_counter()
     vae = VAETransformer(**kw).fit(onehot[tr])
-    if scale_factor != 1.0:  # refit with the calibrated scale multiplied
-        vae = VAETransformer(stats_scale=vae.stats_scale_ * scale_factor, **kw).fit(onehot[tr])
     seconds = time.perf_counter() - t0
     z = vae.transform(onehot)
     acc = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(z[tr], y[tr]).score(z[te], y[te])
     r2 = make_pipeline(StandardScaler(), RidgeCV()).fit(z[tr], d[tr]).score(z[te], d[te])
-    # held-out unexplained fraction, measured with the auto-window, calibrated-scale loss for every cell
-    from pymks_vae.losses import SpatialStatsLoss
-
-    ref = SpatialStatsLoss(states=(0.0, 1.0), correlations=((0, 0),)).calibrate(
-        torch.from_numpy(onehot[tr]).permute(0, 3, 1, 2))
     rec = torch.from_numpy(np.asarray(vae.inverse_transform(z[te]))).permute(0, 3, 1, 2)
     e = float(ref.stats_error(rec, torch.from_numpy(onehot[te]).permute(0, 3, 1, 2).to(rec.dtype)))
     return {"accuracy": float(acc), "r2": float(r2), "unexplained": e, "kl": float(vae.history_["train_parts"]["kl"][-1]),
