@@ -175,9 +175,19 @@ class SpatialStatsLoss:
             in a data set whose volume fraction varies, and a VAE trained on it learns the volume
             fraction and little of the shape (measured: 0.51 against 1.00 test accuracy on
             ``generate_classes``, docs/spatial_stats_loss.md). ``f(0)`` still carries the fraction.
+        one_point: also compare the one-point statistics, the volume fractions ``mean(m_i)`` of
+            the phases in ``correlations`` (``"variance"`` only): ``E_b`` gains
+            ``sum_i (mean m_i(x_hat) - mean m_i(x))**2 / var_1``, ``var_1`` their variance over
+            the calibration data summed over the phases - the fraction of the volume fractions'
+            variance left unexplained, weighted like the whole two-point term. Centring keeps the
+            volume fraction only in ``c(0)``, one lag of the window; this term gives it back the
+            weight PCA of uncentred statistics gives it, without letting it swamp the shape. When
+            the fractions vary by less than one pixel over the data (``var_1 < (1 / n_pixels)**2``:
+            every sample has the same composition) the term is off (``one_point_var_ = 0``).
 
     Attributes:
         scale_: the factor in use (None until calibrated).
+        one_point_var_: ``var_1`` (None until calibrated, 0 when the term is off; only with ``one_point``).
         cutoff_: the window in use (None: every lag; unresolved until calibrated when ``"auto"``).
 
     Example:
@@ -190,7 +200,7 @@ class SpatialStatsLoss:
 
     def __init__(self, states=(0.0,), eps=0.25, correlations=((0, 0),), normalise="variance", scale=None,
                  alpha=1.0, beta=None, soft=True, periodic=True, cutoff="auto", indicator="hat",
-                 reduction="batchmean", centre=None):
+                 reduction="batchmean", centre=None, one_point=False):
         try:
             self.states = tuple(float(h) for h in states)
         except (TypeError, ValueError):
@@ -252,6 +262,12 @@ class SpatialStatsLoss:
         if not isinstance(centre, bool):
             raise TypeError(f"centre must be None, True or False, got {centre!r}")
         self.centre = centre
+        if not isinstance(one_point, bool):
+            raise TypeError(f"one_point must be True or False, got {one_point!r}")
+        if one_point and normalise != "variance":
+            raise ValueError(f"one_point=True needs normalise='variance' (its own variance scales it), got {normalise!r}")
+        self.one_point = one_point
+        self.one_point_var_ = None
 
     @classmethod
     def paper(cls, scale, states=(0.0,), eps=0.25):
@@ -269,7 +285,8 @@ class SpatialStatsLoss:
         return (f"SpatialStatsLoss(normalise={self.normalise!r}, indicator={self.indicator!r}, "
                 f"states={self.states}, eps={self.eps}, correlations={self.correlations}, scale_={scale}, "
                 f"alpha={self.alpha:g}, beta={self.beta:g}, reduction={self.reduction!r}, centre={self.centre}, "
-                f"periodic={self.periodic}, cutoff={self.cutoff!r}, cutoff_={self.cutoff_})")
+                f"periodic={self.periodic}, cutoff={self.cutoff!r}, cutoff_={self.cutoff_}"
+                + (f", one_point=True, one_point_var_={self.one_point_var_}" if self.one_point else "") + ")")
 
     def indicators(self, x, target=False):
         """Phase indicators ``(batch, n_phase, *spatial)`` of ``x`` (see the class docstring)."""
@@ -297,6 +314,11 @@ class SpatialStatsLoss:
         if self.cutoff_ is None:
             return None
         return min(self.cutoff_, (min(x.shape[2:]) - 1) // 2)
+
+    def _phase_means(self, m):
+        """Volume fractions ``(batch, n)`` of the phases that appear in ``correlations``, in increasing order."""
+        mu = m.flatten(2).mean(2)
+        return torch.stack([mu[:, i] for i in sorted({i for p in self.correlations for i in p})], dim=1)
 
     def _mean_products(self, m):
         """``mean(m_i) * mean(m_j)`` per sample and pair, ``(batch, n_pairs)``: the statistics' far level."""
@@ -334,15 +356,30 @@ class SpatialStatsLoss:
         if not self._window_resolved:
             self.cutoff_ = auto_cutoff(images, loss=self, batch_size=batch_size)
             self._window_resolved = True
+        if self.one_point and self.one_point_var_ is None:
+            self.one_point_var_ = self._one_point_variance(images, batch_size)
         if self.normalise == "none" or self.scale is not None:  # a scale the user gave is kept
             return self
         self.scale_ = stats_scale_from_data(images, normalise=self.normalise, loss=self, batch_size=batch_size)
         return self
 
+    def _one_point_variance(self, images, batch_size):
+        x = _as_images(images)
+        if x.shape[0] < 2:
+            raise ValueError(f"the variance of the volume fractions needs 2 or more images, got {x.shape[0]}")
+        with torch.no_grad():
+            mu = torch.cat([self._phase_means(self.indicators(x[s : s + batch_size].to(torch.float64), target=True))
+                            for s in range(0, x.shape[0], batch_size)])
+        var = float(mu.var(0).sum())
+        # Below one pixel's worth of spread every sample has the same composition: nothing to explain.
+        return var if var >= (1.0 / math.prod(x.shape[2:])) ** 2 else 0.0
+
     @property
     def needs_calibration(self):
-        """True until :meth:`calibrate` (or the first batch) has fixed ``scale_`` and ``cutoff_``."""
-        return self.scale_ is None or not self._window_resolved
+        """True until :meth:`calibrate` (or the first batch) has fixed ``scale_``, ``cutoff_``
+        (and ``one_point_var_`` with ``one_point``)."""
+        return (self.scale_ is None or not self._window_resolved
+                or (self.one_point and self.one_point_var_ is None))
 
     def stats_error(self, x_hat, x, reduction="batchmean"):
         """The statistics term ``E`` alone (without ``alpha``), reduced over the batch.
@@ -383,6 +420,9 @@ class SpatialStatsLoss:
         if self.normalise == "variance":
             window = x.shape[2:] if cutoff is None else (2 * cutoff + 1,) * (x.ndim - 2)
             per_sample = per_sample / (len(self.correlations) * math.prod(window))
+        if self.one_point and self.one_point_var_:
+            d1 = self._phase_means(m_hat) - self._phase_means(target)
+            per_sample = per_sample + d1.pow(2).sum(1) / self.one_point_var_
         return _reduce(per_sample, reduction)
 
     def __call__(self, x_hat, x, mu, logvar):
@@ -410,9 +450,12 @@ def auto_cutoff(images, loss=None, level=AUTO_CUTOFF_LEVEL, batch_size=256):
     """The lag window that holds the structure of a data set's two-point statistics.
 
     Over the images, the mean statistics ``m(r)`` of each pair are compared with their level far
-    away (their mean over all lags, which periodic statistics reach at long range): the window is
-    the smallest ``(2c+1)^d`` cube holding every lag where ``|m(r) - mean m|`` exceeds ``level``
-    times its largest value. Beyond it single samples differ only by sampling noise, which no
+    away (their median over all lags: most lags are far ones): the window is the smallest
+    ``(2c+1)^d`` cube holding every lag where ``|m(r) - median m|`` exceeds ``level`` times its
+    largest value. (Not the mean over the lags: a sample's autocovariance sums to zero over a
+    periodic field, so on a small field the far lags sit below zero by the near lags' mass over
+    the field's size, and measured from zero they all looked like structure: the whole field was
+    kept for 32x32 random fields, a window of 8 px now, as at 48x48 to 128x128.) Beyond it single samples differ only by sampling noise, which no
     latent code can predict; a loss dominated by those lags (the full field of small-grained
     microstructures holds 5-10x more noise variance than structure) teaches the VAE nothing.
 
@@ -444,7 +487,7 @@ def auto_cutoff(images, loss=None, level=AUTO_CUTOFF_LEVEL, batch_size=256):
             n += f.shape[0]
     mean = total / n
     flat = mean.flatten(1)
-    dev = (flat - flat.mean(1, keepdim=True)).abs()
+    dev = (flat - flat.median(1, keepdim=True).values).abs()
     peak = dev.max(1, keepdim=True).values
     keep = (dev > level * peak.clamp_min(1e-300)).reshape(mean.shape).any(0)
     spatial = tuple(mean.shape[1:])

@@ -167,6 +167,12 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             1, else a ValueError says to pass ``spatial_ndim=3``) and 5 axes as 3D one-hot; 3
             reads 4 axes as 3D grey; 2 refuses 5 axes. A DataArray with named dims says which it
             is (a ``"state"`` dim or not). ``transform`` reads its input as ``fit`` did.
+        one_point: the spatial-statistics loss also compares the phases' volume fractions, as the
+            fraction of their variance over the first block left unexplained
+            (:class:`pymks_vae.losses.SpatialStatsLoss`'s ``one_point``; off by itself when every
+            sample has the same composition). Default True: the loss compares autocovariances,
+            which keep the volume fraction in one lag only, and without this term the latent
+            describes it poorly (docs/pymks.md). Ignored by ``loss="data"``.
 
     Attributes:
         model_: the trained ``torch.nn.Module`` (on the CPU, eval mode).
@@ -198,7 +204,8 @@ class VAETransformer(TransformerMixin, BaseEstimator):
 
     def __init__(self, latent_dim=9, encoder="cnn", correlations="auto", periodic_boundary=True,
                  cutoff="auto", loss="spatial_stats", beta="auto", stats_scale="auto", epochs="auto", batch_size=16,
-                 learning_rate=3e-3, device="auto", random_state=None, verbose=False, spatial_ndim="auto"):
+                 learning_rate=3e-3, device="auto", random_state=None, verbose=False, spatial_ndim="auto",
+                 one_point=True):
         self.latent_dim = latent_dim
         self.encoder = encoder
         self.correlations = correlations
@@ -214,6 +221,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
         self.spatial_ndim = spatial_ndim
+        self.one_point = one_point
 
     # ------------------------------------------------------------------ validation
     def _check_params(self):
@@ -236,6 +244,8 @@ class VAETransformer(TransformerMixin, BaseEstimator):
                 raise ValueError(f"stats_scale must be 'auto' or a finite number > 0, got {value!r}")
         if self.cutoff is not None and not _is_auto(self.cutoff):
             _check_int("cutoff", self.cutoff, 0)
+        if not isinstance(self.one_point, (bool, np.bool_)):
+            raise ValueError(f"one_point must be True or False, got {self.one_point!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if not isinstance(self.periodic_boundary, (bool, np.bool_)):
@@ -349,7 +359,8 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             pairs = tuple(_corr.resolve_correlations(self.correlations, len(states)))
         scale = None if _is_auto(self.stats_scale) else float(self.stats_scale)
         loss = _stats_loss(losses.SpatialStatsLoss, {"states": states, "correlations": pairs, "scale": scale,
-                                                     "beta": beta}, bool(self.periodic_boundary), self.cutoff)
+                                                     "beta": beta, "one_point": bool(self.one_point)},
+                           bool(self.periodic_boundary), self.cutoff)
         if loss.needs_calibration:  # the scale and/or the auto window, from the first block, not one batch
             first = X[: min(256, X.chunks[0][0] if _is_dask(X) else 256)]
             first = np.asarray(first.compute() if _is_dask(first) else first)
@@ -358,6 +369,8 @@ class VAETransformer(TransformerMixin, BaseEstimator):
                 loss.calibrate(_to_tensor(first, grey))
             except ValueError:  # statistics constant over the block (e.g. one phase only): no normalisation
                 loss.scale_ = 1.0  # (calibrate fixes the window before it measures the scale, which raised)
+                if loss.one_point and loss.one_point_var_ is None:
+                    loss.one_point_var_ = 0.0
         return loss
 
     def _batches(self, X, grey, rng):

@@ -325,3 +325,51 @@ def test_calibrate_keeps_a_given_scale():
     assert loss.needs_calibration  # the auto window is still open
     loss.calibrate(x)
     assert loss.scale_ == 2.0 and not loss.needs_calibration
+
+
+def test_auto_cutoff_is_the_same_on_small_fields():
+    # A sample's autocovariance sums to zero over a periodic field, so on a small field the far lags
+    # sit below zero; measured from zero they looked like structure and the whole 32x32 field was kept.
+    from pymks_vae.losses import auto_cutoff
+    from pymks_vae.microstructures import generate_grf_family
+
+    cuts = {}
+    for size in (32, 64):
+        x, _, _ = generate_grf_family(30, (size, size), seed=int(np.random.SeedSequence(size).generate_state(1)[0]))
+        cuts[size] = auto_cutoff(np.stack([1 - x, x], 1), loss=SpatialStatsLoss(states=(0.0, 1.0)))
+    assert cuts[32] is not None and cuts[64] is not None
+    assert abs(cuts[32] - cuts[64]) <= 1, cuts
+
+
+def test_one_point_term_scores_the_volume_fraction():
+    torch.manual_seed(0)
+    x = (torch.rand(40, 1, 16, 16) < torch.linspace(0.2, 0.8, 40).view(-1, 1, 1, 1)).double()
+    plain = SpatialStatsLoss(indicator="hat", cutoff=None).calibrate(x)
+    with_vf = SpatialStatsLoss(indicator="hat", cutoff=None, one_point=True).calibrate(x)
+    mu = x.flatten(1).mean(1)
+    assert with_vf.one_point_var_ == pytest.approx(float(mu.var()), rel=1e-9)
+    assert with_vf.scale_ == pytest.approx(plain.scale_, rel=1e-12)
+    # exactly the fraction of the volume fractions' variance left unexplained, added per sample
+    x_hat = x.flip(0)
+    extra = with_vf.stats_error(x_hat, x, reduction="none") - plain.stats_error(x_hat, x, reduction="none")
+    want = (x_hat.flatten(1).mean(1) - mu).pow(2) / float(mu.var())
+    assert torch.allclose(extra, want, rtol=1e-9, atol=1e-12)
+    # a gradient reaches the reconstruction through it
+    g = (0.25 + 0.5 * x_hat).requires_grad_(True)  # grey: the hat indicator's gradient is 0 at 0 and 1
+    with_vf.stats_error(g, x).backward()
+    assert torch.isfinite(g.grad).all() and g.grad.abs().sum() > 0
+    # the same composition everywhere: nothing to explain, the term is off
+    same = torch.zeros(6, 1, 16, 16, dtype=torch.float64)
+    for k in range(6):
+        same[k, 0].view(-1)[torch.randperm(256, generator=torch.Generator().manual_seed(k))[:100]] = 1.0
+    off = SpatialStatsLoss(indicator="hat", cutoff=None, one_point=True).calibrate(same)
+    assert off.one_point_var_ == 0.0
+    assert "one_point=True" in repr(off)
+
+
+def test_one_point_needs_the_variance_convention():
+    with pytest.raises(ValueError, match="one_point"):
+        SpatialStatsLoss(normalise="minmax", one_point=True)
+    with pytest.raises(TypeError, match="one_point"):
+        SpatialStatsLoss(one_point="yes")
+    assert SpatialStatsLoss(one_point=True).needs_calibration

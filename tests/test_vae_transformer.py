@@ -335,7 +335,7 @@ def test_inverse_transform_width(fitted_one_hot):
     (dict(stats_scale="big"), "stats_scale"), (dict(device="tpu"), "device"),
     (dict(encoder="transformer"), "encoder"), (dict(cutoff=-1), "cutoff"),
     (dict(spatial_ndim=4), "spatial_ndim"), (dict(spatial_ndim=True), "spatial_ndim"),
-    (dict(correlations="all"), "correlations"),
+    (dict(correlations="all"), "correlations"), (dict(one_point="yes"), "one_point"),
 ])
 def test_bad_parameters(micro, params, match):
     with pytest.raises(ValueError, match=match):
