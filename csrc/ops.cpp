@@ -38,6 +38,15 @@ TORCH_LIBRARY(pymks_vae, m) {
   m.def(
       "stats_loss_backward(Tensor grad, Tensor spectrum, int[] spatial, int n_state, int[] states) "
       "-> Tensor");
+  // The general loss (a lag window, per-lag weights, periodic or zero-padded statistics): per-sample
+  // values, dL/dC(x) on the window and the spectra of x (both empty unless need_grad), and the
+  // backward pass that turns them into d/dx.
+  m.def(
+      "stats_loss_window(Tensor x, Tensor target, int[] pair_i, int[] pair_j, bool periodic, int[] window, "
+      "Tensor? weight, float scale, bool need_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "stats_loss_window_backward(Tensor grad, Tensor grad_window, Tensor x_hat, int[] pair_i, int[] pair_j, "
+      "int n_state, int[] spatial, bool periodic) -> Tensor");
 }
 
 // OpenMP (ATen's parallel loops) and MKL (ATen's CPU FFTs) keep a per-thread limit on their

@@ -138,6 +138,52 @@ std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x, const
 at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectrum,
                                at::IntArrayRef spatial, int64_t n_state, at::IntArrayRef states);
 
+// ------------------------------------------------------------------ general loss (window, weights, padding)
+struct WindowLossArgs {
+  at::Tensor even;         // (B, n_auto, even_numel) real: auto differences (pruned even layout), or undefined
+  at::Tensor cross;        // (B, n_cross, cross_numel) real: cross differences (pruned cross layout), or undefined
+  at::Tensor pairs;        // WinPair table (bytes) on the device, one per pair
+  int64_t n_pairs;
+  at::Tensor weight;       // (n_pairs, *w) contiguous, or undefined (weight 1)
+  Geometry geom;
+  bool periodic;
+  double scale;
+  at::Tensor values;       // out: (B,) per-sample sums
+  at::Tensor grad_window;  // out: (B, n_pairs, *w) dL/dC(x) on the window, or undefined
+};
+
+struct WindowLossBackend {
+  // scale * (|X[b, idx_k]|^2 - |T[b, idx_k]|^2) into out in power_half's layout (first axis last)
+  void (*power_diff_half)(const at::Tensor& x_hat, const at::Tensor& t_hat, const at::Tensor& idx, double scale,
+                          at::Tensor& out);
+  // conj(X[b, a_k]) X[b, b_k] - conj(T[b, a_k]) T[b, b_k]  ->  (B, n_cross, *h)
+  at::Tensor (*diff_products)(const at::Tensor& x_hat, const at::Tensor& t_hat, const at::Tensor& a,
+                              const at::Tensor& b);
+  // Per-sample values and (when grad_window is defined) the gradient on the window
+  void (*window_pass)(const WindowLossArgs& args);
+  // The two-point operator's combine_grad of the same device
+  at::Tensor (*combine_grad)(const CombineArgs& args);
+};
+
+// The two-point backends' combine_grad passes, shared with the loss's backward.
+at::Tensor combine_grad_cpu(const CombineArgs& args);
+at::Tensor combine_grad_cuda(const CombineArgs& args);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_loss_window_forward(
+    const at::Tensor& x, const at::Tensor& target, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,
+    at::IntArrayRef window, const c10::optional<at::Tensor>& weight, double scale, bool need_grad,
+    const WindowLossBackend& be);
+
+at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& grad_window, const at::Tensor& x_hat,
+                                      at::IntArrayRef pair_i, at::IntArrayRef pair_j, int64_t n_state,
+                                      at::IntArrayRef spatial, bool periodic, const WindowLossBackend& be);
+
+// Pruned even transforms (two_point_driver.cpp): the layout of power_half's output for na states,
+// the scale its power spectra take, and the inverse transforms from it into the pruned even layout.
+std::vector<int64_t> even_power_sizes(const at::Tensor& x_hat, int64_t na);
+double even_power_scale(const Geometry& g);
+at::Tensor even_inverse(const at::Tensor& power_t, const Geometry& g);
+
 // ------------------------------------------------------------------ shared host helpers
 std::vector<int64_t> spatial_dims(int64_t ndim);
 // Samples per pass so that a pass's intermediates (per_sample_elems elements of x's type per

@@ -315,6 +315,34 @@ void check_mask(const at::Tensor& mask, const char* op) {
 
 }  // namespace
 
+std::vector<int64_t> even_power_sizes(const at::Tensor& x_hat, int64_t na) {
+  auto sizes = x_hat.sizes().vec();
+  sizes[1] = na;
+  std::rotate(sizes.begin() + 2, sizes.begin() + 3, sizes.end());
+  return sizes;
+}
+
+// 1/m_0 in the power spectrum; the inverse transform of the other axes divides by their sizes.
+// In 1D the one inverse transform divides by m_0 itself.
+double even_power_scale(const Geometry& g) { return g.ndim == 1 ? 1.0 : 1.0 / static_cast<double>(g.m[0]); }
+
+// See even_transform below for the layout and why.
+at::Tensor even_inverse(const at::Tensor& power_t, const Geometry& g) {
+  const int nd = g.ndim;
+  const int64_t m0 = g.m[0];
+  const int64_t B = power_t.size(0), na = power_t.size(1);
+  if (nd == 1) return at::fft_irfft(power_t, m0, 2).contiguous().view({B, na, -1});
+  // The kept rows go back to the front (a copy of the pruned, smaller array) so that the last
+  // transforms run over contiguous memory and leave the even layout as they write it.
+  auto q = at::fft_rfft(power_t, m0, -1).narrow(-1, 0, even_rows(g.w[0])).movedim(-1, 2).contiguous();
+  std::vector<int64_t> rest_dims, rest_sizes;
+  for (int d = 1; d < nd; ++d) {
+    rest_dims.push_back(d + 2);
+    rest_sizes.push_back(g.m[d]);
+  }
+  return at::fft_irfftn(q, rest_sizes, rest_dims).view({B, na, -1});  // (B, na, R0, m_1, .., m_{nd-1})
+}
+
 namespace {
 
 // Auto-correlations in the pruned even layout of spectral.h, unnormalised like the cross bases:
@@ -328,30 +356,11 @@ namespace {
 // 128^2 and cutoff 20.
 at::Tensor even_transform(const at::Tensor& x_hat, const std::vector<int32_t>& states, const Setup& s,
                           const TwoPointBackend& be) {
-  const int nd = s.geom.ndim;
-  const int64_t m0 = s.geom.m[0];
-  const int64_t B = x_hat.size(0), na = static_cast<int64_t>(states.size());
   auto idx = ints_to(states, x_hat.device());
-  // The power spectra with the first axis moved last: (B, na, h_1, .., h_{nd-1}, h_0).
-  auto sizes = x_hat.sizes().vec();
-  sizes[1] = na;
-  std::rotate(sizes.begin() + 2, sizes.begin() + 3, sizes.end());
-  auto power_t = at::empty(sizes, x_hat.options().dtype(at::toRealValueType(x_hat.scalar_type())));
-  if (nd == 1) {
-    be.power_half(x_hat, idx, 1.0, power_t);
-    return at::fft_irfft(power_t, m0, 2).contiguous().view({B, na, -1});
-  }
-  // 1/m_0 here; the inverse transform of the other axes divides by their sizes.
-  be.power_half(x_hat, idx, 1.0 / static_cast<double>(m0), power_t);
-  // The kept rows go back to the front (a copy of the pruned, smaller array) so that the last
-  // transforms run over contiguous memory and leave the even layout as they write it.
-  auto q = at::fft_rfft(power_t, m0, -1).narrow(-1, 0, even_rows(s.geom.w[0])).movedim(-1, 2).contiguous();
-  std::vector<int64_t> rest_dims, rest_sizes;
-  for (int d = 1; d < nd; ++d) {
-    rest_dims.push_back(d + 2);
-    rest_sizes.push_back(s.geom.m[d]);
-  }
-  return at::fft_irfftn(q, rest_sizes, rest_dims).view({B, na, -1});  // (B, na, R0, m_1, .., m_{nd-1})
+  auto power_t = at::empty(even_power_sizes(x_hat, static_cast<int64_t>(states.size())),
+                           x_hat.options().dtype(at::toRealValueType(x_hat.scalar_type())));
+  be.power_half(x_hat, idx, even_power_scale(s.geom), power_t);
+  return even_inverse(power_t, s.geom);
 }
 
 // Samples per pass of the forward operator: see cache_chunk. Per sample: the transformed fields

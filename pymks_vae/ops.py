@@ -278,8 +278,10 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
 
     ``sum over pairs and lags of weight * (scale * (f(x) - f(target)))**2`` per sample, where f
     is :func:`two_point_stats`. In the periodic case without cutoff or weight a fused kernel
-    computes value and gradient from two forward FFTs and one inverse FFT (Parseval); otherwise
-    the statistics come from :func:`two_point_stats`.
+    computes value and gradient from two forward FFTs and one inverse FFT (Parseval). Otherwise
+    (a window, weights, non-periodic statistics) another fused kernel computes the difference of
+    the statistics on the window only, from the spectra of ``x`` and ``target`` in one pass, and
+    keeps the spectra of ``x`` for its backward pass (one pruned forward and one inverse FFT).
 
     Args:
         x: float tensor ``(batch, n_state, *spatial)`` (the reconstruction; differentiable).
@@ -341,6 +343,17 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
         pj = [p[1] for p in pairs]
         need_grad = x.requires_grad and torch.is_grad_enabled()
         per_sample = torch.ops.pymks_vae.stats_loss(x, target, pi, pj, float(scale), need_grad)[0]
+        return reference.reduce_per_sample(per_sample, reduction, len(pairs) * math.prod(window))
+    if _use_compiled(x):
+        # A window, weights or zero padding: the general fused kernel (statistics of x and target
+        # in one pass, the gradient prepared for its own backward).
+        pi = [p[0] for p in pairs]
+        pj = [p[1] for p in pairs]
+        need_grad = x.requires_grad and torch.is_grad_enabled()
+        if weight is not None:
+            weight = weight.expand((len(pairs),) + tuple(window)).contiguous()
+        per_sample = torch.ops.pymks_vae.stats_loss_window(
+            x, target, pi, pj, periodic, list(window), weight, float(scale), need_grad)[0]
         return reference.reduce_per_sample(per_sample, reduction, len(pairs) * math.prod(window))
     fx = _stats_of("x", x, pairs, periodic, cutoff, op)
     ft = _stats_of("target", target, pairs, periodic, cutoff, op)
@@ -480,6 +493,62 @@ def _register():
         return grad_x, None, None, None, None, None
 
     torch.library.register_autograd("pymks_vae::stats_loss", _loss_backward, setup_context=_loss_setup)
+
+    @torch.library.register_fake("pymks_vae::stats_loss_window")
+    def _stats_loss_window_fake(x, target, pair_i, pair_j, periodic, window, weight, scale, need_grad):
+        states = sorted(set(pair_i) | set(pair_j))
+        spatial = tuple(x.shape[2:])
+        grid = spatial if periodic else tuple(_fast_fft_len(n + w // 2) for n, w in zip(spatial, window))
+        half = grid[:-1] + (grid[-1] // 2 + 1,)
+        ctype = torch.complex64 if x.dtype == torch.float32 else torch.complex128
+        if need_grad:
+            grad_window = x.new_empty((x.shape[0], len(pair_i)) + tuple(window))
+            x_hat = x.new_empty((x.shape[0], len(states)) + half, dtype=ctype)
+        else:
+            grad_window, x_hat = x.new_empty((0,)), x.new_empty((0,), dtype=ctype)
+        return x.new_empty((x.shape[0],)), grad_window, x_hat
+
+    @torch.library.register_fake("pymks_vae::stats_loss_window_backward")
+    def _stats_loss_window_backward_fake(grad, grad_window, x_hat, pair_i, pair_j, n_state, spatial, periodic):
+        return grad_window.new_empty((grad_window.shape[0], n_state) + tuple(spatial))
+
+    def _window_setup(ctx, inputs, output):
+        x, _, pair_i, pair_j, periodic, _, _, _, _ = inputs
+        ctx.save_for_backward(output[1], output[2])
+        ctx.args = (pair_i, pair_j, x.shape[1], list(x.shape[2:]), periodic)
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)
+
+    def _window_backward(ctx, grad_values, _grad_window, _grad_x_hat):
+        grad_window, x_hat = ctx.saved_tensors
+        pair_i, pair_j, n_state, spatial, periodic = ctx.args
+        grad_x = None
+        if ctx.needs_input_grad[0] and grad_values is not None:
+            if x_hat.numel() == 0:
+                raise RuntimeError(
+                    "spatial_stats_loss: the forward ran without need_grad, so no gradient was prepared"
+                )
+            grad_x = torch.ops.pymks_vae.stats_loss_window_backward(
+                grad_values.contiguous(), grad_window, x_hat, pair_i, pair_j, n_state, spatial, periodic
+            )
+        return grad_x, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "pymks_vae::stats_loss_window", _window_backward, setup_context=_window_setup
+    )
+
+
+def _fast_fft_len(n):
+    """The driver's fast_fft_len: smallest m >= n with no prime factor above 7 (for fake kernels)."""
+    m = max(int(n), 1)
+    while True:
+        r = m
+        for p in (2, 3, 5, 7):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
 
 
 if _extension.has_extension():

@@ -206,6 +206,8 @@ at::Tensor two_point_stats_backward_cuda(const at::Tensor& grad, const at::Tenso
 
 }  // namespace
 
+at::Tensor combine_grad_cuda(const CombineArgs& args) { return combine_grad(args); }
+
 TORCH_LIBRARY_IMPL(pymks_vae, CUDA, m) {
   m.impl("two_point_stats", &two_point_stats_cuda);
   m.impl("two_point_stats_backward", &two_point_stats_backward_cuda);
