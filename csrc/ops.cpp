@@ -30,6 +30,14 @@ TORCH_LIBRARY(pymks_vae, m) {
   m.def(
       "two_point_stats_backward(Tensor grad, Tensor x, int[] pair_i, int[] pair_j, bool periodic, "
       "int[] window, Tensor? mask) -> Tensor");
+  // The same statistics, and the spectra of the states the pairs name (masked, on the transform
+  // grid), which the backward pass below reuses instead of transforming x again.
+  m.def(
+      "two_point_stats_spectra(Tensor x, int[] pair_i, int[] pair_j, bool periodic, int[] window, "
+      "Tensor? mask, int partition) -> (Tensor, Tensor)");
+  m.def(
+      "two_point_stats_backward_spectra(Tensor grad, Tensor x_hat, int[] pair_i, int[] pair_j, int n_state, "
+      "int[] spatial, bool periodic, Tensor? mask) -> Tensor");
   // Per-sample squared distance between periodic statistics, and the gradient spectrum the
   // backward pass turns into d/dx with one inverse FFT.
   m.def(

@@ -109,6 +109,19 @@ at::Tensor two_point_forward(const at::Tensor& x, at::IntArrayRef pair_i, at::In
                              const c10::optional<at::Tensor>& mask, int64_t partition,
                              const TwoPointBackend& be);
 
+// The forward pass, and the spectra (B, n_used, *h) of the states the pairs name (masked, on the
+// transform grid) for two_point_backward_spectra, which then transforms no field again.
+std::tuple<at::Tensor, at::Tensor> two_point_forward_spectra(const at::Tensor& x, at::IntArrayRef pair_i,
+                                                             at::IntArrayRef pair_j, bool periodic,
+                                                             at::IntArrayRef window,
+                                                             const c10::optional<at::Tensor>& mask,
+                                                             int64_t partition, const TwoPointBackend& be);
+
+at::Tensor two_point_backward_spectra(const at::Tensor& grad, const at::Tensor& x_hat, at::IntArrayRef pair_i,
+                                      at::IntArrayRef pair_j, int64_t n_state, at::IntArrayRef spatial,
+                                      bool periodic, const c10::optional<at::Tensor>& mask,
+                                      const TwoPointBackend& be);
+
 at::Tensor two_point_backward(const at::Tensor& grad, const at::Tensor& x, at::IntArrayRef pair_i,
                               at::IntArrayRef pair_j, bool periodic, at::IntArrayRef window,
                               const c10::optional<at::Tensor>& mask, const TwoPointBackend& be);

@@ -253,9 +253,11 @@ def _run_two_point_stats(x, pairs, periodic, cutoff, window, mask, partition):
     if not _use_compiled(x):
         _check_finite_eager("two_point_stats", x=x, mask=mask)
         return reference.two_point_stats_ref(x, pairs, periodic=periodic, cutoff=cutoff, mask=mask)
-    return torch.ops.pymks_vae.two_point_stats(
-        x, [p[0] for p in pairs], [p[1] for p in pairs], periodic, list(window), mask, _PARTITION_MODE[partition]
-    )
+    args = (x, [p[0] for p in pairs], [p[1] for p in pairs], periodic, list(window), mask, _PARTITION_MODE[partition])
+    if x.requires_grad and torch.is_grad_enabled():
+        # The variant that also returns the spectra of x, so that the backward transforms no field.
+        return torch.ops.pymks_vae.two_point_stats_spectra(*args)[0]
+    return torch.ops.pymks_vae.two_point_stats(*args)
 
 
 def _check_finite_eager(op, **tensors):
@@ -457,6 +459,39 @@ def _register():
         "pymks_vae::two_point_stats", _two_point_backward, setup_context=_two_point_setup
     )
 
+    @torch.library.register_fake("pymks_vae::two_point_stats_spectra")
+    def _two_point_stats_spectra_fake(x, pair_i, pair_j, periodic, window, mask, partition):
+        states = sorted(set(pair_i) | set(pair_j))
+        grid = _grid(tuple(x.shape[2:]), window, periodic)
+        ctype = torch.complex64 if x.dtype == torch.float32 else torch.complex128
+        half = (x.shape[0], len(states)) + grid[:-1] + (grid[-1] // 2 + 1,)
+        return x.new_empty((x.shape[0], len(pair_i)) + tuple(window)), x.new_empty(half, dtype=ctype)
+
+    @torch.library.register_fake("pymks_vae::two_point_stats_backward_spectra")
+    def _two_point_stats_backward_spectra_fake(grad, x_hat, pair_i, pair_j, n_state, spatial, periodic, mask):
+        return grad.new_empty((grad.shape[0], n_state) + tuple(spatial))
+
+    def _spectra_setup(ctx, inputs, output):
+        x, pair_i, pair_j, periodic, _, mask, _ = inputs
+        ctx.save_for_backward(output[1], mask)
+        ctx.args = (pair_i, pair_j, x.shape[1], list(x.shape[2:]), periodic)
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    def _spectra_backward(ctx, grad, _grad_spectra):
+        x_hat, mask = ctx.saved_tensors
+        pair_i, pair_j, n_state, spatial, periodic = ctx.args
+        grad_x = None
+        if ctx.needs_input_grad[0] and grad is not None:
+            grad_x = torch.ops.pymks_vae.two_point_stats_backward_spectra(
+                grad.contiguous(), x_hat, pair_i, pair_j, n_state, spatial, periodic, mask
+            )
+        return grad_x, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "pymks_vae::two_point_stats_spectra", _spectra_backward, setup_context=_spectra_setup
+    )
+
     @torch.library.register_fake("pymks_vae::stats_loss")
     def _stats_loss_fake(x, target, pair_i, pair_j, scale, need_grad):
         states = sorted(set(pair_i) | set(pair_j))
@@ -498,7 +533,7 @@ def _register():
     def _stats_loss_window_fake(x, target, pair_i, pair_j, periodic, window, weight, scale, need_grad):
         states = sorted(set(pair_i) | set(pair_j))
         spatial = tuple(x.shape[2:])
-        grid = spatial if periodic else tuple(_fast_fft_len(n + w // 2) for n, w in zip(spatial, window))
+        grid = _grid(spatial, window, periodic)
         half = grid[:-1] + (grid[-1] // 2 + 1,)
         ctype = torch.complex64 if x.dtype == torch.float32 else torch.complex128
         if need_grad:
@@ -536,6 +571,13 @@ def _register():
     torch.library.register_autograd(
         "pymks_vae::stats_loss_window", _window_backward, setup_context=_window_setup
     )
+
+
+def _grid(spatial, window, periodic):
+    """The transform grid of the drivers: the field itself, or padded by the largest lag kept."""
+    if periodic:
+        return tuple(spatial)
+    return tuple(_fast_fft_len(n + w // 2) for n, w in zip(spatial, window))
 
 
 def _fast_fft_len(n):

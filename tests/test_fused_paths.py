@@ -292,3 +292,146 @@ def test_cuda_large_grid_and_gradcheck():
 def test_cuda_raw_ops_reject_mixed_devices(call, match):
     with pytest.raises(RuntimeError, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------- the operator's backward
+# With x requiring grad, ops.two_point_stats runs two_point_stats_spectra, whose forward pass keeps the
+# spectra of x, and its backward two_point_stats_backward_spectra transforms no field again.
+def _fields(kind, shape):
+    if kind == "rand":
+        return torch.rand(shape, dtype=torch.float64)
+    labels = (torch.rand((shape[0],) + shape[2:]) * shape[1]).long()  # one-hot: a partition, binary
+    return torch.nn.functional.one_hot(labels, shape[1]).movedim(-1, 1).to(torch.float64).contiguous()
+
+
+OP_CASES = [  # spatial, periodic, cutoff
+    ((9,), True, None), ((8,), False, 2), ((6, 7), True, 2), ((8, 8), False, None), ((7, 6), True, (3, 1)),
+    ((4, 5, 6), True, 1), ((4, 5, 4), False, None), ((3, 4, 4), True, None),
+]
+
+
+@pytest.mark.parametrize("spatial,periodic,cutoff", OP_CASES)
+@pytest.mark.parametrize("kind", ["rand", "onehot"])
+@pytest.mark.parametrize("masked", [None, "shared", "per_sample"])
+def test_operator_gradient_matches_reference(spatial, periodic, cutoff, kind, masked, device):
+    pairs = [(1, 1), (0, 1), (2, 0), (0, 0)]
+    x = _fields(kind, (3, 3) + spatial)
+    mask = None
+    if masked:
+        mask = (torch.rand(((3,) if masked == "per_sample" else ()) + spatial, dtype=torch.float64) > 0.3).double()
+    kw = dict(periodic=periodic, cutoff=cutoff)
+    xd = x.to(device).requires_grad_(True)
+    f = ops.two_point_stats(xd, pairs, mask=None if mask is None else mask.to(device), **kw)
+    w = torch.randn(f.shape, dtype=torch.float64)
+    (g,) = torch.autograd.grad((f * w.to(device)).sum(), xd)
+    xr = x.clone().requires_grad_(True)
+    ref = reference.two_point_stats_ref(xr, pairs, mask=mask, **kw)
+    (gr,) = torch.autograd.grad((ref * w).sum(), xr)
+    assert rel_err(f, ref) < 1e-10 and rel_err(g, gr) < 1e-10
+
+
+def test_operator_takes_the_spectra_variant(monkeypatch):
+    calls = []
+    real = torch.ops.pymks_vae.two_point_stats_backward_spectra
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(1)
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.pymks_vae, "two_point_stats_backward_spectra", Spy(), raising=False)
+    x = torch.rand(2, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    ops.two_point_stats(x, [(0, 1)], cutoff=2).sum().backward()
+    assert calls
+
+
+@pytest.mark.parametrize("spatial,pairs", [((7,), [(0, 0)]), ((4, 5), [(0, 1), (1, 1)]), ((3, 3, 4), [(1, 0)])])
+@pytest.mark.parametrize("periodic,cutoff,masked", [(True, None, False), (False, 1, True), (True, 1, True)])
+def test_operator_gradcheck(spatial, pairs, periodic, cutoff, masked):
+    x = torch.rand((2, 2) + spatial, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(spatial, dtype=torch.float64) > 0.2).double() if masked else None
+    assert torch.autograd.gradcheck(
+        lambda v: ops.two_point_stats(v, pairs, periodic=periodic, cutoff=cutoff, mask=mask), (x,))
+
+
+@pytest.mark.parametrize("spatial,periodic,window,masked,partition", [
+    ((8,), True, [5], False, 0), ((5, 6), False, [3, 6], True, 0), ((3, 4, 5), True, [3, 3, 5], False, 1),
+    ((6, 5), True, [6, 5], False, 2),
+])
+def test_operator_opcheck(spatial, periodic, window, masked, partition, device):
+    x = torch.rand((2, 2) + spatial, dtype=torch.float64, device=device)
+    if partition:
+        x[:, 1] = 1 - x[:, 0]
+    x.requires_grad_(True)
+    mask = torch.rand((1,) + spatial, dtype=torch.float64, device=device) if masked else None
+    args = (x, [0, 1], [1, 1], periodic, window, mask, partition)
+    torch.library.opcheck(torch.ops.pymks_vae.two_point_stats_spectra.default, args)
+    f, xh = torch.ops.pymks_vae.two_point_stats_spectra(*args)
+    torch.library.opcheck(torch.ops.pymks_vae.two_point_stats_backward_spectra.default,
+                          (torch.rand_like(f), xh, [0, 1], [1, 1], 2, list(spatial), periodic, mask))
+
+
+def test_operator_spectra_are_those_of_the_masked_fields():
+    x = torch.rand(2, 3, 7, 6, dtype=torch.float64)
+    mask = torch.rand(1, 7, 6, dtype=torch.float64)
+    f, xh = torch.ops.pymks_vae.two_point_stats_spectra(x, [2, 0], [2, 2], False, [5, 3], mask, 0)
+    want = torch.fft.rfftn((x * mask.unsqueeze(1))[:, [0, 2]], s=ops._grid((7, 6), (5, 3), False), dim=(2, 3))
+    assert torch.allclose(xh, want, rtol=0, atol=1e-12)
+    assert torch.equal(f, torch.ops.pymks_vae.two_point_stats(x, [2, 0], [2, 2], False, [5, 3], mask, 0))
+
+
+def _op_saved(device, dtype=torch.float64):
+    x = torch.rand(2, 2, 6, 7, dtype=dtype, device=device)
+    return torch.ops.pymks_vae.two_point_stats_spectra(x, [0], [1], True, [3, 3], None, 0)
+
+
+def _op_bwd(grad, xh, spatial=(6, 7), periodic=True, n_state=2, mask=None, pi=(0,), pj=(1,)):
+    return torch.ops.pymks_vae.two_point_stats_backward_spectra(grad, xh, list(pi), list(pj), n_state, list(spatial),
+                                                                periodic, mask)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda d: _op_bwd(_op_saved(d)[0].float(), _op_saved(d)[1]), RuntimeError, "grad has dtype Float but x_hat"),
+    (lambda d: _op_bwd(_op_saved(d)[0], _op_saved(d)[0]), RuntimeError, "x_hat must be complex64 or complex128"),
+    (lambda d: _op_bwd(*_op_saved(d), spatial=(6, 8)), ValueError, "x_hat has shape"),
+    (lambda d: _op_bwd(*_op_saved(d), periodic=False), ValueError, "x_hat has shape"),
+    (lambda d: _op_bwd(*_op_saved(d), n_state=1), ValueError, "out of range"),
+    (lambda d: _op_bwd(*_op_saved(d), pi=(0, 1), pj=(1, 1)), ValueError, "grad has shape"),
+    (lambda d: _op_bwd(*_op_saved(d), mask=torch.ones(1, 6, 6, dtype=torch.float64, device=d)), ValueError,
+     "mask has shape"),
+    (lambda d: _op_bwd(*_op_saved(d), mask=torch.ones(1, 6, 7, device=d)), RuntimeError, "mask has dtype Float"),
+    (lambda d: torch.ops.pymks_vae.two_point_stats_spectra(torch.rand(2, 2, 6, dtype=torch.float64, device=d), [0],
+                                                           [1], True, [7], None, 0), ValueError, "does not fit"),
+])
+def test_operator_raw_ops_reject_bad_arguments(call, exc, match, device):
+    with pytest.raises(exc, match=match):
+        call(device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spatial,periodic,cutoff", OP_CASES)
+def test_cuda_operator_backward_matches_cpu(spatial, periodic, cutoff):
+    pairs = [(1, 1), (0, 1)]
+    for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
+        for kind in ("rand", "onehot"):
+            x = _fields(kind, (3, 2) + spatial).to(dtype)
+            mask = (torch.rand(spatial) > 0.3).to(dtype)
+            for m in (None, mask):
+                kw = dict(periodic=periodic, cutoff=cutoff)
+                xc = x.clone().requires_grad_(True)
+                fc = ops.two_point_stats(xc, pairs, mask=m, **kw)
+                w = torch.randn(fc.shape, dtype=dtype)
+                (gc,) = torch.autograd.grad((fc * w).sum(), xc)
+                xg = x.cuda().requires_grad_(True)
+                fg = ops.two_point_stats(xg, pairs, mask=None if m is None else m.cuda(), **kw)
+                (gg,) = torch.autograd.grad((fg * w.cuda()).sum(), xg)
+                assert gg.is_cuda and rel_err(fg, fc) < tol and rel_err(gg, gc) < tol
+
+
+@pytest.mark.cuda
+def test_cuda_operator_raw_ops_reject_mixed_devices():
+    f, xh = _op_saved("cuda")
+    with pytest.raises(RuntimeError, match="grad is on cpu but x_hat is on cuda"):
+        _op_bwd(f.cpu(), xh)
+    with pytest.raises(RuntimeError, match="mask is on cpu but x_hat is on cuda"):
+        _op_bwd(f, xh, mask=torch.ones(1, 6, 7, dtype=torch.float64))
