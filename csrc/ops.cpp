@@ -46,12 +46,13 @@ TORCH_LIBRARY(pymks_vae, m) {
   m.def(
       "stats_loss_backward(Tensor grad, Tensor spectrum, int[] spatial, int n_state, int[] states) "
       "-> Tensor");
-  // The general loss (a lag window, per-lag weights, periodic or zero-padded statistics): per-sample
-  // values, dL/dC(x) on the window and the spectra of x (both empty unless need_grad), and the
-  // backward pass that turns them into d/dx.
+  // The general loss (a lag window, per-lag weights, periodic or zero-padded statistics, an offset
+  // per sample and pair): per-sample values, dL/dC(x) on the window, the spectra of x and dL/doffset
+  // (empty unless need_grad; the last also without offset), and the backward pass that turns the
+  // first two into d/dx.
   m.def(
       "stats_loss_window(Tensor x, Tensor target, int[] pair_i, int[] pair_j, bool periodic, int[] window, "
-      "Tensor? weight, float scale, bool need_grad) -> (Tensor, Tensor, Tensor)");
+      "Tensor? weight, Tensor? offset, float scale, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "stats_loss_window_backward(Tensor grad, Tensor grad_window, Tensor x_hat, int[] pair_i, int[] pair_j, "
       "int n_state, int[] spatial, bool periodic) -> Tensor");

@@ -259,11 +259,14 @@ PVAE_HD T auto_difference(cpx<T> xa, cpx<T> ta) { return cnorm2(xa) - cnorm2(ta)
 // normalisation. Per pair q and lag r, with delta the unnormalised difference C_q(x)(r) - C_q(t)(r)
 // (one inverse transform of conj(X_i) X_j - conj(T_i) T_j, not two) and inv its normaliser
 // (inv_norm_lag), the loss adds w (s inv delta)^2 and its gradient with respect to C_q(x)(r) is
-// 2 s^2 w inv^2 delta, which the backward pass correlates with the saved spectra.
+// 2 s^2 w inv^2 delta, which the backward pass correlates with the saved spectra. An offset (one
+// per sample and pair, e.g. the difference of the centring terms of autocovariances) is subtracted
+// from every lag's difference of statistics: d = s (inv delta - offset), and grad_off = dL/doffset.
 template <typename T>
-PVAE_HD T window_loss_lag(T delta, T inv, T w, T s, T& grad) {
-  const T d = s * inv * delta;
+PVAE_HD T window_loss_lag(T delta, T inv, T off, T w, T s, T& grad, T& grad_off) {
+  const T d = s * (inv * delta - off);
   grad = T(2) * w * d * s * inv;
+  grad_off = T(-2) * w * d * s;
   return w * d * d;
 }
 

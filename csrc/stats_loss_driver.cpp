@@ -205,10 +205,10 @@ at::Tensor window_forward(const at::Tensor& win, const Geometry& g) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_loss_window_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_forward(
     const at::Tensor& x_in, const at::Tensor& t_in, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,
-    at::IntArrayRef window, const c10::optional<at::Tensor>& weight_in, double scale, bool need_grad,
-    const WindowLossBackend& be) {
+    at::IntArrayRef window, const c10::optional<at::Tensor>& weight_in, const c10::optional<at::Tensor>& offset_in,
+    double scale, bool need_grad, const WindowLossBackend& be) {
   const char* op = "spatial_stats_loss";
   check_real_float(x_in, "x", op);
   check_like(t_in, "target", x_in, "x", op);
@@ -228,6 +228,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_loss_window_forward(
     TORCH_CHECK_VALUE(weight_in->sizes() == at::IntArrayRef(want), op, ": weight has shape ", weight_in->sizes(),
                       ", expected (n_pairs, *window) = ", at::IntArrayRef(want));
     weight = weight_in->contiguous();
+  }
+  at::Tensor offset;
+  if (offset_in.has_value() && offset_in->defined()) {
+    check_like(*offset_in, "offset", x_in, "x", op);
+    TORCH_CHECK_VALUE(offset_in->sizes() == at::IntArrayRef({x_in.size(0), nq}), op, ": offset has shape ",
+                      offset_in->sizes(), ", expected (batch, n_pairs) = (", x_in.size(0), ", ", nq, ")");
+    offset = offset_in->contiguous();
   }
   const c10::DeviceGuard guard(x_in.device());
 
@@ -266,6 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_loss_window_forward(
   const auto ctype = x.options().dtype(c10::toComplexType(x.scalar_type()));
   at::Tensor grad_window = need_grad ? at::empty(wsizes, x.options()) : at::empty({0}, x.options());
   at::Tensor x_hat_all = at::empty({0}, ctype);
+  at::Tensor grad_offset = need_grad && offset.defined() ? at::empty({B, nq}, x.options()) : at::empty({0}, x.options());
 
   int64_t grid = 1;
   for (int d = 0; d < g.ndim; ++d) grid *= g.m[d];
@@ -292,6 +300,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_loss_window_forward(
     a.pairs = pairs_t;
     a.n_pairs = nq;
     a.weight = weight;
+    if (offset.defined()) a.offset = offset.narrow(0, b0, n);
+    if (need_grad && offset.defined()) a.grad_offset = grad_offset.narrow(0, b0, n);
     a.geom = g;
     a.periodic = periodic;
     a.scale = scale;
@@ -299,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_loss_window_forward(
     if (need_grad) a.grad_window = grad_window.narrow(0, b0, n);
     be.window_pass(a);
   }
-  return {values, grad_window, x_hat_all};
+  return {values, grad_window, x_hat_all, grad_offset};
 }
 
 at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& grad_window, const at::Tensor& x_hat,

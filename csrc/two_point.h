@@ -158,6 +158,8 @@ struct WindowLossArgs {
   at::Tensor pairs;        // WinPair table (bytes) on the device, one per pair
   int64_t n_pairs;
   at::Tensor weight;       // (n_pairs, *w) contiguous, or undefined (weight 1)
+  at::Tensor offset;       // (B, n_pairs) contiguous, subtracted from each pair's statistics, or undefined
+  at::Tensor grad_offset;  // out: (B, n_pairs) dL/doffset, or undefined
   Geometry geom;
   bool periodic;
   double scale;
@@ -182,10 +184,10 @@ struct WindowLossBackend {
 at::Tensor combine_grad_cpu(const CombineArgs& args);
 at::Tensor combine_grad_cuda(const CombineArgs& args);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_loss_window_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_forward(
     const at::Tensor& x, const at::Tensor& target, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,
-    at::IntArrayRef window, const c10::optional<at::Tensor>& weight, double scale, bool need_grad,
-    const WindowLossBackend& be);
+    at::IntArrayRef window, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& offset,
+    double scale, bool need_grad, const WindowLossBackend& be);
 
 at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& grad_window, const at::Tensor& x_hat,
                                       at::IntArrayRef pair_i, at::IntArrayRef pair_j, int64_t n_state,

@@ -275,7 +275,7 @@ def _check_finite_eager(op, **tensors):
 
 # ----------------------------------------------------------------------------- the loss
 def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cutoff=None,
-                       weight=None, scale=1.0, reduction="sum"):
+                       weight=None, scale=1.0, reduction="sum", offset=None):
     """Squared distance between the two-point statistics of ``x`` and of ``target``.
 
     ``sum over pairs and lags of weight * (scale * (f(x) - f(target)))**2`` per sample, where f
@@ -300,6 +300,10 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
             ``kl_div`` precedent); "mean", the mean over every element (batch x pairs x lags,
             as ``torch.nn.MSELoss`` and the paper's ``nn.MSELoss`` runs); "none", the per-sample
             sums, a ``(batch,)`` tensor.
+        offset: None or a ``(batch, n_corr)`` tensor (differentiable) subtracted from every lag
+            of ``f(x) - f(target)`` of each sample and pair before scaling: the difference of
+            the centring terms when autocovariances are compared (see
+            :class:`pymks_vae.losses.SpatialStatsLoss`).
 
     Returns:
         a scalar tensor, or ``(batch,)`` for ``reduction="none"``.
@@ -339,8 +343,10 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
     window = _window(cutoff, tuple(x.shape[2:]), op)
     if weight is not None:
         weight = _loss_weight(weight, x, len(pairs), window, op)
+    if offset is not None:
+        offset = _loss_offset(offset, x, len(pairs), op)
 
-    if periodic and cutoff is None and weight is None and _use_compiled(x):
+    if periodic and cutoff is None and weight is None and offset is None and _use_compiled(x):
         pi = [p[0] for p in pairs]
         pj = [p[1] for p in pairs]
         need_grad = x.requires_grad and torch.is_grad_enabled()
@@ -351,15 +357,28 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
         # in one pass, the gradient prepared for its own backward).
         pi = [p[0] for p in pairs]
         pj = [p[1] for p in pairs]
-        need_grad = x.requires_grad and torch.is_grad_enabled()
+        need_grad = (x.requires_grad or (offset is not None and offset.requires_grad)) and torch.is_grad_enabled()
         if weight is not None:
             weight = weight.expand((len(pairs),) + tuple(window)).contiguous()
         per_sample = torch.ops.pymks_vae.stats_loss_window(
-            x, target, pi, pj, periodic, list(window), weight, float(scale), need_grad)[0]
+            x, target, pi, pj, periodic, list(window), weight, offset, float(scale), need_grad)[0]
         return reference.reduce_per_sample(per_sample, reduction, len(pairs) * math.prod(window))
     fx = _stats_of("x", x, pairs, periodic, cutoff, op)
     ft = _stats_of("target", target, pairs, periodic, cutoff, op)
-    return reference.stats_distance(fx, ft, float(scale), weight, reduction)
+    return reference.stats_distance(fx, ft, float(scale), weight, reduction, offset)
+
+
+def _loss_offset(offset, x, n_corr, op):
+    if not isinstance(offset, torch.Tensor):
+        raise TypeError(f"{op}: offset must be a torch.Tensor or None, got {type(offset).__name__}")
+    if offset.dtype != x.dtype:
+        raise TypeError(f"{op}: offset dtype {offset.dtype} differs from x dtype {x.dtype}")
+    if offset.device != x.device:
+        raise ValueError(f"{op}: offset is on {offset.device} but x is on {x.device}")
+    if tuple(offset.shape) != (x.shape[0], n_corr):
+        raise ValueError(f"{op}: offset must have shape (batch, n_corr) = {(x.shape[0], n_corr)}, "
+                         f"got {tuple(offset.shape)}")
+    return offset
 
 
 def _stats_of(name, t, pairs, periodic, cutoff, op):
@@ -530,7 +549,7 @@ def _register():
     torch.library.register_autograd("pymks_vae::stats_loss", _loss_backward, setup_context=_loss_setup)
 
     @torch.library.register_fake("pymks_vae::stats_loss_window")
-    def _stats_loss_window_fake(x, target, pair_i, pair_j, periodic, window, weight, scale, need_grad):
+    def _stats_loss_window_fake(x, target, pair_i, pair_j, periodic, window, weight, offset, scale, need_grad):
         states = sorted(set(pair_i) | set(pair_j))
         spatial = tuple(x.shape[2:])
         grid = _grid(spatial, window, periodic)
@@ -541,32 +560,38 @@ def _register():
             x_hat = x.new_empty((x.shape[0], len(states)) + half, dtype=ctype)
         else:
             grad_window, x_hat = x.new_empty((0,)), x.new_empty((0,), dtype=ctype)
-        return x.new_empty((x.shape[0],)), grad_window, x_hat
+        grad_offset = x.new_empty((x.shape[0], len(pair_i)) if need_grad and offset is not None else (0,))
+        return x.new_empty((x.shape[0],)), grad_window, x_hat, grad_offset
 
     @torch.library.register_fake("pymks_vae::stats_loss_window_backward")
     def _stats_loss_window_backward_fake(grad, grad_window, x_hat, pair_i, pair_j, n_state, spatial, periodic):
         return grad_window.new_empty((grad_window.shape[0], n_state) + tuple(spatial))
 
     def _window_setup(ctx, inputs, output):
-        x, _, pair_i, pair_j, periodic, _, _, _, _ = inputs
-        ctx.save_for_backward(output[1], output[2])
-        ctx.args = (pair_i, pair_j, x.shape[1], list(x.shape[2:]), periodic)
-        ctx.mark_non_differentiable(output[1], output[2])
+        x, _, pair_i, pair_j, periodic, _, _, offset, _, _ = inputs
+        ctx.save_for_backward(output[1], output[2], output[3])
+        ctx.args = (pair_i, pair_j, x.shape[1], list(x.shape[2:]), periodic, offset is not None)
+        ctx.mark_non_differentiable(output[1], output[2], output[3])
         ctx.set_materialize_grads(False)
 
-    def _window_backward(ctx, grad_values, _grad_window, _grad_x_hat):
-        grad_window, x_hat = ctx.saved_tensors
-        pair_i, pair_j, n_state, spatial, periodic = ctx.args
-        grad_x = None
-        if ctx.needs_input_grad[0] and grad_values is not None:
+    def _window_backward(ctx, grad_values, _grad_window, _grad_x_hat, _grad_offset):
+        grad_window, x_hat, grad_offset = ctx.saved_tensors
+        pair_i, pair_j, n_state, spatial, periodic, has_offset = ctx.args
+        grad_x = grad_off = None
+        if grad_values is None:
+            return None, None, None, None, None, None, None, None, None, None
+        missing = RuntimeError("spatial_stats_loss: the forward ran without need_grad, so no gradient was prepared")
+        if ctx.needs_input_grad[0]:
             if x_hat.numel() == 0:
-                raise RuntimeError(
-                    "spatial_stats_loss: the forward ran without need_grad, so no gradient was prepared"
-                )
+                raise missing
             grad_x = torch.ops.pymks_vae.stats_loss_window_backward(
                 grad_values.contiguous(), grad_window, x_hat, pair_i, pair_j, n_state, spatial, periodic
             )
-        return grad_x, None, None, None, None, None, None, None, None
+        if has_offset and ctx.needs_input_grad[7]:
+            if grad_offset.numel() == 0:
+                raise missing
+            grad_off = grad_offset * grad_values.unsqueeze(1)
+        return grad_x, None, None, None, None, None, None, grad_off, None, None
 
     torch.library.register_autograd(
         "pymks_vae::stats_loss_window", _window_backward, setup_context=_window_setup

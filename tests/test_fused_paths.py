@@ -63,15 +63,17 @@ def test_raw_operator_outputs():
     t = torch.rand(2, 3, 7, 8, dtype=torch.float64)
     pairs = [(2, 2), (0, 2)]
     for periodic in (True, False):
-        values, gw, xh = torch.ops.pymks_vae.stats_loss_window(x, t, [0, 2], [2, 2], periodic, [5, 3], None, 2.0, True)
+        values, gw, xh, go = torch.ops.pymks_vae.stats_loss_window(x, t, [0, 2], [2, 2], periodic, [5, 3], None, None,
+                                                                   2.0, True)
         want = reference.spatial_stats_loss_ref(x, t, correlations=[(0, 2), (2, 2)], periodic=periodic,
                                                 cutoff=(2, 1), scale=2.0, reduction="none")
         assert rel_err(values, want) < 1e-10
         assert gw.shape == (2, 2, 5, 3)
         grid = (7, 8) if periodic else (ops._fast_fft_len(7 + 2), ops._fast_fft_len(8 + 1))
         assert xh.shape == (2, 2, grid[0], grid[1] // 2 + 1) and xh.dtype == torch.complex128
-        values2, gw2, xh2 = torch.ops.pymks_vae.stats_loss_window(x, t, [0, 2], [2, 2], periodic, [5, 3], None, 2.0,
-                                                                  False)
+        assert go.numel() == 0  # no offset
+        values2, gw2, xh2, _ = torch.ops.pymks_vae.stats_loss_window(x, t, [0, 2], [2, 2], periodic, [5, 3], None, None,
+                                                                     2.0, False)
         assert gw2.numel() == 0 and xh2.numel() == 0 and torch.equal(values, values2)
     del pairs
 
@@ -129,9 +131,12 @@ def test_opcheck(spatial, pair, periodic, window, weighted, device):
     t = torch.rand((2, 2) + spatial, dtype=torch.float64, device=device)
     weight = torch.rand([1] + window, dtype=torch.float64, device=device) if weighted else None
     op = torch.ops.pymks_vae.stats_loss_window
-    torch.library.opcheck(op.default, (x, t, [pair[0]], [pair[1]], periodic, window, weight, 1.5, True))
-    torch.library.opcheck(op.default, (x.detach(), t, [pair[0]], [pair[1]], periodic, window, weight, 1.0, False))
-    _, gw, xh = op(x.detach(), t, [pair[0]], [pair[1]], periodic, window, weight, 1.0, True)
+    torch.library.opcheck(op.default, (x, t, [pair[0]], [pair[1]], periodic, window, weight, None, 1.5, True))
+    torch.library.opcheck(op.default, (x.detach(), t, [pair[0]], [pair[1]], periodic, window, weight, None, 1.0,
+                                       False))
+    off = torch.rand(2, 1, dtype=torch.float64, device=device, requires_grad=True)
+    torch.library.opcheck(op.default, (x, t, [pair[0]], [pair[1]], periodic, window, weight, off, 1.5, True))
+    _, gw, xh, _ = op(x.detach(), t, [pair[0]], [pair[1]], periodic, window, weight, None, 1.0, True)
     torch.library.opcheck(torch.ops.pymks_vae.stats_loss_window_backward.default,
                           (torch.rand(2, dtype=torch.float64, device=device), gw, xh, [pair[0]], [pair[1]], 2,
                            list(spatial), periodic))
@@ -198,11 +203,12 @@ def _xt(device, dtype=torch.float64):
 
 
 def _fwd(x, t, window=(3, 3), weight=None, pi=(0,), pj=(1,), periodic=True):
-    return torch.ops.pymks_vae.stats_loss_window(x, t, list(pi), list(pj), periodic, list(window), weight, 1.0, True)
+    return torch.ops.pymks_vae.stats_loss_window(x, t, list(pi), list(pj), periodic, list(window), weight, None, 1.0,
+                                                 True)
 
 
 def _saved(device, dtype=torch.float64, periodic=True):
-    _, gw, xh = _fwd(*_xt(device, dtype), periodic=periodic)
+    _, gw, xh, _ = _fwd(*_xt(device, dtype), periodic=periodic)
     return gw, xh
 
 
@@ -435,3 +441,72 @@ def test_cuda_operator_raw_ops_reject_mixed_devices():
         _op_bwd(f.cpu(), xh)
     with pytest.raises(RuntimeError, match="mask is on cpu but x_hat is on cuda"):
         _op_bwd(f, xh, mask=torch.ones(1, 6, 7, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- offsets (centred statistics)
+@pytest.mark.parametrize("spatial,periodic,cutoff,weighted", CASES[::2])
+def test_offset_matches_reference(spatial, periodic, cutoff, weighted, device):
+    pairs = [(0, 0), (0, 1)]
+    x = torch.rand((3, 2) + spatial, dtype=torch.float64)
+    t = torch.rand((3, 2) + spatial, dtype=torch.float64)
+    off = torch.randn(3, 2, dtype=torch.float64) * 0.1
+    window = reference.window_shape(spatial, cutoff)
+    weight = torch.rand((len(pairs),) + window, dtype=torch.float64) if weighted else None
+    kw = dict(correlations=pairs, periodic=periodic, cutoff=cutoff, scale=1.7, reduction="none")
+    grads = []
+    for fn, dev in ((ops.spatial_stats_loss, device), (reference.spatial_stats_loss_ref, torch.device("cpu"))):
+        xr = x.to(dev).requires_grad_(True)
+        o = off.to(dev).requires_grad_(True)
+        out = fn(xr, t.to(dev), weight=None if weight is None else weight.to(dev), offset=o, **kw)
+        w = torch.linspace(-1, 2, 3, dtype=torch.float64, device=dev)
+        grads.append((out, *torch.autograd.grad((out * w).sum(), (xr, o))))
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_offset_gradcheck_and_opcheck():
+    x = torch.rand(2, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(2, 2, 5, 6, dtype=torch.float64)
+    off = torch.rand(2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda v, o: ops.spatial_stats_loss(v, t, correlations=[(0, 1), (1, 1)], cutoff=2, periodic=False, offset=o,
+                                            reduction="none"), (x, off))
+    torch.library.opcheck(torch.ops.pymks_vae.stats_loss_window.default,
+                          (x, t, [0, 1], [1, 1], True, [5, 5], None, off, 1.3, True))
+    # only the offset requires grad: values and dL/doffset, no gradient for x
+    o = off.detach().requires_grad_(True)
+    out = ops.spatial_stats_loss(x.detach(), t, correlations=[(0, 1), (1, 1)], cutoff=2, offset=o)
+    (g,) = torch.autograd.grad(out, o)
+    assert g.shape == (2, 2)
+
+
+def test_offset_bad_arguments():
+    x, t = torch.rand(2, 1, 8, 8, dtype=torch.float64), torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"offset must have shape \(batch, n_corr\)"):
+        ops.spatial_stats_loss(x, t, cutoff=2, offset=torch.zeros(2, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="offset dtype"):
+        ops.spatial_stats_loss(x, t, cutoff=2, offset=torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="offset has shape"):
+        torch.ops.pymks_vae.stats_loss_window(x, t, [0], [0], True, [5, 5], None, torch.zeros(3, 1, dtype=torch.float64),
+                                              1.0, True)
+
+
+def test_centred_windowed_loss_takes_the_fused_operator(monkeypatch):
+    """SpatialStatsLoss with centring and a window (the VAE's default at 64x64) runs the fused operator,
+    with the same value and gradient as the statistics computed by two_point_stats."""
+    from pymks_vae.losses import SpatialStatsLoss
+
+    loss = SpatialStatsLoss(states=(0.0, 1.0), normalise="none", cutoff=3, centre=True, correlations=((0, 0), (0, 1)))
+    x_hat = torch.rand(3, 2, 16, 16, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(3, 2, 16, 16, dtype=torch.float64)
+    got = loss.stats_error(x_hat, x, reduction="none")
+    (g,) = torch.autograd.grad(got.sum(), x_hat)
+    want = (loss.statistics(loss.indicators(x_hat)) - loss.target_statistics(x)).pow(2).flatten(1).sum(1)
+    (gw,) = torch.autograd.grad(want.sum(), x_hat)
+    assert rel_err(got, want) < 1e-10 and rel_err(g, gw) < 1e-10
+
+    def no_operator(*args, **kwargs):
+        raise AssertionError("the loss fell back to two_point_stats")
+
+    monkeypatch.setattr(ops, "two_point_stats", no_operator)
+    loss.stats_error(x_hat, x, reduction="none").sum().backward()

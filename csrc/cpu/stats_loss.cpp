@@ -209,9 +209,13 @@ void window_pass_t(const WindowLossArgs& a) {
   const auto* pairs = reinterpret_cast<const WinPair*>(a.pairs.data_ptr());
   const T* weight = a.weight.defined() ? a.weight.data_ptr<T>() : nullptr;
   T* grad = a.grad_window.defined() ? a.grad_window.data_ptr<T>() : nullptr;
+  const T* offset = a.offset.defined() ? a.offset.data_ptr<T>() : nullptr;
+  const bool want_off = a.grad_offset.defined();
   const T s = static_cast<T>(a.scale), inv_s = T(1) / static_cast<T>(s_total);
   auto partial = at::empty({B, nq * wrows}, a.values.options());
   T* part = partial.data_ptr<T>();
+  auto partial_off = want_off ? at::empty({B, nq, wrows}, a.values.options()) : at::Tensor();
+  T* part_off = want_off ? partial_off.data_ptr<T>() : nullptr;
 
   // One task per (sample, pair, window row), each writing its own partial sum (deterministic).
   at::parallel_for(0, B * nq * wrows, 16, [&](int64_t begin, int64_t end) {
@@ -234,18 +238,22 @@ void window_pass_t(const WindowLossArgs& a) {
       }
       const T* wt = weight ? weight + (q * wrows + wr) * W : nullptr;
       T* go = grad ? grad + task * W : nullptr;
-      T acc = T(0), gv;
+      const T off = offset ? offset[b * nq + q] : T(0);
+      T acc = T(0), acc_off = T(0), gv, goff;
       for (int64_t i = 0; i < W; ++i) {
         lag[nd - 1] = window_lag(i, W);
         const int64_t r = rev ? -lag[nd - 1] : lag[nd - 1];
         const T inv = a.periodic ? inv_s : inv_norm_lag<T>(g, lag, false, inv_s);
-        acc += window_loss_lag<T>(src[r < 0 ? r + M : r], inv, wt ? wt[i] : T(1), s, gv);
+        acc += window_loss_lag<T>(src[r < 0 ? r + M : r], inv, off, wt ? wt[i] : T(1), s, gv, goff);
+        acc_off += goff;
         if (go) go[i] = gv;
       }
       part[task] = acc;
+      if (part_off) part_off[task] = acc_off;
     }
   });
   a.values.copy_(partial.sum(1));
+  if (want_off) a.grad_offset.copy_(partial_off.sum(2));
 }
 
 void window_pass(const WindowLossArgs& a) {
@@ -254,10 +262,12 @@ void window_pass(const WindowLossArgs& a) {
 
 const WindowLossBackend kCpuWindow{power_diff_half, diff_products, window_pass, combine_grad_cpu};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_loss_window_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_cpu(
     const at::Tensor& x, const at::Tensor& target, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,
-    at::IntArrayRef window, const c10::optional<at::Tensor>& weight, double scale, bool need_grad) {
-  return stats_loss_window_forward(x, target, pair_i, pair_j, periodic, window, weight, scale, need_grad, kCpuWindow);
+    at::IntArrayRef window, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& offset,
+    double scale, bool need_grad) {
+  return stats_loss_window_forward(x, target, pair_i, pair_j, periodic, window, weight, offset, scale, need_grad,
+                                   kCpuWindow);
 }
 
 at::Tensor stats_loss_window_backward_cpu(const at::Tensor& grad, const at::Tensor& grad_window,

@@ -131,8 +131,9 @@ at::Tensor diff_products(const at::Tensor& xh, const at::Tensor& th, const at::T
 // row loop, through spectral.h's index maps.
 template <typename T>
 __global__ void window_kernel(const T* even, int64_t na, int64_t en, const T* cross, int64_t nc, int64_t cn,
-                              const WinPair* pairs, const T* weight, Geometry g, bool periodic, int64_t nq,
-                              int64_t win, T scale, T inv_s, T* grad, T* contrib, int64_t total) {
+                              const WinPair* pairs, const T* weight, const T* offset, Geometry g, bool periodic,
+                              int64_t nq, int64_t win, T scale, T inv_s, T* grad, T* contrib, T* contrib_off,
+                              int64_t total) {
   PVAE_GRID_STRIDE(idx, total) {
     const int64_t bq = idx / win, q = bq % nq, b = bq / nq, wflat = idx % win;
     int64_t widx[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
@@ -142,9 +143,11 @@ __global__ void window_kernel(const T* even, int64_t na, int64_t en, const T* cr
     const T delta = p.is_auto ? even[(b * na + p.base) * en + even_index(lag, g.m, g.ndim)]
                               : cross[(b * nc + p.base) * cn + cross_index(widx, lag, g)];
     const T inv = inv_norm_lag<T>(g, lag, periodic, inv_s);
-    T gv;
-    contrib[idx] = window_loss_lag<T>(delta, inv, weight ? weight[q * win + wflat] : T(1), scale, gv);
+    T gv, goff;
+    contrib[idx] = window_loss_lag<T>(delta, inv, offset ? offset[bq] : T(0), weight ? weight[q * win + wflat] : T(1),
+                                      scale, gv, goff);
     if (grad != nullptr) grad[idx] = gv;
+    if (contrib_off != nullptr) contrib_off[idx] = goff;
   }
 }
 
@@ -157,6 +160,7 @@ void window_pass(const WindowLossArgs& a) {
   }
   const int64_t B = a.values.size(0), total = B * a.n_pairs * win;
   auto contrib = at::empty({B, a.n_pairs * win}, a.values.options());
+  auto contrib_off = a.grad_offset.defined() ? at::empty({B, a.n_pairs, win}, a.values.options()) : at::Tensor();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(a.values.scalar_type(), "window_pass", [&] {
     window_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
@@ -164,20 +168,25 @@ void window_pass(const WindowLossArgs& a) {
         a.even.defined() ? a.even.size(2) : 0, a.cross.defined() ? a.cross.data_ptr<scalar_t>() : nullptr,
         a.cross.defined() ? a.cross.size(1) : 0, a.cross.defined() ? a.cross.size(2) : 0,
         reinterpret_cast<const WinPair*>(a.pairs.data_ptr()),
-        a.weight.defined() ? a.weight.data_ptr<scalar_t>() : nullptr, g, a.periodic, a.n_pairs, win,
+        a.weight.defined() ? a.weight.data_ptr<scalar_t>() : nullptr,
+        a.offset.defined() ? a.offset.data_ptr<scalar_t>() : nullptr, g, a.periodic, a.n_pairs, win,
         static_cast<scalar_t>(a.scale), scalar_t(1) / static_cast<scalar_t>(s_total),
-        a.grad_window.defined() ? a.grad_window.data_ptr<scalar_t>() : nullptr, contrib.data_ptr<scalar_t>(), total);
+        a.grad_window.defined() ? a.grad_window.data_ptr<scalar_t>() : nullptr, contrib.data_ptr<scalar_t>(),
+        contrib_off.defined() ? contrib_off.data_ptr<scalar_t>() : nullptr, total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   a.values.copy_(contrib.sum(1));
+  if (contrib_off.defined()) a.grad_offset.copy_(contrib_off.sum(2));
 }
 
 const WindowLossBackend kCudaWindow{power_diff_half, diff_products, window_pass, combine_grad_cuda};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_loss_window_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_cuda(
     const at::Tensor& x, const at::Tensor& target, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,
-    at::IntArrayRef window, const c10::optional<at::Tensor>& weight, double scale, bool need_grad) {
-  return stats_loss_window_forward(x, target, pair_i, pair_j, periodic, window, weight, scale, need_grad, kCudaWindow);
+    at::IntArrayRef window, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& offset,
+    double scale, bool need_grad) {
+  return stats_loss_window_forward(x, target, pair_i, pair_j, periodic, window, weight, offset, scale, need_grad,
+                                   kCudaWindow);
 }
 
 at::Tensor stats_loss_window_backward_cuda(const at::Tensor& grad, const at::Tensor& grad_window,
