@@ -1,10 +1,14 @@
-"""Spatial-statistics loss, forward + backward: the fused operator vs the torch.fft/autograd
+"""Spatial-statistics loss, forward + backward: the fused operators vs the torch.fft/autograd
 reference vs the bare three-transform floor, measured side by side in one run.
 
 As in a training step, every call computes the target's statistics too. The floor is what the
-fused path cannot avoid: one rfftn of x, one rfftn of the target and one irfftn.
-Cases: CPU B=32 224x224 float32 pair (0,0) (the paper's loss), plus a two-pair case; CUDA
-B=256 224x224 when a GPU is present.
+Parseval kernel (periodic, full window) cannot avoid: one rfftn of x, one rfftn of the target and
+one irfftn, all of the field's size; the other cases run the general kernel (window, weights,
+zero padding), whose floor is higher (it adds a pruned inverse and a pruned forward transform).
+Cases: CPU B=32 224x224 float32 pair (0,0) (the paper's loss) and a two-pair case, periodic full
+window; a lag window (224x224 cutoff 20, and 64x64 cutoff 7 as the VAE uses); per-lag weights on
+the full window; non-periodic statistics (full window and cutoff 20). CUDA B=256 224x224 when a GPU
+is present.
 
 The three run in interleaved rounds (fused, torch.fft, floor, fused, ...: a warm-up call, then
 `repeats` timed calls each); times are medians of every timed call, and each ratio is computed per
@@ -12,6 +16,7 @@ round and reported as its median over the rounds with the smallest and largest r
 so that a noisy machine shows as spread rather than as a wrong ratio.
 
 Usage: python benchmarks/bench_loss.py [--rounds 5] [--repeats 3] [--json out.json] [--quick]
+       [--cases all|parseval|general]
 """
 import argparse
 import os
@@ -25,21 +30,24 @@ from timing import alternating_medians, machine, markdown_table, ratio_summary, 
 from pymks_vae import ops, reference  # noqa: E402
 
 
-def run_case(device, B, size, pairs, rounds, repeats):
+def run_case(device, B, size, pairs, rounds, repeats, cutoff=None, periodic=True, weighted=False):
     g = torch.Generator().manual_seed(0)
     n_state = 1 + max(max(p) for p in pairs)
     x = torch.rand((B, n_state, size, size), generator=g).to(device)
     t = torch.rand((B, n_state, size, size), generator=g).to(device)
     dims = (2, 3)
+    window = reference.window_shape((size, size), cutoff)
+    weight = torch.rand((len(pairs),) + window, generator=g).to(device) if weighted else None
+    kw = dict(correlations=pairs, cutoff=cutoff, periodic=periodic, weight=weight)
 
     def fused():
         xr = x.detach().requires_grad_(True)
-        ops.spatial_stats_loss(xr, t, correlations=pairs).backward()
+        ops.spatial_stats_loss(xr, t, **kw).backward()
         return xr.grad
 
     def ref():
         xr = x.detach().requires_grad_(True)
-        reference.spatial_stats_loss_ref(xr, t, correlations=pairs).backward()
+        reference.spatial_stats_loss_ref(xr, t, **kw).backward()
         return xr.grad
 
     def floor():
@@ -56,7 +64,9 @@ def run_case(device, B, size, pairs, rounds, repeats):
                                      repeats=repeats, device=device)
     speedup, speedup_stats = ratio_summary(round_ratios(times, "torch.fft", "fused", repeats))
     over_floor, over_floor_stats = ratio_summary(round_ratios(times, "fused", "floor", repeats))
-    row = {"device": device, "case": f"B={B} {size}x{size} pairs {pairs}", "fused ms": f"{med['fused'] * 1e3:.2f}",
+    what = ("periodic" if periodic else "non-periodic") + (", full window" if cutoff is None else f", cutoff {cutoff}")
+    what += ", weighted" if weighted else ""
+    row = {"device": device, "case": f"B={B} {size}x{size} pairs {pairs}, {what}", "fused ms": f"{med['fused'] * 1e3:.2f}",
            "torch.fft ms": f"{med['torch.fft'] * 1e3:.2f}", "floor ms": f"{med['floor'] * 1e3:.2f}",
            "speed-up vs torch.fft": speedup, "fused / floor": over_floor}
     return row, {"row": row, "seconds": times, "speedup_vs_torch_fft": speedup_stats,
@@ -71,20 +81,33 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
                    help="which rows to run (all: CPU, and CUDA when a GPU is present)")
+    p.add_argument("--cases", choices=["all", "parseval", "general"], default="all",
+                   help="parseval: periodic full-window cases only; general: window, weights, non-periodic")
     args = p.parse_args(argv)
-    size = 32 if args.quick else 224
+    size, small = (32, 16) if args.quick else (224, 64)
     if args.rounds < 1 or args.repeats < 1:
         p.error("--rounds and --repeats must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no GPU is available")
+    B = 4 if args.quick else 32
+    cut, cut_small = (5, 3) if args.quick else (20, 7)
+    # (device, B, size, pairs, keyword arguments)
+    general = [(size, dict(cutoff=cut)), (small, dict(cutoff=cut_small)), (size, dict(weighted=True)),
+               (size, dict(periodic=False)), (size, dict(periodic=False, cutoff=cut))]
     cases = []
     if args.device in ("all", "cpu"):
-        cases += [("cpu", 4 if args.quick else 32, [(0, 0)]), ("cpu", 4 if args.quick else 32, [(0, 0), (0, 1)])]
+        if args.cases in ("all", "parseval"):
+            cases += [("cpu", B, size, [(0, 0)], {}), ("cpu", B, size, [(0, 0), (0, 1)], {})]
+        if args.cases in ("all", "general"):
+            cases += [("cpu", B, n, [(0, 0)], kw) for n, kw in general]
     if args.device in ("all", "cuda") and torch.cuda.is_available():
-        cases += [("cuda", 256, [(0, 0)]), ("cuda", 256, [(0, 0), (0, 1)])]
-    results = [run_case(device, B, size, pairs, args.rounds, args.repeats) for device, B, pairs in cases]
+        if args.cases in ("all", "parseval"):
+            cases += [("cuda", 256, size, [(0, 0)], {}), ("cuda", 256, size, [(0, 0), (0, 1)], {})]
+        if args.cases in ("all", "general"):
+            cases += [("cuda", 256, n, [(0, 0)], kw) for n, kw in general]
+    results = [run_case(device, b, n, pairs, args.rounds, args.repeats, **kw) for device, b, n, pairs, kw in cases]
     rows = [row for row, _ in results]
-    print("Spatial-statistics loss, forward + backward, float32, periodic, full window")
+    print("Spatial-statistics loss, forward + backward, float32")
     print(f"Machine: {machine()}")
     print(f"Times: medians of {args.rounds} interleaved rounds x {args.repeats} calls; ratios: median of the "
           f"per-round ratios (smallest-largest round)\n")

@@ -5,7 +5,9 @@ medians of every timed call; each ratio is computed per round and reported as it
 rounds with the smallest and largest round in brackets. Cases (from the foundation issue):
 * 2D: B=32 two-state one-hot microstructures of 224x224, pairs [(1,1), (0,1)], float32.
 * 3D: B=8 two-state one-hot of 64^3, same pairs.
-Forward and forward+backward, CPU, and CUDA when a GPU is present. PyMKS's TwoPointCorrelation
+Forward and forward+backward (full window, and a window of cutoff 20), CPU, and CUDA when a GPU is
+present. With x requiring grad the operator keeps the spectra of x from its forward pass for the
+backward (two_point_stats_spectra). PyMKS's TwoPointCorrelation
 (numpy in, dask computed) runs forward only, at its default cutoff int((N-1)/2), against the
 operator at the same cutoff.
 
@@ -161,6 +163,10 @@ def main(argv=None):
                     timing = time_case(x, cutoff, R, n, device, False, others={"pymks": theirs})
                     rows.append(make_row(device, f"{name} {shape}", "fwd", f"cutoff {cutoff}", timing, n, details))
                 rows += counting_rows(x, name, shape, min(20, (min(spatial) - 1) // 2), R, n, details)
+            # forward + backward with a small window: the gradient comes from the saved spectra
+            small = min(20, (min(spatial) - 1) // 2)
+            timing = time_case(x, small, R, n, device, True)
+            rows.append(make_row(device, f"{name} {shape}", "fwd+bwd", f"cutoff {small}", timing, n, details))
     cols = ["device", "case", "pass", "window", "pymks-vae ms", "torch.fft ms", "vs torch.fft", "pymks ms", "vs pymks"]
     print(f"Two-point statistics, pairs {PAIRS}, float32, periodic, one-hot (partition) input")
     print(f"Machine: {machine()}; build: cuda={build_info()['cuda']}")

@@ -30,6 +30,14 @@ TORCH_LIBRARY(pymks_vae, m) {
   m.def(
       "two_point_stats_backward(Tensor grad, Tensor x, int[] pair_i, int[] pair_j, bool periodic, "
       "int[] window, Tensor? mask) -> Tensor");
+  // The same statistics, and the spectra of the states the pairs name (masked, on the transform
+  // grid), which the backward pass below reuses instead of transforming x again.
+  m.def(
+      "two_point_stats_spectra(Tensor x, int[] pair_i, int[] pair_j, bool periodic, int[] window, "
+      "Tensor? mask, int partition) -> (Tensor, Tensor)");
+  m.def(
+      "two_point_stats_backward_spectra(Tensor grad, Tensor x_hat, int[] pair_i, int[] pair_j, int n_state, "
+      "int[] spatial, bool periodic, Tensor? mask) -> Tensor");
   // Per-sample squared distance between periodic statistics, and the gradient spectrum the
   // backward pass turns into d/dx with one inverse FFT.
   m.def(
@@ -38,6 +46,16 @@ TORCH_LIBRARY(pymks_vae, m) {
   m.def(
       "stats_loss_backward(Tensor grad, Tensor spectrum, int[] spatial, int n_state, int[] states) "
       "-> Tensor");
+  // The general loss (a lag window, per-lag weights, periodic or zero-padded statistics, an offset
+  // per sample and pair): per-sample values, dL/dC(x) on the window, the spectra of x and dL/doffset
+  // (empty unless need_grad; the last also without offset), and the backward pass that turns the
+  // first two into d/dx.
+  m.def(
+      "stats_loss_window(Tensor x, Tensor target, int[] pair_i, int[] pair_j, bool periodic, int[] window, "
+      "Tensor? weight, Tensor? offset, float scale, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "stats_loss_window_backward(Tensor grad, Tensor grad_window, Tensor x_hat, int[] pair_i, int[] pair_j, "
+      "int n_state, int[] spatial, bool periodic) -> Tensor");
 }
 
 // OpenMP (ATen's parallel loops) and MKL (ATen's CPU FFTs) keep a per-thread limit on their

@@ -253,4 +253,46 @@ PVAE_HD cpx<T> pair_difference(cpx<T> xa, cpx<T> xb, cpx<T> ta, cpx<T> tb) {
 template <typename T>
 PVAE_HD T auto_difference(cpx<T> xa, cpx<T> ta) { return cnorm2(xa) - cnorm2(ta); }
 
+
+// ------------------------------------------------------------------ windowed loss
+// The general loss compares the statistics on a window of lags, with per-lag weights and either
+// normalisation. Per pair q and lag r, with delta the unnormalised difference C_q(x)(r) - C_q(t)(r)
+// (one inverse transform of conj(X_i) X_j - conj(T_i) T_j, not two) and inv its normaliser
+// (inv_norm_lag), the loss adds w (s inv delta)^2 and its gradient with respect to C_q(x)(r) is
+// 2 s^2 w inv^2 delta, which the backward pass correlates with the saved spectra. An offset (one
+// per sample and pair, e.g. the difference of the centring terms of autocovariances) is subtracted
+// from every lag's difference of statistics: d = s (inv delta - offset), and grad_off = dL/doffset.
+template <typename T>
+PVAE_HD T window_loss_lag(T delta, T inv, T off, T w, T s, T& grad, T& grad_off) {
+  const T d = s * (inv * delta - off);
+  grad = T(2) * w * d * s * inv;
+  grad_off = T(-2) * w * d * s;
+  return w * d * d;
+}
+
+// One pair of the windowed loss: an auto pair (i == j) reads its base in the pruned even layout,
+// a cross pair in the pruned cross layout below.
+struct WinPair {
+  int32_t base;
+  int32_t is_auto;
+};
+
+// The pruned cross layout keeps, of a full inverse transform, only the window on every axis but
+// the last (in window order: an inverse transform along an axis is cropped to the window before
+// the next axis is transformed) and the whole grid along the last axis, whose complex-to-real
+// transform runs last: (w_0, .., w_{nd-2}, m_{nd-1}).
+PVAE_HD int64_t cross_numel(const Geometry& g) {
+  int64_t n = g.m[g.ndim - 1];
+  for (int d = 0; d < g.ndim - 1; ++d) n *= g.w[d];
+  return n;
+}
+
+// Flat index of the lag at window indices widx (lags lag) in the pruned cross layout.
+PVAE_HD int64_t cross_index(const int64_t* widx, const int64_t* lag, const Geometry& g) {
+  int64_t pos = 0;
+  for (int d = 0; d < g.ndim - 1; ++d) pos = pos * g.w[d] + widx[d];
+  const int last = g.ndim - 1;
+  return pos * g.m[last] + lag_to_grid(lag[last], g.m[last]);
+}
+
 }  // namespace pymks_vae

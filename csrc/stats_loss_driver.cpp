@@ -11,6 +11,9 @@
 
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
+#include <map>
+
 namespace pymks_vae {
 
 std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x_in, const at::Tensor& t_in,
@@ -123,6 +126,271 @@ at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectru
   for (auto s : spatial) sizes.push_back(s);
   auto out = at::zeros(sizes, gx.options());
   out.index_copy_(1, longs_to(states.vec(), gx.device()), gx);
+  return out;
+}
+
+
+// ------------------------------------------------------------------ general loss
+// A lag window, per-lag weights or zero padding (non-periodic statistics) break the Parseval
+// shortcut above: the loss needs the statistics on the window itself. Per pair, the difference
+// of the unnormalised correlations of x and target is one inverse transform of the difference of
+// their spectral products (linearity), pruned to the window: auto pairs take the pruned even
+// transform of |X|^2 - |T|^2, cross pairs an inverse transform cropped to the window axis by axis.
+// The forward pass also writes dL/dC(x) on the window and keeps the spectra of x, so the backward
+// pass is one (pruned) forward transform of that window, products with the saved spectra, and one
+// inverse transform: x is never transformed twice.
+namespace {
+
+struct LossGeometry {
+  Geometry geom;
+  std::vector<int64_t> dims, grid;
+};
+
+LossGeometry loss_geometry(at::IntArrayRef spatial, at::IntArrayRef window, bool periodic, const char* op) {
+  const int64_t nd = static_cast<int64_t>(spatial.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(window.size()) == nd, op, ": window has ", window.size(), " entries for ",
+                    nd, " spatial dims");
+  LossGeometry lg{};
+  lg.geom.ndim = static_cast<int>(nd);
+  lg.dims = spatial_dims(nd + 2);
+  for (int64_t d = 0; d < nd; ++d) {
+    const int64_t n = spatial[d], w = window[d];
+    TORCH_CHECK_VALUE(w >= 1 && w <= n, op, ": window ", window, " does not fit spatial size ", spatial);
+    lg.geom.n[d] = n;
+    lg.geom.w[d] = w;
+    // As the operator: padding by the largest |lag| kept keeps wrapped pairs out of the window.
+    lg.geom.m[d] = periodic ? n : fast_fft_len(n + w / 2);
+    lg.grid.push_back(lg.geom.m[d]);
+  }
+  return lg;
+}
+
+// The window's lags along `dim` of a grid of size m: negative lags from the end, then 0, 1, ...
+at::Tensor grid_to_window_rows(const at::Tensor& t, int64_t dim, int64_t m, int64_t w) {
+  const int64_t hw = w / 2;
+  if (hw == 0) return t.narrow(dim, 0, w);
+  return at::cat({t.narrow(dim, m - hw, hw), t.narrow(dim, 0, w - hw)}, dim);
+}
+
+// The adjoint: the window placed on a zero grid of size m along `dim`.
+at::Tensor window_to_grid_rows(const at::Tensor& t, int64_t dim, int64_t m, int64_t w) {
+  const int64_t hw = w / 2;
+  auto sizes = t.sizes().vec();
+  sizes[dim] = m;
+  auto out = at::zeros(sizes, t.options());
+  out.narrow(dim, 0, w - hw).copy_(t.narrow(dim, hw, w - hw));
+  if (hw > 0) out.narrow(dim, m - hw, hw).copy_(t.narrow(dim, 0, hw));
+  return out;
+}
+
+// Inverse transform of spectra (B, k, *h) onto the pruned cross layout (spectral.h): the
+// complex axes one by one, each cropped to the window before the next (so later transforms run on
+// fewer rows), then the complex-to-real transform of the last axis on the window's rows only.
+at::Tensor cross_window_inverse(const at::Tensor& spec, const Geometry& g) {
+  at::Tensor p = spec;
+  const int nd = g.ndim;
+  for (int d = 0; d < nd - 1; ++d) p = grid_to_window_rows(at::fft_ifft(p, g.m[d], d + 2), d + 2, g.m[d], g.w[d]);
+  auto out = at::fft_irfft(p, g.m[nd - 1], nd + 1);
+  return out.contiguous().view({spec.size(0), spec.size(1), -1});
+}
+
+// rfftn of the window (B, k, *w) placed on the zero grid: the last axis first, on the window's
+// rows only, then each complex axis, placing the window's rows on the grid just before it.
+at::Tensor window_forward(const at::Tensor& win, const Geometry& g) {
+  const int nd = g.ndim;
+  auto p = at::fft_rfft(window_to_grid_rows(win, nd + 1, g.m[nd - 1], g.w[nd - 1]), g.m[nd - 1], nd + 1);
+  for (int d = nd - 2; d >= 0; --d) p = at::fft_fft(window_to_grid_rows(p, d + 2, g.m[d], g.w[d]), g.m[d], d + 2);
+  return p.contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_forward(
+    const at::Tensor& x_in, const at::Tensor& t_in, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,
+    at::IntArrayRef window, const c10::optional<at::Tensor>& weight_in, const c10::optional<at::Tensor>& offset_in,
+    double scale, bool need_grad, const WindowLossBackend& be) {
+  const char* op = "spatial_stats_loss";
+  check_real_float(x_in, "x", op);
+  check_like(t_in, "target", x_in, "x", op);
+  check_field_shape(x_in, op);
+  TORCH_CHECK_VALUE(x_in.sizes() == t_in.sizes(), op, ": target shape ", t_in.sizes(), " differs from x shape ",
+                    x_in.sizes());
+  TORCH_CHECK_VALUE(x_in.size(0) > 0, op, ": x is an empty batch");
+  const int64_t n_state = x_in.size(1), nq = static_cast<int64_t>(pair_i.size());
+  check_pairs(pair_i, pair_j, n_state, op);
+  const LossGeometry lg = loss_geometry(x_in.sizes().slice(2), window, periodic, op);
+  const Geometry& g = lg.geom;
+  at::Tensor weight;
+  if (weight_in.has_value() && weight_in->defined()) {
+    check_like(*weight_in, "weight", x_in, "x", op);
+    std::vector<int64_t> want{nq};
+    want.insert(want.end(), window.begin(), window.end());
+    TORCH_CHECK_VALUE(weight_in->sizes() == at::IntArrayRef(want), op, ": weight has shape ", weight_in->sizes(),
+                      ", expected (n_pairs, *window) = ", at::IntArrayRef(want));
+    weight = weight_in->contiguous();
+  }
+  at::Tensor offset;
+  if (offset_in.has_value() && offset_in->defined()) {
+    check_like(*offset_in, "offset", x_in, "x", op);
+    TORCH_CHECK_VALUE(offset_in->sizes() == at::IntArrayRef({x_in.size(0), nq}), op, ": offset has shape ",
+                      offset_in->sizes(), ", expected (batch, n_pairs) = (", x_in.size(0), ", ", nq, ")");
+    offset = offset_in->contiguous();
+  }
+  const c10::DeviceGuard guard(x_in.device());
+
+  // Auto pairs share one even transform per state, cross pairs take one inverse transform each.
+  std::map<int64_t, int32_t> pos;
+  const std::vector<int64_t> states = pair_states(pair_i, pair_j, &pos);
+  std::vector<int32_t> auto_states, cross_a, cross_b;
+  std::map<int32_t, int32_t> auto_base;
+  std::vector<WinPair> wp;
+  for (int64_t q = 0; q < nq; ++q) {
+    const int32_t a = pos[pair_i[q]], b = pos[pair_j[q]];
+    if (a == b) {
+      auto it = auto_base.find(a);
+      if (it == auto_base.end()) {
+        it = auto_base.emplace(a, static_cast<int32_t>(auto_states.size())).first;
+        auto_states.push_back(a);
+      }
+      wp.push_back({it->second, 1});
+    } else {
+      wp.push_back({static_cast<int32_t>(cross_a.size()), 0});
+      cross_a.push_back(a);
+      cross_b.push_back(b);
+    }
+  }
+  const auto dev = x_in.device();
+  const auto pairs_t = table_to(wp, dev);
+  const auto auto_t = ints_to(auto_states, dev);
+  const auto ca_t = ints_to(cross_a, dev), cb_t = ints_to(cross_b, dev);
+
+  auto x = select_states(x_in.contiguous(), states);
+  auto t = select_states(t_in.contiguous(), states);
+  const int64_t B = x.size(0), nu = x.size(1);
+  auto values = at::empty({B}, x.options());
+  std::vector<int64_t> wsizes{B, nq};
+  for (int d = 0; d < g.ndim; ++d) wsizes.push_back(g.w[d]);
+  const auto ctype = x.options().dtype(c10::toComplexType(x.scalar_type()));
+  at::Tensor grad_window = need_grad ? at::empty(wsizes, x.options()) : at::empty({0}, x.options());
+  at::Tensor x_hat_all = at::empty({0}, ctype);
+  at::Tensor grad_offset = need_grad && offset.defined() ? at::empty({B, nq}, x.options()) : at::empty({0}, x.options());
+
+  int64_t grid = 1;
+  for (int d = 0; d < g.ndim; ++d) grid *= g.m[d];
+  const int64_t chunk = cache_chunk(x, (6 * nu + 2 * nq) * grid);
+  // The spectra kept for the backward pass are transformed in one go: a transform into a slice of
+  // a larger output computes into a buffer and copies (measured), which costs more than the cache
+  // saves.
+  if (need_grad) x_hat_all = at::fft_rfftn(x, lg.grid, lg.dims).contiguous();
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t n = std::min(chunk, B - b0);
+    const at::Tensor x_hat = need_grad ? x_hat_all.narrow(0, b0, n)
+                                       : at::fft_rfftn(x.narrow(0, b0, n), lg.grid, lg.dims).contiguous();
+    auto t_hat = at::fft_rfftn(t.narrow(0, b0, n), lg.grid, lg.dims).contiguous();
+    check_spectrum_finite(x_hat, op, "x");
+    check_spectrum_finite(t_hat, op, "target");
+    WindowLossArgs a;
+    if (!auto_states.empty()) {
+      auto power_t = at::empty(even_power_sizes(x_hat, static_cast<int64_t>(auto_states.size())),
+                               x.options());
+      be.power_diff_half(x_hat, t_hat, auto_t, even_power_scale(g), power_t);
+      a.even = even_inverse(power_t, g);
+    }
+    if (!cross_a.empty()) a.cross = cross_window_inverse(be.diff_products(x_hat, t_hat, ca_t, cb_t), g);
+    a.pairs = pairs_t;
+    a.n_pairs = nq;
+    a.weight = weight;
+    if (offset.defined()) a.offset = offset.narrow(0, b0, n);
+    if (need_grad && offset.defined()) a.grad_offset = grad_offset.narrow(0, b0, n);
+    a.geom = g;
+    a.periodic = periodic;
+    a.scale = scale;
+    a.values = values.narrow(0, b0, n);
+    if (need_grad) a.grad_window = grad_window.narrow(0, b0, n);
+    be.window_pass(a);
+  }
+  return {values, grad_window, x_hat_all, grad_offset};
+}
+
+at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& grad_window, const at::Tensor& x_hat,
+                                      at::IntArrayRef pair_i, at::IntArrayRef pair_j, int64_t n_state,
+                                      at::IntArrayRef spatial, bool periodic, const WindowLossBackend& be) {
+  const char* op = "spatial_stats_loss_backward";
+  TORCH_CHECK(x_hat.scalar_type() == at::kComplexFloat || x_hat.scalar_type() == at::kComplexDouble, op,
+              ": x_hat must be complex64 or complex128, got ", x_hat.scalar_type());
+  const auto real = c10::toRealValueType(x_hat.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == real, op, ": grad has dtype ", grad.scalar_type(), " but x_hat has dtype ",
+              x_hat.scalar_type(), " (grad must be ", real, ")");
+  TORCH_CHECK(grad_window.scalar_type() == real, op, ": grad_window has dtype ", grad_window.scalar_type(),
+              " but x_hat has dtype ", x_hat.scalar_type(), " (grad_window must be ", real, ")");
+  TORCH_CHECK(grad.device() == x_hat.device(), op, ": grad is on ", grad.device(), " but x_hat is on ",
+              x_hat.device());
+  TORCH_CHECK(grad_window.device() == x_hat.device(), op, ": grad_window is on ", grad_window.device(),
+              " but x_hat is on ", x_hat.device());
+  const int64_t nd = static_cast<int64_t>(spatial.size());
+  TORCH_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": spatial must have 1-3 entries, got ", spatial);
+  check_pairs(pair_i, pair_j, n_state, op);
+  const int64_t nq = static_cast<int64_t>(pair_i.size());
+  TORCH_CHECK_VALUE(grad_window.dim() == nd + 2 && grad_window.size(1) == nq, op, ": grad_window has shape ",
+                    grad_window.sizes(), ", expected (batch, ", nq, ", *window) with ", nd, " window dims");
+  const int64_t B = grad_window.size(0);
+  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == B, op, ": grad must have shape (", B, ",), got ",
+                    grad.sizes());
+  const LossGeometry lg = loss_geometry(spatial, grad_window.sizes().slice(2), periodic, op);
+  const Geometry& g = lg.geom;
+  std::map<int64_t, int32_t> pos;
+  const std::vector<int64_t> states = pair_states(pair_i, pair_j, &pos);
+  const int64_t nu = static_cast<int64_t>(states.size());
+  std::vector<int64_t> hsizes{B, nu};
+  for (int d = 0; d < g.ndim; ++d) hsizes.push_back(d + 1 < g.ndim ? g.m[d] : g.m[d] / 2 + 1);
+  TORCH_CHECK_VALUE(x_hat.sizes() == at::IntArrayRef(hsizes), op, ": x_hat has shape ", x_hat.sizes(),
+                    ", expected ", at::IntArrayRef(hsizes), " for these pairs, spatial size and window");
+  const c10::DeviceGuard guard(x_hat.device());
+
+  // Gradient spectra of the states: for pair q = (i, j), conj(G_q) X_j goes to state i and G_q X_i
+  // to state j (the adjoint of C_ij(r) = sum_x x_i(x) x_j(x + r)).
+  CombinePlan cp;
+  cp.states = states;
+  for (int64_t u = 0; u < nu; ++u) {
+    cp.begin.push_back(static_cast<int32_t>(cp.terms.size()));
+    for (int64_t q = 0; q < nq; ++q) {
+      if (pair_i[q] == states[u]) cp.terms.push_back({static_cast<int32_t>(q), pos[pair_j[q]], 1, 0});
+      if (pair_j[q] == states[u]) cp.terms.push_back({static_cast<int32_t>(q), pos[pair_i[q]], 0, 0});
+    }
+    cp.end.push_back(static_cast<int32_t>(cp.terms.size()));
+  }
+  const auto dev = x_hat.device();
+  std::vector<int64_t> view(nd + 2, 1);
+  view[0] = B;
+  CombineArgs c;
+  c.begin = ints_to(cp.begin, dev);
+  c.end = ints_to(cp.end, dev);
+  c.terms = table_to(cp.terms, dev);
+  c.n_states = nu;
+  const auto xh = x_hat.contiguous();
+  // The upstream gradient scales the small window, not the full grid.
+  const auto gw = grad_window * grad.view(view);
+  std::vector<int64_t> gsizes{B, nu};
+  gsizes.insert(gsizes.end(), lg.grid.begin(), lg.grid.end());
+  auto gx = at::empty(gsizes, gw.options());
+  // In cache-sized chunks, as the other passes: the inverse transform copies its input.
+  int64_t grid = 1;
+  for (auto m : lg.grid) grid *= m;
+  const int64_t chunk = cache_chunk(gx, (3 * nq + 4 * nu) * grid);
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t n = std::min(chunk, B - b0);
+    c.g_hat = window_forward(gw.narrow(0, b0, n), g);
+    c.x_hat = xh.narrow(0, b0, n);
+    auto out_c = gx.narrow(0, b0, n);
+    at::fft_irfftn_out(out_c, be.combine_grad(c), lg.grid, lg.dims);
+  }
+  if (!periodic)
+    for (int64_t d = 0; d < nd; ++d) gx = gx.narrow(d + 2, 0, spatial[d]);
+  if (nu == n_state) return gx.contiguous();
+  std::vector<int64_t> sizes{B, n_state};
+  for (auto s : spatial) sizes.push_back(s);
+  auto out = at::zeros(sizes, gx.options());
+  out.index_copy_(1, longs_to(states, dev), gx.contiguous());
   return out;
 }
 

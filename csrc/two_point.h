@@ -109,6 +109,19 @@ at::Tensor two_point_forward(const at::Tensor& x, at::IntArrayRef pair_i, at::In
                              const c10::optional<at::Tensor>& mask, int64_t partition,
                              const TwoPointBackend& be);
 
+// The forward pass, and the spectra (B, n_used, *h) of the states the pairs name (masked, on the
+// transform grid) for two_point_backward_spectra, which then transforms no field again.
+std::tuple<at::Tensor, at::Tensor> two_point_forward_spectra(const at::Tensor& x, at::IntArrayRef pair_i,
+                                                             at::IntArrayRef pair_j, bool periodic,
+                                                             at::IntArrayRef window,
+                                                             const c10::optional<at::Tensor>& mask,
+                                                             int64_t partition, const TwoPointBackend& be);
+
+at::Tensor two_point_backward_spectra(const at::Tensor& grad, const at::Tensor& x_hat, at::IntArrayRef pair_i,
+                                      at::IntArrayRef pair_j, int64_t n_state, at::IntArrayRef spatial,
+                                      bool periodic, const c10::optional<at::Tensor>& mask,
+                                      const TwoPointBackend& be);
+
 at::Tensor two_point_backward(const at::Tensor& grad, const at::Tensor& x, at::IntArrayRef pair_i,
                               at::IntArrayRef pair_j, bool periodic, at::IntArrayRef window,
                               const c10::optional<at::Tensor>& mask, const TwoPointBackend& be);
@@ -137,6 +150,54 @@ std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x, const
 
 at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectrum,
                                at::IntArrayRef spatial, int64_t n_state, at::IntArrayRef states);
+
+// ------------------------------------------------------------------ general loss (window, weights, padding)
+struct WindowLossArgs {
+  at::Tensor even;         // (B, n_auto, even_numel) real: auto differences (pruned even layout), or undefined
+  at::Tensor cross;        // (B, n_cross, cross_numel) real: cross differences (pruned cross layout), or undefined
+  at::Tensor pairs;        // WinPair table (bytes) on the device, one per pair
+  int64_t n_pairs;
+  at::Tensor weight;       // (n_pairs, *w) contiguous, or undefined (weight 1)
+  at::Tensor offset;       // (B, n_pairs) contiguous, subtracted from each pair's statistics, or undefined
+  at::Tensor grad_offset;  // out: (B, n_pairs) dL/doffset, or undefined
+  Geometry geom;
+  bool periodic;
+  double scale;
+  at::Tensor values;       // out: (B,) per-sample sums
+  at::Tensor grad_window;  // out: (B, n_pairs, *w) dL/dC(x) on the window, or undefined
+};
+
+struct WindowLossBackend {
+  // scale * (|X[b, idx_k]|^2 - |T[b, idx_k]|^2) into out in power_half's layout (first axis last)
+  void (*power_diff_half)(const at::Tensor& x_hat, const at::Tensor& t_hat, const at::Tensor& idx, double scale,
+                          at::Tensor& out);
+  // conj(X[b, a_k]) X[b, b_k] - conj(T[b, a_k]) T[b, b_k]  ->  (B, n_cross, *h)
+  at::Tensor (*diff_products)(const at::Tensor& x_hat, const at::Tensor& t_hat, const at::Tensor& a,
+                              const at::Tensor& b);
+  // Per-sample values and (when grad_window is defined) the gradient on the window
+  void (*window_pass)(const WindowLossArgs& args);
+  // The two-point operator's combine_grad of the same device
+  at::Tensor (*combine_grad)(const CombineArgs& args);
+};
+
+// The two-point backends' combine_grad passes, shared with the loss's backward.
+at::Tensor combine_grad_cpu(const CombineArgs& args);
+at::Tensor combine_grad_cuda(const CombineArgs& args);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_forward(
+    const at::Tensor& x, const at::Tensor& target, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,
+    at::IntArrayRef window, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& offset,
+    double scale, bool need_grad, const WindowLossBackend& be);
+
+at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& grad_window, const at::Tensor& x_hat,
+                                      at::IntArrayRef pair_i, at::IntArrayRef pair_j, int64_t n_state,
+                                      at::IntArrayRef spatial, bool periodic, const WindowLossBackend& be);
+
+// Pruned even transforms (two_point_driver.cpp): the layout of power_half's output for na states,
+// the scale its power spectra take, and the inverse transforms from it into the pruned even layout.
+std::vector<int64_t> even_power_sizes(const at::Tensor& x_hat, int64_t na);
+double even_power_scale(const Geometry& g);
+at::Tensor even_inverse(const at::Tensor& power_t, const Geometry& g);
 
 // ------------------------------------------------------------------ shared host helpers
 std::vector<int64_t> spatial_dims(int64_t ndim);

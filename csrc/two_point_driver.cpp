@@ -271,17 +271,23 @@ struct Setup {
   int64_t s_total;
 };
 
+Setup make_setup_spatial(at::IntArrayRef spatial, bool periodic, at::IntArrayRef window, const char* op);
+
 Setup make_setup(const at::Tensor& x, bool periodic, at::IntArrayRef window, const char* op) {
-  const int64_t nd = x.dim() - 2;
+  return make_setup_spatial(x.sizes().slice(2), periodic, window, op);
+}
+
+Setup make_setup_spatial(at::IntArrayRef spatial, bool periodic, at::IntArrayRef window, const char* op) {
+  const int64_t nd = static_cast<int64_t>(spatial.size());
   TORCH_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": x must have 1-3 spatial dims");
   TORCH_CHECK_VALUE(static_cast<int64_t>(window.size()) == nd, op, ": window has ", window.size(),
                     " entries for ", nd, " spatial dims");
   Setup s{};
   s.geom.ndim = static_cast<int>(nd);
-  s.dims = spatial_dims(x.dim());
+  s.dims = spatial_dims(nd + 2);
   s.s_total = 1;
   for (int64_t d = 0; d < nd; ++d) {
-    const int64_t n = x.size(d + 2), w = window[d];
+    const int64_t n = spatial[d], w = window[d];
     TORCH_CHECK_VALUE(w >= 1 && w <= n, op, ": window ", w, " does not fit spatial size ", n);
     s.geom.n[d] = n;
     s.geom.w[d] = w;
@@ -315,6 +321,34 @@ void check_mask(const at::Tensor& mask, const char* op) {
 
 }  // namespace
 
+std::vector<int64_t> even_power_sizes(const at::Tensor& x_hat, int64_t na) {
+  auto sizes = x_hat.sizes().vec();
+  sizes[1] = na;
+  std::rotate(sizes.begin() + 2, sizes.begin() + 3, sizes.end());
+  return sizes;
+}
+
+// 1/m_0 in the power spectrum; the inverse transform of the other axes divides by their sizes.
+// In 1D the one inverse transform divides by m_0 itself.
+double even_power_scale(const Geometry& g) { return g.ndim == 1 ? 1.0 : 1.0 / static_cast<double>(g.m[0]); }
+
+// See even_transform below for the layout and why.
+at::Tensor even_inverse(const at::Tensor& power_t, const Geometry& g) {
+  const int nd = g.ndim;
+  const int64_t m0 = g.m[0];
+  const int64_t B = power_t.size(0), na = power_t.size(1);
+  if (nd == 1) return at::fft_irfft(power_t, m0, 2).contiguous().view({B, na, -1});
+  // The kept rows go back to the front (a copy of the pruned, smaller array) so that the last
+  // transforms run over contiguous memory and leave the even layout as they write it.
+  auto q = at::fft_rfft(power_t, m0, -1).narrow(-1, 0, even_rows(g.w[0])).movedim(-1, 2).contiguous();
+  std::vector<int64_t> rest_dims, rest_sizes;
+  for (int d = 1; d < nd; ++d) {
+    rest_dims.push_back(d + 2);
+    rest_sizes.push_back(g.m[d]);
+  }
+  return at::fft_irfftn(q, rest_sizes, rest_dims).view({B, na, -1});  // (B, na, R0, m_1, .., m_{nd-1})
+}
+
 namespace {
 
 // Auto-correlations in the pruned even layout of spectral.h, unnormalised like the cross bases:
@@ -328,30 +362,11 @@ namespace {
 // 128^2 and cutoff 20.
 at::Tensor even_transform(const at::Tensor& x_hat, const std::vector<int32_t>& states, const Setup& s,
                           const TwoPointBackend& be) {
-  const int nd = s.geom.ndim;
-  const int64_t m0 = s.geom.m[0];
-  const int64_t B = x_hat.size(0), na = static_cast<int64_t>(states.size());
   auto idx = ints_to(states, x_hat.device());
-  // The power spectra with the first axis moved last: (B, na, h_1, .., h_{nd-1}, h_0).
-  auto sizes = x_hat.sizes().vec();
-  sizes[1] = na;
-  std::rotate(sizes.begin() + 2, sizes.begin() + 3, sizes.end());
-  auto power_t = at::empty(sizes, x_hat.options().dtype(at::toRealValueType(x_hat.scalar_type())));
-  if (nd == 1) {
-    be.power_half(x_hat, idx, 1.0, power_t);
-    return at::fft_irfft(power_t, m0, 2).contiguous().view({B, na, -1});
-  }
-  // 1/m_0 here; the inverse transform of the other axes divides by their sizes.
-  be.power_half(x_hat, idx, 1.0 / static_cast<double>(m0), power_t);
-  // The kept rows go back to the front (a copy of the pruned, smaller array) so that the last
-  // transforms run over contiguous memory and leave the even layout as they write it.
-  auto q = at::fft_rfft(power_t, m0, -1).narrow(-1, 0, even_rows(s.geom.w[0])).movedim(-1, 2).contiguous();
-  std::vector<int64_t> rest_dims, rest_sizes;
-  for (int d = 1; d < nd; ++d) {
-    rest_dims.push_back(d + 2);
-    rest_sizes.push_back(s.geom.m[d]);
-  }
-  return at::fft_irfftn(q, rest_sizes, rest_dims).view({B, na, -1});  // (B, na, R0, m_1, .., m_{nd-1})
+  auto power_t = at::empty(even_power_sizes(x_hat, static_cast<int64_t>(states.size())),
+                           x_hat.options().dtype(at::toRealValueType(x_hat.scalar_type())));
+  be.power_half(x_hat, idx, even_power_scale(s.geom), power_t);
+  return even_inverse(power_t, s.geom);
 }
 
 // Samples per pass of the forward operator: see cache_chunk. Per sample: the transformed fields
@@ -382,10 +397,38 @@ bool partition_holds(const at::Tensor& x, bool periodic, bool has_mask, int64_t 
   return be.partition_check(x, tol);
 }
 
+// The spectra of the (masked) states keep_states of x into keep (this chunk of them), for the
+// backward pass: those the forward pass transformed are copied from x_hat (states fwd_states),
+// the others - eliminated by the partition relations - transformed here.
+void keep_spectra(const at::Tensor& x, const at::Tensor& x_hat, const std::vector<int64_t>& fwd_states,
+                  const std::vector<int64_t>& keep_states, const at::Tensor& mask_view, const Setup& s,
+                  at::Tensor& keep) {
+  if (fwd_states == keep_states) {
+    keep.copy_(x_hat);
+    return;
+  }
+  std::vector<int64_t> missing, missing_pos;
+  for (size_t u = 0; u < keep_states.size(); ++u) {
+    auto it = std::lower_bound(fwd_states.begin(), fwd_states.end(), keep_states[u]);
+    if (it != fwd_states.end() && *it == keep_states[u]) {
+      keep.select(1, static_cast<int64_t>(u)).copy_(x_hat.select(1, it - fwd_states.begin()));
+    } else {
+      missing.push_back(keep_states[u]);
+      missing_pos.push_back(static_cast<int64_t>(u));
+    }
+  }
+  if (missing.empty()) return;
+  at::Tensor xs = select_states(x, missing);
+  if (mask_view.defined()) xs = xs * mask_view;
+  auto extra = at::fft_rfftn(xs, s.grid, s.dims);
+  for (size_t k = 0; k < missing.size(); ++k) keep.select(1, missing_pos[k]).copy_(extra.select(1, k));
+}
+
 // The forward pass on one chunk of samples, written into out (that chunk of the output).
 void forward_chunk(const at::Tensor& x, const TwoPointPlan& plan, const PlanTensors& tables, bool trusted_partition,
                    int64_t n_pairs, bool periodic, const Setup& s, const at::Tensor& mask_view,
-                   const at::Tensor& zmask, const at::Tensor& zlevel, const TwoPointBackend& be, at::Tensor& out) {
+                   const at::Tensor& zmask, const at::Tensor& zlevel, const TwoPointBackend& be, at::Tensor& out,
+                   at::Tensor* keep, const std::vector<int64_t>& keep_states) {
   const char* op = "two_point_stats";
   const int64_t n_state = x.size(1);
   const bool has_mask = mask_view.defined();
@@ -393,6 +436,7 @@ void forward_chunk(const at::Tensor& x, const TwoPointPlan& plan, const PlanTens
   if (has_mask) xs = xs * mask_view;
   auto x_hat = at::fft_rfftn(xs, s.grid, s.dims).contiguous();
   check_spectrum_finite(x_hat, op, "x");
+  if (keep != nullptr) keep_spectra(x, x_hat, plan.fwd_states, keep_states, mask_view, s, *keep);
   if (trusted_partition && static_cast<int64_t>(plan.fwd_states.size()) != n_state && data_checks_enabled()) {
     // Trusted partition: the eliminated states are never transformed, so check their values here
     // (one sum each, read in place: a NaN or Inf anywhere makes it non-finite).
@@ -432,10 +476,13 @@ void forward_chunk(const at::Tensor& x, const TwoPointPlan& plan, const PlanTens
 
 }  // namespace
 
-at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
-                             bool periodic, at::IntArrayRef window,
-                             const c10::optional<at::Tensor>& mask_in, int64_t partition,
-                             const TwoPointBackend& be) {
+namespace {
+
+// The forward pass; when keep is given, also the spectra of the states named by the pairs (masked,
+// on the transform grid), for the backward pass.
+at::Tensor forward_impl(const at::Tensor& x_in, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,
+                        at::IntArrayRef window, const c10::optional<at::Tensor>& mask_in, int64_t partition,
+                        const TwoPointBackend& be, at::Tensor* keep) {
   const char* op = "two_point_stats";
   check_real_float(x_in, "x", op);
   check_field_shape(x_in, op);
@@ -468,9 +515,27 @@ at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at:
   // partition itself: not under a trusted partition, whose eliminated states would then go unread
   // (the transforms check them for NaN).
   const auto req = pair_list(pair_i, pair_j);
+  std::map<int64_t, int32_t> keep_pos;
+  const std::vector<int64_t> keep_states = pair_states(pair_i, pair_j, &keep_pos);
+  if (keep != nullptr) {
+    std::vector<int64_t> hs{B, static_cast<int64_t>(keep_states.size())};
+    for (int d = 0; d < s.geom.ndim; ++d) hs.push_back(d + 1 < s.geom.ndim ? s.geom.m[d] : s.geom.m[d] / 2 + 1);
+    *keep = at::empty(hs, x.options().dtype(c10::toComplexType(x.scalar_type())));
+  }
   if (!mask.defined() && partition != 1 && be.binary_stats != nullptr &&
-      be.binary_stats(x, req, partition == 2 && n_state >= 2, periodic, s.geom, out))
+      be.binary_stats(x, req, partition == 2 && n_state >= 2, periodic, s.geom, out)) {
+    // Counted, not transformed: the backward pass's spectra are taken here.
+    if (keep != nullptr) {
+      const int64_t per = 3 * static_cast<int64_t>(keep_states.size()) * (keep->numel() / B);
+      const int64_t chunk = cache_chunk(x, per);
+      for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+        const int64_t n = std::min(chunk, B - b0);
+        auto k = keep->narrow(0, b0, n);
+        keep_spectra(x.narrow(0, b0, n), at::Tensor(), {}, keep_states, at::Tensor(), s, k);
+      }
+    }
     return out;
+  }
   const bool use_partition = partition_holds(x, periodic, mask.defined(), partition, be);
   const TwoPointPlan plan = make_plan(req, n_state, use_partition);
   const PlanTensors tables{table_to(plan.pairs, x.device()), table_to(plan.terms, x.device()),
@@ -481,12 +546,31 @@ at::Tensor two_point_forward(const at::Tensor& x_in, at::IntArrayRef pair_i, at:
     // A per-sample mask follows the chunk; a shared one (first dim 1) serves every chunk.
     const bool per_sample = mask.defined() && mask.size(0) != 1;
     auto out_c = out.narrow(0, b0, n);
+    auto keep_c = keep != nullptr ? keep->narrow(0, b0, n) : at::Tensor();
     forward_chunk(x.narrow(0, b0, n), plan, tables, use_partition && partition == 1, n_pairs, periodic, s,
                   per_sample ? mask_view.narrow(0, b0, n) : mask_view,
                   per_sample ? zmask.narrow(0, b0, n) : zmask, per_sample ? zlevel.narrow(0, b0, n) : zlevel,
-                  be, out_c);
+                  be, out_c, keep_c.defined() ? &keep_c : nullptr, keep_states);
   }
   return out;
+}
+
+}  // namespace
+
+at::Tensor two_point_forward(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,
+                             at::IntArrayRef window, const c10::optional<at::Tensor>& mask, int64_t partition,
+                             const TwoPointBackend& be) {
+  return forward_impl(x, pair_i, pair_j, periodic, window, mask, partition, be, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> two_point_forward_spectra(const at::Tensor& x, at::IntArrayRef pair_i,
+                                                             at::IntArrayRef pair_j, bool periodic,
+                                                             at::IntArrayRef window,
+                                                             const c10::optional<at::Tensor>& mask,
+                                                             int64_t partition, const TwoPointBackend& be) {
+  at::Tensor keep;
+  auto out = forward_impl(x, pair_i, pair_j, periodic, window, mask, partition, be, &keep);
+  return {out, keep};
 }
 
 at::Tensor two_point_backward(const at::Tensor& grad_in, const at::Tensor& x_in, at::IntArrayRef pair_i,
@@ -562,6 +646,105 @@ at::Tensor two_point_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
   if (static_cast<int64_t>(cp.states.size()) == n_state) return gx.contiguous();
   auto out = at::zeros_like(x);
   out.index_copy_(1, longs_to(cp.states, x.device()), gx);
+  return out;
+}
+
+
+at::Tensor two_point_backward_spectra(const at::Tensor& grad_in, const at::Tensor& x_hat, at::IntArrayRef pair_i,
+                                      at::IntArrayRef pair_j, int64_t n_state, at::IntArrayRef spatial,
+                                      bool periodic, const c10::optional<at::Tensor>& mask_in,
+                                      const TwoPointBackend& be) {
+  const char* op = "two_point_stats_backward";
+  TORCH_CHECK(x_hat.scalar_type() == at::kComplexFloat || x_hat.scalar_type() == at::kComplexDouble, op,
+              ": x_hat must be complex64 or complex128, got ", x_hat.scalar_type());
+  const auto real = c10::toRealValueType(x_hat.scalar_type());
+  TORCH_CHECK(grad_in.scalar_type() == real, op, ": grad has dtype ", grad_in.scalar_type(), " but x_hat has dtype ",
+              x_hat.scalar_type(), " (grad must be ", real, ")");
+  TORCH_CHECK(grad_in.device() == x_hat.device(), op, ": grad is on ", grad_in.device(), " but x_hat is on ",
+              x_hat.device());
+  const int64_t nd = static_cast<int64_t>(spatial.size());
+  TORCH_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": spatial must have 1-3 entries, got ", spatial);
+  check_pairs(pair_i, pair_j, n_state, op);
+  const int64_t n_pairs = static_cast<int64_t>(pair_i.size());
+  TORCH_CHECK_VALUE(grad_in.dim() == nd + 2 && grad_in.size(1) == n_pairs && grad_in.size(0) > 0, op,
+                    ": grad has shape ", grad_in.sizes(), ", expected (batch, ", n_pairs, ", *window) with ", nd,
+                    " window dims");
+  const int64_t B = grad_in.size(0);
+  Setup s = make_setup_spatial(spatial, periodic, grad_in.sizes().slice(2), op);
+  CombinePlan cp;
+  std::map<int64_t, int32_t> pos;
+  cp.states = pair_states(pair_i, pair_j, &pos);
+  const int64_t nu = static_cast<int64_t>(cp.states.size());
+  std::vector<int64_t> hs{B, nu};
+  for (int d = 0; d < s.geom.ndim; ++d) hs.push_back(d + 1 < s.geom.ndim ? s.geom.m[d] : s.geom.m[d] / 2 + 1);
+  TORCH_CHECK_VALUE(x_hat.sizes() == at::IntArrayRef(hs), op, ": x_hat has shape ", x_hat.sizes(), ", expected ",
+                    at::IntArrayRef(hs), " for these pairs, spatial size and window");
+  at::Tensor mask, mask_view, zmask, zlevel;
+  if (mask_in.has_value() && mask_in->defined()) {
+    const at::Tensor& m = *mask_in;
+    TORCH_CHECK(m.device() == x_hat.device(), op, ": mask is on ", m.device(), " but x_hat is on ", x_hat.device());
+    TORCH_CHECK(m.scalar_type() == real, op, ": mask has dtype ", m.scalar_type(), " but x_hat has dtype ",
+                x_hat.scalar_type());
+    std::vector<int64_t> shared{1}, per_sample{B};
+    shared.insert(shared.end(), spatial.begin(), spatial.end());
+    per_sample.insert(per_sample.end(), spatial.begin(), spatial.end());
+    TORCH_CHECK_VALUE(m.sizes() == at::IntArrayRef(shared) || m.sizes() == at::IntArrayRef(per_sample), op,
+                      ": mask has shape ", m.sizes(), ", expected ", at::IntArrayRef(shared), " or ",
+                      at::IntArrayRef(per_sample));
+    mask = m.contiguous();
+  }
+  const c10::DeviceGuard guard(x_hat.device());
+  if (mask.defined()) {
+    std::vector<int64_t> view{mask.size(0), 1};
+    view.insert(view.end(), spatial.begin(), spatial.end());
+    mask_view = mask.view(view);
+    std::tie(zmask, zlevel) = mask_norm(mask, s);
+  }
+  for (int64_t u = 0; u < nu; ++u) {
+    const int64_t st = cp.states[u];
+    cp.begin.push_back(static_cast<int32_t>(cp.terms.size()));
+    for (int64_t q = 0; q < n_pairs; ++q) {
+      if (pair_i[q] == st) cp.terms.push_back({static_cast<int32_t>(q), pos[pair_j[q]], 1, 0});
+      if (pair_j[q] == st) cp.terms.push_back({static_cast<int32_t>(q), pos[pair_i[q]], 0, 0});
+    }
+    cp.end.push_back(static_cast<int32_t>(cp.terms.size()));
+  }
+  const auto dev = x_hat.device();
+  CombineArgs c;
+  c.begin = ints_to(cp.begin, dev);
+  c.end = ints_to(cp.end, dev);
+  c.terms = table_to(cp.terms, dev);
+  c.n_states = nu;
+  const auto grad = grad_in.contiguous();
+  const auto xh = x_hat.contiguous();
+  std::vector<int64_t> sizes{B, n_state};
+  sizes.insert(sizes.end(), spatial.begin(), spatial.end());
+  auto out = nu == n_state ? at::empty(sizes, grad.options()) : at::zeros(sizes, grad.options());
+  const auto states_t = longs_to(cp.states, dev);
+  int64_t grid = 1;
+  for (auto m : s.grid) grid *= m;
+  // In cache-sized chunks: the embedded gradient, its spectrum, the gradient spectra and their
+  // inverse transforms of a chunk stay in cache between the passes.
+  const int64_t chunk = cache_chunk(grad, (3 * n_pairs + 4 * nu) * grid);
+  const bool per_sample_mask = mask.defined() && mask.size(0) != 1;
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t n = std::min(chunk, B - b0);
+    EmbedArgs e;
+    e.grad = grad.narrow(0, b0, n);
+    e.zmask = per_sample_mask ? zmask.narrow(0, b0, n) : zmask;
+    e.zlevel = per_sample_mask ? zlevel.narrow(0, b0, n) : zlevel;
+    e.geom = s.geom;
+    e.periodic = periodic;
+    c.g_hat = at::fft_rfftn(be.embed_grad(e), s.grid, s.dims).contiguous();
+    c.x_hat = xh.narrow(0, b0, n);
+    auto gx = at::fft_irfftn(be.combine_grad(c), s.grid, s.dims);
+    if (!periodic)
+      for (int64_t d = 0; d < nd; ++d) gx = gx.narrow(d + 2, 0, spatial[d]);
+    if (mask.defined()) gx = gx * (per_sample_mask ? mask_view.narrow(0, b0, n) : mask_view);
+    auto out_c = out.narrow(0, b0, n);
+    if (nu == n_state) out_c.copy_(gx);
+    else out_c.index_copy_(1, states_t, gx);
+  }
   return out;
 }
 

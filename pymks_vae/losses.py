@@ -415,8 +415,11 @@ class SpatialStatsLoss:
                 dc = self._mean_products(m_hat) - self._mean_products(target)
                 per_sample = per_sample - self.scale_**2 * math.prod(x.shape[2:]) * dc.pow(2).sum(1)
         else:
-            diff = self.scale_ * (self.statistics(m_hat) - self.statistics(target))
-            per_sample = diff.pow(2).flatten(1).sum(1)
+            # a window or zero padding with centring: the general fused kernel, the centring terms
+            # subtracted per sample and pair inside it (differentiable through the offset)
+            offset = self._mean_products(m_hat) - self._mean_products(target)
+            per_sample = ops.spatial_stats_loss(m_hat, target, correlations=self.correlations, periodic=self.periodic,
+                                                cutoff=cutoff, scale=self.scale_, reduction="none", offset=offset)
         if self.normalise == "variance":
             window = x.shape[2:] if cutoff is None else (2 * cutoff + 1,) * (x.ndim - 2)
             per_sample = per_sample / (len(self.correlations) * math.prod(window))

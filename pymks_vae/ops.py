@@ -253,9 +253,11 @@ def _run_two_point_stats(x, pairs, periodic, cutoff, window, mask, partition):
     if not _use_compiled(x):
         _check_finite_eager("two_point_stats", x=x, mask=mask)
         return reference.two_point_stats_ref(x, pairs, periodic=periodic, cutoff=cutoff, mask=mask)
-    return torch.ops.pymks_vae.two_point_stats(
-        x, [p[0] for p in pairs], [p[1] for p in pairs], periodic, list(window), mask, _PARTITION_MODE[partition]
-    )
+    args = (x, [p[0] for p in pairs], [p[1] for p in pairs], periodic, list(window), mask, _PARTITION_MODE[partition])
+    if x.requires_grad and torch.is_grad_enabled():
+        # The variant that also returns the spectra of x, so that the backward transforms no field.
+        return torch.ops.pymks_vae.two_point_stats_spectra(*args)[0]
+    return torch.ops.pymks_vae.two_point_stats(*args)
 
 
 def _check_finite_eager(op, **tensors):
@@ -273,13 +275,15 @@ def _check_finite_eager(op, **tensors):
 
 # ----------------------------------------------------------------------------- the loss
 def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cutoff=None,
-                       weight=None, scale=1.0, reduction="sum"):
+                       weight=None, scale=1.0, reduction="sum", offset=None):
     """Squared distance between the two-point statistics of ``x`` and of ``target``.
 
     ``sum over pairs and lags of weight * (scale * (f(x) - f(target)))**2`` per sample, where f
     is :func:`two_point_stats`. In the periodic case without cutoff or weight a fused kernel
-    computes value and gradient from two forward FFTs and one inverse FFT (Parseval); otherwise
-    the statistics come from :func:`two_point_stats`.
+    computes value and gradient from two forward FFTs and one inverse FFT (Parseval). Otherwise
+    (a window, weights, non-periodic statistics) another fused kernel computes the difference of
+    the statistics on the window only, from the spectra of ``x`` and ``target`` in one pass, and
+    keeps the spectra of ``x`` for its backward pass (one pruned forward and one inverse FFT).
 
     Args:
         x: float tensor ``(batch, n_state, *spatial)`` (the reconstruction; differentiable).
@@ -296,6 +300,10 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
             ``kl_div`` precedent); "mean", the mean over every element (batch x pairs x lags,
             as ``torch.nn.MSELoss`` and the paper's ``nn.MSELoss`` runs); "none", the per-sample
             sums, a ``(batch,)`` tensor.
+        offset: None or a ``(batch, n_corr)`` tensor (differentiable) subtracted from every lag
+            of ``f(x) - f(target)`` of each sample and pair before scaling: the difference of
+            the centring terms when autocovariances are compared (see
+            :class:`pymks_vae.losses.SpatialStatsLoss`).
 
     Returns:
         a scalar tensor, or ``(batch,)`` for ``reduction="none"``.
@@ -335,16 +343,42 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
     window = _window(cutoff, tuple(x.shape[2:]), op)
     if weight is not None:
         weight = _loss_weight(weight, x, len(pairs), window, op)
+    if offset is not None:
+        offset = _loss_offset(offset, x, len(pairs), op)
 
-    if periodic and cutoff is None and weight is None and _use_compiled(x):
+    if periodic and cutoff is None and weight is None and offset is None and _use_compiled(x):
         pi = [p[0] for p in pairs]
         pj = [p[1] for p in pairs]
         need_grad = x.requires_grad and torch.is_grad_enabled()
         per_sample = torch.ops.pymks_vae.stats_loss(x, target, pi, pj, float(scale), need_grad)[0]
         return reference.reduce_per_sample(per_sample, reduction, len(pairs) * math.prod(window))
+    if _use_compiled(x):
+        # A window, weights or zero padding: the general fused kernel (statistics of x and target
+        # in one pass, the gradient prepared for its own backward).
+        pi = [p[0] for p in pairs]
+        pj = [p[1] for p in pairs]
+        need_grad = (x.requires_grad or (offset is not None and offset.requires_grad)) and torch.is_grad_enabled()
+        if weight is not None:
+            weight = weight.expand((len(pairs),) + tuple(window)).contiguous()
+        per_sample = torch.ops.pymks_vae.stats_loss_window(
+            x, target, pi, pj, periodic, list(window), weight, offset, float(scale), need_grad)[0]
+        return reference.reduce_per_sample(per_sample, reduction, len(pairs) * math.prod(window))
     fx = _stats_of("x", x, pairs, periodic, cutoff, op)
     ft = _stats_of("target", target, pairs, periodic, cutoff, op)
-    return reference.stats_distance(fx, ft, float(scale), weight, reduction)
+    return reference.stats_distance(fx, ft, float(scale), weight, reduction, offset)
+
+
+def _loss_offset(offset, x, n_corr, op):
+    if not isinstance(offset, torch.Tensor):
+        raise TypeError(f"{op}: offset must be a torch.Tensor or None, got {type(offset).__name__}")
+    if offset.dtype != x.dtype:
+        raise TypeError(f"{op}: offset dtype {offset.dtype} differs from x dtype {x.dtype}")
+    if offset.device != x.device:
+        raise ValueError(f"{op}: offset is on {offset.device} but x is on {x.device}")
+    if tuple(offset.shape) != (x.shape[0], n_corr):
+        raise ValueError(f"{op}: offset must have shape (batch, n_corr) = {(x.shape[0], n_corr)}, "
+                         f"got {tuple(offset.shape)}")
+    return offset
 
 
 def _stats_of(name, t, pairs, periodic, cutoff, op):
@@ -444,6 +478,39 @@ def _register():
         "pymks_vae::two_point_stats", _two_point_backward, setup_context=_two_point_setup
     )
 
+    @torch.library.register_fake("pymks_vae::two_point_stats_spectra")
+    def _two_point_stats_spectra_fake(x, pair_i, pair_j, periodic, window, mask, partition):
+        states = sorted(set(pair_i) | set(pair_j))
+        grid = _grid(tuple(x.shape[2:]), window, periodic)
+        ctype = torch.complex64 if x.dtype == torch.float32 else torch.complex128
+        half = (x.shape[0], len(states)) + grid[:-1] + (grid[-1] // 2 + 1,)
+        return x.new_empty((x.shape[0], len(pair_i)) + tuple(window)), x.new_empty(half, dtype=ctype)
+
+    @torch.library.register_fake("pymks_vae::two_point_stats_backward_spectra")
+    def _two_point_stats_backward_spectra_fake(grad, x_hat, pair_i, pair_j, n_state, spatial, periodic, mask):
+        return grad.new_empty((grad.shape[0], n_state) + tuple(spatial))
+
+    def _spectra_setup(ctx, inputs, output):
+        x, pair_i, pair_j, periodic, _, mask, _ = inputs
+        ctx.save_for_backward(output[1], mask)
+        ctx.args = (pair_i, pair_j, x.shape[1], list(x.shape[2:]), periodic)
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    def _spectra_backward(ctx, grad, _grad_spectra):
+        x_hat, mask = ctx.saved_tensors
+        pair_i, pair_j, n_state, spatial, periodic = ctx.args
+        grad_x = None
+        if ctx.needs_input_grad[0] and grad is not None:
+            grad_x = torch.ops.pymks_vae.two_point_stats_backward_spectra(
+                grad.contiguous(), x_hat, pair_i, pair_j, n_state, spatial, periodic, mask
+            )
+        return grad_x, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "pymks_vae::two_point_stats_spectra", _spectra_backward, setup_context=_spectra_setup
+    )
+
     @torch.library.register_fake("pymks_vae::stats_loss")
     def _stats_loss_fake(x, target, pair_i, pair_j, scale, need_grad):
         states = sorted(set(pair_i) | set(pair_j))
@@ -480,6 +547,75 @@ def _register():
         return grad_x, None, None, None, None, None
 
     torch.library.register_autograd("pymks_vae::stats_loss", _loss_backward, setup_context=_loss_setup)
+
+    @torch.library.register_fake("pymks_vae::stats_loss_window")
+    def _stats_loss_window_fake(x, target, pair_i, pair_j, periodic, window, weight, offset, scale, need_grad):
+        states = sorted(set(pair_i) | set(pair_j))
+        spatial = tuple(x.shape[2:])
+        grid = _grid(spatial, window, periodic)
+        half = grid[:-1] + (grid[-1] // 2 + 1,)
+        ctype = torch.complex64 if x.dtype == torch.float32 else torch.complex128
+        if need_grad:
+            grad_window = x.new_empty((x.shape[0], len(pair_i)) + tuple(window))
+            x_hat = x.new_empty((x.shape[0], len(states)) + half, dtype=ctype)
+        else:
+            grad_window, x_hat = x.new_empty((0,)), x.new_empty((0,), dtype=ctype)
+        grad_offset = x.new_empty((x.shape[0], len(pair_i)) if need_grad and offset is not None else (0,))
+        return x.new_empty((x.shape[0],)), grad_window, x_hat, grad_offset
+
+    @torch.library.register_fake("pymks_vae::stats_loss_window_backward")
+    def _stats_loss_window_backward_fake(grad, grad_window, x_hat, pair_i, pair_j, n_state, spatial, periodic):
+        return grad_window.new_empty((grad_window.shape[0], n_state) + tuple(spatial))
+
+    def _window_setup(ctx, inputs, output):
+        x, _, pair_i, pair_j, periodic, _, _, offset, _, _ = inputs
+        ctx.save_for_backward(output[1], output[2], output[3])
+        ctx.args = (pair_i, pair_j, x.shape[1], list(x.shape[2:]), periodic, offset is not None)
+        ctx.mark_non_differentiable(output[1], output[2], output[3])
+        ctx.set_materialize_grads(False)
+
+    def _window_backward(ctx, grad_values, _grad_window, _grad_x_hat, _grad_offset):
+        grad_window, x_hat, grad_offset = ctx.saved_tensors
+        pair_i, pair_j, n_state, spatial, periodic, has_offset = ctx.args
+        grad_x = grad_off = None
+        if grad_values is None:
+            return None, None, None, None, None, None, None, None, None, None
+        missing = RuntimeError("spatial_stats_loss: the forward ran without need_grad, so no gradient was prepared")
+        if ctx.needs_input_grad[0]:
+            if x_hat.numel() == 0:
+                raise missing
+            grad_x = torch.ops.pymks_vae.stats_loss_window_backward(
+                grad_values.contiguous(), grad_window, x_hat, pair_i, pair_j, n_state, spatial, periodic
+            )
+        if has_offset and ctx.needs_input_grad[7]:
+            if grad_offset.numel() == 0:
+                raise missing
+            grad_off = grad_offset * grad_values.unsqueeze(1)
+        return grad_x, None, None, None, None, None, None, grad_off, None, None
+
+    torch.library.register_autograd(
+        "pymks_vae::stats_loss_window", _window_backward, setup_context=_window_setup
+    )
+
+
+def _grid(spatial, window, periodic):
+    """The transform grid of the drivers: the field itself, or padded by the largest lag kept."""
+    if periodic:
+        return tuple(spatial)
+    return tuple(_fast_fft_len(n + w // 2) for n, w in zip(spatial, window))
+
+
+def _fast_fft_len(n):
+    """The driver's fast_fft_len: smallest m >= n with no prime factor above 7 (for fake kernels)."""
+    m = max(int(n), 1)
+    while True:
+        r = m
+        for p in (2, 3, 5, 7):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
 
 
 if _extension.has_extension():

@@ -102,7 +102,7 @@ def two_point_stats_ref(x, correlations, *, periodic=True, cutoff=None, mask=Non
 
 
 def spatial_stats_loss_ref(x, target, *, correlations=((0, 0),), periodic=True, cutoff=None,
-                           weight=None, scale=1.0, reduction="sum"):
+                           weight=None, scale=1.0, reduction="sum", offset=None):
     """Sum over pairs and lags of ``weight * (scale * (f(x) - f(target)))**2``, per sample, reduced.
 
     Args:
@@ -111,26 +111,30 @@ def spatial_stats_loss_ref(x, target, *, correlations=((0, 0),), periodic=True, 
         weight: None or a tensor broadcastable to ``(n_corr, *window)``.
         scale: multiplies the statistics.
         reduction: as :func:`pymks_vae.ops.spatial_stats_loss`: "sum", "batchmean", "mean" or "none".
+        offset: None or ``(batch, n_corr)``, subtracted from ``f(x) - f(target)`` at every lag.
 
     Returns:
         a scalar, or ``(batch,)`` for ``reduction="none"``.
     """
     fx = two_point_stats_ref(x, correlations, periodic=periodic, cutoff=cutoff)
     ft = two_point_stats_ref(target.detach(), correlations, periodic=periodic, cutoff=cutoff)
-    return stats_distance(fx, ft, scale, weight, reduction)
+    return stats_distance(fx, ft, scale, weight, reduction, offset)
 
 
-def stats_distance(fx, ft, scale=1.0, weight=None, reduction="sum"):
-    """``weight * (scale * (fx - ft))**2`` summed per sample, then reduced as the loss does.
+def stats_distance(fx, ft, scale=1.0, weight=None, reduction="sum", offset=None):
+    """``weight * (scale * (fx - ft - offset))**2`` summed per sample, then reduced as the loss does.
 
     Args:
         fx, ft: statistics ``(batch, n_corr, *window)``.
-        scale, weight, reduction: as in :func:`spatial_stats_loss_ref`.
+        scale, weight, reduction, offset: as in :func:`spatial_stats_loss_ref`.
 
     Returns:
         a scalar, or ``(batch,)`` for ``reduction="none"``.
     """
-    sq = (scale * (fx - ft)) ** 2
+    diff = fx - ft
+    if offset is not None:
+        diff = diff - offset.reshape(offset.shape + (1,) * (fx.ndim - 2))
+    sq = (scale * diff) ** 2
     if weight is not None:
         sq = sq * weight
     return reduce_per_sample(sq.flatten(1).sum(1), reduction, fx[0].numel())

@@ -21,7 +21,9 @@ def test_build_info_reports_the_compiled_backends():
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert info["torch_runtime"] == torch.__version__
     assert info["cuda_available"] == torch.cuda.is_available()
-    for name in ["two_point_stats", "two_point_stats_backward", "stats_loss", "stats_loss_backward"]:
+    for name in ["two_point_stats", "two_point_stats_backward", "two_point_stats_spectra",
+                 "two_point_stats_backward_spectra", "stats_loss", "stats_loss_backward", "stats_loss_window",
+                 "stats_loss_window_backward"]:
         assert isinstance(getattr(torch.ops.pymks_vae, name), torch._ops.OpOverloadPacket)
     if info["cuda"]:
         assert info["cuda_archs"], "CUDA kernels were built, so the archs must be recorded"
@@ -102,5 +104,7 @@ def test_cuda_kernels_built_for_this_gpu():
         # Code for sm_X.y runs on any X.z with z >= y (and PTX is compiled on the fly).
         built = [tuple(map(int, re.match(r"(\d+)\.(\d+)", a).groups())) for a in info["cuda_archs"]]
         assert any(b[0] == major and b[1] <= minor for b in built), (f"GPU {i} is sm_{major}{minor}", info)
-    for name in ["two_point_stats", "two_point_stats_backward", "stats_loss", "stats_loss_backward"]:
+    for name in ["two_point_stats", "two_point_stats_backward", "two_point_stats_spectra",
+                 "two_point_stats_backward_spectra", "stats_loss", "stats_loss_backward", "stats_loss_window",
+                 "stats_loss_window_backward"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pymks_vae::{name}", "CUDA"), name

@@ -127,11 +127,162 @@ at::Tensor stats_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& spe
   return stats_loss_backward(grad, spectrum, spatial, n_state, states);
 }
 
+
+// ------------------------------------------------------------------ general loss (window, weights, padding)
+template <typename T>
+void power_diff_half_t(const at::Tensor& xh, const at::Tensor& th, const int32_t* idx, T scale, at::Tensor& out) {
+  // out[b, u, rest, h0] = scale (|X|^2 - |T|^2)[b, idx[u], h0, rest]: the spectra read in order, out
+  // written through an L1-sized tile so that each line of it is written whole (as power_half).
+  const int64_t B = xh.size(0), nf = xh.size(1), na = out.size(1), H = xh.numel() / (B * nf);
+  const int64_t h0 = xh.dim() > 3 ? xh.size(2) : 1, rest = H / h0;
+  const auto* X = reinterpret_cast<const cpx<T>*>(xh.data_ptr());
+  const auto* Tt = reinterpret_cast<const cpx<T>*>(th.data_ptr());
+  T* P = out.data_ptr<T>();
+  at::parallel_for(0, B * na, 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kTile = 16, kCols = 256;
+    T buf[kTile * kCols];
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t off = ((row / na) * nf + idx[row % na]) * H;
+      const cpx<T>* xs = X + off;
+      const cpx<T>* ts = Tt + off;
+      T* o = P + row * H;
+      for (int64_t c0 = 0; c0 < rest; c0 += kCols) {
+        const int64_t nc = std::min(kCols, rest - c0);
+        for (int64_t t0 = 0; t0 < h0; t0 += kTile) {
+          const int64_t nt = std::min(kTile, h0 - t0);
+          for (int64_t k = 0; k < nt; ++k) {
+            const int64_t src = (t0 + k) * rest + c0;
+            T* b = buf + k * kCols;
+            for (int64_t r = 0; r < nc; ++r) b[r] = scale * auto_difference(xs[src + r], ts[src + r]);
+          }
+          for (int64_t r = 0; r < nc; ++r)
+            for (int64_t k = 0; k < nt; ++k) o[(c0 + r) * h0 + t0 + k] = buf[k * kCols + r];
+        }
+      }
+    }
+  });
+}
+
+void power_diff_half(const at::Tensor& xh, const at::Tensor& th, const at::Tensor& idx, double scale, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "power_diff_half", [&] {
+    power_diff_half_t<scalar_t>(xh, th, idx.data_ptr<int32_t>(), static_cast<scalar_t>(scale), out);
+  });
+}
+
+at::Tensor diff_products(const at::Tensor& xh, const at::Tensor& th, const at::Tensor& a, const at::Tensor& b) {
+  auto sizes = xh.sizes().vec();
+  sizes[1] = a.numel();
+  auto out = at::empty(sizes, xh.options());
+  AT_DISPATCH_FLOATING_TYPES(at::toRealValueType(xh.scalar_type()), "diff_products", [&] {
+    using T = scalar_t;
+    const int64_t B = xh.size(0), nf = xh.size(1), nb = a.numel(), H = xh.numel() / (B * nf);
+    const auto* X = reinterpret_cast<const cpx<T>*>(xh.data_ptr());
+    const auto* Tt = reinterpret_cast<const cpx<T>*>(th.data_ptr());
+    auto* P = reinterpret_cast<cpx<T>*>(out.data_ptr());
+    const int32_t* pa = a.data_ptr<int32_t>();
+    const int32_t* pb = b.data_ptr<int32_t>();
+    cpu::parallel_rows(B * nb, H, [&](int64_t row, int64_t i0, int64_t i1) {
+      const int64_t bb = row / nb, k = row % nb;
+      const int64_t oa = (bb * nf + pa[k]) * H, ob = (bb * nf + pb[k]) * H;
+      cpx<T>* o = P + row * H;
+      for (int64_t i = i0; i < i1; ++i) o[i] = pair_difference(X[oa + i], X[ob + i], Tt[oa + i], Tt[ob + i]);
+    });
+  });
+  return out;
+}
+
+template <typename T>
+void window_pass_t(const WindowLossArgs& a) {
+  const Geometry& g = a.geom;
+  const int nd = g.ndim;
+  const int64_t B = a.values.size(0), nq = a.n_pairs;
+  const int64_t W = g.w[nd - 1], M = g.m[nd - 1];
+  int64_t wrows = 1, s_total = 1;
+  for (int d = 0; d < nd; ++d) {
+    s_total *= g.n[d];
+    if (d < nd - 1) wrows *= g.w[d];
+  }
+  const T* even = a.even.defined() ? a.even.data_ptr<T>() : nullptr;
+  const T* cross = a.cross.defined() ? a.cross.data_ptr<T>() : nullptr;
+  const int64_t na = even ? a.even.size(1) : 0, en = even ? a.even.size(2) : 0;
+  const int64_t nc = cross ? a.cross.size(1) : 0, cn = cross ? a.cross.size(2) : 0;
+  const auto* pairs = reinterpret_cast<const WinPair*>(a.pairs.data_ptr());
+  const T* weight = a.weight.defined() ? a.weight.data_ptr<T>() : nullptr;
+  T* grad = a.grad_window.defined() ? a.grad_window.data_ptr<T>() : nullptr;
+  const T* offset = a.offset.defined() ? a.offset.data_ptr<T>() : nullptr;
+  const bool want_off = a.grad_offset.defined();
+  const T s = static_cast<T>(a.scale), inv_s = T(1) / static_cast<T>(s_total);
+  auto partial = at::empty({B, nq * wrows}, a.values.options());
+  T* part = partial.data_ptr<T>();
+  auto partial_off = want_off ? at::empty({B, nq, wrows}, a.values.options()) : at::Tensor();
+  T* part_off = want_off ? partial_off.data_ptr<T>() : nullptr;
+
+  // One task per (sample, pair, window row), each writing its own partial sum (deterministic).
+  at::parallel_for(0, B * nq * wrows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t wr = task % wrows, q = (task / wrows) % nq, b = task / (wrows * nq);
+      int64_t widx[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
+      unravel(wr, g.w, nd - 1, widx);
+      for (int d = 0; d < nd - 1; ++d) lag[d] = window_lag(widx[d], g.w[d]);
+      const WinPair p = pairs[q];
+      // The row of the stored base that holds this window row, and whether it runs backwards.
+      const T* src;
+      bool rev = false;
+      if (p.is_auto) {
+        lag[nd - 1] = 0;
+        rev = even_reversed(lag, nd);
+        src = even + (b * na + p.base) * en + even_index(lag, g.m, nd);  // even_index(.., r_last = 0) starts the row
+      } else {
+        lag[nd - 1] = 0;
+        src = cross + (b * nc + p.base) * cn + cross_index(widx, lag, g);
+      }
+      const T* wt = weight ? weight + (q * wrows + wr) * W : nullptr;
+      T* go = grad ? grad + task * W : nullptr;
+      const T off = offset ? offset[b * nq + q] : T(0);
+      T acc = T(0), acc_off = T(0), gv, goff;
+      for (int64_t i = 0; i < W; ++i) {
+        lag[nd - 1] = window_lag(i, W);
+        const int64_t r = rev ? -lag[nd - 1] : lag[nd - 1];
+        const T inv = a.periodic ? inv_s : inv_norm_lag<T>(g, lag, false, inv_s);
+        acc += window_loss_lag<T>(src[r < 0 ? r + M : r], inv, off, wt ? wt[i] : T(1), s, gv, goff);
+        acc_off += goff;
+        if (go) go[i] = gv;
+      }
+      part[task] = acc;
+      if (part_off) part_off[task] = acc_off;
+    }
+  });
+  a.values.copy_(partial.sum(1));
+  if (want_off) a.grad_offset.copy_(partial_off.sum(2));
+}
+
+void window_pass(const WindowLossArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES(a.values.scalar_type(), "window_pass", [&] { window_pass_t<scalar_t>(a); });
+}
+
+const WindowLossBackend kCpuWindow{power_diff_half, diff_products, window_pass, combine_grad_cpu};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_cpu(
+    const at::Tensor& x, const at::Tensor& target, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,
+    at::IntArrayRef window, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& offset,
+    double scale, bool need_grad) {
+  return stats_loss_window_forward(x, target, pair_i, pair_j, periodic, window, weight, offset, scale, need_grad,
+                                   kCpuWindow);
+}
+
+at::Tensor stats_loss_window_backward_cpu(const at::Tensor& grad, const at::Tensor& grad_window,
+                                          const at::Tensor& x_hat, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
+                                          int64_t n_state, at::IntArrayRef spatial, bool periodic) {
+  return stats_loss_window_backward(grad, grad_window, x_hat, pair_i, pair_j, n_state, spatial, periodic, kCpuWindow);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pymks_vae, CPU, m) {
   m.impl("stats_loss", &stats_loss_cpu);
   m.impl("stats_loss_backward", &stats_loss_backward_cpu);
+  m.impl("stats_loss_window", &stats_loss_window_cpu);
+  m.impl("stats_loss_window_backward", &stats_loss_window_backward_cpu);
 }
 
 }  // namespace pymks_vae

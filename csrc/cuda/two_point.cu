@@ -204,11 +204,31 @@ at::Tensor two_point_stats_backward_cuda(const at::Tensor& grad, const at::Tenso
   return two_point_backward(grad, x, pair_i, pair_j, periodic, window, mask, kCuda);
 }
 
+
+std::tuple<at::Tensor, at::Tensor> two_point_stats_spectra_cuda(const at::Tensor& x, at::IntArrayRef pair_i,
+                                                                  at::IntArrayRef pair_j, bool periodic,
+                                                                  at::IntArrayRef window,
+                                                                  const c10::optional<at::Tensor>& mask,
+                                                                  int64_t partition) {
+  return two_point_forward_spectra(x, pair_i, pair_j, periodic, window, mask, partition, kCuda);
+}
+
+at::Tensor two_point_stats_backward_spectra_cuda(const at::Tensor& grad, const at::Tensor& x_hat,
+                                                  at::IntArrayRef pair_i, at::IntArrayRef pair_j, int64_t n_state,
+                                                  at::IntArrayRef spatial, bool periodic,
+                                                  const c10::optional<at::Tensor>& mask) {
+  return two_point_backward_spectra(grad, x_hat, pair_i, pair_j, n_state, spatial, periodic, mask, kCuda);
+}
+
 }  // namespace
+
+at::Tensor combine_grad_cuda(const CombineArgs& args) { return combine_grad(args); }
 
 TORCH_LIBRARY_IMPL(pymks_vae, CUDA, m) {
   m.impl("two_point_stats", &two_point_stats_cuda);
   m.impl("two_point_stats_backward", &two_point_stats_backward_cuda);
+  m.impl("two_point_stats_spectra", &two_point_stats_spectra_cuda);
+  m.impl("two_point_stats_backward_spectra", &two_point_stats_backward_spectra_cuda);
 }
 
 }  // namespace pymks_vae

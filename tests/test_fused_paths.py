@@ -1,0 +1,512 @@
+"""The general fused loss (a lag window, per-lag weights, non-periodic statistics): values and
+gradients against the torch.fft/autograd reference, gradcheck, opcheck, bad arguments of the raw
+operators, and CUDA against CPU."""
+import pytest
+import torch
+
+from pymks_vae import ops, reference
+
+REDUCTIONS = ["sum", "batchmean", "mean", "none"]
+
+
+def rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def loss_and_grad(fn, x, t, w=None, **kw):
+    xr = x.detach().clone().requires_grad_(True)
+    out = fn(xr, t, **kw)
+    if w is None:
+        w = torch.randn(out.shape, dtype=out.dtype)
+    (g,) = torch.autograd.grad((out * w.to(out.device)).sum(), xr)
+    return out, g, w
+
+
+CASES = [  # spatial, periodic, cutoff, weighted
+    ((9,), True, 2, False), ((8,), False, None, True), ((10,), False, 3, False),
+    ((6, 7), True, 2, True), ((8, 8), True, (3, 1), False), ((7, 6), False, None, False),
+    ((8, 9), False, 2, True), ((5, 5), True, None, True),
+    ((4, 5, 6), True, 1, False), ((4, 5, 4), False, (1, 2, 1), True), ((3, 4, 4), False, None, False),
+]
+
+
+@pytest.mark.parametrize("spatial,periodic,cutoff,weighted", CASES)
+@pytest.mark.parametrize("pairs", [[(0, 0)], [(0, 1)], [(1, 0), (0, 0), (1, 1), (0, 1)]])
+def test_general_loss_matches_reference(spatial, periodic, cutoff, weighted, pairs):
+    x = torch.rand((3, 2) + spatial, dtype=torch.float64)
+    t = torch.rand((3, 2) + spatial, dtype=torch.float64)
+    window = reference.window_shape(spatial, cutoff)
+    weight = torch.rand((len(pairs),) + window, dtype=torch.float64) if weighted else None
+    kw = dict(correlations=pairs, periodic=periodic, cutoff=cutoff, weight=weight, scale=1.3)
+    for red in REDUCTIONS:
+        out, g, w = loss_and_grad(ops.spatial_stats_loss, x, t, reduction=red, **kw)
+        ref, gr, _ = loss_and_grad(reference.spatial_stats_loss_ref, x, t, w=w, reduction=red, **kw)
+        assert out.shape == ref.shape
+        assert rel_err(out, ref) < 1e-10 and rel_err(g, gr) < 1e-10
+
+
+def test_general_loss_takes_the_fused_operator(monkeypatch):
+    """A window, weights or zero padding run the general fused operator, not two_point_stats."""
+    def no_operator(*args, **kwargs):
+        raise AssertionError("the loss fell back to two_point_stats")
+
+    monkeypatch.setattr(ops, "two_point_stats", no_operator)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    for kw in (dict(cutoff=2), dict(periodic=False), dict(weight=torch.rand(8, 8, dtype=torch.float64))):
+        ops.spatial_stats_loss(x, t, **kw).backward()
+
+
+def test_raw_operator_outputs():
+    x = torch.rand(2, 3, 7, 8, dtype=torch.float64)
+    t = torch.rand(2, 3, 7, 8, dtype=torch.float64)
+    pairs = [(2, 2), (0, 2)]
+    for periodic in (True, False):
+        values, gw, xh, go = torch.ops.pymks_vae.stats_loss_window(x, t, [0, 2], [2, 2], periodic, [5, 3], None, None,
+                                                                   2.0, True)
+        want = reference.spatial_stats_loss_ref(x, t, correlations=[(0, 2), (2, 2)], periodic=periodic,
+                                                cutoff=(2, 1), scale=2.0, reduction="none")
+        assert rel_err(values, want) < 1e-10
+        assert gw.shape == (2, 2, 5, 3)
+        grid = (7, 8) if periodic else (ops._fast_fft_len(7 + 2), ops._fast_fft_len(8 + 1))
+        assert xh.shape == (2, 2, grid[0], grid[1] // 2 + 1) and xh.dtype == torch.complex128
+        assert go.numel() == 0  # no offset
+        values2, gw2, xh2, _ = torch.ops.pymks_vae.stats_loss_window(x, t, [0, 2], [2, 2], periodic, [5, 3], None, None,
+                                                                     2.0, False)
+        assert gw2.numel() == 0 and xh2.numel() == 0 and torch.equal(values, values2)
+    del pairs
+
+
+@pytest.mark.parametrize("n_state,pairs", [(3, [(2, 2)]), (3, [(0, 2)]), (4, [(1, 3), (3, 1)]), (4, [(1, 2), (2, 2)])])
+def test_partial_state_sets(n_state, pairs, device):
+    x = torch.rand((2, n_state, 6, 9), dtype=torch.float64)
+    t = torch.rand((2, n_state, 6, 9), dtype=torch.float64)
+    kw = dict(correlations=pairs, cutoff=2, periodic=False, reduction="none")
+    out, g, w = loss_and_grad(ops.spatial_stats_loss, x.to(device), t.to(device), **kw)
+    ref, gr, _ = loss_and_grad(reference.spatial_stats_loss_ref, x, t, w=w, **kw)
+    assert rel_err(out, ref) < 1e-10 and rel_err(g, gr) < 1e-10
+    used = sorted({s for p in pairs for s in p})
+    assert torch.all(g[:, [s for s in range(n_state) if s not in used]] == 0)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "every_other"])
+def test_strided_input(layout, device):
+    x = torch.rand(3, 2, 8, 10, dtype=torch.float64)
+    t = torch.rand(3, 2, 8, 10, dtype=torch.float64)
+    if layout == "channels_last":
+        view = x.to(device).movedim(1, -1).contiguous().movedim(-1, 1)
+    else:
+        wide = torch.zeros(3, 2, 8, 20, dtype=torch.float64, device=device)
+        wide[..., ::2] = x.to(device)
+        view = wide[..., ::2]
+    kw = dict(correlations=[(0, 1), (1, 1)], cutoff=3, reduction="none")
+    xd = view.requires_grad_(True)
+    out = ops.spatial_stats_loss(xd, t.to(device), **kw)
+    (g,) = torch.autograd.grad(out.sum(), xd)
+    ref, gr, _ = loss_and_grad(reference.spatial_stats_loss_ref, x, t, w=torch.ones(3, dtype=torch.float64), **kw)
+    assert rel_err(out, ref) < 1e-10 and rel_err(g, gr) < 1e-10
+
+
+@pytest.mark.parametrize("spatial,pairs", [((7,), [(0, 0)]), ((4, 5), [(0, 1), (1, 1)]), ((3, 3, 4), [(1, 0)])])
+@pytest.mark.parametrize("periodic,cutoff,weighted", [(True, 1, False), (False, None, True), (False, 1, False),
+                                                      (True, None, True)])
+def test_gradcheck(spatial, pairs, periodic, cutoff, weighted):
+    x = torch.rand((2, 2) + spatial, dtype=torch.float64, requires_grad=True)
+    t = torch.rand((2, 2) + spatial, dtype=torch.float64)
+    window = reference.window_shape(spatial, cutoff)
+    weight = torch.rand((len(pairs),) + window, dtype=torch.float64) if weighted else None
+    for red in ("sum", "none"):
+        assert torch.autograd.gradcheck(
+            lambda v: ops.spatial_stats_loss(v, t, correlations=pairs, periodic=periodic, cutoff=cutoff, weight=weight,
+                                             scale=0.7, reduction=red), (x,))
+
+
+@pytest.mark.parametrize("spatial,pair,periodic,window", [((8,), (0, 1), True, [5]), ((5, 6), (1, 1), False, [3, 6]),
+                                                          ((3, 4, 5), (0, 0), False, [3, 3, 3]),
+                                                          ((6, 5), (1, 0), True, [6, 5])])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_opcheck(spatial, pair, periodic, window, weighted, device):
+    x = torch.rand((2, 2) + spatial, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.rand((2, 2) + spatial, dtype=torch.float64, device=device)
+    weight = torch.rand([1] + window, dtype=torch.float64, device=device) if weighted else None
+    op = torch.ops.pymks_vae.stats_loss_window
+    torch.library.opcheck(op.default, (x, t, [pair[0]], [pair[1]], periodic, window, weight, None, 1.5, True))
+    torch.library.opcheck(op.default, (x.detach(), t, [pair[0]], [pair[1]], periodic, window, weight, None, 1.0,
+                                       False))
+    off = torch.rand(2, 1, dtype=torch.float64, device=device, requires_grad=True)
+    torch.library.opcheck(op.default, (x, t, [pair[0]], [pair[1]], periodic, window, weight, off, 1.5, True))
+    _, gw, xh, _ = op(x.detach(), t, [pair[0]], [pair[1]], periodic, window, weight, None, 1.0, True)
+    torch.library.opcheck(torch.ops.pymks_vae.stats_loss_window_backward.default,
+                          (torch.rand(2, dtype=torch.float64, device=device), gw, xh, [pair[0]], [pair[1]], 2,
+                           list(spatial), periodic))
+
+
+def test_torch_compile_fullgraph(device):
+    t = torch.rand(3, 1, 10, 12, dtype=torch.float64, device=device)
+    weight = torch.rand(5, 5, dtype=torch.float64, device=device)
+
+    def step(x):
+        ind = ops.soft_indicator(x, (0.0,))
+        return ops.spatial_stats_loss(ind, ops.soft_indicator(t, (0.0,)), cutoff=2, weight=weight, periodic=False,
+                                      reduction="mean")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = torch.rand(3, 1, 10, 12, dtype=torch.float64, device=device, requires_grad=True)
+    v1, v2 = step(x), compiled(x)
+    g1 = torch.autograd.grad(v1, x)[0]
+    g2 = torch.autograd.grad(v2, x)[0]
+    assert torch.allclose(v1, v2, rtol=1e-12) and torch.allclose(g1, g2, rtol=1e-12)
+
+
+def test_batches_larger_than_a_cache_chunk():
+    """Large batches of small fields run in cache-sized chunks on the CPU: every chunk must match."""
+    x = torch.rand(30, 1, 128, 128, dtype=torch.float64)
+    t = torch.rand(30, 1, 128, 128, dtype=torch.float64)
+    for kw in (dict(cutoff=7), dict(periodic=False, cutoff=20)):
+        out, g, w = loss_and_grad(ops.spatial_stats_loss, x, t, reduction="none", **kw)
+        ref, gr, _ = loss_and_grad(reference.spatial_stats_loss_ref, x, t, w=w, reduction="none", **kw)
+        assert rel_err(out, ref) < 1e-10 and rel_err(g, gr) < 1e-10
+
+
+def test_float32_close_to_float64():
+    x = torch.rand(4, 2, 32, 32)
+    t = torch.rand(4, 2, 32, 32)
+    kw = dict(correlations=[(0, 0), (0, 1)], cutoff=7, periodic=False, reduction="none")
+    a, ga, w = loss_and_grad(ops.spatial_stats_loss, x, t, **kw)
+    b, gb, _ = loss_and_grad(ops.spatial_stats_loss, x.double(), t.double(), w=w.double(), **kw)
+    assert a.dtype == ga.dtype == torch.float32
+    assert rel_err(a, b) < 1e-4 and rel_err(ga, gb) < 1e-4
+
+
+def test_no_grad_forward_and_missing_gradient():
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        a = ops.spatial_stats_loss(x, t, cutoff=2, reduction="none")
+    assert not a.requires_grad
+    assert rel_err(a, reference.spatial_stats_loss_ref(x.detach(), t, cutoff=2, reduction="none")) < 1e-10
+
+
+@pytest.mark.parametrize("where", ["x", "target"])
+@pytest.mark.parametrize("kw", [dict(cutoff=2), dict(periodic=False)])
+def test_nan_rejected(where, kw):
+    x, t = torch.rand(2, 1, 8, 8, dtype=torch.float64), torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    (x if where == "x" else t)[1, 0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=f"{where} contains NaN or Inf"):
+        ops.spatial_stats_loss(x, t, **kw)
+
+
+# ----------------------------------------------------------------------------- raw operators, bad arguments
+def _xt(device, dtype=torch.float64):
+    return torch.rand(2, 2, 6, 7, dtype=dtype, device=device), torch.rand(2, 2, 6, 7, dtype=dtype, device=device)
+
+
+def _fwd(x, t, window=(3, 3), weight=None, pi=(0,), pj=(1,), periodic=True):
+    return torch.ops.pymks_vae.stats_loss_window(x, t, list(pi), list(pj), periodic, list(window), weight, None, 1.0,
+                                                 True)
+
+
+def _saved(device, dtype=torch.float64, periodic=True):
+    _, gw, xh, _ = _fwd(*_xt(device, dtype), periodic=periodic)
+    return gw, xh
+
+
+def _bwd(grad, gw, xh, spatial=(6, 7), periodic=True, n_state=2, pi=(0,), pj=(1,)):
+    return torch.ops.pymks_vae.stats_loss_window_backward(grad, gw, xh, list(pi), list(pj), n_state, list(spatial),
+                                                          periodic)
+
+
+def _ones(device, dtype=torch.float64, n=2):
+    return torch.ones(n, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda d: _fwd(_xt(d)[0], _xt(d)[1].float()), RuntimeError, "target has dtype Float but x has dtype Double"),
+    (lambda d: _fwd(*_xt(d, torch.float16)), RuntimeError, "x must be float32 or float64, got Half"),
+    (lambda d: _fwd(_xt(d)[0], _xt(d)[1][:, :1]), ValueError, "target shape"),
+    (lambda d: _fwd(*_xt(d), window=(3,)), ValueError, "window has 1 entries for 2 spatial dims"),
+    (lambda d: _fwd(*_xt(d), window=(7, 3)), ValueError, "does not fit spatial size"),
+    (lambda d: _fwd(*_xt(d), pi=(0,), pj=(2,)), ValueError, "out of range"),
+    (lambda d: _fwd(*_xt(d), weight=torch.ones(1, 3, 2, dtype=torch.float64, device=d)), ValueError,
+     "weight has shape"),
+    (lambda d: _fwd(*_xt(d), weight=torch.ones(1, 3, 3, device=d)), RuntimeError,
+     "weight has dtype Float but x has dtype Double"),
+    (lambda d: _bwd(_ones(d, torch.float32), *_saved(d)), RuntimeError, "grad has dtype Float but x_hat"),
+    (lambda d: _bwd(_ones(d), _saved(d)[0].float(), _saved(d)[1]), RuntimeError, "grad_window has dtype Float"),
+    (lambda d: _bwd(_ones(d), _saved(d)[0], _saved(d)[0]), RuntimeError, "x_hat must be complex64 or complex128"),
+    (lambda d: _bwd(_ones(d), *_saved(d), spatial=(6, 8)), ValueError, "x_hat has shape"),
+    (lambda d: _bwd(_ones(d), *_saved(d), periodic=False), ValueError, "x_hat has shape"),
+    (lambda d: _bwd(_ones(d, n=3), *_saved(d)), ValueError, r"grad must have shape \(2,\)"),
+    (lambda d: _bwd(_ones(d), *_saved(d), pi=(0, 1), pj=(1, 1)), ValueError, "grad_window has shape"),
+    (lambda d: _bwd(_ones(d), *_saved(d), n_state=1), ValueError, "out of range"),
+    (lambda d: _bwd(_ones(d), *_saved(d), spatial=(6, 7, 5)), ValueError, "grad_window has shape"),
+])
+def test_raw_ops_reject_bad_arguments(call, exc, match, device):
+    with pytest.raises(exc, match=match):
+        call(device)
+
+
+def test_public_errors_name_the_argument():
+    x, t = torch.rand(2, 1, 8, 8, dtype=torch.float64), torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="weight shape"):
+        ops.spatial_stats_loss(x, t, cutoff=2, weight=torch.rand(4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="cutoff 4 too large"):
+        ops.spatial_stats_loss(x, t, cutoff=4, periodic=False)
+
+
+# ----------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("spatial,periodic,cutoff,weighted", CASES)
+def test_cuda_matches_cpu(spatial, periodic, cutoff, weighted):
+    pairs = [(0, 0), (0, 1), (1, 1)]
+    window = reference.window_shape(spatial, cutoff)
+    for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
+        x = torch.rand((3, 2) + spatial, dtype=dtype)
+        t = torch.rand((3, 2) + spatial, dtype=dtype)
+        weight = torch.rand((len(pairs),) + window, dtype=dtype) if weighted else None
+        kw = dict(correlations=pairs, periodic=periodic, cutoff=cutoff, reduction="none")
+        c_out, c_g, w = loss_and_grad(ops.spatial_stats_loss, x, t, weight=weight, **kw)
+        g_out, g_g, _ = loss_and_grad(ops.spatial_stats_loss, x.cuda(), t.cuda(), w=w,
+                                      weight=None if weight is None else weight.cuda(), **kw)
+        assert g_out.is_cuda and g_g.is_cuda
+        assert rel_err(g_out, c_out) < tol and rel_err(g_g, c_g) < tol
+
+
+@pytest.mark.cuda
+def test_cuda_large_grid_and_gradcheck():
+    """More lags than one launch's threads (4096 blocks of 256), and gradcheck on the GPU."""
+    x = torch.rand(2, 2, 1100, 1030, dtype=torch.float64)
+    t = torch.rand(2, 2, 1100, 1030, dtype=torch.float64)
+    kw = dict(correlations=[(0, 1), (1, 1)], periodic=False, reduction="none")
+    c_out, c_g, w = loss_and_grad(ops.spatial_stats_loss, x, t, **kw)
+    g_out, g_g, _ = loss_and_grad(ops.spatial_stats_loss, x.cuda(), t.cuda(), w=w, **kw)
+    assert rel_err(g_out, c_out) < 1e-10 and rel_err(g_g, c_g) < 1e-10
+    xs = torch.rand(2, 2, 5, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    ts = torch.rand(2, 2, 5, 6, dtype=torch.float64, device="cuda")
+    assert torch.autograd.gradcheck(lambda v: ops.spatial_stats_loss(v, ts, correlations=[(0, 1)], cutoff=2,
+                                                                     periodic=False), (xs,))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("call,match", [
+    (lambda: _fwd(_xt("cuda")[0], _xt("cpu")[1]), "target is on cpu but x is on cuda:0"),
+    (lambda: _fwd(*_xt("cuda"), weight=torch.ones(1, 3, 3, dtype=torch.float64)), "weight is on cpu but x is on cuda"),
+    (lambda: _bwd(_ones("cpu"), *_saved("cuda")), "grad is on cpu but x_hat is on cuda"),
+    (lambda: _bwd(_ones("cuda"), _saved("cpu")[0], _saved("cuda")[1]), "grad_window is on cpu but x_hat is on cuda"),
+])
+def test_cuda_raw_ops_reject_mixed_devices(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------- the operator's backward
+# With x requiring grad, ops.two_point_stats runs two_point_stats_spectra, whose forward pass keeps the
+# spectra of x, and its backward two_point_stats_backward_spectra transforms no field again.
+def _fields(kind, shape):
+    if kind == "rand":
+        return torch.rand(shape, dtype=torch.float64)
+    labels = (torch.rand((shape[0],) + shape[2:]) * shape[1]).long()  # one-hot: a partition, binary
+    return torch.nn.functional.one_hot(labels, shape[1]).movedim(-1, 1).to(torch.float64).contiguous()
+
+
+OP_CASES = [  # spatial, periodic, cutoff
+    ((9,), True, None), ((8,), False, 2), ((6, 7), True, 2), ((8, 8), False, None), ((7, 6), True, (3, 1)),
+    ((4, 5, 6), True, 1), ((4, 5, 4), False, None), ((3, 4, 4), True, None),
+]
+
+
+@pytest.mark.parametrize("spatial,periodic,cutoff", OP_CASES)
+@pytest.mark.parametrize("kind", ["rand", "onehot"])
+@pytest.mark.parametrize("masked", [None, "shared", "per_sample"])
+def test_operator_gradient_matches_reference(spatial, periodic, cutoff, kind, masked, device):
+    pairs = [(1, 1), (0, 1), (2, 0), (0, 0)]
+    x = _fields(kind, (3, 3) + spatial)
+    mask = None
+    if masked:
+        mask = (torch.rand(((3,) if masked == "per_sample" else ()) + spatial, dtype=torch.float64) > 0.3).double()
+    kw = dict(periodic=periodic, cutoff=cutoff)
+    xd = x.to(device).requires_grad_(True)
+    f = ops.two_point_stats(xd, pairs, mask=None if mask is None else mask.to(device), **kw)
+    w = torch.randn(f.shape, dtype=torch.float64)
+    (g,) = torch.autograd.grad((f * w.to(device)).sum(), xd)
+    xr = x.clone().requires_grad_(True)
+    ref = reference.two_point_stats_ref(xr, pairs, mask=mask, **kw)
+    (gr,) = torch.autograd.grad((ref * w).sum(), xr)
+    assert rel_err(f, ref) < 1e-10 and rel_err(g, gr) < 1e-10
+
+
+def test_operator_takes_the_spectra_variant(monkeypatch):
+    calls = []
+    real = torch.ops.pymks_vae.two_point_stats_backward_spectra
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(1)
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.pymks_vae, "two_point_stats_backward_spectra", Spy(), raising=False)
+    x = torch.rand(2, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    ops.two_point_stats(x, [(0, 1)], cutoff=2).sum().backward()
+    assert calls
+
+
+@pytest.mark.parametrize("spatial,pairs", [((7,), [(0, 0)]), ((4, 5), [(0, 1), (1, 1)]), ((3, 3, 4), [(1, 0)])])
+@pytest.mark.parametrize("periodic,cutoff,masked", [(True, None, False), (False, 1, True), (True, 1, True)])
+def test_operator_gradcheck(spatial, pairs, periodic, cutoff, masked):
+    x = torch.rand((2, 2) + spatial, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(spatial, dtype=torch.float64) > 0.2).double() if masked else None
+    assert torch.autograd.gradcheck(
+        lambda v: ops.two_point_stats(v, pairs, periodic=periodic, cutoff=cutoff, mask=mask), (x,))
+
+
+@pytest.mark.parametrize("spatial,periodic,window,masked,partition", [
+    ((8,), True, [5], False, 0), ((5, 6), False, [3, 6], True, 0), ((3, 4, 5), True, [3, 3, 5], False, 1),
+    ((6, 5), True, [6, 5], False, 2),
+])
+def test_operator_opcheck(spatial, periodic, window, masked, partition, device):
+    x = torch.rand((2, 2) + spatial, dtype=torch.float64, device=device)
+    if partition:
+        x[:, 1] = 1 - x[:, 0]
+    x.requires_grad_(True)
+    mask = torch.rand((1,) + spatial, dtype=torch.float64, device=device) if masked else None
+    args = (x, [0, 1], [1, 1], periodic, window, mask, partition)
+    torch.library.opcheck(torch.ops.pymks_vae.two_point_stats_spectra.default, args)
+    f, xh = torch.ops.pymks_vae.two_point_stats_spectra(*args)
+    torch.library.opcheck(torch.ops.pymks_vae.two_point_stats_backward_spectra.default,
+                          (torch.rand_like(f), xh, [0, 1], [1, 1], 2, list(spatial), periodic, mask))
+
+
+def test_operator_spectra_are_those_of_the_masked_fields():
+    x = torch.rand(2, 3, 7, 6, dtype=torch.float64)
+    mask = torch.rand(1, 7, 6, dtype=torch.float64)
+    f, xh = torch.ops.pymks_vae.two_point_stats_spectra(x, [2, 0], [2, 2], False, [5, 3], mask, 0)
+    want = torch.fft.rfftn((x * mask.unsqueeze(1))[:, [0, 2]], s=ops._grid((7, 6), (5, 3), False), dim=(2, 3))
+    assert torch.allclose(xh, want, rtol=0, atol=1e-12)
+    assert torch.equal(f, torch.ops.pymks_vae.two_point_stats(x, [2, 0], [2, 2], False, [5, 3], mask, 0))
+
+
+def _op_saved(device, dtype=torch.float64):
+    x = torch.rand(2, 2, 6, 7, dtype=dtype, device=device)
+    return torch.ops.pymks_vae.two_point_stats_spectra(x, [0], [1], True, [3, 3], None, 0)
+
+
+def _op_bwd(grad, xh, spatial=(6, 7), periodic=True, n_state=2, mask=None, pi=(0,), pj=(1,)):
+    return torch.ops.pymks_vae.two_point_stats_backward_spectra(grad, xh, list(pi), list(pj), n_state, list(spatial),
+                                                                periodic, mask)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda d: _op_bwd(_op_saved(d)[0].float(), _op_saved(d)[1]), RuntimeError, "grad has dtype Float but x_hat"),
+    (lambda d: _op_bwd(_op_saved(d)[0], _op_saved(d)[0]), RuntimeError, "x_hat must be complex64 or complex128"),
+    (lambda d: _op_bwd(*_op_saved(d), spatial=(6, 8)), ValueError, "x_hat has shape"),
+    (lambda d: _op_bwd(*_op_saved(d), periodic=False), ValueError, "x_hat has shape"),
+    (lambda d: _op_bwd(*_op_saved(d), n_state=1), ValueError, "out of range"),
+    (lambda d: _op_bwd(*_op_saved(d), pi=(0, 1), pj=(1, 1)), ValueError, "grad has shape"),
+    (lambda d: _op_bwd(*_op_saved(d), mask=torch.ones(1, 6, 6, dtype=torch.float64, device=d)), ValueError,
+     "mask has shape"),
+    (lambda d: _op_bwd(*_op_saved(d), mask=torch.ones(1, 6, 7, device=d)), RuntimeError, "mask has dtype Float"),
+    (lambda d: torch.ops.pymks_vae.two_point_stats_spectra(torch.rand(2, 2, 6, dtype=torch.float64, device=d), [0],
+                                                           [1], True, [7], None, 0), ValueError, "does not fit"),
+])
+def test_operator_raw_ops_reject_bad_arguments(call, exc, match, device):
+    with pytest.raises(exc, match=match):
+        call(device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spatial,periodic,cutoff", OP_CASES)
+def test_cuda_operator_backward_matches_cpu(spatial, periodic, cutoff):
+    pairs = [(1, 1), (0, 1)]
+    for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
+        for kind in ("rand", "onehot"):
+            x = _fields(kind, (3, 2) + spatial).to(dtype)
+            mask = (torch.rand(spatial) > 0.3).to(dtype)
+            for m in (None, mask):
+                kw = dict(periodic=periodic, cutoff=cutoff)
+                xc = x.clone().requires_grad_(True)
+                fc = ops.two_point_stats(xc, pairs, mask=m, **kw)
+                w = torch.randn(fc.shape, dtype=dtype)
+                (gc,) = torch.autograd.grad((fc * w).sum(), xc)
+                xg = x.cuda().requires_grad_(True)
+                fg = ops.two_point_stats(xg, pairs, mask=None if m is None else m.cuda(), **kw)
+                (gg,) = torch.autograd.grad((fg * w.cuda()).sum(), xg)
+                assert gg.is_cuda and rel_err(fg, fc) < tol and rel_err(gg, gc) < tol
+
+
+@pytest.mark.cuda
+def test_cuda_operator_raw_ops_reject_mixed_devices():
+    f, xh = _op_saved("cuda")
+    with pytest.raises(RuntimeError, match="grad is on cpu but x_hat is on cuda"):
+        _op_bwd(f.cpu(), xh)
+    with pytest.raises(RuntimeError, match="mask is on cpu but x_hat is on cuda"):
+        _op_bwd(f, xh, mask=torch.ones(1, 6, 7, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- offsets (centred statistics)
+@pytest.mark.parametrize("spatial,periodic,cutoff,weighted", CASES[::2])
+def test_offset_matches_reference(spatial, periodic, cutoff, weighted, device):
+    pairs = [(0, 0), (0, 1)]
+    x = torch.rand((3, 2) + spatial, dtype=torch.float64)
+    t = torch.rand((3, 2) + spatial, dtype=torch.float64)
+    off = torch.randn(3, 2, dtype=torch.float64) * 0.1
+    window = reference.window_shape(spatial, cutoff)
+    weight = torch.rand((len(pairs),) + window, dtype=torch.float64) if weighted else None
+    kw = dict(correlations=pairs, periodic=periodic, cutoff=cutoff, scale=1.7, reduction="none")
+    grads = []
+    for fn, dev in ((ops.spatial_stats_loss, device), (reference.spatial_stats_loss_ref, torch.device("cpu"))):
+        xr = x.to(dev).requires_grad_(True)
+        o = off.to(dev).requires_grad_(True)
+        out = fn(xr, t.to(dev), weight=None if weight is None else weight.to(dev), offset=o, **kw)
+        w = torch.linspace(-1, 2, 3, dtype=torch.float64, device=dev)
+        grads.append((out, *torch.autograd.grad((out * w).sum(), (xr, o))))
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_offset_gradcheck_and_opcheck():
+    x = torch.rand(2, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(2, 2, 5, 6, dtype=torch.float64)
+    off = torch.rand(2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda v, o: ops.spatial_stats_loss(v, t, correlations=[(0, 1), (1, 1)], cutoff=2, periodic=False, offset=o,
+                                            reduction="none"), (x, off))
+    torch.library.opcheck(torch.ops.pymks_vae.stats_loss_window.default,
+                          (x, t, [0, 1], [1, 1], True, [5, 5], None, off, 1.3, True))
+    # only the offset requires grad: values and dL/doffset, no gradient for x
+    o = off.detach().requires_grad_(True)
+    out = ops.spatial_stats_loss(x.detach(), t, correlations=[(0, 1), (1, 1)], cutoff=2, offset=o)
+    (g,) = torch.autograd.grad(out, o)
+    assert g.shape == (2, 2)
+
+
+def test_offset_bad_arguments():
+    x, t = torch.rand(2, 1, 8, 8, dtype=torch.float64), torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"offset must have shape \(batch, n_corr\)"):
+        ops.spatial_stats_loss(x, t, cutoff=2, offset=torch.zeros(2, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="offset dtype"):
+        ops.spatial_stats_loss(x, t, cutoff=2, offset=torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="offset has shape"):
+        torch.ops.pymks_vae.stats_loss_window(x, t, [0], [0], True, [5, 5], None, torch.zeros(3, 1, dtype=torch.float64),
+                                              1.0, True)
+
+
+def test_centred_windowed_loss_takes_the_fused_operator(monkeypatch):
+    """SpatialStatsLoss with centring and a window (the VAE's default at 64x64) runs the fused operator,
+    with the same value and gradient as the statistics computed by two_point_stats."""
+    from pymks_vae.losses import SpatialStatsLoss
+
+    loss = SpatialStatsLoss(states=(0.0, 1.0), normalise="none", cutoff=3, centre=True, correlations=((0, 0), (0, 1)))
+    x_hat = torch.rand(3, 2, 16, 16, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(3, 2, 16, 16, dtype=torch.float64)
+    got = loss.stats_error(x_hat, x, reduction="none")
+    (g,) = torch.autograd.grad(got.sum(), x_hat)
+    want = (loss.statistics(loss.indicators(x_hat)) - loss.target_statistics(x)).pow(2).flatten(1).sum(1)
+    (gw,) = torch.autograd.grad(want.sum(), x_hat)
+    assert rel_err(got, want) < 1e-10 and rel_err(g, gw) < 1e-10
+
+    def no_operator(*args, **kwargs):
+        raise AssertionError("the loss fell back to two_point_stats")
+
+    monkeypatch.setattr(ops, "two_point_stats", no_operator)
+    loss.stats_error(x_hat, x, reduction="none").sum().backward()
