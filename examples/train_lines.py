@@ -60,6 +60,7 @@ class RunConfig:
     n_images: int = 3000
     encoder: str = "cnn"
     decoder: str = "strokes"
+    stroke_layout: str = "slots"
     vanilla_decoder: str = "cnn"
     weights: str = None
     latent_dim: int = 9
@@ -117,6 +118,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="Adam learning rate (default: the preset's)")
     p.add_argument("--decoder", choices=("strokes", "cnn", "paper", "auto"),
                    help="decoder of the spatial-statistics VAE (default strokes; paper: the paper's)")
+    p.add_argument("--stroke-layout", choices=("slots", "free"),
+                   help="layout of the strokes decoder's bars (default slots; free: anywhere)")
     p.add_argument("--vanilla-decoder", choices=("strokes", "cnn", "paper", "auto"),
                    help="decoder of the vanilla VAE (default cnn; paper: the paper's)")
     p.add_argument("--indicator", choices=("straight_through", "gaussian", "hat"),
@@ -133,7 +136,7 @@ def parse_args(argv=None):
                         ("latent_dim", "latent_dim"), ("batch_size", "batch_size"), ("eval_images", "eval_images"),
                         ("weights", "weights"), ("device", "device"), ("seed", "seed"), ("beta", "beta"),
                         ("vanilla_beta", "vanilla_beta"), ("lr", "lr"), ("decoder", "decoder"),
-                        ("vanilla_decoder", "vanilla_decoder"),
+                        ("vanilla_decoder", "vanilla_decoder"), ("stroke_layout", "stroke_layout"),
                         ("indicator", "indicator"), ("normalise", "normalise"), ("cutoff", "cutoff"),
                         ("eps", "eps")):
         value = getattr(args, flag)
@@ -228,8 +231,10 @@ def make_stats_loss(cfg, sample):
 
 
 def make_model_and_loss(name, cfg, stats_loss):
+    decoder = cfg.decoder if name == "spatial_stats" else cfg.vanilla_decoder
     model = VAE(encoder=cfg.encoder, latent_dim=cfg.latent_dim, image_size=cfg.image_size, channels=1,
-                weights=cfg.weights, decoder=cfg.decoder if name == "spatial_stats" else cfg.vanilla_decoder)
+                weights=cfg.weights, decoder=decoder,
+                stroke_layout=cfg.stroke_layout if decoder == "strokes" else "slots")
     loss = stats_loss if name == "spatial_stats" else DataSpaceLoss(beta=cfg.vanilla_beta)
     return model, loss
 

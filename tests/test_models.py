@@ -216,7 +216,7 @@ def test_stroke_decoder_draws_bars_and_passes_gradients():
 def test_one_present_stroke_is_a_dark_bar():
     from pymks_vae.models.decoder import StrokeDecoder
 
-    dec = StrokeDecoder(latent_dim=1, image_size=20, n_strokes=1).eval()
+    dec = StrokeDecoder(latent_dim=1, image_size=20, n_strokes=1, layout="free").eval()
     with torch.no_grad():  # presence 1, centre (10, 5), half-length 6, half-width 1.25, vertical
         dec.head.weight.zero_()
         dec.head.bias.copy_(torch.tensor([20.0, 0.0, 0.0, 0.0, 0.0, 20.0]))
@@ -227,3 +227,42 @@ def test_one_present_stroke_is_a_dark_bar():
         img = dec(torch.zeros(2, 1))[0, 0]
     assert img[10, 5] < 0.1 and img[6, 5] < 0.1 and img[10, 15] > 0.99 and img[1, 5] > 0.99  # vertical bar
     assert img[10, 4] < 0.5 and img[10, 8] > 0.9
+
+
+def test_slot_strokes_stay_in_their_slots():
+    from pymks_vae.models.decoder import StrokeDecoder
+
+    dec = StrokeDecoder(latent_dim=1, image_size=32, n_strokes=4).eval()
+    assert dec.layout == "slots"
+    with torch.no_grad():  # only stroke 2 present, horizontal, pushed as far down as it can go
+        dec.head.weight.zero_()
+        bias = torch.zeros(4, 6)
+        bias[:, 0] = torch.tensor([-20.0, -20.0, 20.0, -20.0])
+        bias[:, 1] = 50.0
+        bias[:, 3] = 20.0   # full length
+        bias[:, 4] = -1.0
+        bias[:, 5] = -20.0  # horizontal
+        dec.head.bias.copy_(bias.reshape(-1))
+        s = dec.strokes(torch.zeros(2, 1))
+        img = dec(torch.zeros(2, 1))[0, 0]
+    # slot k is centred on row (k + 0.5) * 32 / 4 - 0.5 and moves at most a quarter of the 8-px gap
+    want = (torch.arange(4) + 0.5) * 8 - 0.5 + 2.0
+    assert torch.allclose(s["row"][0], want, atol=1e-4)
+    dark_rows = torch.nonzero(img.mean(1) < 0.5).flatten().tolist()
+    assert dark_rows and all(20 <= r <= 23 for r in dark_rows), dark_rows
+    assert img[:18].min() > 0.9 and img[26:].min() > 0.9
+    with pytest.raises(ValueError, match="layout"):
+        StrokeDecoder(latent_dim=1, image_size=32, layout="grid")
+
+
+def test_stroke_layout_survives_the_config():
+    from pymks_vae.models import VAE
+
+    m = VAE(latent_dim=2, image_size=32, decoder="strokes", stroke_layout="free")
+    assert VAE.from_config(m.config).decoder.layout == "free"
+    old = dict(m.config)
+    del old["stroke_layout"]  # saved before layouts existed: those drew free strokes
+    assert VAE.from_config(old).decoder.layout == "free"
+    assert VAE(latent_dim=2, image_size=32, decoder="strokes").decoder.layout == "slots"
+    with pytest.raises(ValueError, match="stroke_layout"):
+        VAE(latent_dim=2, image_size=32, decoder="cnn", stroke_layout="free")

@@ -44,6 +44,8 @@ class VAE(nn.Module):
             lighter decoder reaching the size exactly, 2D or 3D), ``"strokes"`` (bars, 2D grey
             only) or ``"auto"``: ``"paper"`` with the ResNet-152 encoder, ``"cnn"`` with the CNN
             encoder.
+        stroke_layout: ``"slots"`` (default) or ``"free"``, the strokes' layout (``decoder="strokes"``
+            only; see :class:`~pymks_vae.models.decoder.StrokeDecoder`).
 
     Attributes:
         image_size: the spatial shape, a tuple of 2 or 3 ints.
@@ -61,7 +63,7 @@ class VAE(nn.Module):
     """
 
     def __init__(self, encoder="cnn", latent_dim=9, image_size=64, channels=1, weights=None,
-                 freeze_encoder=None, decoder="auto"):
+                 freeze_encoder=None, decoder="auto", stroke_layout="slots"):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
@@ -77,8 +79,10 @@ class VAE(nn.Module):
         self.spatial_ndim = len(self.image_size)
         self.encoder = build_encoder(encoder, latent_dim=self.latent_dim, image_size=self.image_size,
                                      channels=self.channels, weights=weights, freeze=freeze_encoder)
+        if decoder != "strokes" and stroke_layout != "slots":
+            raise ValueError(f"stroke_layout applies to decoder='strokes' only, got decoder={decoder!r}")
         self.decoder = build_decoder(decoder, latent_dim=self.latent_dim, image_size=self.image_size,
-                                     channels=self.channels)
+                                     channels=self.channels, stroke_layout=stroke_layout)
         self.config = {
             "encoder": encoder,
             "decoder": decoder,
@@ -87,6 +91,8 @@ class VAE(nn.Module):
             "channels": self.channels,
             "freeze_encoder": bool(getattr(self.encoder, "frozen", False)),
         }
+        if decoder == "strokes":
+            self.config["stroke_layout"] = stroke_layout
 
     @classmethod
     def from_config(cls, config):
@@ -109,7 +115,9 @@ class VAE(nn.Module):
         frozen = bool(config["freeze_encoder"])
         model = cls(encoder=config["encoder"], latent_dim=config["latent_dim"],
                     image_size=tuple(config["image_size"]), channels=config["channels"],
-                    freeze_encoder=False, decoder=config["decoder"])
+                    freeze_encoder=False, decoder=config["decoder"],
+                    # stroke models saved before layouts existed drew free strokes
+                    stroke_layout=config.get("stroke_layout", "free") if config["decoder"] == "strokes" else "slots")
         if frozen:
             model.encoder.freeze()
             model.config["freeze_encoder"] = True
