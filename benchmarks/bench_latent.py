@@ -96,6 +96,9 @@ def parse_args(argv=None):
                    help="JSON object of extra VAETransformer arguments, e.g. '{\"epochs\": 1}' (for both VAEs)")
     p.add_argument("--vanilla", action="store_true", help="also the vanilla VAE (loss='data')")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--combine", nargs="+", metavar="DIR", default=None,
+                   help="no new fits: merge the results.json of runs on disjoint --families (run in parallel "
+                        "with the same other settings) into one table, figure and results.json in --out")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke setting: {QUICK}, vae params {QUICK_VAE_PARAMS} (explicit flags still win)")
     pre, _ = p.parse_known_args(argv)
@@ -319,8 +322,50 @@ def plot(cells, families, latent_dims, methods, path):
     plt.close(fig)
 
 
+def combine(args):
+    """Merge finished runs on disjoint families into one table, figure and results.json."""
+    payloads = []
+    for d in args.combine:
+        with open(os.path.join(d, "results.json")) as fh:
+            payloads.append(json.load(fh))
+    keys = ("size", "n_train", "n_test", "latent_dims", "effective_seeds", "vae_params", "vanilla", "threads")
+    first = payloads[0]["settings"]
+    for d, pl in zip(args.combine, payloads):
+        diff = [k for k in keys if pl["settings"].get(k) != first.get(k)]
+        if diff:
+            raise SystemExit(f"--combine: {d} differs from {args.combine[0]} in {diff}")
+    families = [f for pl in payloads for f in pl["settings"]["families"]]
+    if len(set(families)) != len(families):
+        raise SystemExit(f"--combine: a family appears in more than one run: {families}")
+    runs = [r for pl in payloads for r in pl["runs"]]
+    methods = ["vae", "pca"] + (["vanilla"] if first.get("vanilla") else []) + ["chance"]
+    if first.get("vae_params"):
+        METHODS["vae"] = "VAE (defaults + --vae-params)"
+    cells = aggregate(runs, families, first["latent_dims"], methods)
+    table, summary = markdown(cells, families, first["latent_dims"], methods)
+    machines = sorted({pl["machine"] for pl in payloads})
+    header = (f"{first['size']}x{first['size']}, train {first['n_train']} / test {first['n_test']} per family and "
+              f"seed, seeds {first['effective_seeds']}, VAETransformer extra params "
+              f"{first.get('vae_params') or 'none (defaults)'}; {'; '.join(machines)}; merged from "
+              f"{len(payloads)} runs")
+    text = f"{header}\n\n{table}\n\n{summary}\n"
+    print(text, flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "table.md"), "w") as fh:
+        fh.write(text)
+    plot(cells, families, first["latent_dims"], methods, os.path.join(args.out, "latent_bench.png"))
+    payload = dict(payloads[0], runs=runs, cells=cells, summary=summary, combined_from=list(args.combine),
+                   settings=dict(first, families=families),
+                   seconds_total=sum(pl["seconds_total"] for pl in payloads))
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump(payload, fh, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else repr(o))
+    return payload
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.combine:
+        return combine(args)
     # pymks (0.4.1) and dask warn about their own deprecations on today's stack; noise here
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*may_share_memory.*", category=FutureWarning)
