@@ -357,6 +357,8 @@ at::Tensor two_point_stats_backward_cpu(const at::Tensor& grad, const at::Tensor
 
 }  // namespace
 
+const TwoPointBackend& cpu_two_point_backend() { return kCpu; }
+
 TORCH_LIBRARY_IMPL(pymks_vae, CPU, m) {
   m.impl("two_point_stats", &two_point_stats_cpu);
   m.impl("two_point_stats_backward", &two_point_stats_backward_cpu);
