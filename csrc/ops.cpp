@@ -126,8 +126,8 @@ PYBIND11_MODULE(_C, m) {
   };
   m.def(
       "_binary_route_calibration",
-      [costs_to_dict]() {
-        const auto cal = pymks_vae::binary_route_calibration();
+      [costs_to_dict](bool remeasure) {
+        const auto cal = pymks_vae::binary_route_calibration(remeasure);
         pybind11::dict d;
         d["costs"] = costs_to_dict(cal.costs);
         d["kernel"] = cal.kernel;
@@ -136,6 +136,7 @@ PYBIND11_MODULE(_C, m) {
         d["seconds"] = cal.seconds;
         return d;
       },
+      pybind11::arg("remeasure") = false,
       "The binary route's costs in force for this thread (measured once per thread count if needed)");
   m.def(
       "_set_binary_route_costs",

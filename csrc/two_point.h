@@ -124,9 +124,10 @@ struct RouteCalibration {
   double seconds = 0;  // time the measurement took (0 when not measured)
 };
 
-// The calibration in force for this thread (measuring it, once per thread count, if needed). Raises
+// The calibration in force for this thread (measuring it, once per thread count, if needed;
+// remeasure: measure this thread count's costs again now, when they are measured ones). Raises
 // ValueError naming PYMKS_VAE_ROUTE_COSTS when that variable is malformed.
-RouteCalibration binary_route_calibration();
+RouteCalibration binary_route_calibration(bool remeasure = false);
 
 // Overrides the costs for every thread count (nullptr: back to the environment or the
 // measurement), for tests and reproducible runs; returns the previous override, if any. ValueError

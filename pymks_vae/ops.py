@@ -286,12 +286,17 @@ def _route_module(op):
     return _extension._C
 
 
-def binary_route_calibration():
+def binary_route_calibration(remeasure=False):
     """The counting route's cost model as it stands for calls from this thread.
 
-    Measures it first if it has not been yet for this thread's thread count (about 5-10 ms, once):
-    the counting and the transforms routes are timed on small probes (8 two-state fields of 128^2)
-    and the fitted constants scaled to match.
+    Measures it first if it has not been yet for this thread's thread count (about 5-10 ms on an
+    idle machine, once): the counting and the transforms routes are timed on small probes (8
+    two-state fields of 128^2) and the fitted constants scaled to match. The measurement reflects
+    the machine as it was then: a process that measured on a loaded machine can measure again.
+
+    Args:
+        remeasure: measure this thread count's costs again now (when they are measured ones: set
+            or environment costs stay as they are).
 
     Returns:
         dict with ``costs`` (dict of nanoseconds: ``word_ns`` per word counted, ``call_ns`` per
@@ -306,7 +311,9 @@ def binary_route_calibration():
         RuntimeError when the extension is not built; ValueError when ``PYMKS_VAE_ROUTE_COSTS`` is
         malformed.
     """
-    cal = dict(_route_module("binary_route_calibration")._binary_route_calibration())
+    if not isinstance(remeasure, bool):
+        raise TypeError(f"binary_route_calibration: remeasure must be True or False, got {remeasure!r}")
+    cal = dict(_route_module("binary_route_calibration")._binary_route_calibration(remeasure))
     cal["costs"] = dict(cal["costs"])
     return cal
 

@@ -70,6 +70,12 @@ def test_costs_are_measured_once_per_thread_count(route):
     finally:
         torch.set_num_threads(threads)
     assert ops.binary_route_calibration() == cal
+    again = ops.binary_route_calibration(remeasure=True)
+    assert again["source"] == "measured" and again["threads"] == cal["threads"]
+    assert again["seconds"] != cal["seconds"]  # a new measurement
+    assert ops.binary_route_calibration() == again
+    with pytest.raises(TypeError, match="binary_route_calibration: remeasure must be True or False"):
+        ops.binary_route_calibration(remeasure=1)
 
 
 def test_concurrent_first_use_gives_one_calibration(route):

@@ -815,11 +815,14 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 // k) on two windows, so that packing and counting get their own scale, and the transforms route
 // (the operator itself, forced), each in float32 and float64 (float64 counting on the small window
 // only: its counting part is float32's). Every probe is B = 8 fields of 128^2, two states, pairs
-// (1, 1) and (0, 1), periodic - PyMKS's case - and takes 0.05-0.5 ms; the best of 3 timed rounds
-// (after one untimed) is kept, so that a probe preempted once by another process does not count.
+// (1, 1) and (0, 1), periodic - PyMKS's case - and takes 0.05-0.7 ms; the best of 4 timed rounds
+// (after one untimed) is kept, so that a probe preempted by another process now and then does not
+// count. A machine loaded throughout the measurement (more runnable threads than cores) is measured
+// as it is then: its threaded transforms, whose many short parallel passes wait on preempted
+// threads, are then much slower than its counts, and the costs say so until measured again.
 // The costs are the fitted ones scaled by measured / estimated time, each scale kept within
 // [1/16, 16] of the fitted constant so that a badly disturbed measurement cannot make either route
-// absurdly cheap. About 5 ms in all.
+// absurdly cheap. About 5-10 ms in all on an idle machine.
 RouteCalibration measure_costs(const CountKernel& k, int threads) {
   const auto t_start = std::chrono::steady_clock::now();
   const RouteCosts fit = fitted_costs(k);
@@ -860,7 +863,7 @@ RouteCalibration measure_costs(const CountKernel& k, int threads) {
   constexpr int kProbes = 5;
   double best[kProbes];
   std::fill(best, best + kProbes, std::numeric_limits<double>::infinity());
-  for (int round = 0; round < 4; ++round)  // interleaved: each probe sees the same phases of a noisy machine
+  for (int round = 0; round < 5; ++round)  // interleaved: each probe sees the same phases of a noisy machine
     for (int p = 0; p < kProbes; ++p) {
       const auto t0 = std::chrono::steady_clock::now();
       probes[p]();
@@ -910,7 +913,7 @@ int effective_threads() { return at::in_parallel_region() ? 1 : at::get_num_thre
 // call, like PYMKS_VAE_BINARY_PATH), else measured once per thread count. Both routes parallelise,
 // but not alike (tasks of counts against MKL's split of the transforms), so a measurement holds for
 // the thread count it was made at.
-RouteCalibration calibration_for(const CountKernel& k) {
+RouteCalibration calibration_for(const CountKernel& k, bool remeasure = false) {
   const int threads = effective_threads();
   RouteCalibration cal;
   cal.kernel = k.name;
@@ -934,6 +937,10 @@ RouteCalibration calibration_for(const CountKernel& k) {
   // rather than measuring beside the first (which would disturb both measurements).
   std::lock_guard<std::mutex> lock(g_costs_mutex);
   auto it = g_measured.find(threads);
+  if (remeasure && it != g_measured.end()) {
+    g_measured.erase(it);
+    it = g_measured.end();
+  }
   if (it == g_measured.end()) it = g_measured.emplace(threads, measure_costs(k, threads)).first;
   return it->second;
 }
@@ -942,7 +949,7 @@ RouteCalibration calibration_for(const CountKernel& k) {
 
 const char* binary_count_kernel() { return best_kernel().name; }
 
-RouteCalibration binary_route_calibration() {
+RouteCalibration binary_route_calibration(bool remeasure) {
   const CountKernel k = best_kernel();
   if (k.ns_per_word <= 0.0) {  // this CPU never counts by itself: nothing to measure
     RouteCalibration cal;
@@ -952,7 +959,7 @@ RouteCalibration binary_route_calibration() {
     cal.threads = effective_threads();
     return cal;
   }
-  return calibration_for(k);
+  return calibration_for(k, remeasure);
 }
 
 std::optional<RouteCosts> set_binary_route_costs(const RouteCosts* costs) {
