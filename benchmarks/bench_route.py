@@ -10,9 +10,10 @@ over the faster route's, per round: the median and the smallest-largest round. T
 on every case. Cases missing it are timed again (``--rerun`` times) and every run is reported.
 
 Input: two-state one-hot fields (a partition), pairs [(1, 1), (0, 1)], channels first, torch's
-default thread count.
+default thread count (or --threads). The costs are measured at the first call, as in any process.
 
-Usage: python benchmarks/bench_route.py [--rounds 7] [--repeats 3] [--quick] [--rerun 1] [--json out.json]
+Usage: python benchmarks/bench_route.py [--rounds 7] [--repeats 3] [--threads N] [--quick] [--rerun 1]
+       [--json out.json]
 """
 import argparse
 import os
@@ -128,10 +129,15 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed calls per route and round")
     p.add_argument("--rerun", type=int, default=1, help="times a case missing 1.10 is timed again")
     p.add_argument("--quick", action="store_true", help="two small cases (a smoke run)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1 or args.rerun < 0:
         p.error("--rounds and --repeats must be >= 1, --rerun >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     kernel = build_info()["cpu_count_kernel"]
     if kernel is None:
         p.error("the compiled extension is not built: there is no counting route to time")

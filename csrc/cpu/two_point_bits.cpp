@@ -18,9 +18,9 @@
 // (or none). So every count is a few calls of one
 // loop - and, popcount, add - each taking eight lags at once.
 //
-// Which route a call takes (counting or the transforms) is decided by a cost model, and which
-// kernel counts by the CPU (AVX-512 VPOPCNTDQ, AVX2, popcnt, or portable C++): see
-// docs/two_point_stats.md.
+// Which route a call takes (counting or the transforms) is decided by a cost model whose per-unit
+// costs are measured on the CPU at hand at first use (see measure_costs), and which kernel counts
+// by the CPU (AVX-512 VPOPCNTDQ, AVX2, popcnt, or portable C++): see docs/two_point_stats.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -162,9 +162,10 @@ using AndCount = void (*)(const uint64_t*, const uint64_t*, int64_t, int64_t, in
 // Which packing code goes with a counting kernel: the vector one of its instruction set.
 enum class PackIsa { kScalar, kAvx2, kAvx512 };
 
-// What this CPU can run, best first, with the kernel's cost per word counted in nanoseconds (fitted
-// on the development VM, AMD EPYC Zen 4: see counting_cheaper). The portable loop on an x86 CPU
-// without a popcount instruction is never chosen by the cost model (cost 0).
+// What this CPU can run, best first, with the kernel's cost per word counted in nanoseconds as
+// fitted on the development VM (AMD EPYC Zen 4, one thread: see model_parts), the starting point
+// that measure_costs scales to this CPU. The portable loop on an x86 CPU without a popcount
+// instruction is never chosen by the cost model (cost 0).
 struct CountKernel {
   const char* name;
   AndCount fn;
