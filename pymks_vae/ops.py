@@ -204,8 +204,9 @@ def two_point_stats(x, correlations, *, periodic=True, cutoff=None, mask=None, p
     Returns:
         tensor ``(batch, len(correlations), *window)`` of the dtype of ``x``. On the CPU, input of
         only 0s and 1s (segmented microstructures) without a mask is counted rather than
-        transformed where that is cheaper (small windows): the result is then exact, the correctly
-        rounded count over the number of pixel pairs (docs/two_point_stats.md, item 8).
+        transformed where that is estimated cheaper (small windows; costs measured on this CPU, see
+        :func:`binary_route`): the result is then exact, the correctly rounded count over the number
+        of pixel pairs (docs/two_point_stats.md, item 8).
 
     Raises:
         TypeError/ValueError naming the argument for bad input; ValueError from the kernel when
@@ -405,7 +406,8 @@ def binary_route(shape, correlations, *, periodic=True, cutoff=None, dtype=torch
         raise TypeError(f"{op}: periodic must be a bool, got {periodic!r}")
     pairs = _pairs(correlations, shape[1], op)
     window = _window(cutoff, shape[2:], op)
-    full = binary_route_calibration()["costs"]
+    cal = binary_route_calibration()
+    full = cal["costs"]
     if costs is not None:
         if not isinstance(costs, dict):
             raise TypeError(f"{op}: costs must be a dict name -> nanoseconds or None, got {type(costs).__name__}")
@@ -416,7 +418,8 @@ def binary_route(shape, correlations, *, periodic=True, cutoff=None, dtype=torch
     count_ns, transform_ns, counting = module._binary_route_estimate(
         list(shape[2:]), list(window), shape[0], [p[0] for p in pairs], [p[1] for p in pairs], shape[1], periodic,
         dtype == torch.float32, partition is None, full)
-    route = "counting" if counting and partition is not True else "transforms"
+    # "unused": an x86 CPU without popcnt, whose portable loop never beats the transforms.
+    route = "counting" if counting and partition is not True and cal["source"] != "unused" else "transforms"
     return {"route": route, "count_ms": count_ns * 1e-6, "transform_ms": transform_ns * 1e-6}
 
 
