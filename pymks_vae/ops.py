@@ -290,8 +290,8 @@ def _route_module(op):
 def binary_route_calibration(remeasure=False):
     """The counting route's cost model as it stands for calls from this thread.
 
-    Measures it first if it has not been yet for this thread's thread count (about 5-10 ms on an
-    idle machine, once): the counting and the transforms routes are timed on small probes (8
+    Measures it first if it has not been yet for this thread's thread count (once; about 10 ms of
+    probes with one thread, more on a loaded machine): the counting and the transforms routes are timed on small probes (8
     two-state fields of 128^2) and the fitted constants scaled to match. The measurement reflects
     the machine as it was then: a process that measured on a loaded machine can measure again.
 
