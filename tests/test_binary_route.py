@@ -78,6 +78,15 @@ def test_costs_are_measured_once_per_thread_count(route):
         ops.binary_route_calibration(remeasure=1)
 
 
+def test_measuring_leaves_the_random_generator_alone(route):
+    """The probes are a fixed pattern: measuring (at any call) must not shift a seeded sequence."""
+    torch.manual_seed(123)
+    want = torch.rand(5)
+    torch.manual_seed(123)
+    ops.binary_route_calibration(remeasure=True)
+    assert torch.equal(torch.rand(5), want)
+
+
 def test_concurrent_first_use_gives_one_calibration(route):
     results = []
 
