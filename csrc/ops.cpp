@@ -119,4 +119,72 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_data_checks", &pymks_vae::set_data_checks, pybind11::arg("enabled"),
         "Turn this thread's data checks (NaN/Inf, mask range) on or off; returns the previous setting");
   m.def("_data_checks_enabled", &pymks_vae::data_checks_enabled, "Whether this thread's data checks are on");
+  // The route chooser for binary input (csrc/cpu/two_point_bits.cpp); pymks_vae.ops wraps these.
+  // Costs travel as dicts {name: ns} with the names of RouteCosts.
+  using pymks_vae::RouteCosts;
+  static const std::pair<const char*, double RouteCosts::*> kCostNames[] = {
+      {"word_ns", &RouteCosts::word_ns},         {"call_ns", &RouteCosts::call_ns},
+      {"rotate_ns", &RouteCosts::rotate_ns},     {"pack_f32_ns", &RouteCosts::pack_f32_ns},
+      {"pack_f64_ns", &RouteCosts::pack_f64_ns}, {"fft_f32_ns", &RouteCosts::fft_f32_ns},
+      {"fft_f64_ns", &RouteCosts::fft_f64_ns}};
+  auto costs_to_dict = [](const RouteCosts& c) {
+    pybind11::dict d;
+    for (const auto& [name, field] : kCostNames) d[name] = c.*field;
+    return d;
+  };
+  auto costs_from_dict = [](const pybind11::dict& d, const char* op) {
+    RouteCosts c;
+    for (const auto& [name, field] : kCostNames) {
+      TORCH_CHECK_VALUE(d.contains(name), op, ": costs lacks '", name, "'");
+      c.*field = d[name].cast<double>();
+    }
+    TORCH_CHECK_VALUE(d.size() == std::size(kCostNames), op, ": costs has unknown names (expected exactly word_ns, ",
+                      "call_ns, rotate_ns, pack_f32_ns, pack_f64_ns, fft_f32_ns, fft_f64_ns)");
+    return c;
+  };
+  m.def(
+      "_binary_route_calibration",
+      [costs_to_dict](bool remeasure) {
+        const auto cal = pymks_vae::binary_route_calibration(remeasure);
+        pybind11::dict d;
+        d["costs"] = costs_to_dict(cal.costs);
+        d["kernel"] = cal.kernel;
+        d["source"] = cal.source;
+        d["threads"] = cal.threads;
+        d["seconds"] = cal.seconds;
+        return d;
+      },
+      pybind11::arg("remeasure") = false,
+      "The binary route's costs in force for this thread (measured once per thread count if needed)");
+  m.def(
+      "_set_binary_route_costs",
+      [costs_from_dict, costs_to_dict](const pybind11::object& costs) -> pybind11::object {
+        std::optional<RouteCosts> prev;
+        if (costs.is_none()) {
+          prev = pymks_vae::set_binary_route_costs(nullptr);
+        } else {
+          const RouteCosts c = costs_from_dict(costs.cast<pybind11::dict>(), "set_binary_route_costs");
+          prev = pymks_vae::set_binary_route_costs(&c);
+        }
+        if (!prev) return pybind11::none();
+        return costs_to_dict(*prev);
+      },
+      pybind11::arg("costs"),
+      "Override the binary route's costs (a dict), or None to clear the override; returns the previous one");
+  m.def(
+      "_binary_route_estimate",
+      [costs_from_dict](const std::vector<int64_t>& spatial, const std::vector<int64_t>& window, int64_t batch,
+                        const std::vector<int64_t>& pair_i, const std::vector<int64_t>& pair_j, int64_t n_state,
+                        bool periodic, bool single, bool check_partition, const pybind11::dict& costs) {
+        TORCH_CHECK_VALUE(pair_i.size() == pair_j.size(), "binary_route_estimate: pair_i and pair_j differ in length");
+        std::vector<std::pair<int64_t, int64_t>> req;
+        for (size_t k = 0; k < pair_i.size(); ++k) req.push_back({pair_i[k], pair_j[k]});
+        const auto e = pymks_vae::binary_route_estimate(spatial, window, batch, req, n_state, periodic, single,
+                                                        check_partition, costs_from_dict(costs, "binary_route_estimate"));
+        return pybind11::make_tuple(e.count_ns, e.transform_ns, e.counting);
+      },
+      pybind11::arg("spatial"), pybind11::arg("window"), pybind11::arg("batch"), pybind11::arg("pair_i"),
+      pybind11::arg("pair_j"), pybind11::arg("n_state"), pybind11::arg("periodic"), pybind11::arg("single"),
+      pybind11::arg("check_partition"), pybind11::arg("costs"),
+      "(count_ns, transform_ns, counting): the route chooser's estimate under the given costs");
 }

@@ -9,6 +9,8 @@
 
 #include <cstring>
 #include <map>
+#include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -98,6 +100,51 @@ bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, 
 
 // The best counting kernel this CPU runs: "avx512", "avx2", "popcnt" or "generic" (for build_info).
 const char* binary_count_kernel();
+
+// The CPU backend of the two-point operator (csrc/cpu/two_point.cpp), for the route calibration,
+// which times the transforms route itself.
+const TwoPointBackend& cpu_two_point_backend();
+
+// What the route chooser for binary input (csrc/cpu/two_point_bits.cpp) charges per unit of work,
+// in nanoseconds of wall time at some thread count: per word counted by the counting kernel, per
+// kernel call, per word rotated, per pixel packed (float32 / float64 input), and per S log2 S of
+// each transform (float32 / float64).
+struct RouteCosts {
+  double word_ns = 0, call_ns = 0, rotate_ns = 0, pack_f32_ns = 0, pack_f64_ns = 0, fft_f32_ns = 0, fft_f64_ns = 0;
+};
+
+// The costs in force for calls made with `threads` intra-op threads, and where they come from:
+// "set" (set_binary_route_costs), "env" (PYMKS_VAE_ROUTE_COSTS), "fitted" (the constants shipped,
+// PYMKS_VAE_ROUTE_COSTS=fitted) or "measured" (timed on this CPU at the first call that needed them).
+struct RouteCalibration {
+  RouteCosts costs;
+  std::string kernel;  // the counting kernel the costs are for
+  std::string source;
+  int threads = 0;
+  double seconds = 0;  // time the measurement took (0 when not measured)
+};
+
+// The calibration in force for this thread (measuring it, once per thread count, if needed;
+// remeasure: measure this thread count's costs again now, when they are measured ones). Raises
+// ValueError naming PYMKS_VAE_ROUTE_COSTS when that variable is malformed.
+RouteCalibration binary_route_calibration(bool remeasure = false);
+
+// Overrides the costs for every thread count (nullptr: back to the environment or the
+// measurement), for tests and reproducible runs; returns the previous override, if any. ValueError
+// unless every cost is finite and > 0.
+std::optional<RouteCosts> set_binary_route_costs(const RouteCosts* costs);
+
+// The route chooser's estimate for one call on binary input of `batch` fields of shape `spatial`
+// and a window of lags `window`, in nanoseconds: the counting route and the transforms route, under `costs`. check_partition:
+// the call may use the partition relations (partition=None, periodic, n_state >= 2); the estimate
+// then assumes they hold, as the chooser does before it has read the data. A pure function.
+struct RouteEstimate {
+  double count_ns = 0, transform_ns = 0;
+  bool counting = false;  // count_ns < transform_ns
+};
+RouteEstimate binary_route_estimate(const std::vector<int64_t>& spatial, const std::vector<int64_t>& window, int64_t batch,
+                                    const std::vector<std::pair<int64_t, int64_t>>& req, int64_t n_state, bool periodic,
+                                    bool single, bool check_partition, const RouteCosts& costs);
 
 // The cheapest plan for the requested pairs (req[k] = (i, j)), with the partition relations when
 // partition holds.

@@ -26,7 +26,8 @@ import torch
 
 from pymks_vae import _extension, reference
 
-__all__ = ["two_point_stats", "spatial_stats_loss", "soft_indicator", "data_checks", "data_checks_enabled"]
+__all__ = ["two_point_stats", "spatial_stats_loss", "soft_indicator", "data_checks", "data_checks_enabled",
+           "binary_route", "binary_route_calibration", "set_binary_route_costs"]
 
 _CHECKS = threading.local()
 
@@ -203,8 +204,9 @@ def two_point_stats(x, correlations, *, periodic=True, cutoff=None, mask=None, p
     Returns:
         tensor ``(batch, len(correlations), *window)`` of the dtype of ``x``. On the CPU, input of
         only 0s and 1s (segmented microstructures) without a mask is counted rather than
-        transformed where that is cheaper (small windows): the result is then exact, the correctly
-        rounded count over the number of pixel pairs (docs/two_point_stats.md, item 8).
+        transformed where that is estimated cheaper (small windows; costs measured on this CPU, see
+        :func:`binary_route`): the result is then exact, the correctly rounded count over the number
+        of pixel pairs (docs/two_point_stats.md, item 8).
 
     Raises:
         TypeError/ValueError naming the argument for bad input; ValueError from the kernel when
@@ -271,6 +273,156 @@ def _check_finite_eager(op, **tensors):
             raise ValueError(f"{op}: {name} contains NaN or Inf")
         if name == "mask" and (bool((t < 0).any()) or bool((t > 1).any())):
             raise ValueError(f"{op}: mask values must lie in [0, 1]")
+
+
+# ----------------------------------------------------------------------------- binary route
+# On the CPU, input of only 0s and 1s is counted exactly or transformed, whichever a cost model
+# estimates faster (docs/two_point_stats.md, item 8). The model's per-unit costs are measured on
+# the CPU at hand, once per thread count, at the first call that needs them; these functions show,
+# set and apply them.
+_COST_NAMES = ("word_ns", "call_ns", "rotate_ns", "pack_f32_ns", "pack_f64_ns", "fft_f32_ns", "fft_f64_ns")
+
+
+def _route_module(op):
+    if not _extension.has_extension():
+        raise RuntimeError(f"{op}: the compiled extension is not built, so there is no counting route")
+    return _extension._C
+
+
+def binary_route_calibration(remeasure=False):
+    """The counting route's cost model as it stands for calls from this thread.
+
+    Measures it first if it has not been yet for this thread's thread count (once; about 10 ms of
+    probes with one thread, more on a loaded machine): the counting and the transforms routes are timed on small probes (8
+    two-state fields of 128^2) and the fitted constants scaled to match. The measurement reflects
+    the machine as it was then: a process that measured on a loaded machine can measure again.
+
+    Args:
+        remeasure: measure this thread count's costs again now (when they are measured ones: set
+            or environment costs stay as they are).
+
+    Returns:
+        dict with ``costs`` (dict of nanoseconds: ``word_ns`` per word counted, ``call_ns`` per
+        kernel call, ``rotate_ns`` per word rotated, ``pack_f32_ns`` / ``pack_f64_ns`` per pixel
+        packed, ``fft_f32_ns`` / ``fft_f64_ns`` per S log2 S of one transform), ``kernel`` (the
+        counting kernel they are for), ``source`` ("measured", "set" by
+        :func:`set_binary_route_costs`, "env" or "fitted" from ``PYMKS_VAE_ROUTE_COSTS``, "unused"
+        on a CPU that never counts), ``threads`` (the thread count they hold for) and ``seconds``
+        (what measuring took; 0 if not measured).
+
+    Raises:
+        RuntimeError when the extension is not built; ValueError when ``PYMKS_VAE_ROUTE_COSTS`` is
+        malformed.
+    """
+    if not isinstance(remeasure, bool):
+        raise TypeError(f"binary_route_calibration: remeasure must be True or False, got {remeasure!r}")
+    cal = dict(_route_module("binary_route_calibration")._binary_route_calibration(remeasure))
+    cal["costs"] = dict(cal["costs"])
+    return cal
+
+
+def set_binary_route_costs(costs):
+    """Fix the route chooser's costs for every thread (tests, reproducible runs), or measure again.
+
+    A fixed set makes the route of every call - and so its exact bits - independent of how fast the
+    machine was when the costs would have been measured. ``PYMKS_VAE_ROUTE_COSTS=fitted`` (or a
+    ``name=value,...`` list) does the same from the environment.
+
+    Args:
+        costs: dict name -> nanoseconds (names as in :func:`binary_route_calibration`; names left
+            out keep the value in force now), or None to drop the override.
+
+    Returns:
+        the previous override (a full dict), or None if there was none - pass it back to restore.
+
+    Raises:
+        TypeError/ValueError naming the cost for an unknown name or a value that is not a finite
+        number > 0.
+    """
+    op = "set_binary_route_costs"
+    module = _route_module(op)
+    if costs is None:
+        prev = module._set_binary_route_costs(None)
+        return None if prev is None else dict(prev)
+    if not isinstance(costs, dict):
+        raise TypeError(f"{op}: costs must be a dict name -> nanoseconds or None, got {type(costs).__name__}")
+    full = binary_route_calibration()["costs"] if set(costs) != set(_COST_NAMES) else {}
+    for name, value in costs.items():
+        if name not in _COST_NAMES:
+            raise ValueError(f"{op}: unknown cost {name!r} (names: {', '.join(_COST_NAMES)})")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{op}: {name} must be a number, got {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{op}: {name} must be a finite number > 0, got {value!r}")
+        full[name] = float(value)
+    prev = module._set_binary_route_costs(full)
+    return None if prev is None else dict(prev)
+
+
+def binary_route(shape, correlations, *, periodic=True, cutoff=None, dtype=torch.float64, partition=None,
+                 costs=None):
+    """Which route :func:`two_point_stats` takes on the CPU for binary input, and the estimates.
+
+    A pure function of its arguments and the costs: the same decision the operator makes before it
+    reads the data (with ``partition=None`` it assumes the states partition every pixel, as one-hot
+    input does; if they do not, the operator estimates again with the direct plan). Masked
+    statistics, ``partition=True``, non-binary input, a GPU, and ``PYMKS_VAE_BINARY_PATH`` other than
+    ``auto`` are not modelled: those always take the transforms (or the forced route).
+
+    Args:
+        shape: the input's shape ``(batch, n_state, *spatial)``, 1-3 spatial dims.
+        correlations, periodic, cutoff, partition: as in :func:`two_point_stats`.
+        dtype: torch.float32 or torch.float64.
+        costs: dict of costs as in :func:`binary_route_calibration` (names left out: the value in
+            force), or None for the costs in force for this thread.
+
+    Returns:
+        dict with ``route`` ("counting" or "transforms") and the estimated ``count_ms`` and
+        ``transform_ms`` of the call.
+
+    Raises:
+        TypeError/ValueError naming the argument.
+
+    Example:
+        >>> fitted = {"word_ns": 0.1, "call_ns": 50, "rotate_ns": 0.3, "pack_f32_ns": 0.4,
+        ...           "pack_f64_ns": 0.4, "fft_f32_ns": 0.11, "fft_f64_ns": 0.2}
+        >>> binary_route((16, 2, 128, 128), [(1, 1), (0, 1)], cutoff=20, costs=fitted)["route"]
+        'counting'
+        >>> binary_route((16, 2, 128, 128), [(1, 1), (0, 1)], costs=fitted)["route"]  # full window
+        'transforms'
+    """
+    op = "binary_route"
+    module = _route_module(op)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: shape must be a sequence of ints (batch, n_state, *spatial), got {shape!r}") from None
+    if len(shape) < 3 or len(shape) > 5 or min(shape) < 1:
+        raise ValueError(f"{op}: shape must be (batch, n_state, *spatial) with 1-3 spatial dims, all >= 1; "
+                         f"got {shape}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    if partition not in _PARTITION_MODE:
+        raise TypeError(f"{op}: partition must be None, True or False, got {partition!r}")
+    if not isinstance(periodic, bool):
+        raise TypeError(f"{op}: periodic must be a bool, got {periodic!r}")
+    pairs = _pairs(correlations, shape[1], op)
+    window = _window(cutoff, shape[2:], op)
+    cal = binary_route_calibration()
+    full = cal["costs"]
+    if costs is not None:
+        if not isinstance(costs, dict):
+            raise TypeError(f"{op}: costs must be a dict name -> nanoseconds or None, got {type(costs).__name__}")
+        unknown = sorted(set(costs) - set(_COST_NAMES))
+        if unknown:
+            raise ValueError(f"{op}: unknown cost {unknown[0]!r} (names: {', '.join(_COST_NAMES)})")
+        full.update({k: float(v) for k, v in costs.items()})
+    count_ns, transform_ns, counting = module._binary_route_estimate(
+        list(shape[2:]), list(window), shape[0], [p[0] for p in pairs], [p[1] for p in pairs], shape[1], periodic,
+        dtype == torch.float32, partition is None, full)
+    # "unused": an x86 CPU without popcnt, whose portable loop never beats the transforms.
+    route = "counting" if counting and partition is not True and cal["source"] != "unused" else "transforms"
+    return {"route": route, "count_ms": count_ns * 1e-6, "transform_ms": transform_ns * 1e-6}
 
 
 # ----------------------------------------------------------------------------- the loss

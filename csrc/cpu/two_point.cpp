@@ -374,6 +374,7 @@ at::Tensor two_point_stats_backward_spectra_cpu(const at::Tensor& grad, const at
 }  // namespace
 
 at::Tensor combine_grad_cpu(const CombineArgs& args) { return combine_grad(args); }
+const TwoPointBackend& cpu_two_point_backend() { return kCpu; }
 
 TORCH_LIBRARY_IMPL(pymks_vae, CPU, m) {
   m.impl("two_point_stats", &two_point_stats_cpu);

@@ -18,17 +18,23 @@
 // (or none). So every count is a few calls of one
 // loop - and, popcount, add - each taking eight lags at once.
 //
-// Which route a call takes (counting or the transforms) is decided by a cost model, and which
-// kernel counts by the CPU (AVX-512 VPOPCNTDQ, AVX2, popcnt, or portable C++): see
-// docs/two_point_stats.md.
+// Which route a call takes (counting or the transforms) is decided by a cost model whose per-unit
+// costs are measured on the CPU at hand at first use (see measure_costs), and which kernel counts
+// by the CPU (AVX-512 VPOPCNTDQ, AVX2, popcnt, or portable C++): see docs/two_point_stats.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -156,9 +162,10 @@ using AndCount = void (*)(const uint64_t*, const uint64_t*, int64_t, int64_t, in
 // Which packing code goes with a counting kernel: the vector one of its instruction set.
 enum class PackIsa { kScalar, kAvx2, kAvx512 };
 
-// What this CPU can run, best first, with the kernel's cost per word counted in nanoseconds (fitted
-// on the development VM, AMD EPYC Zen 4: see counting_cheaper). The portable loop on an x86 CPU
-// without a popcount instruction is never chosen by the cost model (cost 0).
+// What this CPU can run, best first, with the kernel's cost per word counted in nanoseconds as
+// fitted on the development VM (AMD EPYC Zen 4, one thread: see model_parts), the starting point
+// that measure_costs scales to this CPU. The portable loop on an x86 CPU without a popcount
+// instruction is never chosen by the cost model (cost 0).
 struct CountKernel {
   const char* name;
   AndCount fn;
@@ -205,11 +212,19 @@ CountKernel best_kernel() {
 struct Choice {
   bool forced = false, off = false;
   CountKernel kernel{};
+  RouteCosts costs{};  // the cost model's, when not forced
 };
+
+// Set while the calibration times the transforms route, which must not count (nor calibrate).
+thread_local bool tl_transforms_only = false;
 
 Choice read_choice() {
   Choice c;
   c.kernel = best_kernel();
+  if (tl_transforms_only) {
+    c.off = true;
+    return c;
+  }
   const char* env = std::getenv("PYMKS_VAE_BINARY_PATH");
   const std::string v = env ? env : "";
   if (v.empty() || v == "auto") return c;
@@ -491,15 +506,21 @@ void count_lags(const Layout& y, const uint64_t* A, const uint64_t* Btri, int64_
   }
 }
 
-// Whether counting is estimated to beat the transforms for this plan, per sample, in nanoseconds.
-// The constants were fitted on the development VM (AMD EPYC, Zen 4, one thread) over 2D, 3D and
-// 1D fields of 32^2 to 64^3 pixels and cutoffs from 2 to 1000: counting costs the kernel's time
-// per word counted (half the box of lags for an auto-correlation), about 50 ns per kernel call
-// and task, 0.3 ns per word rotated and 0.4 ns per pixel packed; the transforms about 0.2 ns
-// (float64) or 0.11 ns (float32) per S log2 S for each forward and each inverse transform, S being
-// the transforms' grid, and twice that for non-periodic statistics (zero-padded grid, whose passes
-// around the transforms cost about as much again).
-bool counting_cheaper(const TwoPointPlan& plan, const Geometry& g, bool periodic, const CountKernel& k, bool single) {
+// The cost model of the route chooser: the estimated wall time of each route for one sample, in
+// nanoseconds, under the per-unit costs c (RouteCosts, two_point.h). Its form was fitted on the
+// development VM (AMD EPYC, Zen 4, one thread) over 2D, 3D and 1D fields of 32^2 to 64^3 pixels
+// and cutoffs from 2 to 1000: counting costs a time per word counted (half the box of lags for an
+// auto-correlation), per kernel call and task, per word rotated and per pixel packed; the
+// transforms a time per S log2 S for each forward and each inverse transform, S being the
+// transforms' grid, and twice that for non-periodic statistics (zero-padded grid, whose passes
+// around the transforms cost about as much again). How fast each unit runs differs between CPUs
+// (MKL's FFTs are faster on Intel, popcount throughput differs), and with the dtype and the thread
+// count, which is why the costs are measured on the CPU at hand (see measure_costs).
+struct ModelParts {
+  double pack_ns = 0, rest_ns = 0, fft_ns = 0;  // counting = pack_ns + rest_ns
+};
+
+ModelParts model_parts(const TwoPointPlan& plan, const Geometry& g, bool periodic, const RouteCosts& c, bool single) {
   const Layout y = make_layout(g, periodic);
   const double R = static_cast<double>(y.na * y.nb), wd = static_cast<double>(y.wd);
   double s = 1.0, grid = 1.0;
@@ -516,11 +537,18 @@ bool counting_cheaper(const TwoPointPlan& plan, const Geometry& g, bool periodic
     rotated += n_rl * wd * static_cast<double>(y.na * (y.nb + 2 * y.hb));
   }
   const double packed = s * static_cast<double>(plan.fwd_states.size() + 1);  // + the partition check
-  const double count_ns = k.ns_per_word * words + 50.0 * calls + 0.3 * rotated + 0.4 * packed;
+  ModelParts m;
+  m.pack_ns = (single ? c.pack_f32_ns : c.pack_f64_ns) * packed;
+  m.rest_ns = c.word_ns * words + c.call_ns * calls + c.rotate_ns * rotated;
   const double n_transforms = static_cast<double>(plan.fwd_states.size() + plan.base_a.size());
-  const double per_unit = (single ? 0.11 : 0.2) * (periodic ? 1.0 : 2.0);  // zero padding costs passes too
-  const double fft_ns = per_unit * n_transforms * grid * std::log2(std::max(2.0, grid));
-  return count_ns < fft_ns;
+  const double per_unit = (single ? c.fft_f32_ns : c.fft_f64_ns) * (periodic ? 1.0 : 2.0);  // padding costs passes too
+  m.fft_ns = per_unit * n_transforms * grid * std::log2(std::max(2.0, grid));
+  return m;
+}
+
+bool counting_cheaper(const TwoPointPlan& plan, const Geometry& g, bool periodic, const RouteCosts& c, bool single) {
+  const ModelParts m = model_parts(plan, g, periodic, c, single);
+  return m.pack_ns + m.rest_ns < m.fft_ns;
 }
 
 // Whether the packed states (slots 0..n-1 in state order) partition every pixel of sample b:
@@ -600,7 +628,7 @@ bool binary_stats_t(const at::Tensor& x, const Plans& plans, const Layout& y, co
   for (int64_t b = 0; b < B && partition; ++b) partition = partition_exact(packed, b, np, field_words, ones, y);
   const TwoPointPlan& plan = partition ? plans.with_partition : plans.direct;
   const bool single = x.scalar_type() == at::kFloat;
-  if (plans.check_partition && !partition && !c.forced && !counting_cheaper(plan, g, periodic, c.kernel, single))
+  if (plans.check_partition && !partition && !c.forced && !counting_cheaper(plan, g, periodic, c.costs, single))
     return false;
   // slot[p]: where the plan's p-th transformed state was packed.
   std::vector<int64_t> slot;
@@ -674,20 +702,14 @@ bool binary_stats_t(const at::Tensor& x, const Plans& plans, const Layout& y, co
   return true;
 }
 
-}  // namespace
-
-const char* binary_count_kernel() { return best_kernel().name; }
-
-bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
-                      bool periodic, const Geometry& g, at::Tensor& out) {
-  check_partition = check_partition && periodic;  // the relations hold for periodic statistics only
-  const Choice c = read_choice();
-  if (c.off || (!c.forced && c.kernel.ns_per_word <= 0.0)) return false;
+// The whole binary route on one call, with the route (or forced kernel) of c: see binary_stats_cpu.
+bool binary_stats_with(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
+                       bool periodic, const Geometry& g, const Choice& c, at::Tensor& out) {
   const Plans plans = make_plans(req, x.size(1), check_partition);
   // The estimate uses the plan the partition would allow: where it does not hold, the binary
   // path checks again once it knows.
   if (!c.forced && !counting_cheaper(plans.check_partition ? plans.with_partition : plans.direct, g, periodic,
-                                     c.kernel, x.scalar_type() == at::kFloat))
+                                     c.costs, x.scalar_type() == at::kFloat))
     return false;
   // Chunks of samples whose packed fields take at most 16 MiB. Each chunk picks its own plan (the
   // partition may hold in one and not another): the counts are exact either way.
@@ -705,6 +727,294 @@ bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, 
     if (!done) return false;  // the transforms redo the whole batch
   }
   return true;
+}
+
+// ------------------------------------------------------------------ calibration of the costs
+// The constants fitted on the development VM (AMD EPYC, Zen 4, one thread): the starting point of
+// the measurement, and what PYMKS_VAE_ROUTE_COSTS=fitted uses.
+RouteCosts fitted_costs(const CountKernel& k) {
+  RouteCosts c;
+  c.word_ns = k.ns_per_word;
+  c.call_ns = 50.0;
+  c.rotate_ns = 0.3;
+  c.pack_f32_ns = c.pack_f64_ns = 0.4;
+  c.fft_f32_ns = 0.11;
+  c.fft_f64_ns = 0.2;
+  return c;
+}
+
+struct CostField {
+  const char* name;
+  double RouteCosts::*field;
+};
+const CostField kCostFields[] = {{"word_ns", &RouteCosts::word_ns},         {"call_ns", &RouteCosts::call_ns},
+                                 {"rotate_ns", &RouteCosts::rotate_ns},     {"pack_f32_ns", &RouteCosts::pack_f32_ns},
+                                 {"pack_f64_ns", &RouteCosts::pack_f64_ns}, {"fft_f32_ns", &RouteCosts::fft_f32_ns},
+                                 {"fft_f64_ns", &RouteCosts::fft_f64_ns}};
+
+void check_costs(const RouteCosts& c, const char* where) {
+  for (const CostField& f : kCostFields) {
+    const double v = c.*f.field;
+    TORCH_CHECK_VALUE(std::isfinite(v) && v > 0.0, where, ": ", f.name, " must be a finite number > 0, got ", v);
+  }
+}
+
+// PYMKS_VAE_ROUTE_COSTS: "fitted" (the shipped constants), or "name=value,..." (those constants
+// with some replaced, e.g. "fft_f32_ns=0.05"): a fixed, reproducible route choice without timing.
+RouteCosts parse_costs(const std::string& v, const CountKernel& k) {
+  RouteCosts c = fitted_costs(k);
+  if (v == "fitted") return c;
+  const char* kWhat = "PYMKS_VAE_ROUTE_COSTS";
+  size_t pos = 0;
+  while (pos <= v.size()) {
+    const size_t end = std::min(v.find(',', pos), v.size());
+    const std::string item = v.substr(pos, end - pos);
+    const size_t eq = item.find('=');
+    TORCH_CHECK_VALUE(eq != std::string::npos, kWhat, " must be unset, 'measure', 'fitted' or a list of name=value ",
+                      "(names: word_ns, call_ns, rotate_ns, pack_f32_ns, pack_f64_ns, fft_f32_ns, fft_f64_ns), got '",
+                      v, "'");
+    const std::string name = item.substr(0, eq), value = item.substr(eq + 1);
+    const CostField* f = nullptr;
+    for (const CostField& cand : kCostFields)
+      if (name == cand.name) f = &cand;
+    TORCH_CHECK_VALUE(f != nullptr, kWhat, ": unknown cost '", name,
+                      "' (names: word_ns, call_ns, rotate_ns, pack_f32_ns, pack_f64_ns, fft_f32_ns, fft_f64_ns)");
+    char* stop = nullptr;
+    const double d = std::strtod(value.c_str(), &stop);
+    TORCH_CHECK_VALUE(!value.empty() && stop == value.c_str() + value.size(), kWhat, ": ", name,
+                      " must be a number, got '", value, "'");
+    c.*(f->field) = d;
+    pos = end + 1;
+  }
+  check_costs(c, kWhat);
+  return c;
+}
+
+// A two-state one-hot field of B x n x n pixels of dtype dt: a fixed pseudo-random pattern, so
+// that measuring never touches torch's random generator (the kernels' speed does not depend on
+// the pattern: packing is branch-free and the counts and transforms are data-independent).
+at::Tensor probe_field(int64_t B, int64_t n, at::ScalarType dt) {
+  at::Tensor x = at::empty({B, 2, n, n}, at::TensorOptions().dtype(dt));
+  AT_DISPATCH_FLOATING_TYPES(dt, "probe_field", [&] {
+    scalar_t* p = x.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < n * n; ++i) {
+        const uint64_t h = (static_cast<uint64_t>(b * n * n + i) + 1) * 0x9E3779B97F4A7C15ULL;
+        const scalar_t one = static_cast<scalar_t>(h >> 63);
+        p[(2 * b + 1) * n * n + i] = one;
+        p[2 * b * n * n + i] = 1 - one;
+      }
+  });
+  return x;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Measures the costs on this CPU at the calling thread's thread count: the counting route (kernel
+// k) on two windows, so that packing and counting get their own scale, and the transforms route
+// (the operator itself, forced), each in float32 and float64 (float64 counting on the small window
+// only: its counting part is float32's). Every probe is B = 8 fields of 128^2, two states, pairs
+// (1, 1) and (0, 1), periodic - PyMKS's case - and takes 0.05-0.7 ms; the best of 4 timed rounds
+// (after one untimed) is kept, so that a probe preempted by another process now and then does not
+// count. A machine loaded throughout the measurement (more runnable threads than cores) is measured
+// as it is then: its threaded transforms, whose many short parallel passes wait on preempted
+// threads, are then much slower than its counts, and the costs say so until measured again.
+// The costs are the fitted ones scaled by measured / estimated time, each scale kept within
+// [1/16, 16] of the fitted constant so that a badly disturbed measurement cannot make either route
+// absurdly cheap. About 10 ms of probes with one thread on the development VM.
+RouteCalibration measure_costs(const CountKernel& k, int threads) {
+  const auto t_start = std::chrono::steady_clock::now();
+  const RouteCosts fit = fitted_costs(k);
+  constexpr int64_t B = 8, N = 128, kSmall = 3, kLarge = 24;
+  const std::vector<std::pair<int64_t, int64_t>> req{{1, 1}, {0, 1}};
+  const std::vector<int64_t> pi{1, 0}, pj{1, 1};
+  auto geometry = [&](int64_t cutoff) {
+    Geometry g{};
+    g.ndim = 2;
+    for (int d = 0; d < 2; ++d) {
+      g.n[d] = g.m[d] = N;
+      g.w[d] = 2 * cutoff + 1;
+    }
+    return g;
+  };
+  const Geometry gs = geometry(kSmall), gl = geometry(kLarge);
+  const at::Tensor x32 = probe_field(B, N, at::kFloat), x64 = probe_field(B, N, at::kDouble);
+  Choice forced;
+  forced.forced = true;
+  forced.kernel = k;
+  auto count = [&](const at::Tensor& x, const Geometry& g) {
+    at::Tensor out = at::empty({B, 2, g.w[0], g.w[1]}, x.options());
+    TORCH_INTERNAL_ASSERT(binary_stats_with(x, req, true, true, g, forced, out), "route calibration: probe not counted");
+  };
+  auto transform = [&](const at::Tensor& x) {
+    const bool prev = tl_transforms_only;
+    tl_transforms_only = true;
+    try {
+      two_point_forward(x, pi, pj, true, {gl.w[0], gl.w[1]}, c10::nullopt, 2, cpu_two_point_backend());
+    } catch (...) {
+      tl_transforms_only = prev;
+      throw;
+    }
+    tl_transforms_only = prev;
+  };
+  const std::function<void()> probes[] = {[&] { count(x32, gs); }, [&] { count(x32, gl); }, [&] { count(x64, gs); },
+                                          [&] { transform(x32); }, [&] { transform(x64); }};
+  constexpr int kProbes = 5;
+  double best[kProbes];
+  std::fill(best, best + kProbes, std::numeric_limits<double>::infinity());
+  for (int round = 0; round < 5; ++round)  // interleaved: each probe sees the same phases of a noisy machine
+    for (int p = 0; p < kProbes; ++p) {
+      const auto t0 = std::chrono::steady_clock::now();
+      probes[p]();
+      const double t = seconds_since(t0) * 1e9;
+      if (round > 0) best[p] = std::min(best[p], t);
+    }
+
+  const Plans plans = make_plans(req, 2, true);
+  const TwoPointPlan& plan = plans.with_partition;  // the probes are partitions
+  const double b = static_cast<double>(B);
+  const ModelParts s32 = model_parts(plan, gs, true, fit, true), l32 = model_parts(plan, gl, true, fit, true);
+  const ModelParts s64 = model_parts(plan, gs, true, fit, false), l64 = model_parts(plan, gl, true, fit, false);
+  // best[0] = sp a1 + sw b1, best[1] = sp a2 + sw b2: the packing and counting scales.
+  const double a1 = b * s32.pack_ns, b1 = b * s32.rest_ns, a2 = b * l32.pack_ns, b2 = b * l32.rest_ns;
+  const double det = a1 * b2 - a2 * b1;
+  double sp = (best[0] * b2 - best[1] * b1) / det, sw = (a1 * best[1] - a2 * best[0]) / det;
+  if (!(sp > 0.0 && sw > 0.0)) sp = sw = (best[0] + best[1]) / (a1 + b1 + a2 + b2);  // noise: one scale for both
+  double sp64 = (best[2] - sw * b * s64.rest_ns) / (b * s64.pack_ns);
+  if (!(sp64 > 0.0)) sp64 = best[2] / (b * (s64.pack_ns + s64.rest_ns));
+  const double sf32 = best[3] / (b * l32.fft_ns), sf64 = best[4] / (b * l64.fft_ns);
+  auto clamp = [](double scale) { return std::min(16.0, std::max(1.0 / 16.0, scale)); };
+  RouteCalibration cal;
+  cal.costs = fit;
+  cal.costs.word_ns *= clamp(sw);
+  cal.costs.call_ns *= clamp(sw);
+  cal.costs.rotate_ns *= clamp(sw);
+  cal.costs.pack_f32_ns *= clamp(sp);
+  cal.costs.pack_f64_ns *= clamp(sp64);
+  cal.costs.fft_f32_ns *= clamp(sf32);
+  cal.costs.fft_f64_ns *= clamp(sf64);
+  cal.kernel = k.name;
+  cal.source = "measured";
+  cal.threads = threads;
+  cal.seconds = seconds_since(t_start);
+  return cal;
+}
+
+std::mutex g_costs_mutex;
+std::optional<RouteCosts> g_set_costs;        // set_binary_route_costs
+std::map<int, RouteCalibration> g_measured;   // by thread count
+
+// The thread count a call runs its loops with: inside a parallel region ATen runs nested loops
+// (and MKL its transforms) on the calling thread alone.
+int effective_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
+// The costs in force for kernel k on this thread: set, else PYMKS_VAE_ROUTE_COSTS (read on every
+// call, like PYMKS_VAE_BINARY_PATH), else measured once per thread count. Both routes parallelise,
+// but not alike (tasks of counts against MKL's split of the transforms), so a measurement holds for
+// the thread count it was made at.
+RouteCalibration calibration_for(const CountKernel& k, bool remeasure = false) {
+  const int threads = effective_threads();
+  RouteCalibration cal;
+  cal.kernel = k.name;
+  cal.threads = threads;
+  {
+    std::lock_guard<std::mutex> lock(g_costs_mutex);
+    if (g_set_costs) {
+      cal.costs = *g_set_costs;
+      cal.source = "set";
+      return cal;
+    }
+  }
+  const char* env = std::getenv("PYMKS_VAE_ROUTE_COSTS");
+  const std::string v = env ? env : "";
+  if (!v.empty() && v != "measure") {
+    cal.costs = parse_costs(v, k);
+    cal.source = v == "fitted" ? "fitted" : "env";
+    return cal;
+  }
+  // Measured under the lock: a second thread needing the same costs waits a few ms for them
+  // rather than measuring beside the first (which would disturb both measurements).
+  std::lock_guard<std::mutex> lock(g_costs_mutex);
+  auto it = g_measured.find(threads);
+  if (remeasure && it != g_measured.end()) {
+    g_measured.erase(it);
+    it = g_measured.end();
+  }
+  if (it == g_measured.end()) it = g_measured.emplace(threads, measure_costs(k, threads)).first;
+  return it->second;
+}
+
+}  // namespace
+
+const char* binary_count_kernel() { return best_kernel().name; }
+
+RouteCalibration binary_route_calibration(bool remeasure) {
+  const CountKernel k = best_kernel();
+  if (k.ns_per_word <= 0.0) {  // this CPU never counts by itself: nothing to measure
+    RouteCalibration cal;
+    cal.costs = fitted_costs(k);
+    cal.kernel = k.name;
+    cal.source = "unused";
+    cal.threads = effective_threads();
+    return cal;
+  }
+  return calibration_for(k, remeasure);
+}
+
+std::optional<RouteCosts> set_binary_route_costs(const RouteCosts* costs) {
+  if (costs != nullptr) check_costs(*costs, "set_binary_route_costs");
+  std::lock_guard<std::mutex> lock(g_costs_mutex);
+  const std::optional<RouteCosts> prev = g_set_costs;
+  if (costs != nullptr) {
+    g_set_costs = *costs;
+  } else {
+    g_set_costs.reset();
+  }
+  return prev;
+}
+
+RouteEstimate binary_route_estimate(const std::vector<int64_t>& spatial, const std::vector<int64_t>& window, int64_t batch,
+                                    const std::vector<std::pair<int64_t, int64_t>>& req, int64_t n_state, bool periodic,
+                                    bool single, bool check_partition, const RouteCosts& costs) {
+  const char* op = "binary_route_estimate";
+  check_costs(costs, op);
+  const int64_t nd = static_cast<int64_t>(spatial.size());
+  TORCH_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": spatial must have 1-3 sizes, got ", nd);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(window.size()) == nd, op, ": window has ", window.size(), " entries for ",
+                    nd, " spatial dims");
+  TORCH_CHECK_VALUE(batch >= 1, op, ": batch must be >= 1, got ", batch);
+  TORCH_CHECK_VALUE(n_state >= 1, op, ": n_state must be >= 1, got ", n_state);
+  TORCH_CHECK_VALUE(!req.empty(), op, ": pairs must not be empty");
+  for (const auto& [i, j] : req)
+    TORCH_CHECK_VALUE(i >= 0 && i < n_state && j >= 0 && j < n_state, op, ": pair (", i, ", ", j,
+                      ") out of range for n_state=", n_state);
+  Geometry g{};
+  g.ndim = static_cast<int>(nd);
+  for (int64_t d = 0; d < nd; ++d) {
+    TORCH_CHECK_VALUE(window[d] >= 1 && window[d] <= spatial[d], op, ": window ", window[d],
+                      " does not fit spatial size ", spatial[d]);
+    g.n[d] = spatial[d];
+    g.w[d] = window[d];
+    g.m[d] = periodic ? spatial[d] : fast_fft_len(spatial[d] + window[d] / 2);  // as the transforms route pads
+  }
+  const Plans plans = make_plans(req, n_state, check_partition && periodic && n_state >= 2);
+  const ModelParts m = model_parts(plans.check_partition ? plans.with_partition : plans.direct, g, periodic, costs, single);
+  RouteEstimate e;
+  e.count_ns = static_cast<double>(batch) * (m.pack_ns + m.rest_ns);
+  e.transform_ns = static_cast<double>(batch) * m.fft_ns;
+  e.counting = m.pack_ns + m.rest_ns < m.fft_ns;
+  return e;
+}
+
+bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
+                      bool periodic, const Geometry& g, at::Tensor& out) {
+  check_partition = check_partition && periodic;  // the relations hold for periodic statistics only
+  Choice c = read_choice();
+  if (c.off || (!c.forced && c.kernel.ns_per_word <= 0.0)) return false;
+  if (!c.forced) c.costs = calibration_for(c.kernel).costs;
+  return binary_stats_with(x, req, check_partition, periodic, g, c, out);
 }
 
 }  // namespace pymks_vae
