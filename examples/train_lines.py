@@ -60,7 +60,7 @@ class RunConfig:
     n_images: int = 3000
     encoder: str = "cnn"
     decoder: str = "strokes"
-    stroke_layout: str = "slots"
+    stroke_layout: str = "free"
     vanilla_decoder: str = "cnn"
     weights: str = None
     latent_dim: int = 9
@@ -119,7 +119,7 @@ def parse_args(argv=None):
     p.add_argument("--decoder", choices=("strokes", "cnn", "paper", "auto"),
                    help="decoder of the spatial-statistics VAE (default strokes; paper: the paper's)")
     p.add_argument("--stroke-layout", choices=("slots", "free"),
-                   help="layout of the strokes decoder's bars (default slots; free: anywhere)")
+                   help="layout of the strokes decoder's bars (default free: anywhere; slots: one per evenly spaced row/column)")
     p.add_argument("--vanilla-decoder", choices=("strokes", "cnn", "paper", "auto"),
                    help="decoder of the vanilla VAE (default cnn; paper: the paper's)")
     p.add_argument("--indicator", choices=("straight_through", "gaussian", "hat"),
@@ -234,7 +234,7 @@ def make_model_and_loss(name, cfg, stats_loss):
     decoder = cfg.decoder if name == "spatial_stats" else cfg.vanilla_decoder
     model = VAE(encoder=cfg.encoder, latent_dim=cfg.latent_dim, image_size=cfg.image_size, channels=1,
                 weights=cfg.weights, decoder=decoder,
-                stroke_layout=cfg.stroke_layout if decoder == "strokes" else "slots")
+                stroke_layout=cfg.stroke_layout if decoder == "strokes" else "free")
     loss = stats_loss if name == "spatial_stats" else DataSpaceLoss(beta=cfg.vanilla_beta)
     return model, loss
 

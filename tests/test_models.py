@@ -232,8 +232,7 @@ def test_one_present_stroke_is_a_dark_bar():
 def test_slot_strokes_stay_in_their_slots():
     from pymks_vae.models.decoder import StrokeDecoder
 
-    dec = StrokeDecoder(latent_dim=1, image_size=32, n_strokes=4).eval()
-    assert dec.layout == "slots"
+    dec = StrokeDecoder(latent_dim=1, image_size=32, n_strokes=4, layout="slots").eval()
     with torch.no_grad():  # only stroke 2 present, horizontal, pushed as far down as it can go
         dec.head.weight.zero_()
         bias = torch.zeros(4, 6)
@@ -258,11 +257,11 @@ def test_slot_strokes_stay_in_their_slots():
 def test_stroke_layout_survives_the_config():
     from pymks_vae.models import VAE
 
-    m = VAE(latent_dim=2, image_size=32, decoder="strokes", stroke_layout="free")
-    assert VAE.from_config(m.config).decoder.layout == "free"
+    m = VAE(latent_dim=2, image_size=32, decoder="strokes", stroke_layout="slots")
+    assert VAE.from_config(m.config).decoder.layout == "slots"
     old = dict(m.config)
     del old["stroke_layout"]  # saved before layouts existed: those drew free strokes
     assert VAE.from_config(old).decoder.layout == "free"
-    assert VAE(latent_dim=2, image_size=32, decoder="strokes").decoder.layout == "slots"
+    assert VAE(latent_dim=2, image_size=32, decoder="strokes").decoder.layout == "free"
     with pytest.raises(ValueError, match="stroke_layout"):
-        VAE(latent_dim=2, image_size=32, decoder="cnn", stroke_layout="free")
+        VAE(latent_dim=2, image_size=32, decoder="cnn", stroke_layout="slots")

@@ -186,16 +186,16 @@ class StrokeDecoder(nn.Module):
         softness: width in pixels of a bar's sigmoid edges.
         straight_through: names among ``("presence", "orientation")`` drawn 0 or 1 in the forward
             pass with their sigmoid's gradient backward (default none).
-        layout: where strokes sit. ``"slots"`` (default): stroke ``k`` is centred on the ``k``-th
+        layout: where strokes sit. ``"free"`` (default): every centre anywhere in the image (a
+            sigmoid of the network's output). ``"slots"``: stroke ``k`` is centred on the ``k``-th
             of ``n_strokes`` evenly spaced rows and columns, moved by at most a quarter of their
-            gap; its length, width, orientation and presence are free. ``"free"``: every centre
-            anywhere in the image (a sigmoid of the network's output).
-            Why slots: the statistics are translation invariant, so they give a stroke's position
-            a gradient only where its correlation peaks already overlap the input's (a phase
-            retrieval problem); free centres drifted to the image edge, where the sigmoid
-            saturates, and the model drew one bar whatever the number of lines (line count 22-25%,
-            chance 28%). With slots the strokes cannot pile up and the statistics decide only how
-            many are drawn, how long and how wide (34-40% over three seeds, docs/replication.md).
+            gap; its length, width, orientation and presence stay free. The statistics are
+            translation invariant, so they give a stroke's position a gradient only where its
+            correlation peaks already overlap the input's (a phase retrieval problem): free
+            centres drift to the image edge, where the sigmoid saturates, and the lines model
+            draws one bar whatever the number of lines. Slots stop that and raise the line count
+            (28-36% against 22-25% over three seeds), but leave thinner, lighter bars
+            (docs/replication.md).
 
     Example:
         >>> dec = StrokeDecoder(latent_dim=3, image_size=32).eval()
@@ -208,7 +208,7 @@ class StrokeDecoder(nn.Module):
     LAYOUTS = ("slots", "free")
 
     def __init__(self, latent_dim, image_size, channels=1, n_strokes=6, hidden=256, softness=0.5,
-                 straight_through=(), layout="slots"):
+                 straight_through=(), layout="free"):
         super().__init__()
         if layout not in self.LAYOUTS:
             raise ValueError(f"layout must be one of {self.LAYOUTS}, got {layout!r}")
@@ -277,7 +277,7 @@ class StrokeDecoder(nn.Module):
         return torch.prod(1.0 - s["presence"] * cover, dim=1, keepdim=True)
 
 
-def build_decoder(name, *, latent_dim, image_size, channels=1, stroke_layout="slots"):
+def build_decoder(name, *, latent_dim, image_size, channels=1, stroke_layout="free"):
     """The decoder called ``name`` (one of :data:`DECODERS`; only ``"cnn"`` draws 3D volumes).
 
     Example:

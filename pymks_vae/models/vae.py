@@ -44,7 +44,7 @@ class VAE(nn.Module):
             lighter decoder reaching the size exactly, 2D or 3D), ``"strokes"`` (bars, 2D grey
             only) or ``"auto"``: ``"paper"`` with the ResNet-152 encoder, ``"cnn"`` with the CNN
             encoder.
-        stroke_layout: ``"slots"`` (default) or ``"free"``, the strokes' layout (``decoder="strokes"``
+        stroke_layout: ``"free"`` (default) or ``"slots"``, the strokes' layout (``decoder="strokes"``
             only; see :class:`~pymks_vae.models.decoder.StrokeDecoder`).
 
     Attributes:
@@ -63,7 +63,7 @@ class VAE(nn.Module):
     """
 
     def __init__(self, encoder="cnn", latent_dim=9, image_size=64, channels=1, weights=None,
-                 freeze_encoder=None, decoder="auto", stroke_layout="slots"):
+                 freeze_encoder=None, decoder="auto", stroke_layout="free"):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
@@ -79,7 +79,7 @@ class VAE(nn.Module):
         self.spatial_ndim = len(self.image_size)
         self.encoder = build_encoder(encoder, latent_dim=self.latent_dim, image_size=self.image_size,
                                      channels=self.channels, weights=weights, freeze=freeze_encoder)
-        if decoder != "strokes" and stroke_layout != "slots":
+        if decoder != "strokes" and stroke_layout != "free":
             raise ValueError(f"stroke_layout applies to decoder='strokes' only, got decoder={decoder!r}")
         self.decoder = build_decoder(decoder, latent_dim=self.latent_dim, image_size=self.image_size,
                                      channels=self.channels, stroke_layout=stroke_layout)
@@ -117,7 +117,7 @@ class VAE(nn.Module):
                     image_size=tuple(config["image_size"]), channels=config["channels"],
                     freeze_encoder=False, decoder=config["decoder"],
                     # stroke models saved before layouts existed drew free strokes
-                    stroke_layout=config.get("stroke_layout", "free") if config["decoder"] == "strokes" else "slots")
+                    stroke_layout=config.get("stroke_layout", "free") if config["decoder"] == "strokes" else "free")
         if frozen:
             model.encoder.freeze()
             model.config["freeze_encoder"] = True
