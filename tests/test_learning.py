@@ -68,9 +68,9 @@ def test_same_seed_same_model():
         assert torch.equal(states[0][k], states[1][k]), k
 
 
-def test_default_vae_transformer_keeps_the_volume_fraction():
-    """generate_classes differ in volume fraction: the default latent must describe it (one_point;
-    without the term this case reaches R^2 of about 0.15, with it about 0.7)."""
+def test_one_point_keeps_the_volume_fraction():
+    """generate_classes differ in volume fraction: with one_point the latent must describe it
+    (without the term this case reaches R^2 of about 0.15, with it about 0.7)."""
     torch.set_num_threads(1)
     from pymks_vae.microstructures import generate_classes
     from sklearn.linear_model import RidgeCV
@@ -80,7 +80,7 @@ def test_default_vae_transformer_keeps_the_volume_fraction():
     order = np.random.default_rng(1).permutation(len(x))
     train, test = order[:60], order[60:]
     onehot = np.stack([1.0 - x, x], axis=-1)
-    vae = VAETransformer(latent_dim=2, random_state=0).fit(onehot[train])
+    vae = VAETransformer(latent_dim=2, random_state=0, one_point=True).fit(onehot[train])
     z = vae.transform(onehot)
     r2 = RidgeCV().fit(z[train], vf[train]).score(z[test], vf[test])
     assert r2 >= 0.5, f"held-out R^2 of the volume fraction {r2:.2f}"
