@@ -554,6 +554,7 @@ def _register():
         spatial = tuple(x.shape[2:])
         grid = _grid(spatial, window, periodic)
         half = grid[:-1] + (grid[-1] // 2 + 1,)
+        half = half[1:] + half[:1] if len(half) > 1 else half  # the driver's moved layout: first axis last
         ctype = torch.complex64 if x.dtype == torch.float32 else torch.complex128
         if need_grad:
             grad_window = x.new_empty((x.shape[0], len(pair_i)) + tuple(window))
