@@ -132,9 +132,15 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed calls per function and round")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 gives steadier ratios on a loaded machine")
     p.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
                    help="which rows to run (all: CPU, and CUDA when a GPU is present)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     if args.rounds < 1 or args.repeats < 1:
         p.error("--rounds and --repeats must be >= 1")
     R, n = args.rounds, args.repeats

@@ -704,8 +704,9 @@ def _register():
     def _stats_loss_window_fake(x, target, pair_i, pair_j, periodic, window, weight, offset, scale, need_grad):
         states = sorted(set(pair_i) | set(pair_j))
         spatial = tuple(x.shape[2:])
-        grid = _grid(spatial, window, periodic)
+        grid = _grid(spatial, window, periodic, _loss_fft_len)
         half = grid[:-1] + (grid[-1] // 2 + 1,)
+        half = half[1:] + half[:1] if len(half) > 1 else half  # the driver's moved layout: first axis last
         ctype = torch.complex64 if x.dtype == torch.float32 else torch.complex128
         if need_grad:
             grad_window = x.new_empty((x.shape[0], len(pair_i)) + tuple(window))
@@ -750,11 +751,29 @@ def _register():
     )
 
 
-def _grid(spatial, window, periodic):
-    """The transform grid of the drivers: the field itself, or padded by the largest lag kept."""
+def _grid(spatial, window, periodic, fft_len=None):
+    """The transform grid of the drivers: the field itself, or padded by the largest lag kept to a
+    size ``fft_len`` picks (the operator's :func:`_fast_fft_len` by default)."""
     if periodic:
         return tuple(spatial)
-    return tuple(_fast_fft_len(n + w // 2) for n, w in zip(spatial, window))
+    fft_len = fft_len or _fast_fft_len
+    return tuple(fft_len(n + w // 2) for n, w in zip(spatial, window))
+
+
+def _loss_fft_len(n):
+    """The loss driver's loss_fft_len: smallest even m >= n, 7-smooth with at most one factor 7."""
+    m = max(2, int(n) + (int(n) & 1))
+    while True:
+        r, sevens = m, 0
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        while r % 7 == 0:
+            r //= 7
+            sevens += 1
+        if r == 1 and sevens <= 1:
+            return m
+        m += 2
 
 
 def _fast_fft_len(n):

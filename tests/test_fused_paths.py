@@ -46,7 +46,7 @@ def test_general_loss_matches_reference(spatial, periodic, cutoff, weighted, pai
         assert rel_err(out, ref) < 1e-10 and rel_err(g, gr) < 1e-10
 
 
-def test_general_loss_takes_the_fused_operator(monkeypatch):
+def test_general_loss_takes_the_fused_kernel(monkeypatch):
     """A window, weights or zero padding run the general fused operator, not two_point_stats."""
     def no_operator(*args, **kwargs):
         raise AssertionError("the loss fell back to two_point_stats")
@@ -58,7 +58,7 @@ def test_general_loss_takes_the_fused_operator(monkeypatch):
         ops.spatial_stats_loss(x, t, **kw).backward()
 
 
-def test_raw_operator_outputs():
+def test_raw_loss_operator_outputs():
     x = torch.rand(2, 3, 7, 8, dtype=torch.float64)
     t = torch.rand(2, 3, 7, 8, dtype=torch.float64)
     pairs = [(2, 2), (0, 2)]
@@ -69,8 +69,8 @@ def test_raw_operator_outputs():
                                                 cutoff=(2, 1), scale=2.0, reduction="none")
         assert rel_err(values, want) < 1e-10
         assert gw.shape == (2, 2, 5, 3)
-        grid = (7, 8) if periodic else (ops._fast_fft_len(7 + 2), ops._fast_fft_len(8 + 1))
-        assert xh.shape == (2, 2, grid[0], grid[1] // 2 + 1) and xh.dtype == torch.complex128
+        grid = (7, 8) if periodic else (ops._loss_fft_len(7 + 2), ops._loss_fft_len(8 + 1))
+        assert xh.shape == (2, 2, grid[1] // 2 + 1, grid[0]) and xh.dtype == torch.complex128  # first axis last
         assert go.numel() == 0  # no offset
         values2, gw2, xh2, _ = torch.ops.pymks_vae.stats_loss_window(x, t, [0, 2], [2, 2], periodic, [5, 3], None, None,
                                                                      2.0, False)
@@ -245,6 +245,11 @@ def _ones(device, dtype=torch.float64, n=2):
 def test_raw_ops_reject_bad_arguments(call, exc, match, device):
     with pytest.raises(exc, match=match):
         call(device)
+
+
+def test_loss_grid_sizes():
+    """Padded grids are even, 7-smooth, with at most one factor 7 (fast for MKL, cuFFT and pocketfft)."""
+    assert [ops._loss_fft_len(n) for n in (1, 9, 67, 244, 336, 1031)] == [2, 10, 70, 250, 336, 1050]
 
 
 def test_public_errors_name_the_argument():
@@ -491,7 +496,7 @@ def test_offset_bad_arguments():
                                               1.0, True)
 
 
-def test_centred_windowed_loss_takes_the_fused_operator(monkeypatch):
+def test_centred_windowed_loss_takes_the_fused_kernel(monkeypatch):
     """SpatialStatsLoss with centring and a window (the VAE's default at 64x64) runs the fused operator,
     with the same value and gradient as the statistics computed by two_point_stats."""
     from pymks_vae.losses import SpatialStatsLoss
