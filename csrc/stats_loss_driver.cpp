@@ -24,11 +24,11 @@ std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x_in, co
   check_real_float(x_in, "x", op);
   check_like(t_in, "target", x_in, "x", op);
   check_field_shape(x_in, op);
-  TORCH_CHECK_VALUE(x_in.sizes() == t_in.sizes(), op, ": target shape ", t_in.sizes(),
+  PYMKS_CHECK_VALUE(x_in.sizes() == t_in.sizes(), op, ": target shape ", t_in.sizes(),
                     " differs from x shape ", x_in.sizes());
   // The kernels launch on the current device's stream: make it x's (cuda:1 while cuda:0 is current).
   const c10::DeviceGuard guard(x_in.device());
-  TORCH_CHECK_VALUE(x_in.size(0) > 0, op, ": x is an empty batch");
+  PYMKS_CHECK_VALUE(x_in.size(0) > 0, op, ": x is an empty batch");
   const int64_t n_state = x_in.size(1);
   check_pairs(pair_i, pair_j, n_state, op);
   std::map<int64_t, int32_t> pos;
@@ -88,19 +88,19 @@ at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectru
               grad.scalar_type(), " but spectrum has dtype ", spectrum.scalar_type(), " (grad must be ",
               c10::toRealValueType(spectrum.scalar_type()), ")");
   const int64_t nd = static_cast<int64_t>(spatial.size());
-  TORCH_CHECK_VALUE(nd >= 1 && nd <= kMaxDims && spectrum.dim() == nd + 2, op, ": spectrum has shape ",
+  PYMKS_CHECK_VALUE(nd >= 1 && nd <= kMaxDims && spectrum.dim() == nd + 2, op, ": spectrum has shape ",
                     spectrum.sizes(), ", which does not match spatial ", spatial);
   for (int64_t d = 0; d < nd; ++d) {
     const int64_t want = d + 1 < nd ? spatial[d] : spatial[d] / 2 + 1;  // the half spectrum's last axis
-    TORCH_CHECK_VALUE(spatial[d] >= 1 && spectrum.size(d + 2) == want, op, ": spectrum has shape ",
+    PYMKS_CHECK_VALUE(spatial[d] >= 1 && spectrum.size(d + 2) == want, op, ": spectrum has shape ",
                       spectrum.sizes(), ", which does not match spatial ", spatial);
   }
-  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == spectrum.size(0), op,
+  PYMKS_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == spectrum.size(0), op,
                     ": grad must have shape (batch,)");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(states.size()) == spectrum.size(1), op,
+  PYMKS_CHECK_VALUE(static_cast<int64_t>(states.size()) == spectrum.size(1), op,
                     ": states does not match the saved spectrum");
   for (size_t k = 0; k < states.size(); ++k)
-    TORCH_CHECK_VALUE(states[k] >= 0 && states[k] < n_state && (k == 0 || states[k] > states[k - 1]), op,
+    PYMKS_CHECK_VALUE(states[k] >= 0 && states[k] < n_state && (k == 0 || states[k] > states[k - 1]), op,
                       ": states must be increasing state indices below n_state=", n_state, ", got ", states);
   const c10::DeviceGuard guard(spectrum.device());
   std::vector<int64_t> view(spectrum.dim(), 1);
@@ -164,14 +164,14 @@ struct LossGeometry {
 
 LossGeometry loss_geometry(at::IntArrayRef spatial, at::IntArrayRef window, bool periodic, const char* op) {
   const int64_t nd = static_cast<int64_t>(spatial.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(window.size()) == nd, op, ": window has ", window.size(), " entries for ",
+  PYMKS_CHECK_VALUE(static_cast<int64_t>(window.size()) == nd, op, ": window has ", window.size(), " entries for ",
                     nd, " spatial dims");
   LossGeometry lg{};
   lg.geom.ndim = static_cast<int>(nd);
   lg.dims = spatial_dims(nd + 2);
   for (int64_t d = 0; d < nd; ++d) {
     const int64_t n = spatial[d], w = window[d];
-    TORCH_CHECK_VALUE(w >= 1 && w <= n, op, ": window ", window, " does not fit spatial size ", spatial);
+    PYMKS_CHECK_VALUE(w >= 1 && w <= n, op, ": window ", window, " does not fit spatial size ", spatial);
     lg.geom.n[d] = n;
     lg.geom.w[d] = w;
     // As the operator: padding by the largest |lag| kept keeps wrapped pairs out of the window.
@@ -279,9 +279,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_for
   check_real_float(x_in, "x", op);
   check_like(t_in, "target", x_in, "x", op);
   check_field_shape(x_in, op);
-  TORCH_CHECK_VALUE(x_in.sizes() == t_in.sizes(), op, ": target shape ", t_in.sizes(), " differs from x shape ",
+  PYMKS_CHECK_VALUE(x_in.sizes() == t_in.sizes(), op, ": target shape ", t_in.sizes(), " differs from x shape ",
                     x_in.sizes());
-  TORCH_CHECK_VALUE(x_in.size(0) > 0, op, ": x is an empty batch");
+  PYMKS_CHECK_VALUE(x_in.size(0) > 0, op, ": x is an empty batch");
   const int64_t n_state = x_in.size(1), nq = static_cast<int64_t>(pair_i.size());
   check_pairs(pair_i, pair_j, n_state, op);
   const LossGeometry lg = loss_geometry(x_in.sizes().slice(2), window, periodic, op);
@@ -291,14 +291,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_for
     check_like(*weight_in, "weight", x_in, "x", op);
     std::vector<int64_t> want{nq};
     want.insert(want.end(), window.begin(), window.end());
-    TORCH_CHECK_VALUE(weight_in->sizes() == at::IntArrayRef(want), op, ": weight has shape ", weight_in->sizes(),
+    PYMKS_CHECK_VALUE(weight_in->sizes() == at::IntArrayRef(want), op, ": weight has shape ", weight_in->sizes(),
                       ", expected (n_pairs, *window) = ", at::IntArrayRef(want));
     weight = weight_in->contiguous();
   }
   at::Tensor offset;
   if (offset_in.has_value() && offset_in->defined()) {
     check_like(*offset_in, "offset", x_in, "x", op);
-    TORCH_CHECK_VALUE(offset_in->sizes() == at::IntArrayRef({x_in.size(0), nq}), op, ": offset has shape ",
+    PYMKS_CHECK_VALUE(offset_in->sizes() == at::IntArrayRef({x_in.size(0), nq}), op, ": offset has shape ",
                       offset_in->sizes(), ", expected (batch, n_pairs) = (", x_in.size(0), ", ", nq, ")");
     offset = offset_in->contiguous();
   }
@@ -396,13 +396,13 @@ at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& 
   TORCH_CHECK(grad_window.device() == x_hat.device(), op, ": grad_window is on ", grad_window.device(),
               " but x_hat is on ", x_hat.device());
   const int64_t nd = static_cast<int64_t>(spatial.size());
-  TORCH_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": spatial must have 1-3 entries, got ", spatial);
+  PYMKS_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": spatial must have 1-3 entries, got ", spatial);
   check_pairs(pair_i, pair_j, n_state, op);
   const int64_t nq = static_cast<int64_t>(pair_i.size());
-  TORCH_CHECK_VALUE(grad_window.dim() == nd + 2 && grad_window.size(1) == nq, op, ": grad_window has shape ",
+  PYMKS_CHECK_VALUE(grad_window.dim() == nd + 2 && grad_window.size(1) == nq, op, ": grad_window has shape ",
                     grad_window.sizes(), ", expected (batch, ", nq, ", *window) with ", nd, " window dims");
   const int64_t B = grad_window.size(0);
-  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == B, op, ": grad must have shape (", B, ",), got ",
+  PYMKS_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == B, op, ": grad must have shape (", B, ",), got ",
                     grad.sizes());
   const LossGeometry lg = loss_geometry(spatial, grad_window.sizes().slice(2), periodic, op);
   const Geometry& g = lg.geom;
@@ -410,7 +410,7 @@ at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& 
   const std::vector<int64_t> states = pair_states(pair_i, pair_j, &pos);
   const int64_t nu = static_cast<int64_t>(states.size());
   const std::vector<int64_t> hsizes = moved_sizes(B, nu, g);
-  TORCH_CHECK_VALUE(x_hat.sizes() == at::IntArrayRef(hsizes), op, ": x_hat has shape ", x_hat.sizes(),
+  PYMKS_CHECK_VALUE(x_hat.sizes() == at::IntArrayRef(hsizes), op, ": x_hat has shape ", x_hat.sizes(),
                     ", expected ", at::IntArrayRef(hsizes), " for these pairs, spatial size and window");
   const c10::DeviceGuard guard(x_hat.device());
 

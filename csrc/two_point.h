@@ -16,6 +16,23 @@
 
 #include "spectral.h"
 
+// TORCH_VERSION_* (see ops.cpp for why two headers).
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#else
+#include <torch/version.h>
+#endif
+
+// Errors in an argument's value. A c10::ValueError thrown through a registered operator crashed the
+// process (segmentation fault) on torch 2.11, seen on the lent GPU machine on 2026-11-30, while
+// c10::Error turned into Python's RuntimeError there as it should; torch 2.14 turns c10::ValueError
+// into ValueError. Before 2.14 these errors are therefore raised as RuntimeError: a clear error, not a crash.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 14)
+#define PYMKS_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
+#else
+#define PYMKS_CHECK_VALUE(cond, ...) TORCH_CHECK(cond, __VA_ARGS__)
+#endif
+
 namespace pymks_vae {
 
 // What one two_point_stats call computes, decided on the host.

@@ -99,7 +99,7 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, co
 }
 
 void check_field_shape(const at::Tensor& x, const char* op) {
-  TORCH_CHECK_VALUE(x.dim() >= 3 && x.dim() <= 2 + kMaxDims, op,
+  PYMKS_CHECK_VALUE(x.dim() >= 3 && x.dim() <= 2 + kMaxDims, op,
                     ": x must have shape (batch, n_state, *spatial) with 1-3 spatial dims, got ", x.sizes());
 }
 
@@ -112,16 +112,16 @@ void check_mask_arg(const c10::optional<at::Tensor>& mask, const at::Tensor& x, 
     shared.push_back(x.size(d));
     per_sample.push_back(x.size(d));
   }
-  TORCH_CHECK_VALUE(m.sizes() == at::IntArrayRef(shared) || m.sizes() == at::IntArrayRef(per_sample), op,
+  PYMKS_CHECK_VALUE(m.sizes() == at::IntArrayRef(shared) || m.sizes() == at::IntArrayRef(per_sample), op,
                     ": mask has shape ", m.sizes(), ", expected ", at::IntArrayRef(shared), " or ",
                     at::IntArrayRef(per_sample), " for x of shape ", x.sizes());
 }
 
 void check_pairs(at::IntArrayRef pair_i, at::IntArrayRef pair_j, int64_t n_state, const char* op) {
-  TORCH_CHECK_VALUE(pair_i.size() == pair_j.size() && !pair_i.empty(), op,
+  PYMKS_CHECK_VALUE(pair_i.size() == pair_j.size() && !pair_i.empty(), op,
                     ": pair_i and pair_j must be non-empty and of equal length");
   for (size_t k = 0; k < pair_i.size(); ++k)
-    TORCH_CHECK_VALUE(pair_i[k] >= 0 && pair_i[k] < n_state && pair_j[k] >= 0 && pair_j[k] < n_state,
+    PYMKS_CHECK_VALUE(pair_i[k] >= 0 && pair_i[k] < n_state && pair_j[k] >= 0 && pair_j[k] < n_state,
                       op, ": correlation (", pair_i[k], ", ", pair_j[k], ") out of range for n_state=", n_state);
 }
 
@@ -158,7 +158,7 @@ void check_spectrum_finite(const at::Tensor& spec, const char* op, const char* w
   // magnitude (NaN propagates through max) is one reduction and one number to bring back.
   if (!data_checks_enabled()) return;
   auto dc = at::view_as_real(spec.flatten(2).select(2, 0));
-  TORCH_CHECK_VALUE(std::isfinite(at::abs(dc).max().item<double>()), op, ": ", what,
+  PYMKS_CHECK_VALUE(std::isfinite(at::abs(dc).max().item<double>()), op, ": ", what,
                     " contains NaN or Inf (or values so large that their sum overflows)");
 }
 
@@ -279,8 +279,8 @@ Setup make_setup(const at::Tensor& x, bool periodic, at::IntArrayRef window, con
 
 Setup make_setup_spatial(at::IntArrayRef spatial, bool periodic, at::IntArrayRef window, const char* op) {
   const int64_t nd = static_cast<int64_t>(spatial.size());
-  TORCH_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": x must have 1-3 spatial dims");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(window.size()) == nd, op, ": window has ", window.size(),
+  PYMKS_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": x must have 1-3 spatial dims");
+  PYMKS_CHECK_VALUE(static_cast<int64_t>(window.size()) == nd, op, ": window has ", window.size(),
                     " entries for ", nd, " spatial dims");
   Setup s{};
   s.geom.ndim = static_cast<int>(nd);
@@ -288,7 +288,7 @@ Setup make_setup_spatial(at::IntArrayRef spatial, bool periodic, at::IntArrayRef
   s.s_total = 1;
   for (int64_t d = 0; d < nd; ++d) {
     const int64_t n = spatial[d], w = window[d];
-    TORCH_CHECK_VALUE(w >= 1 && w <= n, op, ": window ", w, " does not fit spatial size ", n);
+    PYMKS_CHECK_VALUE(w >= 1 && w <= n, op, ": window ", w, " does not fit spatial size ", n);
     s.geom.n[d] = n;
     s.geom.w[d] = w;
     // Zero padding by the largest |lag| kept is enough to keep wrapped pairs out of the window.
@@ -315,7 +315,7 @@ void check_mask(const at::Tensor& mask, const char* op) {
   if (!data_checks_enabled()) return;
   auto lo = mask.min().item<double>();
   auto hi = mask.max().item<double>();
-  TORCH_CHECK_VALUE(lo >= 0.0 && hi <= 1.0, op,
+  PYMKS_CHECK_VALUE(lo >= 0.0 && hi <= 1.0, op,
                     ": mask values must lie in [0, 1] (and be finite); got min ", lo, ", max ", hi);
 }
 
@@ -443,7 +443,7 @@ void forward_chunk(const at::Tensor& x, const TwoPointPlan& plan, const PlanTens
     std::vector<at::Tensor> sums;
     for (int64_t k = 0; k < n_state; ++k)
       if (!std::binary_search(plan.fwd_states.begin(), plan.fwd_states.end(), k)) sums.push_back(x.select(1, k).sum());
-    TORCH_CHECK_VALUE(at::isfinite(at::stack(sums)).all().item<bool>(), op,
+    PYMKS_CHECK_VALUE(at::isfinite(at::stack(sums)).all().item<bool>(), op,
                       ": x contains NaN or Inf (or values so large that their sum overflows)");
   }
 
@@ -493,7 +493,7 @@ at::Tensor forward_impl(const at::Tensor& x_in, at::IntArrayRef pair_i, at::IntA
   // dims flatten to one stride: the transforms take views, and only the states they need are read.
   auto x = spatial_flattens(x_in) ? x_in : x_in.contiguous();
   const int64_t B = x.size(0), n_state = x.size(1);
-  TORCH_CHECK_VALUE(B > 0, op, ": x is an empty batch");
+  PYMKS_CHECK_VALUE(B > 0, op, ": x is an empty batch");
   check_pairs(pair_i, pair_j, n_state, op);
   Setup s = make_setup(x, periodic, window, op);
   const int64_t n_pairs = static_cast<int64_t>(pair_i.size());
@@ -589,7 +589,7 @@ at::Tensor two_point_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
   Setup s = make_setup(x, periodic, window, op);
   std::vector<int64_t> want{B, n_pairs};
   for (int64_t d = 0; d < s.geom.ndim; ++d) want.push_back(s.geom.w[d]);
-  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(want), op, ": grad has shape ", grad.sizes(),
+  PYMKS_CHECK_VALUE(grad.sizes() == at::IntArrayRef(want), op, ": grad has shape ", grad.sizes(),
                     ", expected ", at::IntArrayRef(want));
   const bool has_mask = mask_in.has_value() && mask_in->defined();
 
@@ -663,10 +663,10 @@ at::Tensor two_point_backward_spectra(const at::Tensor& grad_in, const at::Tenso
   TORCH_CHECK(grad_in.device() == x_hat.device(), op, ": grad is on ", grad_in.device(), " but x_hat is on ",
               x_hat.device());
   const int64_t nd = static_cast<int64_t>(spatial.size());
-  TORCH_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": spatial must have 1-3 entries, got ", spatial);
+  PYMKS_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": spatial must have 1-3 entries, got ", spatial);
   check_pairs(pair_i, pair_j, n_state, op);
   const int64_t n_pairs = static_cast<int64_t>(pair_i.size());
-  TORCH_CHECK_VALUE(grad_in.dim() == nd + 2 && grad_in.size(1) == n_pairs && grad_in.size(0) > 0, op,
+  PYMKS_CHECK_VALUE(grad_in.dim() == nd + 2 && grad_in.size(1) == n_pairs && grad_in.size(0) > 0, op,
                     ": grad has shape ", grad_in.sizes(), ", expected (batch, ", n_pairs, ", *window) with ", nd,
                     " window dims");
   const int64_t B = grad_in.size(0);
@@ -677,7 +677,7 @@ at::Tensor two_point_backward_spectra(const at::Tensor& grad_in, const at::Tenso
   const int64_t nu = static_cast<int64_t>(cp.states.size());
   std::vector<int64_t> hs{B, nu};
   for (int d = 0; d < s.geom.ndim; ++d) hs.push_back(d + 1 < s.geom.ndim ? s.geom.m[d] : s.geom.m[d] / 2 + 1);
-  TORCH_CHECK_VALUE(x_hat.sizes() == at::IntArrayRef(hs), op, ": x_hat has shape ", x_hat.sizes(), ", expected ",
+  PYMKS_CHECK_VALUE(x_hat.sizes() == at::IntArrayRef(hs), op, ": x_hat has shape ", x_hat.sizes(), ", expected ",
                     at::IntArrayRef(hs), " for these pairs, spatial size and window");
   at::Tensor mask, mask_view, zmask, zlevel;
   if (mask_in.has_value() && mask_in->defined()) {
@@ -688,7 +688,7 @@ at::Tensor two_point_backward_spectra(const at::Tensor& grad_in, const at::Tenso
     std::vector<int64_t> shared{1}, per_sample{B};
     shared.insert(shared.end(), spatial.begin(), spatial.end());
     per_sample.insert(per_sample.end(), spatial.begin(), spatial.end());
-    TORCH_CHECK_VALUE(m.sizes() == at::IntArrayRef(shared) || m.sizes() == at::IntArrayRef(per_sample), op,
+    PYMKS_CHECK_VALUE(m.sizes() == at::IntArrayRef(shared) || m.sizes() == at::IntArrayRef(per_sample), op,
                       ": mask has shape ", m.sizes(), ", expected ", at::IntArrayRef(shared), " or ",
                       at::IntArrayRef(per_sample));
     mask = m.contiguous();

@@ -232,9 +232,9 @@ Choice read_choice() {
     c.off = true;
     return c;
   }
-  TORCH_CHECK_VALUE(kernel_rank(v) >= 0, "PYMKS_VAE_BINARY_PATH must be auto, off, generic, popcnt, avx2 or avx512, ",
+  PYMKS_CHECK_VALUE(kernel_rank(v) >= 0, "PYMKS_VAE_BINARY_PATH must be auto, off, generic, popcnt, avx2 or avx512, ",
                     "got '", v, "'");
-  TORCH_CHECK_VALUE(kernel_rank(v) <= kernel_rank(c.kernel.name), "PYMKS_VAE_BINARY_PATH=", v,
+  PYMKS_CHECK_VALUE(kernel_rank(v) <= kernel_rank(c.kernel.name), "PYMKS_VAE_BINARY_PATH=", v,
                     ": this CPU cannot run that kernel (its best: ", c.kernel.name, ")");
   c.forced = true;
   c.kernel = kernel_named(v);
@@ -755,7 +755,7 @@ const CostField kCostFields[] = {{"word_ns", &RouteCosts::word_ns},         {"ca
 void check_costs(const RouteCosts& c, const char* where) {
   for (const CostField& f : kCostFields) {
     const double v = c.*f.field;
-    TORCH_CHECK_VALUE(std::isfinite(v) && v > 0.0, where, ": ", f.name, " must be a finite number > 0, got ", v);
+    PYMKS_CHECK_VALUE(std::isfinite(v) && v > 0.0, where, ": ", f.name, " must be a finite number > 0, got ", v);
   }
 }
 
@@ -770,18 +770,18 @@ RouteCosts parse_costs(const std::string& v, const CountKernel& k) {
     const size_t end = std::min(v.find(',', pos), v.size());
     const std::string item = v.substr(pos, end - pos);
     const size_t eq = item.find('=');
-    TORCH_CHECK_VALUE(eq != std::string::npos, kWhat, " must be unset, 'measure', 'fitted' or a list of name=value ",
+    PYMKS_CHECK_VALUE(eq != std::string::npos, kWhat, " must be unset, 'measure', 'fitted' or a list of name=value ",
                       "(names: word_ns, call_ns, rotate_ns, pack_f32_ns, pack_f64_ns, fft_f32_ns, fft_f64_ns), got '",
                       v, "'");
     const std::string name = item.substr(0, eq), value = item.substr(eq + 1);
     const CostField* f = nullptr;
     for (const CostField& cand : kCostFields)
       if (name == cand.name) f = &cand;
-    TORCH_CHECK_VALUE(f != nullptr, kWhat, ": unknown cost '", name,
+    PYMKS_CHECK_VALUE(f != nullptr, kWhat, ": unknown cost '", name,
                       "' (names: word_ns, call_ns, rotate_ns, pack_f32_ns, pack_f64_ns, fft_f32_ns, fft_f64_ns)");
     char* stop = nullptr;
     const double d = std::strtod(value.c_str(), &stop);
-    TORCH_CHECK_VALUE(!value.empty() && stop == value.c_str() + value.size(), kWhat, ": ", name,
+    PYMKS_CHECK_VALUE(!value.empty() && stop == value.c_str() + value.size(), kWhat, ": ", name,
                       " must be a number, got '", value, "'");
     c.*(f->field) = d;
     pos = end + 1;
@@ -981,19 +981,19 @@ RouteEstimate binary_route_estimate(const std::vector<int64_t>& spatial, const s
   const char* op = "binary_route_estimate";
   check_costs(costs, op);
   const int64_t nd = static_cast<int64_t>(spatial.size());
-  TORCH_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": spatial must have 1-3 sizes, got ", nd);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(window.size()) == nd, op, ": window has ", window.size(), " entries for ",
+  PYMKS_CHECK_VALUE(nd >= 1 && nd <= kMaxDims, op, ": spatial must have 1-3 sizes, got ", nd);
+  PYMKS_CHECK_VALUE(static_cast<int64_t>(window.size()) == nd, op, ": window has ", window.size(), " entries for ",
                     nd, " spatial dims");
-  TORCH_CHECK_VALUE(batch >= 1, op, ": batch must be >= 1, got ", batch);
-  TORCH_CHECK_VALUE(n_state >= 1, op, ": n_state must be >= 1, got ", n_state);
-  TORCH_CHECK_VALUE(!req.empty(), op, ": pairs must not be empty");
+  PYMKS_CHECK_VALUE(batch >= 1, op, ": batch must be >= 1, got ", batch);
+  PYMKS_CHECK_VALUE(n_state >= 1, op, ": n_state must be >= 1, got ", n_state);
+  PYMKS_CHECK_VALUE(!req.empty(), op, ": pairs must not be empty");
   for (const auto& [i, j] : req)
-    TORCH_CHECK_VALUE(i >= 0 && i < n_state && j >= 0 && j < n_state, op, ": pair (", i, ", ", j,
+    PYMKS_CHECK_VALUE(i >= 0 && i < n_state && j >= 0 && j < n_state, op, ": pair (", i, ", ", j,
                       ") out of range for n_state=", n_state);
   Geometry g{};
   g.ndim = static_cast<int>(nd);
   for (int64_t d = 0; d < nd; ++d) {
-    TORCH_CHECK_VALUE(window[d] >= 1 && window[d] <= spatial[d], op, ": window ", window[d],
+    PYMKS_CHECK_VALUE(window[d] >= 1 && window[d] <= spatial[d], op, ": window ", window[d],
                       " does not fit spatial size ", spatial[d]);
     g.n[d] = spatial[d];
     g.w[d] = window[d];
