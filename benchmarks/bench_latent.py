@@ -85,7 +85,7 @@ def parse_args(argv=None):
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--out", default="results/bench_latent/", help="output folder")
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (divisible by 16)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (any size >= 8)")
     p.add_argument("--n-train", type=int, default=300, help="training samples per family and seed")
     p.add_argument("--n-test", type=int, default=300, help="test samples per family and seed")
     p.add_argument("--latent-dims", type=int, nargs="+", default=[2, 4, 8], help="latent sizes k")
@@ -105,8 +105,8 @@ def parse_args(argv=None):
     if pre.quick:
         p.set_defaults(**QUICK)
     args = p.parse_args(argv)
-    if args.size % 16:
-        p.error("--size must be divisible by 16 (VAETransformer's CNN encoder halves it four times)")
+    if args.size < 8:
+        p.error("--size must be >= 8")
     if min(args.latent_dims) < 1 or args.n_train < 2 or args.n_test < 2 or args.threads < 1:
         p.error("--latent-dims, --n-train, --n-test and --threads must be positive (samples >= 2)")
     if args.tune_seed_offset < 0:
