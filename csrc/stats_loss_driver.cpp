@@ -141,22 +141,6 @@ at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectru
 // inverse transform: x is never transformed twice.
 namespace {
 
-// Smallest even m >= n with no prime factor above 7 and at most one factor 7: MKL's transforms of
-// odd sizes and of 7^2 multiples are slow (measured, 32 x m^2 float32 rfftn + irfftn: 42 ms for
-// m = 245 = 5 * 7^2, the operator's fast_fft_len(244), against 24 ms for 250 and 23 ms for 252).
-int64_t loss_fft_len(int64_t n) {
-  for (int64_t m = std::max<int64_t>(2, n + (n & 1));; m += 2) {
-    int64_t r = m, sevens = 0;
-    for (int64_t p : {2, 3, 5})
-      while (r % p == 0) r /= p;
-    while (r % 7 == 0) {
-      r /= 7;
-      ++sevens;
-    }
-    if (r == 1 && sevens <= 1) return m;
-  }
-}
-
 struct LossGeometry {
   Geometry geom;
   std::vector<int64_t> dims, grid;
@@ -175,7 +159,7 @@ LossGeometry loss_geometry(at::IntArrayRef spatial, at::IntArrayRef window, bool
     lg.geom.n[d] = n;
     lg.geom.w[d] = w;
     // As the operator: padding by the largest |lag| kept keeps wrapped pairs out of the window.
-    lg.geom.m[d] = periodic ? n : loss_fft_len(n + w / 2);
+    lg.geom.m[d] = periodic ? n : fast_fft_len(n + w / 2);
     lg.grid.push_back(lg.geom.m[d]);
   }
   return lg;

@@ -20,14 +20,21 @@ std::vector<int64_t> spatial_dims(int64_t ndim) {
   return dims;
 }
 
-// Smallest size >= n whose only prime factors are 2, 3, 5 and 7: fast for pocketfft, MKL and
-// cuFFT alike. Only used where the size is free (zero padding of non-periodic statistics).
+// Smallest even size >= n with no prime factor above 7 and at most one factor 7: fast for MKL,
+// pocketfft and cuFFT alike. MKL's transforms of odd sizes and of 7^2 multiples are slow (measured,
+// 32 x m^2 float32 rfftn + irfftn: 42 ms for m = 245 = 5 * 7^2 against 24 ms for 250 and 23 ms for
+// 252). Only used where the size is free (zero padding of non-periodic statistics), by the
+// operator, its counting route and the fused loss alike.
 int64_t fast_fft_len(int64_t n) {
-  for (int64_t m = std::max<int64_t>(n, 1);; ++m) {
-    int64_t r = m;
-    for (int64_t p : {2, 3, 5, 7})
+  for (int64_t m = std::max<int64_t>(2, n + (n & 1));; m += 2) {
+    int64_t r = m, sevens = 0;
+    for (int64_t p : {2, 3, 5})
       while (r % p == 0) r /= p;
-    if (r == 1) return m;
+    while (r % 7 == 0) {
+      r /= 7;
+      ++sevens;
+    }
+    if (r == 1 && sevens <= 1) return m;
   }
 }
 

@@ -704,7 +704,7 @@ def _register():
     def _stats_loss_window_fake(x, target, pair_i, pair_j, periodic, window, weight, offset, scale, need_grad):
         states = sorted(set(pair_i) | set(pair_j))
         spatial = tuple(x.shape[2:])
-        grid = _grid(spatial, window, periodic, _loss_fft_len)
+        grid = _grid(spatial, window, periodic)
         half = grid[:-1] + (grid[-1] // 2 + 1,)
         half = half[1:] + half[:1] if len(half) > 1 else half  # the driver's moved layout: first axis last
         ctype = torch.complex64 if x.dtype == torch.float32 else torch.complex128
@@ -760,8 +760,9 @@ def _grid(spatial, window, periodic, fft_len=None):
     return tuple(fft_len(n + w // 2) for n, w in zip(spatial, window))
 
 
-def _loss_fft_len(n):
-    """The loss driver's loss_fft_len: smallest even m >= n, 7-smooth with at most one factor 7."""
+def _fast_fft_len(n):
+    """The driver's fast_fft_len (for fake kernels and cost estimates): smallest even m >= n with no
+    prime factor above 7 and at most one factor 7."""
     m = max(2, int(n) + (int(n) & 1))
     while True:
         r, sevens = m, 0
@@ -774,19 +775,6 @@ def _loss_fft_len(n):
         if r == 1 and sevens <= 1:
             return m
         m += 2
-
-
-def _fast_fft_len(n):
-    """The driver's fast_fft_len: smallest m >= n with no prime factor above 7 (for fake kernels)."""
-    m = max(int(n), 1)
-    while True:
-        r = m
-        for p in (2, 3, 5, 7):
-            while r % p == 0:
-                r //= p
-        if r == 1:
-            return m
-        m += 1
 
 
 if _extension.has_extension():

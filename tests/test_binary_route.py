@@ -229,7 +229,7 @@ def test_dtype_and_boundary_pick_their_own_costs():
     # Non-periodic: the transforms run on the padded grid and cost twice as much per unit.
     per = ops.binary_route(shape, PAIRS, costs=FITTED, **kw)["transform_ms"]
     non = ops.binary_route(shape, PAIRS, periodic=False, costs=FITTED, **kw)["transform_ms"]
-    # The grid: the smallest 2,3,5,7-smooth size >= 64 + 5, 70; and no partition relations (they hold
+    # The grid: the smallest even 2,3,5,7-smooth size >= 64 + 5 (at most one factor 7), 70; and no partition relations (they hold
     # for periodic statistics): 4 transforms (two forward, two inverse), not 2.
     grid_ratio = (70 * 70 * math.log2(70 * 70)) / (64 * 64 * math.log2(64 * 64))
     assert non == pytest.approx(per * 2 * grid_ratio * 2, rel=1e-12)

@@ -69,7 +69,7 @@ def test_raw_loss_operator_outputs():
                                                 cutoff=(2, 1), scale=2.0, reduction="none")
         assert rel_err(values, want) < 1e-10
         assert gw.shape == (2, 2, 5, 3)
-        grid = (7, 8) if periodic else (ops._loss_fft_len(7 + 2), ops._loss_fft_len(8 + 1))
+        grid = (7, 8) if periodic else (ops._fast_fft_len(7 + 2), ops._fast_fft_len(8 + 1))
         assert xh.shape == (2, 2, grid[1] // 2 + 1, grid[0]) and xh.dtype == torch.complex128  # first axis last
         assert go.numel() == 0  # no offset
         values2, gw2, xh2, _ = torch.ops.pymks_vae.stats_loss_window(x, t, [0, 2], [2, 2], periodic, [5, 3], None, None,
@@ -249,7 +249,7 @@ def test_raw_ops_reject_bad_arguments(call, exc, match, device):
 
 def test_loss_grid_sizes():
     """Padded grids are even, 7-smooth, with at most one factor 7 (fast for MKL, cuFFT and pocketfft)."""
-    assert [ops._loss_fft_len(n) for n in (1, 9, 67, 244, 336, 1031)] == [2, 10, 70, 250, 336, 1050]
+    assert [ops._fast_fft_len(n) for n in (1, 9, 67, 244, 336, 1031)] == [2, 10, 70, 250, 336, 1050]
 
 
 def test_public_errors_name_the_argument():
