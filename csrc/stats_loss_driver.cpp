@@ -390,26 +390,16 @@ at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& 
                     grad.sizes());
   const LossGeometry lg = loss_geometry(spatial, grad_window.sizes().slice(2), periodic, op);
   const Geometry& g = lg.geom;
-  std::map<int64_t, int32_t> pos;
-  const std::vector<int64_t> states = pair_states(pair_i, pair_j, &pos);
+  // Gradient spectra of the states: for pair q = (i, j), conj(G_q) X_j goes to state i and G_q X_i
+  // to state j (the adjoint of C_ij(r) = sum_x x_i(x) x_j(x + r)).
+  const CombinePlan cp = combine_plan(pair_i, pair_j);
+  const std::vector<int64_t>& states = cp.states;
   const int64_t nu = static_cast<int64_t>(states.size());
   const std::vector<int64_t> hsizes = moved_sizes(B, nu, g);
   PYMKS_CHECK_VALUE(x_hat.sizes() == at::IntArrayRef(hsizes), op, ": x_hat has shape ", x_hat.sizes(),
                     ", expected ", at::IntArrayRef(hsizes), " for these pairs, spatial size and window");
   const c10::DeviceGuard guard(x_hat.device());
 
-  // Gradient spectra of the states: for pair q = (i, j), conj(G_q) X_j goes to state i and G_q X_i
-  // to state j (the adjoint of C_ij(r) = sum_x x_i(x) x_j(x + r)).
-  CombinePlan cp;
-  cp.states = states;
-  for (int64_t u = 0; u < nu; ++u) {
-    cp.begin.push_back(static_cast<int32_t>(cp.terms.size()));
-    for (int64_t q = 0; q < nq; ++q) {
-      if (pair_i[q] == states[u]) cp.terms.push_back({static_cast<int32_t>(q), pos[pair_j[q]], 1, 0});
-      if (pair_j[q] == states[u]) cp.terms.push_back({static_cast<int32_t>(q), pos[pair_i[q]], 0, 0});
-    }
-    cp.end.push_back(static_cast<int32_t>(cp.terms.size()));
-  }
   const auto dev = x_hat.device();
   std::vector<int64_t> view(nd + 2, 1);
   view[0] = B;

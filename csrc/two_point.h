@@ -319,6 +319,9 @@ void check_mask_arg(const c10::optional<at::Tensor>& mask, const at::Tensor& x, 
 void check_pairs(at::IntArrayRef pair_i, at::IntArrayRef pair_j, int64_t n_state, const char* op);
 // The states named by the pairs, sorted, and each one's position in that list.
 std::vector<int64_t> pair_states(at::IntArrayRef pair_i, at::IntArrayRef pair_j, std::map<int64_t, int32_t>* pos);
+// The gradient plan of the direct definition C_ij(r) = sum_x x_i(x) x_j(x + r): every state of a
+// pair gets conj(G_q) X_j for q = (i, j) and G_q X_i for q = (j, i) (the adjoint of the correlation).
+CombinePlan combine_plan(at::IntArrayRef pair_i, at::IntArrayRef pair_j);
 // True when the spatial dims of x (B, n_state, *spatial) flatten to one stride (innermost last).
 bool spatial_flattens(const at::Tensor& x);
 // The given (sorted) states of x (B, n_state, ...): a view when they are consecutive.

@@ -140,6 +140,22 @@ std::vector<int64_t> pair_states(at::IntArrayRef pair_i, at::IntArrayRef pair_j,
   return states;
 }
 
+CombinePlan combine_plan(at::IntArrayRef pair_i, at::IntArrayRef pair_j) {
+  CombinePlan cp;
+  std::map<int64_t, int32_t> pos;
+  cp.states = pair_states(pair_i, pair_j, &pos);
+  const int64_t n_pairs = static_cast<int64_t>(pair_i.size());
+  for (const int64_t st : cp.states) {
+    cp.begin.push_back(static_cast<int32_t>(cp.terms.size()));
+    for (int64_t q = 0; q < n_pairs; ++q) {
+      if (pair_i[q] == st) cp.terms.push_back({static_cast<int32_t>(q), pos[pair_j[q]], 1, 0});
+      if (pair_j[q] == st) cp.terms.push_back({static_cast<int32_t>(q), pos[pair_i[q]], 0, 0});
+    }
+    cp.end.push_back(static_cast<int32_t>(cp.terms.size()));
+  }
+  return cp;
+}
+
 bool spatial_flattens(const at::Tensor& x) {
   // Element i of the flattened field must sit at i * (last stride). A dim of size 1 is never
   // indexed, so its stride is free, but it still counts in the span of the dims before it.
@@ -602,18 +618,7 @@ at::Tensor two_point_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
 
   // The gradient is that of the direct definition C_ij(r) = sum_x x_i(x) x_j(x + r), whatever
   // relations the forward pass used: every state of a requested pair is transformed.
-  CombinePlan cp;
-  std::map<int64_t, int32_t> pos;
-  cp.states = pair_states(pair_i, pair_j, &pos);
-  for (size_t u = 0; u < cp.states.size(); ++u) {
-    const int64_t st = cp.states[u];
-    cp.begin.push_back(static_cast<int32_t>(cp.terms.size()));
-    for (int64_t q = 0; q < n_pairs; ++q) {
-      if (pair_i[q] == st) cp.terms.push_back({static_cast<int32_t>(q), pos[pair_j[q]], 1, 0});
-      if (pair_j[q] == st) cp.terms.push_back({static_cast<int32_t>(q), pos[pair_i[q]], 0, 0});
-    }
-    cp.end.push_back(static_cast<int32_t>(cp.terms.size()));
-  }
+  const CombinePlan cp = combine_plan(pair_i, pair_j);
 
   at::Tensor xs = select_states(x, cp.states);
   at::Tensor mask, mask_view, zmask, zlevel;
@@ -678,9 +683,7 @@ at::Tensor two_point_backward_spectra(const at::Tensor& grad_in, const at::Tenso
                     " window dims");
   const int64_t B = grad_in.size(0);
   Setup s = make_setup_spatial(spatial, periodic, grad_in.sizes().slice(2), op);
-  CombinePlan cp;
-  std::map<int64_t, int32_t> pos;
-  cp.states = pair_states(pair_i, pair_j, &pos);
+  const CombinePlan cp = combine_plan(pair_i, pair_j);
   const int64_t nu = static_cast<int64_t>(cp.states.size());
   std::vector<int64_t> hs{B, nu};
   for (int d = 0; d < s.geom.ndim; ++d) hs.push_back(d + 1 < s.geom.ndim ? s.geom.m[d] : s.geom.m[d] / 2 + 1);
@@ -706,15 +709,6 @@ at::Tensor two_point_backward_spectra(const at::Tensor& grad_in, const at::Tenso
     view.insert(view.end(), spatial.begin(), spatial.end());
     mask_view = mask.view(view);
     std::tie(zmask, zlevel) = mask_norm(mask, s);
-  }
-  for (int64_t u = 0; u < nu; ++u) {
-    const int64_t st = cp.states[u];
-    cp.begin.push_back(static_cast<int32_t>(cp.terms.size()));
-    for (int64_t q = 0; q < n_pairs; ++q) {
-      if (pair_i[q] == st) cp.terms.push_back({static_cast<int32_t>(q), pos[pair_j[q]], 1, 0});
-      if (pair_j[q] == st) cp.terms.push_back({static_cast<int32_t>(q), pos[pair_i[q]], 0, 0});
-    }
-    cp.end.push_back(static_cast<int32_t>(cp.terms.size()));
   }
   const auto dev = x_hat.device();
   CombineArgs c;

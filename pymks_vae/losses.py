@@ -268,6 +268,7 @@ class SpatialStatsLoss:
             raise ValueError(f"one_point=True needs normalise='variance' (its own variance scales it), got {normalise!r}")
         self.one_point = one_point
         self.one_point_var_ = None
+        self._one_point_states = sorted({i for p in self.correlations for i in p})
 
     @classmethod
     def paper(cls, scale, states=(0.0,), eps=0.25):
@@ -318,7 +319,7 @@ class SpatialStatsLoss:
     def _phase_means(self, m):
         """Volume fractions ``(batch, n)`` of the phases that appear in ``correlations``, in increasing order."""
         mu = m.flatten(2).mean(2)
-        return torch.stack([mu[:, i] for i in sorted({i for p in self.correlations for i in p})], dim=1)
+        return torch.stack([mu[:, i] for i in self._one_point_states], dim=1)
 
     def _mean_products(self, m):
         """``mean(m_i) * mean(m_j)`` per sample and pair, ``(batch, n_pairs)``: the statistics' far level."""

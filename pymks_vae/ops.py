@@ -751,13 +751,12 @@ def _register():
     )
 
 
-def _grid(spatial, window, periodic, fft_len=None):
-    """The transform grid of the drivers: the field itself, or padded by the largest lag kept to a
-    size ``fft_len`` picks (the operator's :func:`_fast_fft_len` by default)."""
+def _grid(spatial, window, periodic):
+    """The transform grid of the drivers: the field itself, or padded by the largest lag kept to the
+    size :func:`_fast_fft_len` picks."""
     if periodic:
         return tuple(spatial)
-    fft_len = fft_len or _fast_fft_len
-    return tuple(fft_len(n + w // 2) for n, w in zip(spatial, window))
+    return tuple(_fast_fft_len(n + w // 2) for n, w in zip(spatial, window))
 
 
 def _fast_fft_len(n):
