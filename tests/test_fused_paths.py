@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pymks_vae import ops, reference
+from layouts import LAYOUTS, strided_view
 
 REDUCTIONS = ["sum", "batchmean", "mean", "none"]
 
@@ -90,16 +91,11 @@ def test_partial_state_sets(n_state, pairs, device):
     assert torch.all(g[:, [s for s in range(n_state) if s not in used]] == 0)
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "every_other"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_strided_input(layout, device):
     x = torch.rand(3, 2, 8, 10, dtype=torch.float64)
     t = torch.rand(3, 2, 8, 10, dtype=torch.float64)
-    if layout == "channels_last":
-        view = x.to(device).movedim(1, -1).contiguous().movedim(-1, 1)
-    else:
-        wide = torch.zeros(3, 2, 8, 20, dtype=torch.float64, device=device)
-        wide[..., ::2] = x.to(device)
-        view = wide[..., ::2]
+    view = strided_view(x, layout, device)
     kw = dict(correlations=[(0, 1), (1, 1)], cutoff=3, reduction="none")
     xd = view.requires_grad_(True)
     out = ops.spatial_stats_loss(xd, t.to(device), **kw)

@@ -8,6 +8,7 @@ import torch
 
 from pymks_vae import ops, reference
 from numpy_reference import np_two_point
+from layouts import LAYOUTS, strided_view
 from optional import require
 
 REDUCTIONS = ["sum", "batchmean", "mean", "none"]
@@ -176,16 +177,11 @@ def test_partial_state_sets(n_state, pairs, device):
     assert torch.all(g[:, used].abs().amax(dim=(0, 2, 3)) > 0)
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "every_other"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_strided_input(layout, device):
     x = torch.rand(3, 2, 8, 10, dtype=torch.float64)
     t = torch.rand(3, 2, 8, 10, dtype=torch.float64)
-    if layout == "channels_last":
-        view = x.to(device).movedim(1, -1).contiguous().movedim(-1, 1)
-    else:
-        wide = torch.zeros(3, 2, 8, 20, dtype=torch.float64, device=device)
-        wide[..., ::2] = x.to(device)
-        view = wide[..., ::2]
+    view = strided_view(x, layout, device)
     assert not view.is_contiguous()
     pairs = [(0, 1), (1, 1)]
     xd = view.requires_grad_(True)
