@@ -61,6 +61,7 @@ class RunConfig:
     encoder: str = "cnn"
     decoder: str = "strokes"
     stroke_layout: str = "free"
+    binary_strokes: bool = True
     vanilla_decoder: str = "cnn"
     weights: str = None
     latent_dim: int = 9
@@ -120,6 +121,9 @@ def parse_args(argv=None):
                    help="decoder of the spatial-statistics VAE (default strokes; paper: the paper's)")
     p.add_argument("--stroke-layout", choices=("slots", "free"),
                    help="layout of the strokes decoder's bars (default free: anywhere; slots: one per evenly spaced row/column)")
+    p.add_argument("--binary-strokes", action=argparse.BooleanOptionalAction, default=None,
+                   help="the strokes decoder draws black and white pixels in its reconstructions (default on; "
+                        "--no-binary-strokes: grey)")
     p.add_argument("--vanilla-decoder", choices=("strokes", "cnn", "paper", "auto"),
                    help="decoder of the vanilla VAE (default cnn; paper: the paper's)")
     p.add_argument("--indicator", choices=("straight_through", "gaussian", "hat"),
@@ -137,6 +141,7 @@ def parse_args(argv=None):
                         ("weights", "weights"), ("device", "device"), ("seed", "seed"), ("beta", "beta"),
                         ("vanilla_beta", "vanilla_beta"), ("lr", "lr"), ("decoder", "decoder"),
                         ("vanilla_decoder", "vanilla_decoder"), ("stroke_layout", "stroke_layout"),
+                        ("binary_strokes", "binary_strokes"),
                         ("indicator", "indicator"), ("normalise", "normalise"), ("cutoff", "cutoff"),
                         ("eps", "eps")):
         value = getattr(args, flag)
@@ -234,7 +239,8 @@ def make_model_and_loss(name, cfg, stats_loss):
     decoder = cfg.decoder if name == "spatial_stats" else cfg.vanilla_decoder
     model = VAE(encoder=cfg.encoder, latent_dim=cfg.latent_dim, image_size=cfg.image_size, channels=1,
                 weights=cfg.weights, decoder=decoder,
-                stroke_layout=cfg.stroke_layout if decoder == "strokes" else "free")
+                stroke_layout=cfg.stroke_layout if decoder == "strokes" else "free",
+                stroke_binary=cfg.binary_strokes if decoder == "strokes" else False)
     loss = stats_loss if name == "spatial_stats" else DataSpaceLoss(beta=cfg.vanilla_beta)
     return model, loss
 

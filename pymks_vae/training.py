@@ -774,4 +774,7 @@ def _normalise(config):
     out = dict(config)
     if "image_size" in out:
         out["image_size"] = [int(v) for v in out["image_size"]]
+    if out.get("decoder") == "strokes":  # keys added later, at the values older stroke models had
+        out.setdefault("stroke_layout", "free")
+        out.setdefault("stroke_binary", False)
     return out

@@ -265,3 +265,45 @@ def test_stroke_layout_survives_the_config():
     assert VAE(latent_dim=2, image_size=32, decoder="strokes").decoder.layout == "free"
     with pytest.raises(ValueError, match="stroke_layout"):
         VAE(latent_dim=2, image_size=32, decoder="cnn", stroke_layout="slots")
+
+
+def test_binary_strokes_draw_the_phase_the_loss_trains():
+    from pymks_vae.losses import SpatialStatsLoss
+    from pymks_vae.models import VAE
+
+    torch.manual_seed(3)
+    m = VAE(latent_dim=3, image_size=(24, 30), decoder="strokes", stroke_binary=True)
+    grey = VAE(latent_dim=3, image_size=(24, 30), decoder="strokes")
+    grey.load_state_dict(m.state_dict())
+    m.eval(), grey.eval()
+    z = 2.0 * torch.randn(8, 3)
+    with torch.no_grad():
+        hard, soft = m.decode(z), grey.decode(z)
+    assert set(hard.unique().tolist()) <= {0.0, 1.0} and (hard == 0).any() and (hard == 1).any()
+    assert torch.equal(hard, (soft >= 0.5).to(hard.dtype))
+    # the straight-through statistics of the grey drawing are those of the binary one
+    loss = SpatialStatsLoss(states=(0.0,), indicator="straight_through", normalise="none", cutoff=None)
+    stats = [loss.statistics(loss.indicators(x.double())) for x in (hard, soft)]
+    assert torch.allclose(*stats, atol=1e-12)
+    # training mode draws grey, so that the loss has a gradient
+    m.train()
+    x = m.decode(z)
+    assert ((x > 0.01) & (x < 0.99)).any()
+    x.sum().backward()
+    assert m.decoder.head.weight.grad.abs().sum() > 0
+
+
+def test_stroke_binary_survives_the_config():
+    from pymks_vae.models import VAE
+    from pymks_vae.models.decoder import StrokeDecoder
+
+    m = VAE(latent_dim=2, image_size=32, decoder="strokes", stroke_binary=True)
+    assert VAE.from_config(m.config).decoder.binary is True
+    old = dict(m.config)
+    del old["stroke_binary"]  # saved before binary strokes existed: those drew grey
+    assert VAE.from_config(old).decoder.binary is False
+    assert VAE(latent_dim=2, image_size=32, decoder="strokes").decoder.binary is False
+    with pytest.raises(ValueError, match="stroke_binary"):
+        VAE(latent_dim=2, image_size=32, decoder="cnn", stroke_binary=True)
+    with pytest.raises(TypeError, match="binary"):
+        StrokeDecoder(latent_dim=2, image_size=32, binary=1)

@@ -69,6 +69,11 @@ def test_bad_flags_are_refused(example, tmp_path):
             example.parse_args(bad)
     cfg, _ = example.parse_args(["--beta", "0.01", "--cutoff", "5", "--indicator", "gaussian", "--decoder", "cnn"])
     assert (cfg.beta, cfg.cutoff, cfg.indicator, cfg.decoder) == (0.01, 5, "gaussian", "cnn")
+    # the strokes draw black and white by default; --no-binary-strokes keeps the grey drawing
+    assert example.parse_args([])[0].binary_strokes is True
+    assert example.parse_args(["--no-binary-strokes"])[0].binary_strokes is False
+    model, _ = example.make_model_and_loss("spatial_stats", example.parse_args(["--image-size", "32"])[0], None)
+    assert model.config["stroke_binary"] is True
 
 
 def test_large_configurations_stream_from_the_disk_cache(example, tmp_path, monkeypatch):

@@ -129,6 +129,23 @@ def test_checkpoint_of_another_model_is_refused(lines, tmp_path):
         train_vae(other, DataSpaceLoss(), lines, config(tmp_path, epochs=2), resume=True)
 
 
+def test_stroke_checkpoints_from_before_binary_strokes_resume(lines, tmp_path):
+    """A stroke model saved before ``stroke_binary`` existed resumes as the grey model it was, not as a binary one."""
+    torch.manual_seed(0)
+    model = VAE(latent_dim=3, image_size=SIZE, decoder="strokes")
+    train_vae(model, DataSpaceLoss(), lines, config(tmp_path, epochs=1))
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    del ckpt["model_config"]["stroke_binary"], ckpt["model_config"]["stroke_layout"]
+    save_checkpoint(tmp_path / "ckpt.pt", ckpt)
+    torch.manual_seed(0)
+    grey = VAE(latent_dim=3, image_size=SIZE, decoder="strokes")
+    assert train_vae(grey, DataSpaceLoss(), lines, config(tmp_path, epochs=2), resume=True)["epochs"] == 2
+    torch.manual_seed(0)
+    binary = VAE(latent_dim=3, image_size=SIZE, decoder="strokes", stroke_binary=True)
+    with pytest.raises(CheckpointError, match="stroke_binary"):
+        train_vae(binary, DataSpaceLoss(), lines, config(tmp_path, epochs=3), resume=True)
+
+
 def test_atomic_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "c.pt"
     save_checkpoint(path, {"version": 1, "w": torch.arange(5)})

@@ -196,6 +196,12 @@ class StrokeDecoder(nn.Module):
             draws one bar whatever the number of lines. Slots stop that and raise the line count
             (28-36% against 22-25% over three seeds), but leave thinner, lighter bars
             (docs/replication.md).
+        binary: in eval mode (reconstructions, :meth:`VAE.sample`), draw each pixel 0 (line) or 1:
+            0 where the soft drawing is below one half, which is the line phase that the
+            straight-through indicator of :class:`~pymks_vae.losses.SpatialStatsLoss` computes the
+            statistics of. In training mode the soft drawing is returned, as the loss needs its
+            gradient. Default False: the grey drawing, whose thin bars stay lighter than the
+            paper's 0.05 reading level at their centre (docs/replication.md).
 
     Example:
         >>> dec = StrokeDecoder(latent_dim=3, image_size=32).eval()
@@ -208,8 +214,11 @@ class StrokeDecoder(nn.Module):
     LAYOUTS = ("slots", "free")
 
     def __init__(self, latent_dim, image_size, channels=1, n_strokes=6, hidden=256, softness=0.5,
-                 straight_through=(), layout="free"):
+                 straight_through=(), layout="free", binary=False):
         super().__init__()
+        if not isinstance(binary, bool):
+            raise TypeError(f"binary must be True or False, got {binary!r}")
+        self.binary = binary
         if layout not in self.LAYOUTS:
             raise ValueError(f"layout must be one of {self.LAYOUTS}, got {layout!r}")
         self.layout = layout
@@ -274,10 +283,13 @@ class StrokeDecoder(nn.Module):
         horizontal = _edge(s["half_width"], dy, self.softness) * _edge(s["half_length"], dx, self.softness)
         vertical = _edge(s["half_width"], dx, self.softness) * _edge(s["half_length"], dy, self.softness)
         cover = s["orientation"] * vertical + (1 - s["orientation"]) * horizontal
-        return torch.prod(1.0 - s["presence"] * cover, dim=1, keepdim=True)
+        image = torch.prod(1.0 - s["presence"] * cover, dim=1, keepdim=True)
+        if self.binary and not self.training:
+            return (image >= 0.5).to(image.dtype)
+        return image
 
 
-def build_decoder(name, *, latent_dim, image_size, channels=1, stroke_layout="free"):
+def build_decoder(name, *, latent_dim, image_size, channels=1, stroke_layout="free", stroke_binary=False):
     """The decoder called ``name`` (one of :data:`DECODERS`; only ``"cnn"`` draws 3D volumes).
 
     Example:
@@ -289,5 +301,5 @@ def build_decoder(name, *, latent_dim, image_size, channels=1, stroke_layout="fr
     if name == "cnn":
         return ConvDecoder(latent_dim, image_size, channels)
     if name == "strokes":
-        return StrokeDecoder(latent_dim, image_size, channels, layout=stroke_layout)
+        return StrokeDecoder(latent_dim, image_size, channels, layout=stroke_layout, binary=stroke_binary)
     raise ValueError(f"decoder must be one of {DECODERS}, got {name!r}")

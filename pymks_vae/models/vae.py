@@ -46,6 +46,9 @@ class VAE(nn.Module):
             encoder.
         stroke_layout: ``"free"`` (default) or ``"slots"``, the strokes' layout (``decoder="strokes"``
             only; see :class:`~pymks_vae.models.decoder.StrokeDecoder`).
+        stroke_binary: the strokes decoder draws black and white pixels in eval mode
+            (``decoder="strokes"`` only; default False; see
+            :class:`~pymks_vae.models.decoder.StrokeDecoder`).
 
     Attributes:
         image_size: the spatial shape, a tuple of 2 or 3 ints.
@@ -63,7 +66,7 @@ class VAE(nn.Module):
     """
 
     def __init__(self, encoder="cnn", latent_dim=9, image_size=64, channels=1, weights=None,
-                 freeze_encoder=None, decoder="auto", stroke_layout="free"):
+                 freeze_encoder=None, decoder="auto", stroke_layout="free", stroke_binary=False):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
@@ -81,8 +84,11 @@ class VAE(nn.Module):
                                      channels=self.channels, weights=weights, freeze=freeze_encoder)
         if decoder != "strokes" and stroke_layout != "free":
             raise ValueError(f"stroke_layout applies to decoder='strokes' only, got decoder={decoder!r}")
+        if decoder != "strokes" and stroke_binary is not False:
+            raise ValueError(f"stroke_binary applies to decoder='strokes' only, got decoder={decoder!r}")
         self.decoder = build_decoder(decoder, latent_dim=self.latent_dim, image_size=self.image_size,
-                                     channels=self.channels, stroke_layout=stroke_layout)
+                                     channels=self.channels, stroke_layout=stroke_layout,
+                                     stroke_binary=stroke_binary)
         self.config = {
             "encoder": encoder,
             "decoder": decoder,
@@ -93,6 +99,7 @@ class VAE(nn.Module):
         }
         if decoder == "strokes":
             self.config["stroke_layout"] = stroke_layout
+            self.config["stroke_binary"] = stroke_binary
 
     @classmethod
     def from_config(cls, config):
@@ -117,7 +124,8 @@ class VAE(nn.Module):
                     image_size=tuple(config["image_size"]), channels=config["channels"],
                     freeze_encoder=False, decoder=config["decoder"],
                     # stroke models saved before layouts existed drew free strokes
-                    stroke_layout=config.get("stroke_layout", "free") if config["decoder"] == "strokes" else "free")
+                    stroke_layout=config.get("stroke_layout", "free") if config["decoder"] == "strokes" else "free",
+                    stroke_binary=config.get("stroke_binary", False) if config["decoder"] == "strokes" else False)
         if frozen:
             model.encoder.freeze()
             model.config["freeze_encoder"] = True

@@ -1,0 +1,64 @@
+"""benchmarks/lines_search.py: the per-image search in statistics space, and the script's outputs."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import lines_search  # noqa: E402
+
+from pymks_vae import evaluation  # noqa: E402
+from pymks_vae.losses import SpatialStatsLoss  # noqa: E402
+from pymks_vae.models.decoder import StrokeDecoder  # noqa: E402
+
+
+def test_search_finds_the_bars_from_their_statistics_alone():
+    torch.manual_seed(0)
+    target = torch.ones(2, 1, 32, 32)
+    target[0, 0, 6:8, 3:27] = 0.0                          # one horizontal bar
+    target[1, 0, 2:30, 5:7] = 0.0                          # two vertical bars
+    target[1, 0, 4:26, 17:19] = 0.0
+    loss_fn = SpatialStatsLoss(states=(0.0,), indicator="straight_through", cutoff=None).calibrate(target)
+    dec = StrokeDecoder(latent_dim=4 * 6, image_size=32, n_strokes=4)
+    dec.fc, dec.head = torch.nn.Identity(), torch.nn.Identity()
+    starts = 3
+    start = torch.randn(2 * starts, 24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = loss_fn.stats_error(dec(start), target.repeat_interleave(starts, 0), reduction="none")
+    drawn, losses = lines_search.search(dec, start, loss_fn, target.repeat_interleave(starts, 0), steps=300, lr=0.05)
+    assert float(losses.min()) < 0.2 * float(before.min())
+    best = lines_search.roll_to_gaps(lines_search.best_of(drawn, losses, starts)[:, 0].numpy())
+    orientation, count = evaluation.analyse_lines(best, level=0.5)
+    assert orientation.tolist() == [evaluation.HORIZONTAL, evaluation.VERTICAL]
+    assert count.tolist() == [1, 2]
+
+
+def test_tiny_run_reports_every_reading(tmp_path):
+    out = tmp_path / "search.json"
+    results = lines_search.main(["--images", "3", "--restarts", "2", "--steps", "2", "--size", "32",
+                                 "--same-start", "--json", str(out)])
+    assert set(results) == {"search, one start", "search, best of 2 starts"}
+    for res in results.values():
+        assert 0.0 <= res["orientation"] <= 1.0 and 0.0 <= res["line_count"] <= 1.0
+        assert sum(res["count_histogram"]) == 3
+    saved = json.loads(out.read_text())
+    assert saved["starts"] == "the same start for every image" and sum(saved["true_counts"]) == 3
+    assert not os.path.exists(str(out) + ".tmp")
+
+
+@pytest.mark.parametrize("bad", [["--images", "0"], ["--restarts", "0"], ["--size", "8"], ["--lr", "0"]])
+def test_bad_flags_are_refused(bad):
+    with pytest.raises(SystemExit):
+        lines_search.parse_args(bad)
+
+
+def test_a_bar_wrapped_across_the_edge_reads_as_one():
+    img = np.ones((1, 16, 16))
+    img[0, 3:5, :4] = img[0, 3:5, 10:] = 0.0  # one bar of 10 px, wrapped across the right edge
+    assert evaluation.analyse_lines(img, level=0.5, min_area=1)[1].tolist() == [2]
+    rolled = lines_search.roll_to_gaps(img)
+    assert evaluation.analyse_lines(rolled, level=0.5, min_area=1)[1].tolist() == [1]
+    assert np.array_equal(np.sort(rolled.ravel()), np.sort(img.ravel()))
