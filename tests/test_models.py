@@ -196,7 +196,7 @@ def test_stroke_decoder_draws_bars_and_passes_gradients():
     model = VAE(latent_dim=5, image_size=(48, 32), decoder="strokes")
     x = torch.rand(4, 1, 48, 32)
     x_hat, _, _ = model(x)
-    assert x_hat.shape == (4, 1, 48, 32) and float(x_hat.min()) >= 0.0 and float(x_hat.max()) <= 1.0
+    assert x_hat.shape == (4, 1, 48, 32) and float(x_hat.detach().min()) >= 0.0 and float(x_hat.detach().max()) <= 1.0
     ((1.0 - x_hat) ** 2).sum().backward()
     for name, p in model.decoder.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name  # every stroke parameter learns
@@ -204,7 +204,7 @@ def test_stroke_decoder_draws_bars_and_passes_gradients():
     s = dec.strokes(torch.randn(6, 2))
     for name in ("presence", "orientation"):  # 0 or 1 (up to the rounding of p - p)
         torch.testing.assert_close(s[name], s[name].round(), atol=1e-6, rtol=0)
-    assert float(s["row"].min()) >= 0 and float(s["row"].max()) <= 15
+    assert float(s["row"].detach().min()) >= 0 and float(s["row"].detach().max()) <= 15
     with pytest.raises(ValueError, match="channels"):
         StrokeDecoder(latent_dim=2, image_size=16, channels=2)
     with pytest.raises(ValueError, match="straight_through"):
