@@ -5,7 +5,8 @@ information is missing from the periodic autocovariance the model is trained on,
 model fails to use it. For each held-out image it searches the parameters of a stroke drawing (the
 ``StrokeDecoder``'s bars, no network) by gradient descent on the same statistics loss as the lines
 model (``SpatialStatsLoss``, straight-through indicator, variance convention), from ``--restarts``
-random starts, and reads the drawing as ``train_lines.py`` reads reconstructions
+random starts, and reads the drawing (black where it is darker than one half: the line phase those statistics
+see) as ``train_lines.py`` reads reconstructions
 (:func:`pymks_vae.evaluation.analyse_lines` at mid-grey), each drawing first rolled periodically so
 that an empty row and column sit at its edges (the periodic statistics do not see a bar wrapped
 across the edge, which would read as two). Reported: the count and orientation of one start, and
@@ -33,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import machine  # noqa: E402
 
-from pymks_vae import evaluation  # noqa: E402
+from pymks_vae import evaluation, plotting  # noqa: E402
 from pymks_vae.datasets import generate_lines  # noqa: E402
 from pymks_vae.losses import SpatialStatsLoss  # noqa: E402
 from pymks_vae.models.decoder import StrokeDecoder  # noqa: E402
@@ -55,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="a spatial_stats.pt of train_lines.py: read the model too")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--figures", help="folder for search.png (and model.png): originals beside the drawings, "
+                                     "and their autocorrelations")
     a = p.parse_args(argv)
     for name in ("images", "restarts", "steps", "size", "n_strokes", "threads"):
         if getattr(a, name) < 1:
@@ -122,10 +125,17 @@ def main(argv=None):
     if a.same_start:  # restart j of every image from the same drawing
         start = start[:r].repeat(a.images, 1)
     drawn, losses = search(dec, start, loss_fn, x.repeat_interleave(r, 0), a.steps, a.lr)
+    # the line phase the straight-through statistics see (as the model's binary strokes draw it);
+    # the grey drawing also holds faint bars above one half that the statistics ignore
+    drawn = (drawn >= 0.5).to(drawn.dtype)
     one = drawn.view(a.images, r, *drawn.shape[1:])[:, 0]
     how = "the same start for every image" if a.same_start else "each image its own start"
     results["search, one start"] = read(one[:, 0].numpy(), orientation, n_lines)
-    results[f"search, best of {r} starts"] = read(best_of(drawn, losses, r)[:, 0].numpy(), orientation, n_lines)
+    best = roll_to_gaps(best_of(drawn, losses, r)[:, 0].numpy())
+    results[f"search, best of {r} starts"] = read(best, orientation, n_lines)
+    if a.figures:
+        os.makedirs(a.figures, exist_ok=True)
+        plotting.reconstruction_grid(images, best, os.path.join(a.figures, "search.png"), n=6)
     print(f"[lines_search] stroke search {time.time() - t0:.0f} s", flush=True)
 
     if a.checkpoint:
@@ -136,7 +146,10 @@ def main(argv=None):
             p.requires_grad_(False)
         with torch.no_grad():
             mu, _ = model.encode(x)
-            results["model, posterior mean"] = read(model.decode(mu)[:, 0].numpy(), orientation, n_lines)
+            decoded = model.decode(mu)[:, 0].numpy()
+            results["model, posterior mean"] = read(decoded, orientation, n_lines)
+        if a.figures:
+            plotting.reconstruction_grid(images, decoded, os.path.join(a.figures, "model.png"), n=6)
         # the search needs the grey drawing's gradient: binary strokes off while searching
         binary = getattr(model.decoder, "binary", False)
         model.decoder.binary = False

@@ -39,7 +39,7 @@ def test_search_finds_the_bars_from_their_statistics_alone():
 def test_tiny_run_reports_every_reading(tmp_path):
     out = tmp_path / "search.json"
     results = lines_search.main(["--images", "3", "--restarts", "2", "--steps", "2", "--size", "32",
-                                 "--same-start", "--json", str(out)])
+                                 "--same-start", "--json", str(out), "--figures", str(tmp_path / "fig")])
     assert set(results) == {"search, one start", "search, best of 2 starts"}
     for res in results.values():
         assert 0.0 <= res["orientation"] <= 1.0 and 0.0 <= res["line_count"] <= 1.0
@@ -47,6 +47,7 @@ def test_tiny_run_reports_every_reading(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["starts"] == "the same start for every image" and sum(saved["true_counts"]) == 3
     assert not os.path.exists(str(out) + ".tmp")
+    assert (tmp_path / "fig" / "search.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("bad", [["--images", "0"], ["--restarts", "0"], ["--size", "8"], ["--lr", "0"]])
