@@ -194,8 +194,8 @@ class StrokeDecoder(nn.Module):
             correlation peaks already overlap the input's (a phase retrieval problem): free
             centres drift to the image edge, where the sigmoid saturates, and the lines model
             draws one bar whatever the number of lines. Slots stop that and raise the line count
-            (28-36% against 22-25% over three seeds), but leave thinner, lighter bars
-            (docs/replication.md).
+            (28-36% against 22-25% over three seeds), with thinner, lighter grey bars and one
+            seed reading 94.7% of the orientations (docs/replication.md).
         binary: in eval mode (reconstructions, :meth:`VAE.sample`), draw each pixel 0 (line) or 1:
             0 where the soft drawing is below one half, which is the line phase that the
             straight-through indicator of :class:`~pymks_vae.losses.SpatialStatsLoss` computes the
