@@ -5,8 +5,8 @@ information is missing from the periodic autocovariance the model is trained on,
 model fails to use it. For each held-out image it searches the parameters of a stroke drawing (the
 ``StrokeDecoder``'s bars, no network) by gradient descent on the same statistics loss as the lines
 model (``SpatialStatsLoss``, straight-through indicator, variance convention), from ``--restarts``
-random starts, and reads the drawing (black where it is darker than one half: the line phase those statistics
-see) as ``train_lines.py`` reads reconstructions
+random starts, and reads the drawing (black where it is darker than one half: the line phase
+those statistics see) as ``train_lines.py`` reads reconstructions
 (:func:`pymks_vae.evaluation.analyse_lines` at mid-grey), each drawing first rolled periodically so
 that an empty row and column sit at its edges (the periodic statistics do not see a bar wrapped
 across the edge, which would read as two). Reported: the count and orientation of one start, and
@@ -19,7 +19,8 @@ searching the latent vector (from the posterior mean, by the same gradient desce
 how much of the gap lies in the encoder and how much in the decoder's range.
 
 Usage: python benchmarks/lines_search.py [--images 40] [--restarts 8] [--steps 400] [--size 64]
-       [--checkpoint results/lines/checkpoints/spatial_stats.pt] [--json out.json]
+       [--same-start] [--checkpoint results/lines/checkpoints/spatial_stats.pt] [--json out.json]
+       [--figures DIR]
 """
 import argparse
 import json
