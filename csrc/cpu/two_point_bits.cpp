@@ -816,8 +816,8 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 // k) on two windows, so that packing and counting get their own scale, and the transforms route
 // (the operator itself, forced), each in float32 and float64 (float64 counting on the small window
 // only: its counting part is float32's). Every probe is B = 8 fields of 128^2, two states, pairs
-// (1, 1) and (0, 1), periodic - PyMKS's case - and takes 0.05-0.7 ms; the best of 4 timed rounds
-// (after one untimed) is kept, so that a probe preempted by another process now and then does not
+// (1, 1) and (0, 1), periodic - PyMKS's case - and takes 0.05-0.7 ms; the best of 6 timed rounds
+// (after two untimed) is kept, so that a probe preempted by another process now and then does not
 // count. A machine loaded throughout the measurement (more runnable threads than cores) is measured
 // as it is then: its threaded transforms, whose many short parallel passes wait on preempted
 // threads, are then much slower than its counts, and the costs say so until measured again.
@@ -864,12 +864,17 @@ RouteCalibration measure_costs(const CountKernel& k, int threads) {
   constexpr int kProbes = 5;
   double best[kProbes];
   std::fill(best, best + kProbes, std::numeric_limits<double>::infinity());
-  for (int round = 0; round < 5; ++round)  // interleaved: each probe sees the same phases of a noisy machine
+  // Interleaved rounds: each probe sees the same phases of a noisy machine. The first two are not
+  // timed: at a process's first call the threaded transforms ran up to 3x slower for a round or two
+  // more than the counts (thread pool and transform plans warming up), which made the transforms
+  // look dearer than they are (measured with two threads on the development VM).
+  constexpr int kRounds = 8, kUntimed = 2;
+  for (int round = 0; round < kRounds; ++round)
     for (int p = 0; p < kProbes; ++p) {
       const auto t0 = std::chrono::steady_clock::now();
       probes[p]();
       const double t = seconds_since(t0) * 1e9;
-      if (round > 0) best[p] = std::min(best[p], t);
+      if (round >= kUntimed) best[p] = std::min(best[p], t);
     }
 
   const Plans plans = make_plans(req, 2, true);
