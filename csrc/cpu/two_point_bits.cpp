@@ -823,7 +823,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 // threads, are then much slower than its counts, and the costs say so until measured again.
 // The costs are the fitted ones scaled by measured / estimated time, each scale kept within
 // [1/16, 16] of the fitted constant so that a badly disturbed measurement cannot make either route
-// absurdly cheap. About 10 ms of probes with one thread on the development VM.
+// absurdly cheap. 15-40 ms in all with one or two threads on the idle development VM.
 RouteCalibration measure_costs(const CountKernel& k, int threads) {
   const auto t_start = std::chrono::steady_clock::now();
   const RouteCosts fit = fitted_costs(k);
