@@ -116,6 +116,11 @@ def main(argv=None):
     images, orientation, n_lines = generate_lines(range(a.images), size=a.size, seed=a.data_seed)
     x = torch.from_numpy(images)[:, None]
     loss_fn = SpatialStatsLoss(states=(0.0,), indicator="straight_through").calibrate(x)
+    model = None
+    if a.checkpoint:  # before the search, so that a wrong checkpoint fails at once
+        model = load_model(a.checkpoint)
+        if tuple(model.image_size) != (a.size, a.size):
+            raise SystemExit(f"--checkpoint was trained on {model.image_size} images, --size is {a.size}")
     results, t0 = {}, time.time()
 
     k, r = a.n_strokes, a.restarts
@@ -139,10 +144,7 @@ def main(argv=None):
         plotting.reconstruction_grid(images, best, os.path.join(a.figures, "search.png"), n=6)
     print(f"[lines_search] stroke search {time.time() - t0:.0f} s", flush=True)
 
-    if a.checkpoint:
-        model = load_model(a.checkpoint)
-        if tuple(model.image_size) != (a.size, a.size):
-            raise SystemExit(f"--checkpoint was trained on {model.image_size} images, --size is {a.size}")
+    if model is not None:
         for p in model.parameters():
             p.requires_grad_(False)
         with torch.no_grad():

@@ -50,6 +50,26 @@ def test_tiny_run_reports_every_reading(tmp_path):
     assert (tmp_path / "fig" / "search.png").stat().st_size > 1000
 
 
+def test_checkpoint_readings_and_size_mismatch(tmp_path):
+    from pymks_vae.datasets import generate_lines
+    from pymks_vae.models import VAE
+    from pymks_vae.training import TrainConfig, train_vae
+
+    images, _, _ = generate_lines(range(16), size=32, seed=1)
+    torch.manual_seed(0)
+    model = VAE(latent_dim=2, image_size=32, decoder="strokes", stroke_binary=True)
+    loss = SpatialStatsLoss(states=(0.0,), indicator="straight_through").calibrate(torch.from_numpy(images)[:, None])
+    ckpt = tmp_path / "spatial_stats.pt"
+    train_vae(model, loss, torch.from_numpy(images)[:, None],
+              TrainConfig(epochs=1, batch_size=8, progress=False, device="cpu", checkpoint_path=str(ckpt)))
+    results = lines_search.main(["--images", "3", "--restarts", "1", "--steps", "2", "--size", "32",
+                                 "--checkpoint", str(ckpt), "--figures", str(tmp_path / "fig")])
+    assert {"model, posterior mean", "model, latent searched from the posterior mean"} <= set(results)
+    assert (tmp_path / "fig" / "model.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="trained on"):
+        lines_search.main(["--images", "2", "--restarts", "1", "--steps", "1", "--size", "48", "--checkpoint", str(ckpt)])
+
+
 @pytest.mark.parametrize("bad", [["--images", "0"], ["--restarts", "0"], ["--size", "8"], ["--lr", "0"]])
 def test_bad_flags_are_refused(bad):
     with pytest.raises(SystemExit):
