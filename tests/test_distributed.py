@@ -178,10 +178,19 @@ def test_interrupted_two_process_run_resumes_exactly(two_process_run, tmp_path):
 
 
 def test_a_failing_rank_stops_every_rank_quickly(tmp_path):
-    # torchrun checks its workers every 2 s here, so rank 0 has time to report on its own.
-    rc, log, seconds = torchrun(tmp_path, "--fail-rank", "1", monitor_interval=2)
-    assert rc != 0
-    assert "ValueError: planted failure on rank 1" in log
-    assert "rank 0 of 2 stops: another rank failed first (rank 1: ValueError: planted failure on rank 1)" in log
-    assert seconds < 60, seconds
-    assert not os.path.exists(tmp_path / "fail.ckpt")  # the failure came mid-epoch: no checkpoint
+    # torchrun checks its workers every 2 s here and stops the others at its first check after rank
+    # 1 exits. Rank 0 reports within a fraction of a second of that exit, but the check can fall in
+    # between (the phase of torchrun's checks is random; seen once in about ten loaded runs): then
+    # torchrun's SIGTERM stops rank 0 before it says why. A run that lost that race is run again,
+    # at most twice; every run must stop every rank quickly and name the planted failure.
+    want = "rank 0 of 2 stops: another rank failed first (rank 1: ValueError: planted failure on rank 1)"
+    for attempt in range(3):
+        out = tmp_path / f"attempt{attempt}"
+        rc, log, seconds = torchrun(out, "--fail-rank", "1", monitor_interval=2)
+        assert rc != 0
+        assert "ValueError: planted failure on rank 1" in log
+        assert seconds < 60, seconds
+        assert not os.path.exists(out / "fail.ckpt")  # the failure came mid-epoch: no checkpoint
+        if want in log:
+            break
+    assert want in log, log[-4000:]
