@@ -150,18 +150,13 @@ LossGeometry loss_geometry(at::IntArrayRef spatial, at::IntArrayRef window, bool
   const int64_t nd = static_cast<int64_t>(spatial.size());
   PYMKS_CHECK_VALUE(static_cast<int64_t>(window.size()) == nd, op, ": window has ", window.size(), " entries for ",
                     nd, " spatial dims");
+  for (int64_t d = 0; d < nd; ++d)
+    PYMKS_CHECK_VALUE(window[d] >= 1 && window[d] <= spatial[d], op, ": window ", window,
+                      " does not fit spatial size ", spatial);
   LossGeometry lg{};
-  lg.geom.ndim = static_cast<int>(nd);
+  lg.geom = lag_geometry(spatial, window, periodic);  // the operator's grid
   lg.dims = spatial_dims(nd + 2);
-  for (int64_t d = 0; d < nd; ++d) {
-    const int64_t n = spatial[d], w = window[d];
-    PYMKS_CHECK_VALUE(w >= 1 && w <= n, op, ": window ", window, " does not fit spatial size ", spatial);
-    lg.geom.n[d] = n;
-    lg.geom.w[d] = w;
-    // As the operator: padding by the largest |lag| kept keeps wrapped pairs out of the window.
-    lg.geom.m[d] = periodic ? n : fast_fft_len(n + w / 2);
-    lg.grid.push_back(lg.geom.m[d]);
-  }
+  lg.grid.assign(lg.geom.m, lg.geom.m + nd);
   return lg;
 }
 

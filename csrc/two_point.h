@@ -270,6 +270,11 @@ std::vector<int64_t> spatial_dims(int64_t ndim);
 // otherwise (and on the GPU) the whole batch.
 int64_t cache_chunk(const at::Tensor& x, int64_t per_sample_elems);
 int64_t fast_fft_len(int64_t n);
+// The lag geometry of fields of shape `spatial` with a window of lags `window` (sizes checked by the
+// caller): the FFT grid is the field itself when periodic, else the field zero-padded by the largest
+// |lag| kept, to fast_fft_len, which keeps wrapped pairs out of the window. The one padding rule
+// of the operator, its counting route and the fused loss.
+Geometry lag_geometry(at::IntArrayRef spatial, at::IntArrayRef window, bool periodic);
 // View of the mask normalisation (zmask/zlevel of GatherArgs/EmbedArgs) for the kernels.
 template <typename T>
 MaskNorm<T> mask_norm_view(const at::Tensor& zmask, const at::Tensor& zlevel) {

@@ -995,15 +995,10 @@ RouteEstimate binary_route_estimate(const std::vector<int64_t>& spatial, const s
   for (const auto& [i, j] : req)
     PYMKS_CHECK_VALUE(i >= 0 && i < n_state && j >= 0 && j < n_state, op, ": pair (", i, ", ", j,
                       ") out of range for n_state=", n_state);
-  Geometry g{};
-  g.ndim = static_cast<int>(nd);
-  for (int64_t d = 0; d < nd; ++d) {
+  for (int64_t d = 0; d < nd; ++d)
     PYMKS_CHECK_VALUE(window[d] >= 1 && window[d] <= spatial[d], op, ": window ", window[d],
                       " does not fit spatial size ", spatial[d]);
-    g.n[d] = spatial[d];
-    g.w[d] = window[d];
-    g.m[d] = periodic ? spatial[d] : fast_fft_len(spatial[d] + window[d] / 2);  // as the transforms route pads
-  }
+  const Geometry g = lag_geometry(spatial, window, periodic);  // as the transforms route pads
   const Plans plans = make_plans(req, n_state, check_partition && periodic && n_state >= 2);
   const ModelParts m = model_parts(plans.check_partition ? plans.with_partition : plans.direct, g, periodic, costs, single);
   RouteEstimate e;
