@@ -289,12 +289,29 @@ def _route_module(op):
     return _extension._C
 
 
+def _cost_values(costs, op):
+    """``costs`` (dict name -> nanoseconds) checked: known names, finite numbers > 0, as floats."""
+    if not isinstance(costs, dict):
+        raise TypeError(f"{op}: costs must be a dict name -> nanoseconds or None, got {type(costs).__name__}")
+    out = {}
+    for name, value in costs.items():
+        if name not in _COST_NAMES:
+            raise ValueError(f"{op}: unknown cost {name!r} (names: {', '.join(_COST_NAMES)})")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{op}: {name} must be a number, got {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{op}: {name} must be a finite number > 0, got {value!r}")
+        out[name] = float(value)
+    return out
+
+
 def binary_route_calibration(remeasure=False):
     """The counting route's cost model as it stands for calls from this thread.
 
-    Measures it first if it has not been yet for this thread's thread count (once; about 10 ms of
-    probes with one thread, more on a loaded machine): the counting and the transforms routes are timed on small probes (8
-    two-state fields of 128^2) and the fitted constants scaled to match. The measurement reflects
+    Measures it first if it has not been yet for this thread's thread count (once; 15-40 ms with
+    one or two threads on an idle 2-core VM, more on a loaded machine): the counting and the
+    transforms routes are timed on small probes (8 two-state fields of 128^2) and the fitted
+    constants scaled to match. The measurement reflects
     the machine as it was then: a process that measured on a loaded machine can measure again.
 
     Args:
@@ -344,17 +361,9 @@ def set_binary_route_costs(costs):
     if costs is None:
         prev = module._set_binary_route_costs(None)
         return None if prev is None else dict(prev)
-    if not isinstance(costs, dict):
-        raise TypeError(f"{op}: costs must be a dict name -> nanoseconds or None, got {type(costs).__name__}")
-    full = binary_route_calibration()["costs"] if set(costs) != set(_COST_NAMES) else {}
-    for name, value in costs.items():
-        if name not in _COST_NAMES:
-            raise ValueError(f"{op}: unknown cost {name!r} (names: {', '.join(_COST_NAMES)})")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{op}: {name} must be a number, got {value!r}")
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{op}: {name} must be a finite number > 0, got {value!r}")
-        full[name] = float(value)
+    values = _cost_values(costs, op)
+    full = binary_route_calibration()["costs"] if set(values) != set(_COST_NAMES) else {}
+    full.update(values)
     prev = module._set_binary_route_costs(full)
     return None if prev is None else dict(prev)
 
@@ -411,12 +420,7 @@ def binary_route(shape, correlations, *, periodic=True, cutoff=None, dtype=torch
     cal = binary_route_calibration()
     full = cal["costs"]
     if costs is not None:
-        if not isinstance(costs, dict):
-            raise TypeError(f"{op}: costs must be a dict name -> nanoseconds or None, got {type(costs).__name__}")
-        unknown = sorted(set(costs) - set(_COST_NAMES))
-        if unknown:
-            raise ValueError(f"{op}: unknown cost {unknown[0]!r} (names: {', '.join(_COST_NAMES)})")
-        full.update({k: float(v) for k, v in costs.items()})
+        full.update(_cost_values(costs, op))
     count_ns, transform_ns, counting = module._binary_route_estimate(
         list(shape[2:]), list(window), shape[0], [p[0] for p in pairs], [p[1] for p in pairs], shape[1], periodic,
         dtype == torch.float32, partition is None, full)

@@ -253,6 +253,8 @@ def test_partition_setting_changes_the_plan():
     (((4, 2, 8, 8), PAIRS), dict(partition="yes"), TypeError, "binary_route: partition must be None"),
     (((4, 2, 8, 8), PAIRS), dict(costs={"nope": 1}), ValueError, "binary_route: unknown cost 'nope'"),
     (((4, 2, 8, 8), PAIRS), dict(costs={"word_ns": -1}), ValueError, "word_ns must be a finite number > 0"),
+    (((4, 2, 8, 8), PAIRS), dict(costs={"word_ns": True}), TypeError, "binary_route: word_ns must be a number, got True"),
+    (((4, 2, 8, 8), PAIRS), dict(costs=[("word_ns", 1)]), TypeError, "binary_route: costs must be a dict"),
     (((0, 2, 8, 8), PAIRS), {}, ValueError, "binary_route: shape must be"),
     ((None, PAIRS), {}, TypeError, "binary_route: shape must be a sequence of ints"),
 ])
