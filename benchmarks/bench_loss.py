@@ -25,7 +25,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import alternating_medians, machine, markdown_table, ratio_summary, round_ratios, write_json  # noqa: E402
+from timing import (add_cpu_fft_option, alternating_medians, apply_cpu_fft_option, machine,  # noqa: E402
+                    markdown_table, ratio_summary, round_ratios, write_json)
 
 from pymks_vae import ops, reference  # noqa: E402
 
@@ -79,6 +80,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed calls per function and round")
     p.add_argument("--json", default=None)
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    add_cpu_fft_option(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); 1 gives steadier ratios on a loaded machine")
     p.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
@@ -86,6 +88,7 @@ def main(argv=None):
     p.add_argument("--cases", choices=["all", "parseval", "general"], default="all",
                    help="parseval: periodic full-window cases only; general: window, weights, non-periodic")
     args = p.parse_args(argv)
+    apply_cpu_fft_option(args)
     if args.threads is not None:
         if args.threads < 1:
             p.error("--threads must be >= 1")

@@ -30,6 +30,11 @@ def machine():
         route = os.environ.get("PYMKS_VAE_BINARY_PATH")
         if route:
             desc += f" (PYMKS_VAE_BINARY_PATH={route})"
+        from pymks_vae import _extension
+
+        if _extension.has_extension():
+            dfti = getattr(_extension._C, "_mkl_dft_enabled", None)
+            desc += ", CPU transforms " + ("MKL DFTI direct" if dfti is not None and dfti() else "ATen")
     except ImportError:
         pass
     if torch.cuda.is_available():
@@ -126,3 +131,17 @@ def write_json(path, payload):
     if path:
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
+
+
+def add_cpu_fft_option(parser):
+    """--cpu-fft dfti|aten: the extension's CPU transforms through MKL's DFTI directly (default,
+    where torch has MKL) or through ATen (what torch builds without MKL run)."""
+    parser.add_argument("--cpu-fft", choices=["dfti", "aten"], default="dfti",
+                        help="the extension's CPU transforms: MKL DFTI called directly (default) or ATen's")
+
+
+def apply_cpu_fft_option(args):
+    from pymks_vae import _extension
+
+    if _extension.has_extension():
+        _extension._C._set_mkl_dft(args.cpu_fft == "dfti")

@@ -12,6 +12,7 @@
 #endif
 
 #include "spectral.h"
+#include "cpu/mkl_dft.h"
 #include "two_point.h"
 
 #ifndef PYMKS_VAE_CUDA_ARCHS
@@ -119,6 +120,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_data_checks", &pymks_vae::set_data_checks, pybind11::arg("enabled"),
         "Turn this thread's data checks (NaN/Inf, mask range) on or off; returns the previous setting");
   m.def("_data_checks_enabled", &pymks_vae::data_checks_enabled, "Whether this thread's data checks are on");
+  // MKL's DFTI called directly for the CPU transforms (csrc/cpu/mkl_dft.h), and ATen's path instead.
+  m.def("_mkl_dft_available", &pymks_vae::cpu::dft_available, "Whether MKL's DFTI was found in the loaded torch");
+  m.def("_set_mkl_dft", &pymks_vae::cpu::set_dft_enabled, pybind11::arg("enabled"),
+        "Use DFTI directly for the CPU transforms (True) or ATen's transforms (False); returns the previous setting");
+  m.def("_mkl_dft_enabled", &pymks_vae::cpu::dft_enabled, "Whether the CPU transforms call DFTI directly now");
+  m.def("_mkl_dft_cache_size", &pymks_vae::cpu::dft_cache_size, "Number of cached DFTI descriptors");
+  m.def("_mkl_dft_clear_cache", &pymks_vae::cpu::dft_clear_cache, "Free the cached DFTI descriptors");
   // The route chooser for binary input (csrc/cpu/two_point_bits.cpp); pymks_vae.ops wraps these.
   // Costs travel as dicts {name: ns} with the names of RouteCosts.
   using pymks_vae::RouteCosts;

@@ -180,37 +180,12 @@ at::Tensor window_to_grid_rows(const at::Tensor& t, int64_t dim, int64_t m, int6
 
 // The general loss keeps its spectra in the "moved" layout: the first spatial axis last,
 // (B, k, m_1, .., h_{nd-1}, m_0) for 2D and 3D - power_half's layout, in which the pruned even
-// transform starts - and (B, k, h_0) in 1D. Each transform then runs over the contiguous last
-// axis or the axes of the row-major rest: a transform along a strided first axis, as rfftn and
-// irfftn take, cost about twice as much on the CPU (measured with MKL; irfftn of 32 x 224^2 took
-// 8.6 ms against 4.5 ms for the same transforms with one transpose). The elementwise passes
-// (products, power spectra, the gradient's combination) read any layout alike.
-
-// The axes other than the first, as transform dims and sizes of x (B, k, *spatial).
-void rest_axes(const Geometry& g, std::vector<int64_t>* dims, std::vector<int64_t>* sizes) {
-  for (int d = 1; d < g.ndim; ++d) {
-    dims->push_back(d + 2);
-    sizes->push_back(g.m[d]);
-  }
-}
-
-// rfftn(x, grid) in the moved layout.
-at::Tensor forward_moved(const at::Tensor& x, const Geometry& g) {
-  if (g.ndim == 1) return at::fft_rfft(x, g.m[0], 2).contiguous();
-  std::vector<int64_t> dims, sizes;
-  rest_axes(g, &dims, &sizes);
-  auto p = at::fft_rfftn(x, sizes, dims).movedim(2, -1).contiguous();
-  return at::fft_fft(p, g.m[0], -1);  // n = m_0 pads the first axis with zeros, as rfftn's s does
-}
-
-// irfftn(spec, grid) of spectra in the moved layout: (B, k, *grid), contiguous.
-at::Tensor inverse_moved(const at::Tensor& spec, const Geometry& g) {
-  if (g.ndim == 1) return at::fft_irfft(spec, g.m[0], 2).contiguous();
-  std::vector<int64_t> dims, sizes;
-  rest_axes(g, &dims, &sizes);
-  auto p = at::fft_ifft(spec, g.m[0], -1).movedim(-1, 2).contiguous();
-  return at::fft_irfftn(p, sizes, dims).contiguous();
-}
+// transform starts - and (B, k, h_0) in 1D. rfft_grid and irfft_grid (transforms.cpp) transform
+// into and out of it: on the CPU MKL reads and writes it through strides; through ATen each
+// transform then runs over the contiguous last axis or the axes of the row-major rest (a transform
+// along a strided first axis cost about twice as much there: irfftn of 32 x 224^2 took 8.6 ms
+// against 4.5 ms for the same transforms with one transpose). The elementwise passes (products,
+// power spectra, the gradient's combination) read any layout alike.
 
 // Inverse transform of spectra in the moved layout onto the pruned cross layout (spectral.h): the
 // complex axes one by one, each cropped to the window before the next (so later transforms run on
@@ -237,6 +212,52 @@ at::Tensor window_forward(const at::Tensor& win, const Geometry& g) {
   for (int d = nd - 2; d >= 1; --d) p = at::fft_fft(window_to_grid_rows(p, d + 2, g.m[d], g.w[d]), g.m[d], d + 2);
   p = window_to_grid_rows(p.movedim(2, -1), nd + 1, g.m[0], g.w[0]);
   return at::fft_fft(p, g.m[0], -1);
+}
+
+// The even part of a window (B, k, *w) on the grid's lags, (g(r) + g(-r)) / 2: each axis flipped
+// about lag 0 (an even window is then the whole periodic axis, which holds lag -m/2 once, its own
+// mirror on the grid).
+at::Tensor even_part(const at::Tensor& win, const Geometry& g) {
+  at::Tensor mirror = win;
+  for (int d = 0; d < g.ndim; ++d) {
+    mirror = mirror.flip({d + 2});
+    if (g.w[d] % 2 == 0) mirror = mirror.roll({1}, {d + 2});
+  }
+  return (win + mirror) * 0.5;
+}
+
+// Re(rfftn) of a window placed on the zero grid, in the moved layout, for 2D and 3D: the real
+// part of a window's transform is the transform of its even part, which is real and even. So
+// after the transforms of the other axes (on the window's rows only, as window_forward), the
+// first axis holds a Hermitian sequence whose transform is real: a complex-to-real transform of
+// half the length from the lags r_0 >= 0, where window_forward runs a full complex transform
+// over a zero-filled grid.
+at::Tensor even_window_forward_real(const at::Tensor& win_in, const Geometry& g_in) {
+  const int nd = g_in.ndim;
+  // An even window shorter than its axis (non-periodic statistics over the whole field) holds
+  // lags -w/2 .. w/2 - 1: one zero row for lag w/2 makes its lag set symmetric.
+  Geometry g = g_in;
+  at::Tensor win = win_in;
+  for (int d = 0; d < nd; ++d) {
+    if (g.w[d] % 2 != 0 || g.w[d] == g.m[d]) continue;
+    auto sizes = win.sizes().vec();
+    sizes[d + 2] = 1;
+    win = at::cat({win, at::zeros(sizes, win.options())}, d + 2);
+    g.w[d] += 1;
+  }
+  auto p = at::fft_rfft(window_to_grid_rows(even_part(win, g), nd + 1, g.m[nd - 1], g.w[nd - 1]), g.m[nd - 1],
+                        nd + 1);
+  for (int d = nd - 2; d >= 1; --d) p = at::fft_fft(window_to_grid_rows(p, d + 2, g.m[d], g.w[d]), g.m[d], d + 2);
+  p = p.movedim(2, -1);  // (B, k, .., w_0)
+  const int64_t m0 = g.m[0], w0 = g.w[0], hw = w0 / 2, h0 = m0 / 2 + 1;
+  auto sizes = p.sizes().vec();
+  sizes.back() = h0;
+  auto half = at::zeros(sizes, p.options());
+  // The complex-to-real transform runs with exp(+i k r): fed H(-r_0) = conj(H(r_0)), it gives the
+  // forward transform sum_r H(r_0) exp(-i k r).
+  half.narrow(-1, 0, w0 - hw).copy_(p.narrow(-1, hw, w0 - hw).conj());  // lags 0 .. w0 - hw - 1
+  if (hw > 0 && m0 - hw < h0) half.narrow(-1, m0 - hw, 1).copy_(p.narrow(-1, 0, 1).conj());  // lag -m0/2
+  return at::fft_irfft(half, m0, -1, "forward");  // unnormalised, as the forward transform
 }
 
 // Shape of the spectra of k fields in the moved layout.
@@ -328,9 +349,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_for
   if (need_grad) x_hat_all = at::empty(moved_sizes(B, nu, g), ctype);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
-    const at::Tensor x_hat = forward_moved(x.narrow(0, b0, n), g);
-    if (need_grad) x_hat_all.narrow(0, b0, n).copy_(x_hat);
-    auto t_hat = forward_moved(t.narrow(0, b0, n), g);
+    // x's spectra straight into the ones kept for the backward pass.
+    const at::Tensor x_hat =
+        rfft_grid(x.narrow(0, b0, n), lg.grid, true, need_grad ? x_hat_all.narrow(0, b0, n) : at::Tensor());
+    const at::Tensor t_hat = rfft_grid(t.narrow(0, b0, n), lg.grid, true);
     check_spectrum_finite(x_hat, op, "x");
     check_spectrum_finite(t_hat, op, "target");
     WindowLossArgs a;
@@ -412,14 +434,33 @@ at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& 
   const int64_t chunk = cache_chunk(gw, (3 * nq + 4 * nu) * grid);
   std::vector<int64_t> gsizes{B, nu};
   gsizes.insert(gsizes.end(), lg.grid.begin(), lg.grid.end());
+  // Auto pairs only, one per state (the usual case: [(0, 0)], or every phase's auto-correlation):
+  // the gradient spectrum of state a is conj(G) X_a + G X_a = 2 Re(G) X_a, and Re(G) comes from
+  // even_window_forward_real, half the work of window_forward, and a real-times-complex product.
+  std::vector<int64_t> auto_pair(nu, -1);
+  bool autos_only = nd > 1;
+  for (int64_t q = 0; q < nq && autos_only; ++q) {
+    const int64_t u = std::lower_bound(states.begin(), states.end(), pair_i[q]) - states.begin();
+    autos_only = pair_i[q] == pair_j[q] && auto_pair[u] < 0;
+    auto_pair[u] = q;
+  }
+  const bool in_order = autos_only && nq == nu && std::is_sorted(auto_pair.begin(), auto_pair.end());
   at::Tensor gx = chunk >= B ? at::Tensor() : at::empty(gsizes, gw.options());
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
-    c.g_hat = window_forward(gw.narrow(0, b0, n), g);
-    c.x_hat = xh.narrow(0, b0, n);
-    auto part = inverse_moved(be.combine_grad(c), g);
-    if (chunk >= B) gx = part;  // one chunk (the GPU, large fields): no copy
-    else gx.narrow(0, b0, n).copy_(part);
+    at::Tensor spec;
+    if (autos_only) {
+      auto gr = even_window_forward_real(gw.narrow(0, b0, n), g).mul_(2.0);
+      if (!in_order) gr = gr.index_select(1, longs_to(auto_pair, dev));
+      spec = at::view_as_complex(at::view_as_real(xh.narrow(0, b0, n)) * gr.unsqueeze(-1));
+    } else {
+      c.g_hat = window_forward(gw.narrow(0, b0, n), g);
+      c.x_hat = xh.narrow(0, b0, n);
+      spec = be.combine_grad(c);
+    }
+    // Into the chunk of gx (one chunk - the GPU, large fields - returns the transform itself).
+    auto part = irfft_grid(spec, lg.grid, true, chunk >= B ? at::Tensor() : gx.narrow(0, b0, n));
+    if (chunk >= B) gx = part;
   }
   if (!periodic)
     for (int64_t d = 0; d < nd; ++d) gx = gx.narrow(d + 2, 0, spatial[d]);

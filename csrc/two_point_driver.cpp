@@ -437,7 +437,7 @@ void keep_spectra(const at::Tensor& x, const at::Tensor& x_hat, const std::vecto
                   const std::vector<int64_t>& keep_states, const at::Tensor& mask_view, const Setup& s,
                   at::Tensor& keep) {
   if (fwd_states == keep_states) {
-    keep.copy_(x_hat);
+    if (!keep.is_same(x_hat)) keep.copy_(x_hat);
     return;
   }
   std::vector<int64_t> missing, missing_pos;
@@ -453,7 +453,11 @@ void keep_spectra(const at::Tensor& x, const at::Tensor& x_hat, const std::vecto
   if (missing.empty()) return;
   at::Tensor xs = select_states(x, missing);
   if (mask_view.defined()) xs = xs * mask_view;
-  auto extra = at::fft_rfftn(xs, s.grid, s.dims);
+  if (missing.size() == keep_states.size()) {  // nothing transformed yet: all of them straight into keep
+    rfft_grid(xs, s.grid, false, keep);
+    return;
+  }
+  auto extra = rfft_grid(xs, s.grid, false);
   for (size_t k = 0; k < missing.size(); ++k) keep.select(1, missing_pos[k]).copy_(extra.select(1, k));
 }
 
@@ -465,11 +469,33 @@ void forward_chunk(const at::Tensor& x, const TwoPointPlan& plan, const PlanTens
   const char* op = "two_point_stats";
   const int64_t n_state = x.size(1);
   const bool has_mask = mask_view.defined();
-  at::Tensor xs = select_states(x, plan.fwd_states);
+  // fpos: where each forward state's spectrum sits in x_hat. When the backward pass keeps spectra
+  // of states that include the forward's, every kept state is transformed straight into keep and
+  // the forward reads its states there: no copies, and no second transform of the states the
+  // partition relations spared the forward.
+  const int64_t nf = static_cast<int64_t>(plan.fwd_states.size());
+  std::vector<int32_t> fpos(nf);
+  bool via_keep = keep != nullptr;
+  for (int64_t u = 0; u < nf; ++u) {
+    fpos[u] = static_cast<int32_t>(u);
+    if (!via_keep) continue;
+    auto it = std::lower_bound(keep_states.begin(), keep_states.end(), plan.fwd_states[u]);
+    if (it == keep_states.end() || *it != plan.fwd_states[u]) via_keep = false;
+    else fpos[u] = static_cast<int32_t>(it - keep_states.begin());
+  }
+  at::Tensor xs = select_states(x, via_keep ? keep_states : plan.fwd_states);
   if (has_mask) xs = xs * mask_view;
-  auto x_hat = at::fft_rfftn(xs, s.grid, s.dims).contiguous();
+  auto x_hat = rfft_grid(xs, s.grid, false, via_keep ? *keep : at::Tensor());
   check_spectrum_finite(x_hat, op, "x");
-  if (keep != nullptr) keep_spectra(x, x_hat, plan.fwd_states, keep_states, mask_view, s, *keep);
+  if (!via_keep) {
+    for (int64_t u = 0; u < nf; ++u) fpos[u] = static_cast<int32_t>(u);
+    if (keep != nullptr) keep_spectra(x, x_hat, plan.fwd_states, keep_states, mask_view, s, *keep);
+  }
+  auto at_pos = [&](std::vector<int32_t>::const_iterator b, std::vector<int32_t>::const_iterator e) {
+    std::vector<int32_t> v;
+    for (auto it = b; it != e; ++it) v.push_back(fpos[*it]);
+    return v;
+  };
   if (trusted_partition && static_cast<int64_t>(plan.fwd_states.size()) != n_state && data_checks_enabled()) {
     // Trusted partition: the eliminated states are never transformed, so check their values here
     // (one sum each, read in place: a NaN or Inf anywhere makes it non-finite).
@@ -483,21 +509,23 @@ void forward_chunk(const at::Tensor& x, const TwoPointPlan& plan, const PlanTens
   auto dev = x.device();
   const size_t na = static_cast<size_t>(plan.n_auto);
   at::Tensor even, base;
-  if (na > 0) {
-    even = even_transform(x_hat, std::vector<int32_t>(plan.base_a.begin(), plan.base_a.begin() + na), s, be);
-  }
+  if (na > 0) even = even_transform(x_hat, at_pos(plan.base_a.begin(), plan.base_a.begin() + na), s, be);
   if (plan.base_a.size() > na) {
-    std::vector<int32_t> a(plan.base_a.begin() + na, plan.base_a.end());
-    std::vector<int32_t> b(plan.base_b.begin() + na, plan.base_b.end());
+    const std::vector<int32_t> a = at_pos(plan.base_a.begin() + na, plan.base_a.end());
+    const std::vector<int32_t> b = at_pos(plan.base_b.begin() + na, plan.base_b.end());
     auto products = be.pair_products(x_hat, ints_to(a, dev), ints_to(b, dev));
-    base = at::fft_irfftn(products, s.grid, s.dims).contiguous();
+    base = irfft_grid(products, s.grid, false);
   }
 
   GatherArgs g;
   g.even = even;
   g.base = base;
   g.n_auto = plan.n_auto;
-  g.dc = at::real(x_hat.flatten(2).select(2, 0)).contiguous();
+  // The forward states' DC bins, in the plan's order.
+  const auto dc = at::real(x_hat.flatten(2).select(2, 0));
+  g.dc = (via_keep && keep_states != plan.fwd_states ? dc.index_select(1, longs_to({fpos.begin(), fpos.end()}, dev))
+                                                     : dc)
+             .contiguous();
   g.zmask = zmask;
   g.zlevel = zlevel;
   g.plan = tables;
@@ -648,8 +676,8 @@ at::Tensor two_point_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
   e.geom = s.geom;
   e.periodic = periodic;
   auto g_grid = be.embed_grad(e);
-  auto g_hat = at::fft_rfftn(g_grid, s.grid, s.dims).contiguous();
-  auto x_hat = at::fft_rfftn(xs, s.grid, s.dims).contiguous();
+  auto g_hat = rfft_grid(g_grid, s.grid, false);
+  auto x_hat = rfft_grid(xs, s.grid, false);
 
   auto dev = x.device();
   CombineArgs c;
@@ -659,8 +687,7 @@ at::Tensor two_point_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
   c.end = ints_to(cp.end, dev);
   c.terms = table_to(cp.terms, dev);
   c.n_states = static_cast<int64_t>(cp.states.size());
-  auto gx_hat = be.combine_grad(c);
-  auto gx = at::fft_irfftn(gx_hat, s.grid, s.dims);
+  auto gx = irfft_grid(be.combine_grad(c), s.grid, false);
   if (!periodic) {
     for (int64_t d = 0; d < s.geom.ndim; ++d) gx = gx.narrow(d + 2, 0, s.geom.n[d]);
   }
@@ -726,7 +753,8 @@ at::Tensor two_point_backward_spectra(const at::Tensor& grad_in, const at::Tenso
   c.end = ints_to(cp.end, dev);
   c.terms = table_to(cp.terms, dev);
   c.n_states = nu;
-  const auto grad = grad_in.contiguous();
+  // The CPU's embed_grad reads grad through its strides (a reduction's gradient arrives expanded).
+  const auto grad = grad_in.device().is_cpu() ? grad_in : grad_in.contiguous();
   const auto xh = x_hat.contiguous();
   std::vector<int64_t> sizes{B, n_state};
   sizes.insert(sizes.end(), spatial.begin(), spatial.end());
@@ -746,13 +774,17 @@ at::Tensor two_point_backward_spectra(const at::Tensor& grad_in, const at::Tenso
     e.zlevel = per_sample_mask ? zlevel.narrow(0, b0, n) : zlevel;
     e.geom = s.geom;
     e.periodic = periodic;
-    c.g_hat = at::fft_rfftn(be.embed_grad(e), s.grid, s.dims).contiguous();
+    c.g_hat = rfft_grid(be.embed_grad(e), s.grid, false);
     c.x_hat = xh.narrow(0, b0, n);
-    auto gx = at::fft_irfftn(be.combine_grad(c), s.grid, s.dims);
+    auto out_c = out.narrow(0, b0, n);
+    if (periodic && !mask.defined() && nu == n_state) {
+      irfft_grid(be.combine_grad(c), s.grid, false, out_c);  // straight into the output
+      continue;
+    }
+    auto gx = irfft_grid(be.combine_grad(c), s.grid, false);
     if (!periodic)
       for (int64_t d = 0; d < nd; ++d) gx = gx.narrow(d + 2, 0, spatial[d]);
     if (mask.defined()) gx = gx * (per_sample_mask ? mask_view.narrow(0, b0, n) : mask_view);
-    auto out_c = out.narrow(0, b0, n);
     if (nu == n_state) out_c.copy_(gx);
     else out_c.index_copy_(1, states_t, gx);
   }

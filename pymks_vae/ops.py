@@ -658,8 +658,10 @@ def _register():
         pair_i, pair_j, n_state, spatial, periodic = ctx.args
         grad_x = None
         if ctx.needs_input_grad[0] and grad is not None:
+            # No contiguous copy: the CPU kernel reads grad through its strides (a reduction's
+            # gradient arrives expanded), and the CUDA path makes it contiguous itself.
             grad_x = torch.ops.pymks_vae.two_point_stats_backward_spectra(
-                grad.contiguous(), x_hat, pair_i, pair_j, n_state, spatial, periodic, mask
+                grad, x_hat, pair_i, pair_j, n_state, spatial, periodic, mask
             )
         return grad_x, None, None, None, None, None, None
 

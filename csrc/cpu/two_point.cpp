@@ -259,15 +259,17 @@ void embed_grad_t(const EmbedArgs& a, at::Tensor& out) {
   const Geometry g = a.geom;
   const int nd = g.ndim;
   const int64_t B = a.grad.size(0), nq = a.grad.size(1);
-  int64_t grid = 1, win = 1, rows = B * nq, s_total = 1;
+  int64_t grid = 1, rows = B * nq, s_total = 1;
   for (int d = 0; d < nd; ++d) {
     grid *= g.m[d];
-    win *= g.w[d];
     s_total *= g.n[d];
     if (d < nd - 1) rows *= g.m[d];
   }
   const int64_t M = g.m[nd - 1], W = g.w[nd - 1];
+  // grad is read through its strides: autograd hands a reduction's gradient over expanded (the
+  // backward of .sum() has every stride 0), and a contiguous copy of it cost as much as a transform.
   const T* grad = a.grad.data_ptr<T>();
+  const int64_t sb = a.grad.stride(0), sq = a.grad.stride(1), sl = a.grad.stride(nd + 1);
   const MaskNorm<T> mask = mask_norm_view<T>(a.zmask, a.zlevel);
   const T inv_s = T(1) / static_cast<T>(s_total);
   T* o_all = out.data_ptr<T>();
@@ -276,19 +278,19 @@ void embed_grad_t(const EmbedArgs& a, at::Tensor& out) {
     int64_t pos[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
     const int64_t bq = unravel(row, g.m, nd - 1, pos), b = bq / nq;
     T* o = o_all + row * M;
-    int64_t wrow = 0;
+    int64_t goff = b * sb + (bq % nq) * sq;
     bool inside = true;
     for (int d = 0; d < nd - 1; ++d) {
       const int64_t idx = grid_to_window(pos[d], g.m[d], g.w[d]);
       if (idx < 0) inside = false;
       lag[d] = window_lag(idx, g.w[d]);
-      wrow = wrow * g.w[d] + idx;
+      goff += idx * a.grad.stride(d + 2);
     }
     if (!inside) {
       for (int64_t i = i0; i < i1; ++i) o[i] = T(0);
       return;
     }
-    const T* gr = grad + bq * win + wrow * W;
+    const T* gr = grad + goff;
     const int64_t gridrow = row % (grid / M);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t idx = grid_to_window(i, M, W);
@@ -298,7 +300,7 @@ void embed_grad_t(const EmbedArgs& a, at::Tensor& out) {
       }
       lag[nd - 1] = window_lag(idx, W);
       const T norm = mask.active() ? mask.inv(b, gridrow * M + i) : inv_norm_lag<T>(g, lag, a.periodic, inv_s);
-      o[i] = gr[idx] * norm;
+      o[i] = gr[idx * sl] * norm;
     }
   });
 }
@@ -321,12 +323,40 @@ void combine_grad_t(const CombineArgs& a, at::Tensor& out) {
   const int32_t* begin = a.begin.data_ptr<int32_t>();
   const int32_t* end = a.end.data_ptr<int32_t>();
   const auto* terms = reinterpret_cast<const CombineTerm*>(a.terms.data_ptr());
+  // One pass over the row per term, so that each inner loop is a plain elementwise product
+  // (vectorised; the per-bin loop over the term table was not), the first term writing the row.
+  // An auto pair's two terms, conj(G) X + G X, come as one: 2 Re(G) X.
   parallel_rows(B * a.n_states, H, [&](int64_t row, int64_t i0, int64_t i1) {
     const int64_t b = row / a.n_states, u = row % a.n_states;
-    const cpx<T>* g = G + b * nq * H;
-    const cpx<T>* x = X + b * nu * H;
     cpx<T>* o = O + row * H;
-    for (int64_t i = i0; i < i1; ++i) o[i] = combine_bin(terms, begin[u], end[u], g + i, x + i, H);
+    bool first = true;
+    for (int32_t k = begin[u]; k < end[u]; ++k) {
+      const CombineTerm t = terms[k];
+      const cpx<T>* g = G + (b * nq + t.pair) * H;
+      const cpx<T>* x = X + (b * nu + t.other) * H;
+      const bool pair_of_auto = k + 1 < end[u] && terms[k + 1].pair == t.pair && terms[k + 1].other == t.other &&
+                                terms[k + 1].conj != t.conj;
+      if (pair_of_auto) {
+        ++k;
+        if (first)
+          for (int64_t i = i0; i < i1; ++i) o[i] = cscale(x[i], T(2) * g[i].re);
+        else
+          for (int64_t i = i0; i < i1; ++i) o[i] = cadd(o[i], cscale(x[i], T(2) * g[i].re));
+      } else if (t.conj) {
+        if (first)
+          for (int64_t i = i0; i < i1; ++i) o[i] = cmul_conj(g[i], x[i]);
+        else
+          for (int64_t i = i0; i < i1; ++i) o[i] = cadd(o[i], cmul_conj(g[i], x[i]));
+      } else {
+        if (first)
+          for (int64_t i = i0; i < i1; ++i) o[i] = cmul(g[i], x[i]);
+        else
+          for (int64_t i = i0; i < i1; ++i) o[i] = cadd(o[i], cmul(g[i], x[i]));
+      }
+      first = false;
+    }
+    if (first)
+      for (int64_t i = i0; i < i1; ++i) o[i] = cpx<T>{T(0), T(0)};
   });
 }
 

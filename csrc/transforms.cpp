@@ -1,0 +1,84 @@
+// The real transforms of the drivers: fields (B, k, *spatial) to their half spectra on a grid
+// (zero padded where the grid is larger), and back, in the natural layout (the last axis halved)
+// or the moved one (the first axis last, see stats_loss_driver.cpp). On the CPU they run through
+// MKL's DFTI directly where it is there (cpu/mkl_dft.h: no clones, no transposing copies, the
+// result written where the caller wants it); elsewhere, and as the fallback, through ATen.
+#include "cpu/mkl_dft.h"
+#include "two_point.h"
+
+#include <algorithm>
+
+namespace pymks_vae {
+namespace {
+
+std::vector<int64_t> half_sizes(int64_t B, int64_t k, at::IntArrayRef grid, bool moved) {
+  std::vector<int64_t> sizes{B, k};
+  const size_t nd = grid.size();
+  for (size_t d = 0; d < nd; ++d) sizes.push_back(d + 1 < nd ? grid[d] : grid[d] / 2 + 1);
+  if (moved && nd > 1) std::rotate(sizes.begin() + 2, sizes.begin() + 3, sizes.end());
+  return sizes;
+}
+
+// x zero padded at the end of each spatial axis up to grid (x itself when it fits already).
+at::Tensor pad_to(const at::Tensor& x, at::IntArrayRef grid) {
+  std::vector<int64_t> pad;
+  bool any = false;
+  for (int64_t d = static_cast<int64_t>(grid.size()) - 1; d >= 0; --d) {
+    const int64_t extra = grid[d] - x.size(d + 2);
+    pad.push_back(0);
+    pad.push_back(extra);
+    any = any || extra != 0;
+  }
+  return any ? at::constant_pad_nd(x, pad, 0) : x;
+}
+
+at::Tensor into(const at::Tensor& result, at::Tensor dest) {
+  if (!dest.defined()) return result;
+  dest.copy_(result);
+  return dest;
+}
+
+}  // namespace
+
+std::vector<int64_t> spectrum_sizes(int64_t B, int64_t k, at::IntArrayRef grid, bool moved) {
+  return half_sizes(B, k, grid, moved);
+}
+
+at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::Tensor dest) {
+  const int64_t B = x.size(0), k = x.size(1), nd = static_cast<int64_t>(grid.size());
+  const auto ctype = x.options().dtype(c10::toComplexType(x.scalar_type()));
+  if (x.device().is_cpu() && cpu::dft_enabled()) {
+    const auto xg = pad_to(x, grid).contiguous();
+    at::Tensor out = dest.defined() ? dest : at::empty(half_sizes(B, k, grid, moved), ctype);
+    if (cpu::dft_r2c(cpu::contiguous_layout(grid.vec(), B * k, moved), xg, out)) return out;
+  }
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < nd; ++d) dims.push_back(d + 2);
+  if (!moved || nd == 1) return into(at::fft_rfftn(x, grid, dims).contiguous(), dest);
+  // The last axes first, then the first axis moved last and transformed along contiguous memory:
+  // a lone transform along a strided axis cost about twice as much through ATen.
+  std::vector<int64_t> rest_dims(dims.begin() + 1, dims.end()), rest_sizes(grid.begin() + 1, grid.end());
+  auto p = at::fft_rfftn(x, rest_sizes, rest_dims).movedim(2, -1).contiguous();
+  return into(at::fft_fft(p, grid[0], -1), dest);  // n = m_0 pads the first axis, as rfftn's s does
+}
+
+at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, at::Tensor dest) {
+  const int64_t B = spec.size(0), k = spec.size(1), nd = static_cast<int64_t>(grid.size());
+  const auto rtype = spec.options().dtype(c10::toRealValueType(spec.scalar_type()));
+  if (spec.device().is_cpu() && cpu::dft_enabled() && spec.is_contiguous()) {
+    std::vector<int64_t> sizes{B, k};
+    sizes.insert(sizes.end(), grid.begin(), grid.end());
+    at::Tensor out = dest.defined() ? dest : at::empty(sizes, rtype);
+    double n = 1.0;
+    for (auto m : grid) n *= static_cast<double>(m);
+    if (cpu::dft_c2r(cpu::contiguous_layout(grid.vec(), B * k, moved), spec, out, 1.0 / n)) return out;
+  }
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < nd; ++d) dims.push_back(d + 2);
+  if (!moved || nd == 1) return into(at::fft_irfftn(spec, grid, dims).contiguous(), dest);
+  std::vector<int64_t> rest_dims(dims.begin() + 1, dims.end()), rest_sizes(grid.begin() + 1, grid.end());
+  auto p = at::fft_ifft(spec, grid[0], -1).movedim(-1, 2).contiguous();
+  return into(at::fft_irfftn(p, rest_sizes, rest_dims).contiguous(), dest);
+}
+
+}  // namespace pymks_vae
