@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import (add_cpu_fft_option, alternating_medians, apply_cpu_fft_option, machine,  # noqa: E402
-                    markdown_table, ratio_summary, round_ratios, write_json)
+from timing import (add_cpu_fft_option, alternating_medians, apply_cpu_fft_option, dfti_active,  # noqa: E402
+                    machine, markdown_table, on_aten_path, ratio_summary, round_ratios, write_json)
 
 from pymks_vae import build_info, ops, reference  # noqa: E402
 
@@ -69,6 +69,8 @@ def time_case(x, cutoff, rounds, repeats, device, backward, others=None):
         a, b = ops.two_point_stats(x, PAIRS, cutoff=cutoff), reference.two_point_stats_ref(x, PAIRS, cutoff=cutoff)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), "operator and reference disagree"
     fns = {"pymks-vae": ours, "torch.fft": ref}
+    if dfti_active(device):  # the same operator with its transforms through ATen, in the same rounds
+        fns["ATen FFT"] = on_aten_path(ours)
     fns.update(others or {})
     return alternating_medians(fns, rounds=rounds, repeats=repeats, device=device)
 
@@ -97,8 +99,11 @@ def make_row(device, case, pass_, window, timing, repeats, details):
     speedup, stats = ratio_summary(round_ratios(times, "torch.fft", "pymks-vae", repeats))
     row = {"device": device, "case": case, "pass": pass_, "window": window,
            "pymks-vae ms": f"{med['pymks-vae'] * 1e3:.2f}", "torch.fft ms": f"{med['torch.fft'] * 1e3:.2f}",
-           "vs torch.fft": speedup, "pymks ms": "", "vs pymks": ""}
+           "vs torch.fft": speedup, "pymks ms": "", "vs pymks": "", "DFTI vs ATen FFT": ""}
     detail = {"row": row, "seconds": times, "speedup_vs_torch_fft": stats}
+    if "ATen FFT" in med:
+        row["DFTI vs ATen FFT"], detail["dfti_over_aten"] = ratio_summary(
+            round_ratios(times, "ATen FFT", "pymks-vae", repeats))
     if "pymks" in med:
         row["pymks ms"] = f"{med['pymks'] * 1e3:.1f}"
         row["vs pymks"], detail["speedup_vs_pymks"] = ratio_summary(round_ratios(times, "pymks", "pymks-vae", repeats),
@@ -176,7 +181,8 @@ def main(argv=None):
             small = min(20, (min(spatial) - 1) // 2)
             timing = time_case(x, small, R, n, device, True)
             rows.append(make_row(device, f"{name} {shape}", "fwd+bwd", f"cutoff {small}", timing, n, details))
-    cols = ["device", "case", "pass", "window", "pymks-vae ms", "torch.fft ms", "vs torch.fft", "pymks ms", "vs pymks"]
+    cols = ["device", "case", "pass", "window", "pymks-vae ms", "torch.fft ms", "vs torch.fft", "pymks ms", "vs pymks",
+            "DFTI vs ATen FFT"]
     print(f"Two-point statistics, pairs {PAIRS}, float32, periodic, one-hot (partition) input")
     print(f"Machine: {machine()}; build: cuda={build_info()['cuda']}")
     print(f"Times: medians of {R} interleaved rounds x {n} calls; ratios: median of the per-round ratios "

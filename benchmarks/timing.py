@@ -145,3 +145,28 @@ def apply_cpu_fft_option(args):
 
     if _extension.has_extension():
         _extension._C._set_mkl_dft(args.cpu_fft == "dfti")
+
+
+def dfti_active(device):
+    """Whether the extension's CPU transforms call MKL's DFTI directly now (so that its ATen path
+    can be timed beside it)."""
+    from pymks_vae import _extension
+
+    if device != "cpu" or not _extension.has_extension():
+        return False
+    enabled = getattr(_extension._C, "_mkl_dft_enabled", None)
+    return bool(enabled is not None and enabled())
+
+
+def on_aten_path(fn):
+    """fn run with the extension's CPU transforms through ATen instead of DFTI (restored after)."""
+    from pymks_vae import _extension
+
+    def wrapped():
+        prev = _extension._C._set_mkl_dft(False)
+        try:
+            return fn()
+        finally:
+            _extension._C._set_mkl_dft(prev)
+
+    return wrapped
