@@ -19,19 +19,6 @@ std::vector<int64_t> half_sizes(int64_t B, int64_t k, at::IntArrayRef grid, bool
   return sizes;
 }
 
-// x zero padded at the end of each spatial axis up to grid (x itself when it fits already).
-at::Tensor pad_to(const at::Tensor& x, at::IntArrayRef grid) {
-  std::vector<int64_t> pad;
-  bool any = false;
-  for (int64_t d = static_cast<int64_t>(grid.size()) - 1; d >= 0; --d) {
-    const int64_t extra = grid[d] - x.size(d + 2);
-    pad.push_back(0);
-    pad.push_back(extra);
-    any = any || extra != 0;
-  }
-  return any ? at::constant_pad_nd(x, pad, 0) : x;
-}
-
 at::Tensor into(const at::Tensor& result, at::Tensor dest) {
   if (!dest.defined()) return result;
   dest.copy_(result);
@@ -47,8 +34,12 @@ std::vector<int64_t> spectrum_sizes(int64_t B, int64_t k, at::IntArrayRef grid, 
 at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::Tensor dest) {
   const int64_t B = x.size(0), k = x.size(1), nd = static_cast<int64_t>(grid.size());
   const auto ctype = x.options().dtype(c10::toComplexType(x.scalar_type()));
-  if (x.device().is_cpu() && cpu::dft_enabled()) {
-    const auto xg = pad_to(x, grid).contiguous();
+  // Zero padding (non-periodic statistics) stays with ATen, whose transforms pad as they go: DFTI
+  // would need a padded copy first, which made the non-periodic loss 8% slower (cutoff 20, 224^2).
+  bool padded = false;
+  for (int64_t d = 0; d < nd; ++d) padded = padded || grid[d] != x.size(d + 2);
+  if (x.device().is_cpu() && cpu::dft_enabled() && !padded) {
+    const auto xg = x.contiguous();
     at::Tensor out = dest.defined() ? dest : at::empty(half_sizes(B, k, grid, moved), ctype);
     if (cpu::dft_r2c(cpu::contiguous_layout(grid.vec(), B * k, moved), xg, out)) return out;
   }
