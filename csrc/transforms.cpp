@@ -27,10 +27,6 @@ at::Tensor into(const at::Tensor& result, at::Tensor dest) {
 
 }  // namespace
 
-std::vector<int64_t> spectrum_sizes(int64_t B, int64_t k, at::IntArrayRef grid, bool moved) {
-  return half_sizes(B, k, grid, moved);
-}
-
 at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::Tensor dest) {
   const int64_t B = x.size(0), k = x.size(1), nd = static_cast<int64_t>(grid.size());
   const auto ctype = x.options().dtype(c10::toComplexType(x.scalar_type()));

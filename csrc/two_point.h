@@ -250,7 +250,6 @@ struct WindowLossBackend {
 // layout (the last axis halved) or with moved, the first axis last: (B, k, m_1, .., h_{d-1}, m_0).
 // The result goes into dest when it is given (contiguous, of the result's shape). irfft_grid may
 // overwrite spec: give it a spectrum the caller no longer needs.
-std::vector<int64_t> spectrum_sizes(int64_t B, int64_t k, at::IntArrayRef grid, bool moved);
 at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::Tensor dest = at::Tensor());
 at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, at::Tensor dest = at::Tensor());
 

@@ -78,7 +78,9 @@ using Key = std::tuple<bool, bool, std::vector<int64_t>, int64_t, std::vector<in
                        int64_t, int, double>;
 
 std::mutex g_mutex;
-std::map<Key, std::shared_ptr<Plan>> g_cache;
+// Never destroyed: freeing descriptors from a static destructor at exit could run after MKL's own
+// clean-up.
+auto& g_cache = *new std::map<Key, std::shared_ptr<Plan>>();
 constexpr size_t kMaxPlans = 64;
 
 bool fits(int64_t v) { return v >= 0 && v <= static_cast<int64_t>(std::numeric_limits<mkl_long>::max()); }
