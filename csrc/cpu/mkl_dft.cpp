@@ -39,9 +39,7 @@ struct Dfti {
 
 template <typename F>
 void find(void* lib, const char* name, F* fn) {
-  void* p = lib ? dlsym(lib, name) : nullptr;
-  if (p == nullptr) p = dlsym(RTLD_DEFAULT, name);
-  *fn = reinterpret_cast<F>(p);
+  *fn = reinterpret_cast<F>(dlsym(lib, name));
 }
 
 const Dfti& dfti() {
@@ -49,8 +47,11 @@ const Dfti& dfti() {
     Dfti t;
     const char* env = std::getenv("PYMKS_VAE_MKL_DFT");
     if (env != nullptr && std::strcmp(env, "0") == 0) return t;
-    // libtorch_cpu is loaded already (this extension links it); RTLD_NOLOAD only looks it up.
+    // libtorch_cpu is loaded already (this extension links it); RTLD_NOLOAD only looks it up. Every
+    // entry point comes from that one library (or, failing it, all from the global scope), never
+    // a mix of two MKLs.
     void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+    if (lib == nullptr) lib = RTLD_DEFAULT;
     find(lib, "DftiCreateDescriptor_s_md", &t.create_s);
     find(lib, "DftiCreateDescriptor_d_md", &t.create_d);
     find(lib, "DftiSetValue", &t.set);
@@ -108,13 +109,10 @@ std::shared_ptr<Plan> plan_for(const DftLayout& l, bool is_double, bool backward
   if (!fits(l.count) || !fits(l.real_dist) || !fits(l.half_dist)) return nullptr;
   auto p = std::make_shared<Plan>();
   auto create = is_double ? d.create_d : d.create_s;
-  if (create(&p->h, kReal, static_cast<mkl_long>(nd), lengths.data()) != 0) {
-    p->h = nullptr;
-    return nullptr;
-  }
+  if (create(&p->h, kReal, static_cast<mkl_long>(nd), lengths.data()) != 0) p->h = nullptr;
   // Variadic arguments in the types DFTI reads: enumerated values as int, counts and distances as
   // MKL_LONG, strides as MKL_LONG arrays, scales as double.
-  bool ok = d.set(p->h, kPlacement, kNotInplace) == 0 && d.set(p->h, kConjugateEvenStorage, kComplexComplex) == 0 &&
+  bool ok = p->h != nullptr && d.set(p->h, kPlacement, kNotInplace) == 0 && d.set(p->h, kConjugateEvenStorage, kComplexComplex) == 0 &&
             d.set(p->h, kNumberOfTransforms, static_cast<mkl_long>(l.count)) == 0 &&
             d.set(p->h, kInputStrides, backward ? hs.data() : rs.data()) == 0 &&
             d.set(p->h, kOutputStrides, backward ? rs.data() : hs.data()) == 0 &&
@@ -122,7 +120,8 @@ std::shared_ptr<Plan> plan_for(const DftLayout& l, bool is_double, bool backward
             d.set(p->h, kOutputDistance, static_cast<mkl_long>(backward ? l.real_dist : l.half_dist)) == 0 &&
             d.set(p->h, kThreadLimit, threads) == 0;
   if (ok && backward && scale != 1.0) ok = d.set(p->h, kBackwardScale, scale) == 0;
-  if (!ok || d.commit(p->h) != 0) return nullptr;  // ~Plan frees the descriptor
+  ok = ok && d.commit(p->h) == 0;
+  if (!ok) p.reset();  // ~Plan frees the descriptor; the refusal is cached too, as a null plan
   std::lock_guard<std::mutex> lock(g_mutex);
   if (g_cache.size() >= kMaxPlans) g_cache.clear();  // shapes vary little in practice: start over
   g_cache.emplace(key, p);
