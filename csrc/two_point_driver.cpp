@@ -405,13 +405,14 @@ at::Tensor even_transform(const at::Tensor& x_hat, const std::vector<int32_t>& s
 // Samples per pass of the forward operator: see cache_chunk. Per sample: the transformed fields
 // and their spectra, the power spectra and even transforms of the autos, the products and inverse
 // transforms of the crosses, and the output window.
-int64_t batch_chunk(const at::Tensor& x, const Setup& s, const TwoPointPlan& plan, int64_t n_pairs) {
+// With n_kept > 0 (the spectra kept for the backward pass) the forward transforms those states.
+int64_t batch_chunk(const at::Tensor& x, const Setup& s, const TwoPointPlan& plan, int64_t n_pairs, int64_t n_kept) {
   int64_t grid = 1, win = 1;
   for (int d = 0; d < s.geom.ndim; ++d) {
     grid *= s.geom.m[d];
     win *= s.geom.w[d];
   }
-  const int64_t nf = static_cast<int64_t>(plan.fwd_states.size()), na = plan.n_auto;
+  const int64_t nf = std::max(static_cast<int64_t>(plan.fwd_states.size()), n_kept), na = plan.n_auto;
   const int64_t nc = static_cast<int64_t>(plan.base_a.size()) - na;
   return cache_chunk(x, (2 * nf + 3 * na + 3 * nc) * grid + n_pairs * win);
 }
@@ -601,7 +602,8 @@ at::Tensor forward_impl(const at::Tensor& x_in, at::IntArrayRef pair_i, at::IntA
   const TwoPointPlan plan = make_plan(req, n_state, use_partition);
   const PlanTensors tables{table_to(plan.pairs, x.device()), table_to(plan.terms, x.device()),
                            table_to(plan.vfs, x.device())};
-  const int64_t chunk = batch_chunk(x, s, plan, n_pairs);
+  const int64_t chunk =
+      batch_chunk(x, s, plan, n_pairs, keep != nullptr ? static_cast<int64_t>(keep_states.size()) : 0);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
     // A per-sample mask follows the chunk; a shared one (first dim 1) serves every chunk.

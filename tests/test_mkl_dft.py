@@ -166,3 +166,26 @@ def test_switch_is_a_bool_and_returns_the_previous_setting():
         assert C._set_mkl_dft(True) is True
     finally:
         C._set_mkl_dft(prev)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_transforms_with_its_own_cache():
+    # DataLoader workers fork: the child must not inherit a lock or descriptors it cannot use.
+    # One thread: after OpenMP ran with more, a forked child hangs in any of torch's transforms
+    # (ATen's as well), which is torch's and libgomp's matter, not this cache's.
+    code = """
+import os, torch
+torch.set_num_threads(1)
+from pymks_vae import ops, reference
+x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+want = reference.two_point_stats_ref(x, [(0, 0)])
+ops.two_point_stats(x, [(0, 0)])  # the parent caches its descriptors first
+pid = os.fork()
+if pid == 0:
+    got = ops.two_point_stats(x, [(0, 0)])
+    os._exit(0 if ((got - want).abs().max() / want.abs().max()).item() < 1e-10 else 3)
+_, status = os.waitpid(pid, 0)
+raise SystemExit(os.waitstatus_to_exitcode(status))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

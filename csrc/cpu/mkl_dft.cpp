@@ -4,6 +4,7 @@
 
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
+#include <pthread.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -78,10 +79,16 @@ struct Plan {
 using Key = std::tuple<bool, bool, std::vector<int64_t>, int64_t, std::vector<int64_t>, int64_t, std::vector<int64_t>,
                        int64_t, int, double>;
 
-std::mutex g_mutex;
 // Never destroyed: freeing descriptors from a static destructor at exit could run after MKL's own
-// clean-up.
-auto& g_cache = *new std::map<Key, std::shared_ptr<Plan>>();
+// clean-up. A forked child (a DataLoader worker) starts with a fresh lock and an empty cache: the
+// parent's lock may have been held by a thread the child does not have, and the parent's
+// descriptors are left alone.
+std::mutex* g_mutex_ptr = new std::mutex();
+std::map<Key, std::shared_ptr<Plan>>* g_cache_ptr = new std::map<Key, std::shared_ptr<Plan>>();
+const int g_atfork = pthread_atfork(nullptr, nullptr, [] {
+  g_mutex_ptr = new std::mutex();
+  g_cache_ptr = new std::map<Key, std::shared_ptr<Plan>>();
+});
 constexpr size_t kMaxPlans = 64;
 
 bool fits(int64_t v) { return v >= 0 && v <= static_cast<int64_t>(std::numeric_limits<mkl_long>::max()); }
@@ -92,9 +99,9 @@ std::shared_ptr<Plan> plan_for(const DftLayout& l, bool is_double, bool backward
   Key key{backward, is_double, l.lengths, l.count, l.real_strides, l.real_dist, l.half_strides, l.half_dist, threads,
           backward ? scale : 1.0};
   {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    auto it = g_cache.find(key);
-    if (it != g_cache.end()) return it->second;
+    std::lock_guard<std::mutex> lock(*g_mutex_ptr);
+    auto it = g_cache_ptr->find(key);
+    if (it != g_cache_ptr->end()) return it->second;
   }
   const Dfti& d = dfti();
   const size_t nd = l.lengths.size();
@@ -122,9 +129,9 @@ std::shared_ptr<Plan> plan_for(const DftLayout& l, bool is_double, bool backward
   if (ok && backward && scale != 1.0) ok = d.set(p->h, kBackwardScale, scale) == 0;
   ok = ok && d.commit(p->h) == 0;
   if (!ok) p.reset();  // ~Plan frees the descriptor; the refusal is cached too, as a null plan
-  std::lock_guard<std::mutex> lock(g_mutex);
-  if (g_cache.size() >= kMaxPlans) g_cache.clear();  // shapes vary little in practice: start over
-  g_cache.emplace(key, p);
+  std::lock_guard<std::mutex> lock(*g_mutex_ptr);
+  if (g_cache_ptr->size() >= kMaxPlans) g_cache_ptr->clear();  // shapes vary little in practice: start over
+  g_cache_ptr->emplace(key, p);
   return p;
 }
 
@@ -205,13 +212,13 @@ bool dft_c2r(const DftLayout& layout, const at::Tensor& half, at::Tensor& real, 
 }
 
 void dft_clear_cache() {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  g_cache.clear();
+  std::lock_guard<std::mutex> lock(*g_mutex_ptr);
+  g_cache_ptr->clear();
 }
 
 int64_t dft_cache_size() {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  return static_cast<int64_t>(g_cache.size());
+  std::lock_guard<std::mutex> lock(*g_mutex_ptr);
+  return static_cast<int64_t>(g_cache_ptr->size());
 }
 
 }  // namespace cpu
