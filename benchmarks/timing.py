@@ -30,11 +30,8 @@ def machine():
         route = os.environ.get("PYMKS_VAE_BINARY_PATH")
         if route:
             desc += f" (PYMKS_VAE_BINARY_PATH={route})"
-        from pymks_vae import _extension
-
-        if _extension.has_extension():
-            dfti = getattr(_extension._C, "_mkl_dft_enabled", None)
-            desc += ", CPU transforms " + ("MKL DFTI direct" if dfti is not None and dfti() else "ATen")
+        if build_info().get("compiled"):
+            desc += ", CPU transforms " + ("MKL DFTI direct" if dfti_active("cpu") else "ATen")
     except ImportError:
         pass
     if torch.cuda.is_available():

@@ -202,15 +202,22 @@ at::Tensor cross_window_inverse(const at::Tensor& spec, const Geometry& g) {
   return out.contiguous().view({spec.size(0), spec.size(1), -1});
 }
 
-// rfftn of the window (B, k, *w) placed on the zero grid, in the moved layout: the last axis
-// first, on the window's rows only, then each further axis after placing the window's rows on the
-// grid, the first one last.
-at::Tensor window_forward(const at::Tensor& win, const Geometry& g) {
+// The window (B, k, *w) placed on the zero grid and transformed along every axis but the first:
+// the last axis first, on the window's rows only, then each further axis after placing the
+// window's rows on the grid. The first axis is left untransformed, on the window's w_0 rows.
+at::Tensor window_forward_rest(const at::Tensor& win, const Geometry& g) {
   const int nd = g.ndim;
   auto p = at::fft_rfft(window_to_grid_rows(win, nd + 1, g.m[nd - 1], g.w[nd - 1]), g.m[nd - 1], nd + 1);
-  if (nd == 1) return p.contiguous();
   for (int d = nd - 2; d >= 1; --d) p = at::fft_fft(window_to_grid_rows(p, d + 2, g.m[d], g.w[d]), g.m[d], d + 2);
-  p = window_to_grid_rows(p.movedim(2, -1), nd + 1, g.m[0], g.w[0]);
+  return p;
+}
+
+// rfftn of the window (B, k, *w) placed on the zero grid, in the moved layout: window_forward_rest,
+// then the first axis, placed on the grid and moved last.
+at::Tensor window_forward(const at::Tensor& win, const Geometry& g) {
+  auto p = window_forward_rest(win, g);
+  if (g.ndim == 1) return p.contiguous();
+  p = window_to_grid_rows(p.movedim(2, -1), g.ndim + 1, g.m[0], g.w[0]);
   return at::fft_fft(p, g.m[0], -1);
 }
 
@@ -245,10 +252,7 @@ at::Tensor even_window_forward_real(const at::Tensor& win_in, const Geometry& g_
     win = at::cat({win, at::zeros(sizes, win.options())}, d + 2);
     g.w[d] += 1;
   }
-  auto p = at::fft_rfft(window_to_grid_rows(even_part(win, g), nd + 1, g.m[nd - 1], g.w[nd - 1]), g.m[nd - 1],
-                        nd + 1);
-  for (int d = nd - 2; d >= 1; --d) p = at::fft_fft(window_to_grid_rows(p, d + 2, g.m[d], g.w[d]), g.m[d], d + 2);
-  p = p.movedim(2, -1);  // (B, k, .., w_0)
+  const auto p = window_forward_rest(even_part(win, g), g).movedim(2, -1);  // (B, k, .., w_0)
   const int64_t m0 = g.m[0], w0 = g.w[0], hw = w0 / 2, h0 = m0 / 2 + 1;
   auto sizes = p.sizes().vec();
   sizes.back() = h0;
@@ -444,7 +448,8 @@ at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& 
     autos_only = pair_i[q] == pair_j[q] && auto_pair[u] < 0;
     auto_pair[u] = q;
   }
-  const bool in_order = autos_only && nq == nu && std::is_sorted(auto_pair.begin(), auto_pair.end());
+  // (Each state holds exactly one auto pair, so auto_pair is a permutation: sorted means identity.)
+  const bool in_order = autos_only && std::is_sorted(auto_pair.begin(), auto_pair.end());
   at::Tensor gx = chunk >= B ? at::Tensor() : at::empty(gsizes, gw.options());
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);

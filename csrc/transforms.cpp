@@ -45,9 +45,10 @@ at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::
   // with DFTI here, 3-5% faster with DFTI for the inverse transform out of that layout).
   bool padded = false;
   for (int64_t d = 0; d < nd; ++d) padded = padded || grid[d] != x.size(d + 2);
-  check_dest(dest, half_sizes(B, k, grid, moved), "rfft_grid");
+  const auto sizes = half_sizes(B, k, grid, moved);
+  check_dest(dest, sizes, "rfft_grid");
   if (x.device().is_cpu() && cpu::dft_enabled() && !padded && x.is_contiguous() && (!moved || nd == 1)) {
-    at::Tensor out = dest.defined() ? dest : at::empty(half_sizes(B, k, grid, moved), ctype);
+    at::Tensor out = dest.defined() ? dest : at::empty(sizes, ctype);
     if (cpu::dft_r2c(cpu::contiguous_layout(grid.vec(), B * k, moved), x, out)) return out;
   }
   std::vector<int64_t> dims;

@@ -470,28 +470,20 @@ void forward_chunk(const at::Tensor& x, const TwoPointPlan& plan, const PlanTens
   const char* op = "two_point_stats";
   const int64_t n_state = x.size(1);
   const bool has_mask = mask_view.defined();
-  // fpos: where each forward state's spectrum sits in x_hat. When the backward pass keeps spectra
-  // of states that include the forward's, every kept state is transformed straight into keep and
-  // the forward reads its states there: no copies, and no second transform of the states the
-  // partition relations spared the forward.
-  const int64_t nf = static_cast<int64_t>(plan.fwd_states.size());
-  std::vector<int32_t> fpos(nf);
-  bool via_keep = keep != nullptr;
-  for (int64_t u = 0; u < nf; ++u) {
-    fpos[u] = static_cast<int32_t>(u);
-    if (!via_keep) continue;
-    auto it = std::lower_bound(keep_states.begin(), keep_states.end(), plan.fwd_states[u]);
-    if (it == keep_states.end() || *it != plan.fwd_states[u]) via_keep = false;
-    else fpos[u] = static_cast<int32_t>(it - keep_states.begin());
-  }
-  at::Tensor xs = select_states(x, via_keep ? keep_states : plan.fwd_states);
+  // When the backward pass keeps spectra of states that include the forward's (both lists are
+  // sorted), every kept state is transformed straight into keep and the forward reads its states
+  // there, with no copies. fpos: where each forward state's spectrum sits in x_hat.
+  const bool via_keep = keep != nullptr && std::includes(keep_states.begin(), keep_states.end(),
+                                                         plan.fwd_states.begin(), plan.fwd_states.end());
+  const auto& x_states = via_keep ? keep_states : plan.fwd_states;
+  std::vector<int32_t> fpos;
+  for (const int64_t st : plan.fwd_states)
+    fpos.push_back(static_cast<int32_t>(std::lower_bound(x_states.begin(), x_states.end(), st) - x_states.begin()));
+  at::Tensor xs = select_states(x, x_states);
   if (has_mask) xs = xs * mask_view;
   auto x_hat = rfft_grid(xs, s.grid, false, via_keep ? *keep : at::Tensor());
   check_spectrum_finite(x_hat, op, "x");
-  if (!via_keep) {
-    for (int64_t u = 0; u < nf; ++u) fpos[u] = static_cast<int32_t>(u);
-    if (keep != nullptr) keep_spectra(x, x_hat, plan.fwd_states, keep_states, mask_view, s, *keep);
-  }
+  if (keep != nullptr && !via_keep) keep_spectra(x, x_hat, plan.fwd_states, keep_states, mask_view, s, *keep);
   auto at_pos = [&](std::vector<int32_t>::const_iterator b, std::vector<int32_t>::const_iterator e) {
     std::vector<int32_t> v;
     for (auto it = b; it != e; ++it) v.push_back(fpos[*it]);

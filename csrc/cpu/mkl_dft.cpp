@@ -119,7 +119,8 @@ std::shared_ptr<Plan> plan_for(const DftLayout& l, bool is_double, bool backward
   if (create(&p->h, kReal, static_cast<mkl_long>(nd), lengths.data()) != 0) p->h = nullptr;
   // Variadic arguments in the types DFTI reads: enumerated values as int, counts and distances as
   // MKL_LONG, strides as MKL_LONG arrays, scales as double.
-  bool ok = p->h != nullptr && d.set(p->h, kPlacement, kNotInplace) == 0 && d.set(p->h, kConjugateEvenStorage, kComplexComplex) == 0 &&
+  bool ok = p->h != nullptr && d.set(p->h, kPlacement, kNotInplace) == 0 &&
+            d.set(p->h, kConjugateEvenStorage, kComplexComplex) == 0 &&
             d.set(p->h, kNumberOfTransforms, static_cast<mkl_long>(l.count)) == 0 &&
             d.set(p->h, kInputStrides, backward ? hs.data() : rs.data()) == 0 &&
             d.set(p->h, kOutputStrides, backward ? rs.data() : hs.data()) == 0 &&
@@ -136,7 +137,7 @@ std::shared_ptr<Plan> plan_for(const DftLayout& l, bool is_double, bool backward
 }
 
 bool usable(const DftLayout& l, const at::Tensor& real, const at::Tensor& half) {
-  if (!g_enabled.load() || !dft_available()) return false;
+  if (!dft_enabled()) return false;
   if (!real.device().is_cpu() || !half.device().is_cpu()) return false;
   const auto rt = real.scalar_type();
   if (!((rt == at::kFloat && half.scalar_type() == at::kComplexFloat) ||
