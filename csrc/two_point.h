@@ -26,11 +26,13 @@
 // Errors in an argument's value. A c10::ValueError thrown through a registered operator crashed the
 // process (segmentation fault) on torch 2.11, seen on the lent GPU machine on 2026-11-30, while
 // c10::Error turned into Python's RuntimeError there as it should; torch 2.14 turns c10::ValueError
-// into ValueError. Before 2.14 these errors are therefore raised as RuntimeError: a clear error, not a crash.
+// into ValueError. Before 2.14 these errors are therefore raised as RuntimeError whose message starts
+// with "ValueError: ": a clear error, not a crash, and pymks_vae.ops turns it back into ValueError
+// (ops._raw), so the Python API raises the same class on every torch.
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 14)
 #define PYMKS_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
 #else
-#define PYMKS_CHECK_VALUE(cond, ...) TORCH_CHECK(cond, __VA_ARGS__)
+#define PYMKS_CHECK_VALUE(cond, ...) TORCH_CHECK(cond, "ValueError: ", __VA_ARGS__)
 #endif
 
 namespace pymks_vae {

@@ -25,9 +25,14 @@ def has_extension():
     return _C is not None
 
 
+# Read once: torch.compile cannot trace a call into the pybind module, and ops._use_compiled asks
+# this on every call.
+_HAS_CUDA_KERNELS = _C is not None and bool(_C.build_info()["cuda"])
+
+
 def has_cuda_kernels():
     """True when the compiled module holds CUDA kernels (whether or not a GPU is present)."""
-    return _C is not None and bool(_C.build_info()["cuda"])
+    return _HAS_CUDA_KERNELS
 
 
 def warn_fallback():

@@ -221,8 +221,11 @@ def test_cuda_graph_captures_the_whole_training_step(kind):
             losses.append(float(static_loss))
         expected = [float(twin_step(x, noise)) for _ in range(5)][2:]
     # the replays' losses are those of steps 3-5 of the eager twin (after the 2 warm-up steps);
-    # Adam's nearly sign(g) * lr steps turn rounding differences into small weight changes
-    assert losses == pytest.approx(expected, rel=1e-3)
+    # Adam's nearly sign(g) * lr steps turn rounding differences (the GPU's reduction order differs
+    # between the graph and the eager run) into weight changes of up to lr, so the losses agree to a
+    # few 1e-3 (1.3e-3 seen on an H200)
+    assert losses == pytest.approx(expected, rel=4e-3)
+    assert len(set(losses)) == 3, f"the replays did not update the model: losses {losses}"
 
 
 @pytest.mark.cuda
@@ -248,4 +251,6 @@ def test_cuda_training_loop_syncs_per_epoch_not_per_batch():
 
     two = syncs(2)
     assert two >= 1  # the once-per-epoch read of the loss is seen: the counting works
-    assert syncs(8) == two
+    # not more for 4 times the batches (one fewer was seen on an H200: a one-time sync in the first
+    # measured run); a per-batch sync would add at least 6
+    assert syncs(8) <= two
