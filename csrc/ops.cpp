@@ -179,6 +179,11 @@ PYBIND11_MODULE(_C, m) {
       },
       pybind11::arg("costs"),
       "Override the binary route's costs (a dict), or None to clear the override; returns the previous one");
+  m.def("_binary_route_trials", &pymks_vae::binary_route_trials,
+        "How many kinds of call have had both binary routes timed (route trials)");
+  m.def("_clear_binary_route_trials", &pymks_vae::clear_binary_route_trials, "Forget the route trials");
+  m.def("_set_binary_route_trial_band", &pymks_vae::set_binary_route_trial_band, pybind11::arg("band"),
+        "Time both routes where the model's ratio lies within this band (0: never); returns the previous band");
   m.def(
       "_binary_route_estimate",
       [costs_from_dict](const std::vector<int64_t>& spatial, const std::vector<int64_t>& window, int64_t batch,

@@ -153,6 +153,13 @@ RouteCalibration binary_route_calibration(bool remeasure = false);
 // unless every cost is finite and > 0.
 std::optional<RouteCosts> set_binary_route_costs(const RouteCosts* costs);
 
+// Route trials (two_point_bits.cpp): how many kinds of call have had both routes timed, forgetting
+// them, and the band of the model's count/transform ratio (and its inverse) inside which a new kind
+// is timed (0 or 1: never; default 3). The band returned is the previous one.
+int64_t binary_route_trials();
+void clear_binary_route_trials();
+double set_binary_route_trial_band(double band);
+
 // The route chooser's estimate for one call on binary input of `batch` fields of shape `spatial`
 // and a window of lags `window`, in nanoseconds: the counting route and the transforms route, under `costs`. check_partition:
 // the call may use the partition relations (partition=None, periodic, n_state >= 2); the estimate

@@ -274,6 +274,10 @@ def _run_two_point_stats(x, pairs, periodic, cutoff, window, mask, partition):
     if not _use_compiled(x):
         _check_finite_eager("two_point_stats", x=x, mask=mask)
         return reference.two_point_stats_ref(x, pairs, periodic=periodic, cutoff=cutoff, mask=mask)
+    if _TAGGED_VALUE_ERRORS and mask is not None:
+        # Before torch 2.14 the kernel's own mask check crashed the process (torch 2.11 on the lent
+        # GPU machine, docs/benchmarks.md): check the mask's values here first.
+        _check_finite_eager("two_point_stats", mask=mask)
     args = (x, [p[0] for p in pairs], [p[1] for p in pairs], periodic, list(window), mask, _PARTITION_MODE[partition])
     if x.requires_grad and torch.is_grad_enabled():
         # The variant that also returns the spectra of x, so that the backward transforms no field.
@@ -335,7 +339,8 @@ def binary_route_calibration(remeasure=False):
 
     Args:
         remeasure: measure this thread count's costs again now (when they are measured ones: set
-            or environment costs stay as they are).
+            or environment costs stay as they are), and forget the route trials (where the model
+            was unsure, the first call of each kind timed both routes: docs/two_point_stats.md).
 
     Returns:
         dict with ``costs`` (dict of nanoseconds: ``word_ns`` per word counted, ``call_ns`` per

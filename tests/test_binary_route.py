@@ -9,6 +9,7 @@ matter of speed: benchmarks/bench_route.py, not these tests.
 """
 import doctest
 import math
+import os
 import threading
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 import pymks_vae
 from pymks_vae import ops
+from pymks_vae._extension import _C
 
 BEST = pymks_vae.build_info()["cpu_count_kernel"]
 NAMES = ("word_ns", "call_ns", "rotate_ns", "pack_f32_ns", "pack_f64_ns", "fft_f32_ns", "fft_f64_ns")
@@ -33,7 +35,12 @@ def route(monkeypatch):
     monkeypatch.setenv("PYMKS_VAE_BINARY_PATH", "auto")
     monkeypatch.delenv("PYMKS_VAE_ROUTE_COSTS", raising=False)
     prev = ops.set_binary_route_costs(None)
+    # No route trials: these tests ask what the cost model decides (the trials have their own).
+    band = _C._set_binary_route_trial_band(0.0)
+    _C._clear_binary_route_trials()
     yield monkeypatch
+    _C._set_binary_route_trial_band(band)
+    _C._clear_binary_route_trials()
     ops.set_binary_route_costs(prev)
 
 
@@ -306,3 +313,68 @@ def test_measured_costs_route_the_operator_as_estimated(route):
         counting = ops.binary_route(shape, PAIRS, cutoff=cutoff)["route"] == "counting"
         assert torch.equal(auto, counted if counting else transformed), (shape, cutoff)
         np.testing.assert_allclose(auto.numpy(), counted.numpy(), rtol=0, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- route trials
+def _routes(x, cutoff):
+    """The counted and the transformed statistics of x (each route forced)."""
+    env = os.environ.get("PYMKS_VAE_BINARY_PATH")
+    try:
+        os.environ["PYMKS_VAE_BINARY_PATH"] = BEST
+        counted = ops.two_point_stats(x, PAIRS, cutoff=cutoff)
+        os.environ["PYMKS_VAE_BINARY_PATH"] = "off"
+        transformed = ops.two_point_stats(x, PAIRS, cutoff=cutoff)
+    finally:
+        os.environ["PYMKS_VAE_BINARY_PATH"] = env
+    assert not torch.equal(counted, transformed)
+    return counted, transformed
+
+
+@pytest.mark.skipif(BEST == "generic", reason="no counting kernel the cost model uses on this CPU")
+@pytest.mark.parametrize("shape,cutoff,faster", [
+    ((16, 2, 48, 48, 48), 1, "counting"),   # about 6x faster than the transforms on the development VM
+    ((2, 2, 32, 32, 32), None, "transforms"),  # about 6x faster than counting there
+])
+def test_route_trial_times_both_routes_once_and_keeps_the_faster(route, shape, cutoff, faster):
+    # Band 1e9: every call is a trial candidate, whatever the measured costs say.
+    _C._set_binary_route_trial_band(1e9)
+    x = one_hot(shape, torch.float32)
+    counted, transformed = _routes(x, cutoff)
+    assert _C._binary_route_trials() == 0
+    first = ops.two_point_stats(x, PAIRS, cutoff=cutoff)
+    assert torch.equal(first, counted)  # the trial's own call returns the counted (exact) result
+    assert _C._binary_route_trials() == 1
+    for _ in range(2):  # the calls of that kind that follow take the route timed faster, untimed
+        assert torch.equal(ops.two_point_stats(x, PAIRS, cutoff=cutoff), counted if faster == "counting" else transformed)
+    assert _C._binary_route_trials() == 1
+    # another kind of call (another batch size) is timed on its own
+    ops.two_point_stats(x[:1], PAIRS, cutoff=cutoff)
+    assert _C._binary_route_trials() == 2
+    # measuring the costs again forgets the trials
+    ops.binary_route_calibration(remeasure=True)
+    assert _C._binary_route_trials() == 0
+
+
+@pytest.mark.skipif(BEST == "generic", reason="no counting kernel the cost model uses on this CPU")
+def test_no_route_trial_outside_the_band_under_set_costs_or_for_non_binary_input(route):
+    x = one_hot((16, 2, 48, 48, 48), torch.float32)
+    _C._set_binary_route_trial_band(1e9)
+    ops.set_binary_route_costs(FITTED)  # set costs fix the route: never overridden
+    ops.two_point_stats(x, PAIRS, cutoff=1)
+    ops.set_binary_route_costs(None)
+    route.setenv("PYMKS_VAE_ROUTE_COSTS", "fitted")
+    ops.two_point_stats(x, PAIRS, cutoff=1)
+    route.delenv("PYMKS_VAE_ROUTE_COSTS")
+    ops.two_point_stats(x * 0.5, PAIRS, cutoff=1)  # not binary: the transforms, nothing to time
+    _C._set_binary_route_trial_band(1.0)  # an empty band
+    ops.two_point_stats(x, PAIRS, cutoff=1)
+    assert _C._binary_route_trials() == 0
+    _C._set_binary_route_trial_band(1e9)
+    ops.two_point_stats(x, PAIRS, cutoff=1)
+    assert _C._binary_route_trials() == 1
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_route_trial_band_rejects_bad_values(bad):
+    with pytest.raises(RuntimeError, match="band must be a finite number >= 0"):
+        _C._set_binary_route_trial_band(bad)

@@ -956,6 +956,7 @@ RouteCalibration calibration_for(const CountKernel& k, bool remeasure = false) {
 const char* binary_count_kernel() { return best_kernel().name; }
 
 RouteCalibration binary_route_calibration(bool remeasure) {
+  if (remeasure) clear_binary_route_trials();  // they were timed under the costs being replaced
   const CountKernel k = best_kernel();
   if (k.ns_per_word <= 0.0) {  // this CPU never counts by itself: nothing to measure
     RouteCalibration cal;
@@ -1008,13 +1009,123 @@ RouteEstimate binary_route_estimate(const std::vector<int64_t>& spatial, const s
   return e;
 }
 
+// ------------------------------------------------------------------ route trials
+// The measured costs come from small probes that sit in cache; on a large input the two routes can
+// scale otherwise (on an Intel Xeon, 2 threads, the model put counting 32 x 224^2 at cutoff 20 at
+// 0.91 of the transforms where it took 1.68 of them). Where the model's two estimates lie within
+// a factor g_trial_band of each other, the first call of a kind (shape, window, states, dtype,
+// thread count) therefore times both routes on its own input, keeps the counted result, and
+// remembers the faster route for the calls of that kind that follow. Set or environment costs are
+// never overridden (they exist to fix the route).
+namespace {
+
+std::mutex g_trials_mutex;
+std::map<std::vector<int64_t>, bool> g_trials;  // kind -> counting was faster
+double g_trial_band = 3.0;                      // 0: no trials
+constexpr size_t kMaxTrials = 256;
+
+std::vector<int64_t> trial_key(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req,
+                               bool check_partition, bool periodic, const Geometry& g) {
+  std::vector<int64_t> k{effective_threads(), x.scalar_type() == at::kFloat, periodic, check_partition, x.size(0),
+                         x.size(1), g.ndim};
+  for (int d = 0; d < g.ndim; ++d) {
+    k.push_back(g.n[d]);
+    k.push_back(g.m[d]);
+    k.push_back(g.w[d]);
+  }
+  for (const auto& [i, j] : req) {
+    k.push_back(i);
+    k.push_back(j);
+  }
+  return k;
+}
+
+// Counts into out and times both routes (the transforms into a scratch tensor): one round, a second
+// where the first is within 30%, the faster of each kept. False where x is not binary after all.
+bool trial_routes(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
+                  bool periodic, const Geometry& g, const Choice& c, const std::vector<int64_t>& key, at::Tensor& out) {
+  Choice counting = c;
+  counting.forced = true;
+  std::vector<int64_t> pi, pj, window(g.w, g.w + g.ndim);
+  for (const auto& [i, j] : req) {
+    pi.push_back(i);
+    pj.push_back(j);
+  }
+  double t_count = std::numeric_limits<double>::infinity(), t_transform = t_count;
+  for (int round = 0; round < 2; ++round) {
+    auto t0 = std::chrono::steady_clock::now();
+    if (!binary_stats_with(x, req, check_partition, periodic, g, counting, out)) return false;
+    t_count = std::min(t_count, seconds_since(t0));
+    const bool prev = tl_transforms_only;
+    tl_transforms_only = true;
+    t0 = std::chrono::steady_clock::now();
+    try {
+      two_point_forward(x, pi, pj, periodic, window, c10::nullopt, check_partition ? 2 : 0, cpu_two_point_backend());
+    } catch (...) {
+      tl_transforms_only = prev;
+      throw;
+    }
+    t_transform = std::min(t_transform, seconds_since(t0));
+    tl_transforms_only = prev;
+    if (std::max(t_count, t_transform) > 1.3 * std::min(t_count, t_transform)) break;
+  }
+  std::lock_guard<std::mutex> lock(g_trials_mutex);
+  if (g_trials.size() >= kMaxTrials) g_trials.clear();
+  g_trials[key] = t_count <= t_transform;
+  return true;
+}
+
+}  // namespace
+
 bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
                       bool periodic, const Geometry& g, at::Tensor& out) {
   check_partition = check_partition && periodic;  // the relations hold for periodic statistics only
   Choice c = read_choice();
   if (c.off || (!c.forced && c.kernel.ns_per_word <= 0.0)) return false;
-  if (!c.forced) c.costs = calibration_for(c.kernel).costs;
+  if (c.forced) return binary_stats_with(x, req, check_partition, periodic, g, c, out);
+  const RouteCalibration cal = calibration_for(c.kernel);
+  c.costs = cal.costs;
+  double band;
+  {
+    std::lock_guard<std::mutex> lock(g_trials_mutex);
+    band = g_trial_band;
+  }
+  if (cal.source != "measured" || band <= 1.0) return binary_stats_with(x, req, check_partition, periodic, g, c, out);
+  const Plans plans = make_plans(req, x.size(1), check_partition);
+  const ModelParts m = model_parts(plans.check_partition ? plans.with_partition : plans.direct, g, periodic, c.costs,
+                                   x.scalar_type() == at::kFloat);
+  const double ratio = (m.pack_ns + m.rest_ns) / m.fft_ns;
+  if (!(ratio > 1.0 / band && ratio < band)) return binary_stats_with(x, req, check_partition, periodic, g, c, out);
+  const std::vector<int64_t> key = trial_key(x, req, check_partition, periodic, g);
+  std::optional<bool> known;
+  {
+    std::lock_guard<std::mutex> lock(g_trials_mutex);
+    const auto it = g_trials.find(key);
+    if (it != g_trials.end()) known = it->second;
+  }
+  if (!known) return trial_routes(x, req, check_partition, periodic, g, c, key, out);
+  if (!*known) return false;
+  c.forced = true;  // counting was measured faster for this kind of call
   return binary_stats_with(x, req, check_partition, periodic, g, c, out);
+}
+
+int64_t binary_route_trials() {
+  std::lock_guard<std::mutex> lock(g_trials_mutex);
+  return static_cast<int64_t>(g_trials.size());
+}
+
+void clear_binary_route_trials() {
+  std::lock_guard<std::mutex> lock(g_trials_mutex);
+  g_trials.clear();
+}
+
+double set_binary_route_trial_band(double band) {
+  TORCH_CHECK(std::isfinite(band) && band >= 0.0, "set_binary_route_trial_band: band must be a finite number >= 0, got ",
+              band);
+  std::lock_guard<std::mutex> lock(g_trials_mutex);
+  const double prev = g_trial_band;
+  g_trial_band = band;
+  return prev;
 }
 
 }  // namespace pymks_vae
