@@ -64,6 +64,27 @@ fi
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" \
   | tee "$OUT/stack.txt"
 
+# The image's c++ is a GCC of its own (/opt/gcc) and may be newer than the libstdc++ the Python
+# process loads (the system's, which torch was built against). libstdc++ runs code built by older
+# compilers, not by newer ones: the first two checks there (2026-11-30) crashed in every kernel error
+# message that formats a number, and torch 2.11 built here with the system's GCC 12 does not. So the
+# check runs with the compiler's own libstdc++ loaded first where it is the newer one.
+newest_glibcxx() { grep -a -o 'GLIBCXX_3\.4\.[0-9]*' "$1" 2> /dev/null | sort -V | tail -1; }
+CXX_LIB="$(readlink -f "$("${CXX:-c++}" -print-file-name=libstdc++.so.6 2> /dev/null)" 2> /dev/null)"
+PY_LIB="$("$PY" -c "import torch; print(next((l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l), ''))")"
+PY_LIB="$(readlink -f "$PY_LIB" 2> /dev/null)"
+{
+  echo "c++: $("${CXX:-c++}" --version 2> /dev/null | head -1)"
+  echo "compiler's libstdc++: ${CXX_LIB:-?} ($(newest_glibcxx "$CXX_LIB"))"
+  echo "python's libstdc++:   ${PY_LIB:-?} ($(newest_glibcxx "$PY_LIB"))"
+} | tee "$OUT/toolchain.txt"
+if [ -f "$CXX_LIB" ] && [ -f "$PY_LIB" ] && [ "$CXX_LIB" != "$PY_LIB" ] &&
+  [ "$(printf '%s\n%s\n' "$(newest_glibcxx "$CXX_LIB")" "$(newest_glibcxx "$PY_LIB")" | sort -V | tail -1)" = "$(newest_glibcxx "$CXX_LIB")" ] &&
+  [ "$(newest_glibcxx "$CXX_LIB")" != "$(newest_glibcxx "$PY_LIB")" ]; then
+  export LD_PRELOAD="$CXX_LIB${LD_PRELOAD:+:$LD_PRELOAD}"
+  echo "LD_PRELOAD=$LD_PRELOAD (the compiler's libstdc++ is the newer)" | tee -a "$OUT/toolchain.txt"
+fi
+
 # The build: a failure stops the check (every later step would only repeat it), with the full log kept.
 # A module left from an earlier build must not pass for this one.
 rm -f pymks_vae/_C*.so
@@ -71,6 +92,25 @@ if ! step build 300 "$PY" setup.py build_ext --inplace; then
   echo "gpu_check: the build failed; the last lines of $OUT/build.log:" >&2
   tail -40 "$OUT/build.log" >&2
   finish
+fi
+
+# The diagnosis above, checked: an argument error whose message formats a number, raised through a
+# registered operator, with the libstdc++ the check runs with (it must arrive as ValueError) and, in
+# a separate process, without the preload (where the crash came from).
+cat > "$OUT/value_error_probe.py" <<'PY'
+import torch
+
+import pymks_vae  # noqa: F401
+
+x = torch.rand(2, 2, 6, 7, dtype=torch.float64)
+try:
+    torch.ops.pymks_vae.two_point_stats(x, [0, 5], [1, 1], True, [6, 7], None, 0)
+except ValueError as exc:
+    print("ValueError:", exc)
+PY
+step value_error_probe 30 "$PY" "$OUT/value_error_probe.py"
+if [ -n "${LD_PRELOAD:-}" ]; then
+  step value_error_probe_no_preload 30 env -u LD_PRELOAD "$PY" "$OUT/value_error_probe.py"
 fi
 
 # The CUDA kernels must be in the module and registered before any test runs: a build that silently

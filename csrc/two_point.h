@@ -16,24 +16,10 @@
 
 #include "spectral.h"
 
-// TORCH_VERSION_* (see ops.cpp for why two headers).
-#if __has_include(<torch/headeronly/version.h>)
-#include <torch/headeronly/version.h>
-#else
-#include <torch/version.h>
-#endif
-
-// Errors in an argument's value. A c10::ValueError thrown through a registered operator crashed the
-// process (segmentation fault) on torch 2.11, seen on the lent GPU machine on 2026-11-30, while
-// c10::Error turned into Python's RuntimeError there as it should; torch 2.14 turns c10::ValueError
-// into ValueError. Before 2.14 these errors are therefore raised as RuntimeError whose message starts
-// with "ValueError: ": a clear error, not a crash, and pymks_vae.ops turns it back into ValueError
-// (ops._raw), so the Python API raises the same class on every torch.
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 14)
+// Errors in an argument's value: Python's ValueError. (A crash of these on the lent GPU machine,
+// torch 2.11, came from building there with a g++ newer than the libstdc++ the process loads, not
+// from torch: benchmarks/gpu_check.sh.)
 #define PYMKS_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
-#else
-#define PYMKS_CHECK_VALUE(cond, ...) TORCH_CHECK(cond, "ValueError: ", __VA_ARGS__)
-#endif
 
 namespace pymks_vae {
 

@@ -75,25 +75,6 @@ def data_checks(enabled=True):
 _REDUCTIONS = ("sum", "batchmean", "mean", "none")
 _PARTITION_MODE = {False: 0, True: 1, None: 2}
 
-# Before torch 2.14 the kernels raise their argument-value errors as RuntimeError tagged "ValueError: "
-# (csrc/two_point.h says why); the Python API turns them back into ValueError.
-_VALUE_ERROR_TAG = "ValueError: "
-_TAGGED_VALUE_ERRORS = torch.__version__ < (2, 14)
-
-
-def _raw(op, *args):
-    """``op(*args)`` for a registered ``torch.ops.pymks_vae`` operator, its value errors as ValueError
-    on every torch version."""
-    if not _TAGGED_VALUE_ERRORS:
-        return op(*args)
-    try:
-        return op(*args)
-    except RuntimeError as exc:
-        msg = str(exc)
-        if msg.startswith(_VALUE_ERROR_TAG):
-            raise ValueError(msg[len(_VALUE_ERROR_TAG):]) from None
-        raise
-
 
 # ----------------------------------------------------------------------------- validation
 def _check_field(name, t, op):
@@ -274,15 +255,11 @@ def _run_two_point_stats(x, pairs, periodic, cutoff, window, mask, partition):
     if not _use_compiled(x):
         _check_finite_eager("two_point_stats", x=x, mask=mask)
         return reference.two_point_stats_ref(x, pairs, periodic=periodic, cutoff=cutoff, mask=mask)
-    if _TAGGED_VALUE_ERRORS and mask is not None:
-        # Before torch 2.14 the kernel's own mask check crashed the process (torch 2.11 on the lent
-        # GPU machine, docs/benchmarks.md): check the mask's values here first.
-        _check_finite_eager("two_point_stats", mask=mask)
     args = (x, [p[0] for p in pairs], [p[1] for p in pairs], periodic, list(window), mask, _PARTITION_MODE[partition])
     if x.requires_grad and torch.is_grad_enabled():
         # The variant that also returns the spectra of x, so that the backward transforms no field.
-        return _raw(torch.ops.pymks_vae.two_point_stats_spectra, *args)[0]
-    return _raw(torch.ops.pymks_vae.two_point_stats, *args)
+        return torch.ops.pymks_vae.two_point_stats_spectra(*args)[0]
+    return torch.ops.pymks_vae.two_point_stats(*args)
 
 
 def _check_finite_eager(op, **tensors):
@@ -530,7 +507,7 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
         pi = [p[0] for p in pairs]
         pj = [p[1] for p in pairs]
         need_grad = x.requires_grad and torch.is_grad_enabled()
-        per_sample = _raw(torch.ops.pymks_vae.stats_loss, x, target, pi, pj, float(scale), need_grad)[0]
+        per_sample = torch.ops.pymks_vae.stats_loss(x, target, pi, pj, float(scale), need_grad)[0]
         return reference.reduce_per_sample(per_sample, reduction, len(pairs) * math.prod(window))
     if _use_compiled(x):
         # A window, weights or zero padding: the general fused kernel (statistics of x and target
@@ -540,8 +517,8 @@ def spatial_stats_loss(x, target, *, correlations=((0, 0),), periodic=True, cuto
         need_grad = (x.requires_grad or (offset is not None and offset.requires_grad)) and torch.is_grad_enabled()
         if weight is not None:
             weight = weight.expand((len(pairs),) + tuple(window)).contiguous()
-        per_sample = _raw(
-            torch.ops.pymks_vae.stats_loss_window, x, target, pi, pj, periodic, list(window), weight, offset, float(scale), need_grad)[0]
+        per_sample = torch.ops.pymks_vae.stats_loss_window(
+            x, target, pi, pj, periodic, list(window), weight, offset, float(scale), need_grad)[0]
         return reference.reduce_per_sample(per_sample, reduction, len(pairs) * math.prod(window))
     fx = _stats_of("x", x, pairs, periodic, cutoff, op)
     ft = _stats_of("target", target, pairs, periodic, cutoff, op)

@@ -108,22 +108,3 @@ def test_cuda_kernels_built_for_this_gpu():
                  "two_point_stats_backward_spectra", "stats_loss", "stats_loss_backward", "stats_loss_window",
                  "stats_loss_window_backward"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pymks_vae::{name}", "CUDA"), name
-
-
-@pytest.mark.parametrize("tagged", [False, True])
-def test_raw_op_value_errors_reach_python_as_value_error(monkeypatch, tagged):
-    # Before torch 2.14 the kernels raise value errors as RuntimeError("ValueError: ..."), which
-    # ops._raw turns back into ValueError; other RuntimeErrors pass through unchanged.
-    from pymks_vae import ops
-
-    monkeypatch.setattr(ops, "_TAGGED_VALUE_ERRORS", tagged)
-
-    def kernel(message):
-        raise RuntimeError(message)
-
-    with pytest.raises(ValueError if tagged else RuntimeError, match=r"^two_point_stats: x contains NaN$"
-                       if tagged else "ValueError: two_point_stats"):
-        ops._raw(kernel, "ValueError: two_point_stats: x contains NaN")
-    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
-        ops._raw(kernel, "two_point_stats: x must be float32 or float64")
-    assert ops._raw(lambda a, b: a + b, 2, 3) == 5
