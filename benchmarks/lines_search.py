@@ -55,11 +55,20 @@ def parse_args(argv=None):
     p.add_argument("--same-start", action="store_true",
                    help="start every image from the same random drawing (as an untrained network does) instead of its own")
     p.add_argument("--checkpoint", help="a spatial_stats.pt of train_lines.py: read the model too")
+    p.add_argument("--pca", type=int, nargs="+", default=[],
+                   help="also search against each image's statistics reconstructed from K principal components "
+                        "(fitted on --pca-train other images): how many numbers of the statistics the count needs")
+    p.add_argument("--pca-train", type=int, default=2100,
+                   help="training images of the principal components (default 2100, train_lines' training set size)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--figures", help="folder for search.png (and model.png): originals beside the drawings, "
                                      "and their autocorrelations")
     a = p.parse_args(argv)
+    if any(k < 1 for k in a.pca) or a.pca_train < 2:
+        p.error("--pca values must be >= 1 and --pca-train >= 2")
+    if a.pca and max(a.pca) > min(a.pca_train, a.size * a.size):
+        p.error("--pca K must not exceed --pca-train nor the number of statistics (size^2)")
     for name in ("images", "restarts", "steps", "size", "n_strokes", "threads"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -104,6 +113,44 @@ def search(draw, params, loss_fn, target, steps, lr):
         return drawn, loss_fn.stats_error(drawn, target, reduction="none")
 
 
+def search_statistics(draw, params, loss_fn, target, norm, steps, lr):
+    """:func:`search` against given statistics ``target`` (``loss_fn.statistics``' shape): the summed
+    squared difference over ``norm`` (any positive number: it scales every loss alike)."""
+    def error(drawn):
+        return (loss_fn.statistics(loss_fn.indicators(drawn)) - target).pow(2).flatten(1).sum(1) / norm
+
+    params.requires_grad_(True)
+    opt = torch.optim.Adam([params], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        error(draw(params)).sum().backward()
+        opt.step()
+    with torch.no_grad():
+        drawn = draw(params)
+        return drawn, error(drawn)
+
+
+def pca_statistics(loss_fn, train, held_out, k):
+    """The held-out images' statistics reconstructed from the ``k`` principal components of the
+    training images' statistics (scikit-learn's PCA), and the fraction of their variance (about the
+    training mean) left unexplained, per image.
+
+    Returns:
+        (reconstructed statistics shaped like ``loss_fn.statistics``, unexplained fractions, the
+        training statistics' total variance per image).
+    """
+    from sklearn.decomposition import PCA
+
+    f_train = loss_fn.target_statistics(train).flatten(1).double().numpy()
+    f_held = loss_fn.target_statistics(held_out)
+    flat = f_held.flatten(1).double().numpy()
+    pca = PCA(n_components=k, svd_solver="full").fit(f_train)
+    rec = pca.inverse_transform(pca.transform(flat))
+    total = float(((f_train - f_train.mean(0)) ** 2).sum(1).mean())
+    fvu = ((rec - flat) ** 2).sum(1) / total
+    return torch.from_numpy(rec).to(f_held.dtype).view_as(f_held), fvu, total
+
+
 def best_of(drawn, losses, restarts):
     n = drawn.shape[0] // restarts
     best = losses.view(n, restarts).argmin(1)
@@ -130,6 +177,7 @@ def main(argv=None):
     start = torch.randn(a.images * r, k * StrokeDecoder.N_PARAMS, generator=gen)
     if a.same_start:  # restart j of every image from the same drawing
         start = start[:r].repeat(a.images, 1)
+    fresh_start = start.clone()  # the search moves start itself; the PCA searches begin where it began
     drawn, losses = search(dec, start, loss_fn, x.repeat_interleave(r, 0), a.steps, a.lr)
     # the line phase the straight-through statistics see (as the model's binary strokes draw it);
     # the grey drawing also holds faint bars above one half that the statistics ignore
@@ -143,6 +191,20 @@ def main(argv=None):
         os.makedirs(a.figures, exist_ok=True)
         plotting.reconstruction_grid(images, best, os.path.join(a.figures, "search.png"), n=6)
     print(f"[lines_search] stroke search {time.time() - t0:.0f} s", flush=True)
+
+    if a.pca:
+        train, _, _ = generate_lines(range(a.pca_train), size=a.size, seed=a.data_seed + 1)
+        train = torch.from_numpy(train)[:, None]
+        for k_pc in a.pca:
+            target, fvu, total = pca_statistics(loss_fn, train, x, k_pc)
+            drawn, losses = search_statistics(dec, fresh_start.clone(), loss_fn, target.repeat_interleave(r, 0), total,
+                                              a.steps, a.lr)
+            drawn = (drawn >= 0.5).to(drawn.dtype)
+            name = f"search from {k_pc} principal components of the statistics, best of {r} starts"
+            results[name] = read(best_of(drawn, losses, r)[:, 0].numpy(), orientation, n_lines)
+            results[name]["unexplained_variance_median"] = float(np.median(fvu))
+            print(f"[lines_search] PCA {k_pc}: unexplained variance median {np.median(fvu):.3f}, "
+                  f"{time.time() - t0:.0f} s", flush=True)
 
     if model is not None:
         for p in model.parameters():

@@ -83,3 +83,34 @@ def test_a_bar_wrapped_across_the_edge_reads_as_one():
     rolled = lines_search.roll_to_gaps(img)
     assert evaluation.analyse_lines(rolled, level=0.5, min_area=1)[1].tolist() == [1]
     assert np.array_equal(np.sort(rolled.ravel()), np.sort(img.ravel()))
+
+
+def test_pca_statistics_reconstruct_exactly_with_every_component_and_lose_variance_with_few():
+    imgs, _, _ = lines_search.generate_lines(range(30), size=16, seed=3)
+    held, _, _ = lines_search.generate_lines(range(5), size=16, seed=4)
+    train, held = torch.from_numpy(imgs)[:, None], torch.from_numpy(held)[:, None]
+    loss_fn = SpatialStatsLoss(states=(0.0,), indicator="straight_through").calibrate(train)
+    true = loss_fn.target_statistics(held)
+    # 29 components span the 30 centred training statistics; held-out ones need not lie in that span,
+    # but the training images themselves must come back exactly
+    rec, fvu, total = lines_search.pca_statistics(loss_fn, train, train[:5], 29)
+    torch.testing.assert_close(rec, loss_fn.target_statistics(train[:5]), rtol=0, atol=1e-6)
+    assert total > 0 and np.all(fvu < 1e-9)
+    rec1, fvu1, _ = lines_search.pca_statistics(loss_fn, train, held, 1)
+    rec5, fvu5, _ = lines_search.pca_statistics(loss_fn, train, held, 5)
+    assert rec1.shape == true.shape
+    assert np.median(fvu5) < np.median(fvu1)  # more components, less left unexplained
+
+
+def test_tiny_run_with_pca_reports_its_readings():
+    results = lines_search.main(["--images", "3", "--restarts", "2", "--steps", "2", "--size", "16",
+                                 "--pca", "2", "4", "--pca-train", "20"])
+    for k in (2, 4):
+        res = results[f"search from {k} principal components of the statistics, best of 2 starts"]
+        assert sum(res["count_histogram"]) == 3 and 0.0 <= res["unexplained_variance_median"]
+
+
+@pytest.mark.parametrize("args", [["--pca", "0"], ["--pca-train", "1"], ["--pca", "30", "--pca-train", "20"]])
+def test_bad_pca_arguments_are_refused(args):
+    with pytest.raises(SystemExit):
+        lines_search.parse_args(args)
