@@ -119,7 +119,7 @@ def time_case(case, kernel, rounds, repeats):
     best = min(("transforms", "counting"), key=lambda name: med[name])
     text, stats = ratio_summary(ratios)
     est = ops.binary_route(x.shape, PAIRS, periodic=periodic, cutoff=cutoff, dtype=dtype)
-    ratio = est["count_ms"] / est["transform_ms"]
+    ratio, band = est["count_ms"] / est["transform_ms"], trial_band()
     row = {
         "case": f"{B}x" + "x".join(map(str, spatial)),
         "cutoff": cutoff,
@@ -128,8 +128,8 @@ def time_case(case, kernel, rounds, repeats):
         "transforms ms": f"{med['transforms'] * 1e3:.2f}",
         "counting ms": f"{med['counting'] * 1e3:.2f}",
         "auto ms": f"{med['auto'] * 1e3:.2f}",
-        "est. count/transform": f"{est['count_ms'] / est['transform_ms']:.2f}",
-        "decided by": "trial" if 1 / trial_band() < ratio < trial_band() else "model",
+        "est. count/transform": f"{ratio:.2f}",
+        "decided by": "trial" if 1 / band < ratio < band else "model",
         "auto took": taken,
         "faster": best,
         "auto / faster": text,

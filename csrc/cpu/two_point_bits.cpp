@@ -215,8 +215,17 @@ struct Choice {
   RouteCosts costs{};  // the cost model's, when not forced
 };
 
-// Set while the calibration times the transforms route, which must not count (nor calibrate).
+// Set while the calibration or a route trial times the transforms route, which must not count (nor
+// calibrate); TransformsOnly sets it for a scope and puts the previous value back, also on a throw.
 thread_local bool tl_transforms_only = false;
+
+struct TransformsOnly {
+  bool prev = tl_transforms_only;
+  TransformsOnly() { tl_transforms_only = true; }
+  ~TransformsOnly() { tl_transforms_only = prev; }
+  TransformsOnly(const TransformsOnly&) = delete;
+  TransformsOnly& operator=(const TransformsOnly&) = delete;
+};
 
 Choice read_choice() {
   Choice c;
@@ -849,15 +858,8 @@ RouteCalibration measure_costs(const CountKernel& k, int threads) {
     TORCH_INTERNAL_ASSERT(binary_stats_with(x, req, true, true, g, forced, out), "route calibration: probe not counted");
   };
   auto transform = [&](const at::Tensor& x) {
-    const bool prev = tl_transforms_only;
-    tl_transforms_only = true;
-    try {
-      two_point_forward(x, pi, pj, true, {gl.w[0], gl.w[1]}, c10::nullopt, 2, cpu_two_point_backend());
-    } catch (...) {
-      tl_transforms_only = prev;
-      throw;
-    }
-    tl_transforms_only = prev;
+    const TransformsOnly only;
+    two_point_forward(x, pi, pj, true, {gl.w[0], gl.w[1]}, c10::nullopt, 2, cpu_two_point_backend());
   };
   const std::function<void()> probes[] = {[&] { count(x32, gs); }, [&] { count(x32, gl); }, [&] { count(x64, gs); },
                                           [&] { transform(x32); }, [&] { transform(x64); }};
@@ -1056,17 +1058,12 @@ bool trial_routes(const at::Tensor& x, const std::vector<std::pair<int64_t, int6
     auto t0 = std::chrono::steady_clock::now();
     if (!binary_stats_with(x, req, check_partition, periodic, g, counting, out)) return false;
     t_count = std::min(t_count, seconds_since(t0));
-    const bool prev = tl_transforms_only;
-    tl_transforms_only = true;
     t0 = std::chrono::steady_clock::now();
-    try {
+    {
+      const TransformsOnly only;
       two_point_forward(x, pi, pj, periodic, window, c10::nullopt, check_partition ? 2 : 0, cpu_two_point_backend());
-    } catch (...) {
-      tl_transforms_only = prev;
-      throw;
     }
     t_transform = std::min(t_transform, seconds_since(t0));
-    tl_transforms_only = prev;
     if (std::max(t_count, t_transform) > 1.3 * std::min(t_count, t_transform)) break;
   }
   std::lock_guard<std::mutex> lock(g_trials_mutex);
