@@ -39,6 +39,7 @@ from pymks_vae import evaluation, plotting  # noqa: E402
 from pymks_vae.datasets import generate_lines  # noqa: E402
 from pymks_vae.losses import SpatialStatsLoss  # noqa: E402
 from pymks_vae.models.decoder import StrokeDecoder  # noqa: E402
+from pymks_vae.reconstruction import roll_to_gaps  # noqa: E402,F401  (also read by the tests)
 from pymks_vae.training import load_model  # noqa: E402
 
 
@@ -77,21 +78,6 @@ def parse_args(argv=None):
     if not a.lr > 0:
         p.error("--lr must be > 0")
     return a
-
-
-def roll_to_gaps(images, level=0.5):
-    """Each image rolled (periodically) so that a row and a column without line pixels sit at its edges.
-
-    The periodic statistics cannot tell a bar from the same bar wrapped across the image edge,
-    which a reading of connected components counts as two; rolling to an empty row and column
-    first reads every drawing as one of its periodic translations that does not cut a bar.
-    """
-    out = images.copy()
-    for i, img in enumerate(images):
-        dark = img < level
-        rows, cols = np.flatnonzero(~dark.any(1)), np.flatnonzero(~dark.any(0))
-        out[i] = np.roll(img, (-rows[0] if rows.size else 0, -cols[0] if cols.size else 0), axis=(0, 1))
-    return out
 
 
 def read(images, orientation, n_lines):

@@ -1,7 +1,10 @@
 """Replicate the paper's lines experiment: a spatial-statistics VAE against a vanilla VAE.
 
 With no arguments (``make train``) it runs a CPU-sized configuration in a few minutes: 64x64
-lines images, the small CNN encoder/decoder, latent size 9. ``--config paper`` selects the
+lines images, latent size 32; the spatial-statistics model is a :class:`~pymks_vae.models.stats_vae.StatsVAE`
+(it encodes and decodes the images' autocovariance, and its reconstructions are drawn from the
+decoded statistics by :func:`~pymks_vae.reconstruction.draw_strokes`), the vanilla VAE the small
+CNN encoder/decoder (docs/replication.md says why). ``--config paper`` selects the
 paper's setup (224x224, 100,000 images, frozen ImageNet ResNet-152 given by ``--weights PATH``,
 latent 9, 1500 epochs (400 for the vanilla VAE), batch 32, lr 1e-3, beta 1) for a GPU.
 
@@ -11,7 +14,7 @@ the paper's), PNG figures and one checkpoint per model under ``checkpoints/`` (`
 continues an interrupted run).
 
 Usage:
-    python examples/train_lines.py                      # CPU default, ~2-3 minutes on 2 cores
+    python examples/train_lines.py                      # CPU default, ~4-5 minutes on 2 cores
     python examples/train_lines.py --epochs 40 --n-images 6000 --out results/lines_long
     python examples/train_lines.py --config paper --weights /data/resnet152-f82ba261.pth --device cuda
     torchrun --nproc_per_node=4 examples/train_lines.py --config paper --weights /data/resnet152-f82ba261.pth
@@ -24,6 +27,7 @@ records ``world_size`` and ``global_batch_size``.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import time
@@ -33,12 +37,15 @@ import torch
 
 from pymks_vae import distributed, evaluation, plotting
 from pymks_vae.datasets import LinesDataset, generate_lines, train_val_split
-from pymks_vae.losses import DataSpaceLoss, SpatialStatsLoss
+from pymks_vae.losses import DataSpaceLoss, DecodedStatsLoss, SpatialStatsLoss
 from pymks_vae.models import VAE
+from pymks_vae.models.stats_vae import StatsVAE
+from pymks_vae.reconstruction import draw_strokes
 from pymks_vae.training import TrainConfig, reconstruct, train_vae
 
 MODELS = ("spatial_stats", "vanilla")
 IN_MEMORY_BYTES = 2 * 1024**3  # larger image sets are read from a bit-packed disk cache instead
+STATS_MEMORY_BYTES = 4 * 1024**3  # the most training statistics a StatsVAE holds in memory
 
 # The paper's validation errors (per-image MSE, median / mean), from its table.
 PAPER_TABLE = {
@@ -59,13 +66,16 @@ class RunConfig:
     image_size: int = 64
     n_images: int = 3000
     encoder: str = "cnn"
-    decoder: str = "strokes"
+    decoder: str = "statistics"
     stroke_layout: str = "free"
     binary_strokes: bool = True
     vanilla_decoder: str = "cnn"
+    n_basis: int = 128  # principal axes of the statistics a StatsVAE reads and writes (decoder "statistics")
+    draw_restarts: int = 4  # random starts of the drawing search per reconstruction (decoder "statistics")
+    draw_steps: int = 400  # Adam steps of each drawing search (decoder "statistics")
     weights: str = None
-    latent_dim: int = 9
-    epochs: int = 24
+    latent_dim: int = 32  # the paper: 9 (--config paper); 32 holds the line count (docs/replication.md)
+    epochs: int = 60
     vanilla_epochs: int = 12
     batch_size: int = 32
     lr: float = 3e-3
@@ -92,7 +102,7 @@ class RunConfig:
 CONFIGS = {
     "cpu": RunConfig(),
     "paper": RunConfig(name="paper", image_size=224, n_images=100_000, encoder="resnet152", decoder="paper",
-                       vanilla_decoder="paper",
+                       vanilla_decoder="paper", latent_dim=9,
                        lr=1e-3, epochs=1500, vanilla_epochs=400, eval_images=100, overfit_images=1000,
                        nn_pool=10_000, val_loss_images=2048, num_workers=4),
 }
@@ -111,19 +121,25 @@ def parse_args(argv=None):
     p.add_argument("--weights", help="ResNet-152 ImageNet weights file (--config paper)")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--seed", type=int, help="training seed (default 127, the paper's)")
+    p.add_argument("--data-seed", type=int, help="seed of the images (default 0; tune on other seeds than the reported runs')")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--out", default=os.path.join("results", "lines"), help="output folder")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default, one per core)")
     p.add_argument("--beta", type=float, help="KL weight of the spatial-statistics VAE (default: the loss's, 1e-4)")
     p.add_argument("--vanilla-beta", type=float, help="KL weight of the vanilla VAE (default 1, the paper's)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default: the preset's)")
-    p.add_argument("--decoder", choices=("strokes", "cnn", "paper", "auto"),
-                   help="decoder of the spatial-statistics VAE (default strokes; paper: the paper's)")
+    p.add_argument("--decoder", choices=("statistics", "strokes", "cnn", "paper", "auto"),
+                   help="decoder of the spatial-statistics VAE (default statistics: a StatsVAE decoding statistics, "
+                        "reconstructions drawn from them by a search; paper: the paper's image decoder)")
     p.add_argument("--stroke-layout", choices=("slots", "free"),
                    help="layout of the strokes decoder's bars (default free: anywhere; slots: one per evenly spaced row/column)")
     p.add_argument("--binary-strokes", action=argparse.BooleanOptionalAction, default=None,
                    help="the strokes decoder draws black and white pixels in its reconstructions (default on; "
                         "--no-binary-strokes: grey)")
+    p.add_argument("--n-basis", type=int, help="principal axes of the statistics a statistics decoder reads and writes "
+                                                "(default 128)")
+    p.add_argument("--draw-restarts", type=int, help="random starts of each drawing searched from decoded statistics (default 4)")
+    p.add_argument("--draw-steps", type=int, help="Adam steps of each drawing search (default 400)")
     p.add_argument("--vanilla-decoder", choices=("strokes", "cnn", "paper", "auto"),
                    help="decoder of the vanilla VAE (default cnn; paper: the paper's)")
     p.add_argument("--indicator", choices=("straight_through", "gaussian", "hat"),
@@ -138,10 +154,11 @@ def parse_args(argv=None):
     cfg = dataclasses.replace(CONFIGS[args.config])
     for flag, field in (("epochs", "epochs"), ("n_images", "n_images"), ("image_size", "image_size"),
                         ("latent_dim", "latent_dim"), ("batch_size", "batch_size"), ("eval_images", "eval_images"),
-                        ("weights", "weights"), ("device", "device"), ("seed", "seed"), ("beta", "beta"),
+                        ("weights", "weights"), ("device", "device"), ("seed", "seed"), ("data_seed", "data_seed"), ("beta", "beta"),
                         ("vanilla_beta", "vanilla_beta"), ("lr", "lr"), ("decoder", "decoder"),
                         ("vanilla_decoder", "vanilla_decoder"), ("stroke_layout", "stroke_layout"),
-                        ("binary_strokes", "binary_strokes"),
+                        ("binary_strokes", "binary_strokes"), ("n_basis", "n_basis"),
+                        ("draw_restarts", "draw_restarts"), ("draw_steps", "draw_steps"),
                         ("indicator", "indicator"), ("normalise", "normalise"), ("cutoff", "cutoff"),
                         ("eps", "eps")):
         value = getattr(args, flag)
@@ -164,7 +181,8 @@ def parse_args(argv=None):
     for name in ("beta", "vanilla_beta"):
         if getattr(cfg, name) is not None and not getattr(cfg, name) >= 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("epochs", "n_images", "image_size", "latent_dim", "batch_size", "eval_images"):
+    for name in ("epochs", "n_images", "image_size", "latent_dim", "batch_size", "eval_images", "n_basis",
+                 "draw_restarts", "draw_steps"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if args.threads is not None and args.threads < 1:
@@ -235,8 +253,17 @@ def make_stats_loss(cfg, sample):
     return loss.calibrate(sample)
 
 
-def make_model_and_loss(name, cfg, stats_loss):
+def statistics_of(stats_loss, images, batch_size=256):
+    """The loss's statistics ``(n, 1, *window)`` of images ``(n, 1, H, W)`` (the StatsVAE's data)."""
+    return torch.cat([stats_loss.target_statistics(images[s : s + batch_size])
+                      for s in range(0, images.shape[0], batch_size)])
+
+
+def make_model_and_loss(name, cfg, stats_loss, train_stats=None):
     decoder = cfg.decoder if name == "spatial_stats" else cfg.vanilla_decoder
+    if decoder == "statistics":
+        model = StatsVAE(stats_shape=train_stats.shape[1:], latent_dim=cfg.latent_dim, n_basis=cfg.n_basis)
+        return model.fit_basis(train_stats), DecodedStatsLoss.from_loss(stats_loss)
     model = VAE(encoder=cfg.encoder, latent_dim=cfg.latent_dim, image_size=cfg.image_size, channels=1,
                 weights=cfg.weights, decoder=decoder,
                 stroke_layout=cfg.stroke_layout if decoder == "strokes" else "free",
@@ -253,16 +280,47 @@ def train_models(cfg, data, out, resume, progress):
     models, histories = {}, {}
     for name in MODELS:
         torch.manual_seed(cfg.seed)  # same seed for both models (same encoder weights)
-        model, loss = make_model_and_loss(name, cfg, stats_loss)
+        train_data, val_data, train_stats = data["train"], val_subset, None
+        if (cfg.decoder if name == "spatial_stats" else cfg.vanilla_decoder) == "statistics":
+            # the model's data are the images' statistics, computed once and held in memory
+            n_train = len(data["train_idx"])
+            n_stats = math.prod(stats_loss.target_statistics(sample[:1]).shape)
+            if n_train * n_stats * 4 > STATS_MEMORY_BYTES:
+                raise SystemExit(f"--decoder statistics holds the training images' statistics in memory: "
+                                 f"{n_train} x {n_stats} floats exceed {STATS_MEMORY_BYTES / 2**30:.0f} GiB "
+                                 f"(use fewer or smaller images, or another --decoder)")
+            train_data = train_stats = torch.cat([
+                statistics_of(stats_loss, _take(data["train"], cfg, np.arange(s, min(s + 1024, n_train))))
+                for s in range(0, n_train, 1024)])
+            val_data = statistics_of(stats_loss, val_subset)
+        model, loss = make_model_and_loss(name, cfg, stats_loss, train_stats)
         tc = TrainConfig(epochs=cfg.epochs if name == "spatial_stats" else cfg.vanilla_epochs,
                          batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
                          num_workers=cfg.num_workers, progress=progress,
                          checkpoint_path=os.path.join(out, "checkpoints", f"{name}.pt"))
         if distributed.is_main_process():
             print(f"[train_lines] training {name}: {loss!r}, {tc.epochs} epochs on {len(data['train_idx'])} images")
-        histories[name] = train_vae(model, loss, data["train"], tc, val_data=val_subset, resume=resume)
+        histories[name] = train_vae(model, loss, train_data, tc, val_data=val_data, resume=resume)
         models[name] = model
     return models, histories, stats_loss
+
+
+def reconstruct_images(model, images, cfg, stats_loss, device, progress=False):
+    """Reconstructions ``(n, 1, H, W)`` of ``images``: the decoder's output, or for a StatsVAE the
+    drawings searched from its decoded statistics (``pymks_vae.reconstruction.draw_strokes``)."""
+    if not isinstance(model, StatsVAE):
+        return reconstruct(model, images, batch_size=64, device=device)
+    decoded = decode_statistics(model, statistics_of(stats_loss, images), device)
+    drawn, _ = draw_strokes(decoded, stats_loss, image_size=cfg.image_size, restarts=cfg.draw_restarts,
+                            steps=cfg.draw_steps, seed=cfg.seed, progress=progress)
+    return drawn
+
+
+@torch.no_grad()
+def decode_statistics(model, stats, device):
+    """A StatsVAE's decoded statistics (posterior mean) of ``stats``, on the CPU."""
+    model.eval()
+    return torch.cat([model(stats[s : s + 256].to(device))[0].cpu() for s in range(0, stats.shape[0], 256)])
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -271,9 +329,10 @@ def _summary(values):
     return {k: float(v) for k, v in s.items()}
 
 
-def evaluate_model(model, data, cfg, eval_images, eval_labels, pool, pool_labels, overfit, device):
+def evaluate_model(model, data, cfg, eval_images, eval_labels, pool, pool_labels, overfit, device, stats_loss,
+                   progress=False):
     """All metrics of one trained model (see the module docstring of this example)."""
-    recon = reconstruct(model, eval_images, batch_size=64, device=device)
+    recon = reconstruct_images(model, eval_images, cfg, stats_loss, device, progress)
     x = eval_images[:, 0].numpy()
     r = recon[:, 0].numpy()
     true_o, true_n = eval_labels
@@ -304,18 +363,24 @@ def evaluate_model(model, data, cfg, eval_images, eval_labels, pool, pool_labels
     }
     # The paper's overfitting check: reconstructions of train and of validation images, each
     # compared by MSE with every image of its own set; similar distributions = no memorisation.
+    # A StatsVAE reconstructs statistics: its check compares decoded statistics with its set's statistics.
     tr_images, va_images = overfit
-    avg = {}
+    avg, space = {}, "statistics" if isinstance(model, StatsVAE) else "image"
     for split, images in (("train", tr_images), ("val", va_images)):
-        rec = reconstruct(model, images, batch_size=64, device=device)[:, 0].numpy()
-        avg[split] = evaluation.average_mse_to_set(rec, images[:, 0].numpy(), metric="image")
+        if space == "statistics":
+            f = statistics_of(stats_loss, images)
+            rec, ref = decode_statistics(model, f, device)[:, 0].numpy(), f[:, 0].numpy()
+        else:
+            rec, ref = reconstruct(model, images, batch_size=64, device=device)[:, 0].numpy(), images[:, 0].numpy()
+        avg[split] = evaluation.average_mse_to_set(rec, ref, metric="image")
     m["overfitting"] = {
+        "space": space,
         "n_per_set": int(len(tr_images)),
         "train_avg_mse": _summary(avg["train"]), "val_avg_mse": _summary(avg["val"]),
         "median_ratio_val_over_train": float(np.median(avg["val"]) / max(np.median(avg["train"]), 1e-300)),
     }
     details = {"recon": r, "stats_err": stats_err, "data_err": data_err, "pred_n": n_eye, "pred_o": o_eye,
-               "avg": avg}
+               "avg": avg, "overfit_space": space}
     return m, details
 
 
@@ -332,7 +397,7 @@ def make_figures(out, eval_images, eval_labels, details, histories):
             cm, labels, os.path.join(figs, f"line_counts_{name}.png"), title=f"Number of lines, {name}")
         paths[f"overfitting_{name}"] = plotting.distribution_comparison(
             details[name]["avg"]["train"], details[name]["avg"]["val"], os.path.join(figs, f"overfitting_{name}.png"),
-            title=f"Average image MSE of a reconstruction to its own set, {name}")
+            title=f"Average {details[name]['overfit_space']} MSE of a reconstruction to its own set, {name}")
     paths["stats_mse_histogram"] = plotting.error_histograms(
         {n: details[n]["stats_err"] for n in MODELS}, os.path.join(figs, "stats_mse_histogram.png"),
         title="Held-out spatial-statistics MSE per image", xlabel="MSE of f")
@@ -358,7 +423,11 @@ def write_report(path, metrics):
         "# Lines replication: spatial-statistics VAE vs vanilla VAE",
         "",
         f"Configuration `{cfg['name']}`: {cfg['n_images']} images of {cfg['image_size']}x{cfg['image_size']} "
-        f"({metrics['n_train']} train / {metrics['n_val']} validation), encoder `{cfg['encoder']}`, "
+        f"({metrics['n_train']} train / {metrics['n_val']} validation), spatial_stats decoder `{cfg['decoder']}`"
+        + (f" (a StatsVAE on the statistics, {cfg['n_basis']} principal axes; reconstructions drawn from its decoded "
+           f"statistics, best of {cfg['draw_restarts']} searches of {cfg['draw_steps']} steps)"
+           if cfg["decoder"] == "statistics" else "")
+        + f", image encoder `{cfg['encoder']}`, "
         f"latent {cfg['latent_dim']}, {cfg['epochs']} epochs (vanilla {cfg['vanilla_epochs']}), batch "
         f"{cfg['batch_size']}, lr {cfg['lr']}, beta {metrics['stats_beta']:g} (vanilla {cfg['vanilla_beta']:g}), stats scale {metrics['stats_scale']:.4g}, "
         f"seed {cfg['seed']}; device {metrics['device']}; {metrics['total_seconds']:.0f} s in all.",
@@ -400,14 +469,15 @@ def write_report(path, metrics):
                  f"{PAPER_LINES['vf_diff_mean_percent']:.0f}% | - | - |")
     lines += [
         "",
-        "Overfitting check (average image MSE of each reconstruction to every image of its own set, median):",
+        "Overfitting check (average MSE of each reconstruction to every sample of its own set, median; a model "
+        "decoding statistics is checked on its decoded statistics against the set's statistics):",
         "",
-        "| model | train | validation | ratio val/train |",
-        "|---|---|---|---|",
+        "| model | compared | train | validation | ratio val/train |",
+        "|---|---|---|---|---|",
     ]
     for name in MODELS:
         o = metrics[name]["overfitting"]
-        lines.append(f"| {name} | {_fmt(o['train_avg_mse']['median'])} | {_fmt(o['val_avg_mse']['median'])} | "
+        lines.append(f"| {name} | {o['space']} | {_fmt(o['train_avg_mse']['median'])} | {_fmt(o['val_avg_mse']['median'])} | "
                      f"{o['median_ratio_val_over_train']:.3f} |")
     lines += ["", "Training:", "", "| model | epochs | final train loss | final val loss | seconds | images/s |",
               "|---|---|---|---|---|---|"]
@@ -481,7 +551,7 @@ def _run(cfg, args, ctx):
     details = {}
     for name in MODELS:
         m, details[name] = evaluate_model(models[name], data, cfg, eval_images, eval_labels, pool, pool_labels,
-                                          overfit, device)
+                                          overfit, device, stats_loss, progress=not args.no_progress)
         h = histories[name]
         m["training"] = {"epochs": h["epochs"], "final_train_loss": h["train_loss"][-1],
                          "final_val_loss": h["val_loss"][-1] if h["val_loss"] else None,

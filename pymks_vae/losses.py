@@ -25,7 +25,7 @@ import torch
 
 from pymks_vae import ops
 
-__all__ = ["kl_divergence", "SpatialStatsLoss", "DataSpaceLoss", "stats_scale_from_data", "auto_cutoff", "DEFAULT_BETA",
+__all__ = ["kl_divergence", "SpatialStatsLoss", "DecodedStatsLoss", "DataSpaceLoss", "stats_scale_from_data", "auto_cutoff", "DEFAULT_BETA",
            "independent_correlations"]
 
 _REDUCTIONS = ("sum", "batchmean", "mean", "none")
@@ -432,6 +432,70 @@ class SpatialStatsLoss:
     def __call__(self, x_hat, x, mu, logvar):
         _check_posterior(mu, logvar)
         stats = self.stats_error(x_hat, x, reduction="none")
+        kl = kl_divergence(_at_least_fp32(mu), _at_least_fp32(logvar), reduction="none")
+        total = _reduce(self.alpha * stats + self.beta * kl, self.reduction)
+        return total, {"stats": _reduce(stats, self.reduction).detach(), "kl": _reduce(kl, self.reduction).detach()}
+
+
+class DecodedStatsLoss:
+    """The loss of a VAE that decodes statistics (:class:`~pymks_vae.models.stats_vae.StatsVAE`).
+
+    ``total = reduce_b(alpha * E_b + beta * KL_b)`` with ``E_b = mean over statistics of
+    ((f_hat - f) * scale)**2``: with ``scale`` of a calibrated variance-convention
+    :class:`SpatialStatsLoss` (``from_loss``) it is the same fraction of unexplained variance, so
+    ``beta`` (default :data:`DEFAULT_BETA`) keeps its meaning, the price of one nat.
+
+    Args:
+        scale: factor on the statistics' differences (a number > 0; ``1 / sqrt(var_f)`` for the
+            variance convention).
+        alpha, beta: weights of the statistics and KL terms.
+        reduction: ``"batchmean"`` (default), ``"sum"`` or ``"none"`` over the batch.
+
+    Example:
+        >>> f = torch.randn(4, 1, 5, 5)
+        >>> total, parts = DecodedStatsLoss(scale=2.0)(f + 0.5, f, torch.zeros(4, 2), torch.zeros(4, 2))
+        >>> round(float(parts["stats"]), 6), float(parts["kl"])
+        (1.0, 0.0)
+    """
+
+    def __init__(self, scale, alpha=1.0, beta=None, reduction="batchmean"):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+        self.scale = float(scale)
+        self.alpha = _check_weight(alpha, "alpha")
+        self.beta = _check_weight(DEFAULT_BETA if beta is None else beta, "beta")
+        if reduction not in ("batchmean", "sum", "none"):
+            raise ValueError(f"reduction must be 'batchmean', 'sum' or 'none', got {reduction!r}")
+        self.reduction = reduction
+
+    @classmethod
+    def from_loss(cls, loss, **kwargs):
+        """The decoded-statistics loss with the scale of a calibrated variance-convention :class:`SpatialStatsLoss`."""
+        if not isinstance(loss, SpatialStatsLoss):
+            raise TypeError(f"loss must be a SpatialStatsLoss, got {type(loss).__name__}")
+        if loss.normalise != "variance" or loss.needs_calibration or loss.one_point:
+            raise ValueError("loss must be a calibrated SpatialStatsLoss of the variance convention without one_point")
+        kwargs.setdefault("beta", loss.beta)
+        kwargs.setdefault("alpha", loss.alpha)
+        return cls(scale=loss.scale_, **kwargs)
+
+    def __repr__(self):
+        return f"DecodedStatsLoss(scale={self.scale:g}, alpha={self.alpha:g}, beta={self.beta:g}, reduction={self.reduction!r})"
+
+    def stats_error(self, f_hat, f, reduction="batchmean"):
+        """``E`` alone (without ``alpha``) between statistics ``f_hat`` and ``f`` of one shape ``(batch, ...)``."""
+        for name, t in (("f_hat", f_hat), ("f", f)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.ndim < 2:
+                raise TypeError(f"{name} must be a floating point tensor (batch, ...), got "
+                                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if f_hat.shape != f.shape:
+            raise ValueError(f"f_hat {tuple(f_hat.shape)} and f {tuple(f.shape)} must have the same shape")
+        d = (_at_least_fp32(f_hat) - f.to(_at_least_fp32(f_hat).dtype)) * self.scale
+        return _reduce(d.pow(2).flatten(1).mean(1), reduction)
+
+    def __call__(self, f_hat, f, mu, logvar):
+        _check_posterior(mu, logvar)
+        stats = self.stats_error(f_hat, f, reduction="none")
         kl = kl_divergence(_at_least_fp32(mu), _at_least_fp32(logvar), reduction="none")
         total = _reduce(self.alpha * stats + self.beta * kl, self.reduction)
         return total, {"stats": _reduce(stats, self.reduction).detach(), "kl": _reduce(kl, self.reduction).detach()}

@@ -47,6 +47,7 @@ import torch
 
 from pymks_vae import distributed, ops
 from pymks_vae.models import VAE
+from pymks_vae.models.stats_vae import StatsVAE
 
 __all__ = [
     "TrainConfig",
@@ -399,7 +400,8 @@ def load_checkpoint(path):
 
 
 def load_model(path, device="cpu"):
-    """The trained :class:`~pymks_vae.models.VAE` saved in a checkpoint, in eval mode.
+    """The trained :class:`~pymks_vae.models.VAE` (or :class:`~pymks_vae.models.stats_vae.StatsVAE`) saved in a
+    checkpoint, in eval mode.
 
     Args:
         path: a checkpoint written by :func:`train_vae`.
@@ -411,7 +413,9 @@ def load_model(path, device="cpu"):
     """
     ckpt = load_checkpoint(path)
     try:
-        model = VAE.from_config(ckpt["model_config"])
+        config = ckpt["model_config"]
+        kind = StatsVAE if isinstance(config, dict) and config.get("kind") == "statistics" else VAE
+        model = kind.from_config(config)
         model.load_state_dict(ckpt["model_state"])
     except (ValueError, TypeError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} does not rebuild a VAE: {exc}") from exc
@@ -578,8 +582,10 @@ def train_vae(model, loss_fn, train_data, config, *, val_data=None, resume=False
             of an epoch was not finite (that epoch's checkpoint is not written);
             :class:`~pymks_vae.distributed.DistributedRunError`: another rank failed.
     """
-    if not isinstance(model, VAE):
-        raise TypeError(f"model must be a pymks_vae.models.VAE, got {type(model).__name__}")
+    if not isinstance(model, (VAE, StatsVAE)):
+        raise TypeError(f"model must be a pymks_vae.models.VAE or StatsVAE, got {type(model).__name__}")
+    if isinstance(model, StatsVAE) and not model.basis_fitted:
+        raise ValueError("a StatsVAE needs fit_basis(training_statistics) before training")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (x_hat, x, mu, logvar) -> (total, parts), got {loss_fn!r}")
     if not isinstance(config, TrainConfig):
@@ -772,8 +778,9 @@ def _validation_loss(model, loss_fn, data, batch_size, device, ctx):
 
 def _normalise(config):
     out = dict(config)
-    if "image_size" in out:
-        out["image_size"] = [int(v) for v in out["image_size"]]
+    for key in ("image_size", "stats_shape"):
+        if key in out:
+            out[key] = [int(v) for v in out[key]]
     if out.get("decoder") == "strokes":  # keys added later, at the values older stroke models had
         out.setdefault("stroke_layout", "free")
         out.setdefault("stroke_binary", False)

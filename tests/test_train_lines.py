@@ -72,8 +72,15 @@ def test_bad_flags_are_refused(example, tmp_path):
     # the strokes draw black and white by default; --no-binary-strokes keeps the grey drawing
     assert example.parse_args([])[0].binary_strokes is True
     assert example.parse_args(["--no-binary-strokes"])[0].binary_strokes is False
-    model, _ = example.make_model_and_loss("spatial_stats", example.parse_args(["--image-size", "32"])[0], None)
+    cfg = example.parse_args(["--image-size", "32", "--decoder", "strokes"])[0]
+    model, _ = example.make_model_and_loss("spatial_stats", cfg, None)
     assert model.config["stroke_binary"] is True
+    # the default spatial-statistics model decodes statistics (a StatsVAE), its loss their unexplained variance
+    cfg = example.parse_args([])[0]
+    assert (cfg.decoder, cfg.latent_dim) == ("statistics", 32)
+    for bad in (["--n-basis", "0"], ["--draw-restarts", "0"], ["--draw-steps", "0"]):
+        with pytest.raises(SystemExit):
+            example.parse_args(bad)
 
 
 def test_large_configurations_stream_from_the_disk_cache(example, tmp_path, monkeypatch):

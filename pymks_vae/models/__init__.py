@@ -1,4 +1,4 @@
-"""VAE models: :class:`VAE` and its encoders and decoders.
+"""VAE models: :class:`VAE` and its encoders and decoders; :class:`StatsVAE`, a VAE of two-point statistics.
 
 Example:
     >>> from pymks_vae.models import VAE
@@ -7,6 +7,7 @@ Example:
 """
 from pymks_vae.models.decoder import ConvDecoder, PaperDecoder
 from pymks_vae.models.encoders import ConvEncoder, ResNet152Encoder
+from pymks_vae.models.stats_vae import StatsVAE
 from pymks_vae.models.vae import VAE
 
-__all__ = ["VAE", "ConvEncoder", "ResNet152Encoder", "ConvDecoder", "PaperDecoder"]
+__all__ = ["VAE", "StatsVAE", "ConvEncoder", "ResNet152Encoder", "ConvDecoder", "PaperDecoder"]

@@ -258,9 +258,15 @@ class StrokeDecoder(nn.Module):
 
     def strokes(self, z):
         """Stroke parameters ``(B, n_strokes)`` each: presence, row, col, half_length, half_width, orientation."""
+        return self.strokes_from_raw(self.head(self.fc(z)))
+
+    def strokes_from_raw(self, raw):
+        """The stroke parameters (as :meth:`strokes`) of unconstrained numbers ``raw`` ``(B, n_strokes * N_PARAMS)``,
+        the network's last layer's output: each mapped into its range (presences in (0, 1), centres
+        in the image, ...)."""
         h, w = self.image_size
         side = float(max(h, w))
-        a = self.head(self.fc(z)).view(-1, self.n_strokes, self.N_PARAMS)
+        a = raw.reshape(-1, self.n_strokes, self.N_PARAMS)
         if self.layout == "slots":
             k = self.n_strokes
             slot = (torch.arange(k, dtype=a.dtype, device=a.device) + 0.5) / k
@@ -278,7 +284,13 @@ class StrokeDecoder(nn.Module):
         }
 
     def forward(self, z):
-        s = {k: v[..., None, None] for k, v in self.strokes(z).items()}
+        return self.draw(self.head(self.fc(z)))
+
+    def draw(self, raw):
+        """The image ``(B, 1, H, W)`` of unconstrained stroke numbers ``raw`` ``(B, n_strokes * N_PARAMS)``
+        (see :meth:`strokes_from_raw`): the decoder without its network, which
+        :func:`pymks_vae.reconstruction.draw_strokes` searches directly."""
+        s = {k: v[..., None, None] for k, v in self.strokes_from_raw(raw).items()}
         dy, dx = (self.rows - s["row"]).abs(), (self.cols - s["col"]).abs()
         horizontal = _edge(s["half_width"], dy, self.softness) * _edge(s["half_length"], dx, self.softness)
         vertical = _edge(s["half_width"], dx, self.softness) * _edge(s["half_length"], dy, self.softness)
