@@ -91,3 +91,20 @@ def test_large_configurations_stream_from_the_disk_cache(example, tmp_path, monk
     assert os.listdir(out / "cache")  # the images were drawn into the cache and read back from it
     assert metrics["spatial_stats"]["n_evaluated"] == 6
     assert metrics["n_train"] + metrics["n_val"] == 30
+
+
+def test_route_chooser_is_pinned_unless_the_user_set_it(example, monkeypatch):
+    """A run's statistics must not depend on how busy the machine was (measured route costs)."""
+    import torch
+
+    from pymks_vae import ops
+
+    monkeypatch.delenv("PYMKS_VAE_ROUTE_COSTS", raising=False)
+    example.pin_binary_route()
+    assert os.environ["PYMKS_VAE_ROUTE_COSTS"] == "fitted"
+    x = (torch.rand(4, 1, 32, 32) > 0.5).float()
+    ops.two_point_stats(x, [(0, 0)])  # a binary call under the pinned costs
+    assert ops.binary_route_calibration()["source"] == "fitted"
+    monkeypatch.setenv("PYMKS_VAE_ROUTE_COSTS", "measure")
+    example.pin_binary_route()
+    assert os.environ["PYMKS_VAE_ROUTE_COSTS"] == "measure"  # the user's choice is kept
