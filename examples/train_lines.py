@@ -25,6 +25,7 @@ evaluates and writes the outputs, which are those of a single-process run, and `
 records ``world_size`` and ``global_batch_size``.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -506,17 +507,26 @@ def print_summary(metrics):
 
 
 # ----------------------------------------------------------------------------- main
-def pin_binary_route():
-    """Fix the operator's route chooser to its shipped costs, unless ``PYMKS_VAE_ROUTE_COSTS`` is set.
+@contextlib.contextmanager
+def pinned_binary_route():
+    """Within it, the operator's route chooser uses its shipped costs, unless ``PYMKS_VAE_ROUTE_COSTS`` is set.
 
     Binary images (the lines, thresholded drawings) are counted or transformed, whichever the
     chooser estimates faster; with measured costs the estimate (and a first-call trial of both
     routes) depends on how busy the machine is, and the two routes differ in the last bits of
     float32 statistics, which changes a training run. Fixed costs make the route, and so a run, a
     function of the seed and the thread count only (measured: the same seed at 2 threads gave line
-    counts of 63.0% and 62.3% before this; docs/replication.md).
+    counts of 63.0% and 62.3% before this; docs/replication.md). The environment is put back on
+    exit, so a caller's process (a test, a notebook) keeps its own setting after :func:`main`.
     """
-    os.environ.setdefault("PYMKS_VAE_ROUTE_COSTS", "fitted")
+    if "PYMKS_VAE_ROUTE_COSTS" in os.environ:
+        yield
+        return
+    os.environ["PYMKS_VAE_ROUTE_COSTS"] = "fitted"
+    try:
+        yield
+    finally:
+        os.environ.pop("PYMKS_VAE_ROUTE_COSTS", None)
 
 
 def main(argv=None):
@@ -525,12 +535,12 @@ def main(argv=None):
     cfg, args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    pin_binary_route()
-    ctx = distributed.init_distributed()  # under torchrun: join the process group; else nothing
-    try:
-        return _run(cfg, args, ctx)
-    finally:
-        distributed.shutdown()
+    with pinned_binary_route():
+        ctx = distributed.init_distributed()  # under torchrun: join the process group; else nothing
+        try:
+            return _run(cfg, args, ctx)
+        finally:
+            distributed.shutdown()
 
 
 def _run(cfg, args, ctx):

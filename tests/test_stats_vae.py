@@ -190,14 +190,18 @@ def test_docstring_examples_run(module):
 
 def test_same_seed_same_statistics_model(lines32):
     """Two fits with one seed give identical weights, and so identical drawings (metrics.json reproduces)."""
-    torch.set_num_threads(1)
     _, _, _, loss, f = lines32
-    states = []
-    for _ in range(2):
-        torch.manual_seed(4)
-        model = StatsVAE(stats_shape=f.shape[1:], latent_dim=4, n_basis=32).fit_basis(f[:100])
-        train_vae(model, DecodedStatsLoss.from_loss(loss), f[:100],
-                  TrainConfig(epochs=2, batch_size=16, seed=4, progress=False, device="cpu"))
-        states.append(model.state_dict())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        states = []
+        for _ in range(2):
+            torch.manual_seed(4)
+            model = StatsVAE(stats_shape=f.shape[1:], latent_dim=4, n_basis=32).fit_basis(f[:100])
+            train_vae(model, DecodedStatsLoss.from_loss(loss), f[:100],
+                      TrainConfig(epochs=2, batch_size=16, seed=4, progress=False, device="cpu"))
+            states.append(model.state_dict())
+    finally:
+        torch.set_num_threads(threads)  # the rest of the suite keeps its thread count
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k

@@ -100,11 +100,13 @@ def test_route_chooser_is_pinned_unless_the_user_set_it(example, monkeypatch):
     from pymks_vae import ops
 
     monkeypatch.delenv("PYMKS_VAE_ROUTE_COSTS", raising=False)
-    example.pin_binary_route()
-    assert os.environ["PYMKS_VAE_ROUTE_COSTS"] == "fitted"
-    x = (torch.rand(4, 1, 32, 32) > 0.5).float()
-    ops.two_point_stats(x, [(0, 0)])  # a binary call under the pinned costs
-    assert ops.binary_route_calibration()["source"] == "fitted"
+    with example.pinned_binary_route():
+        assert os.environ["PYMKS_VAE_ROUTE_COSTS"] == "fitted"
+        x = (torch.rand(4, 1, 32, 32) > 0.5).float()
+        ops.two_point_stats(x, [(0, 0)])  # a binary call under the pinned costs
+        assert ops.binary_route_calibration()["source"] == "fitted"
+    assert "PYMKS_VAE_ROUTE_COSTS" not in os.environ  # put back for the caller's process
     monkeypatch.setenv("PYMKS_VAE_ROUTE_COSTS", "measure")
-    example.pin_binary_route()
-    assert os.environ["PYMKS_VAE_ROUTE_COSTS"] == "measure"  # the user's choice is kept
+    with example.pinned_binary_route():
+        assert os.environ["PYMKS_VAE_ROUTE_COSTS"] == "measure"  # the user's choice is kept
+    assert os.environ["PYMKS_VAE_ROUTE_COSTS"] == "measure"
