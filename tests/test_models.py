@@ -307,3 +307,88 @@ def test_stroke_binary_survives_the_config():
         VAE(latent_dim=2, image_size=32, decoder="cnn", stroke_binary=True)
     with pytest.raises(TypeError, match="binary"):
         StrokeDecoder(latent_dim=2, image_size=32, binary=1)
+
+
+# ---------------------------------------------------------------------------- the statistics encoder
+def test_stats_encoder_reads_the_two_point_statistics_only():
+    """It sees the field through its statistics: a periodic shift changes nothing, a different
+    microstructure does; its first layer receives exactly the operator's output."""
+    from pymks_vae import ops
+    from pymks_vae.models.encoders import StatsEncoder
+
+    torch.manual_seed(0)
+    enc = StatsEncoder(latent_dim=3, image_size=(17, 24), channels=2, cutoff=5).eval()
+    x1 = (torch.rand(4, 1, 17, 24) < 0.4).float()
+    x = torch.cat([1 - x1, x1], 1)
+    shifted = torch.roll(x, shifts=(5, -7), dims=(2, 3))
+    mu, logvar = enc(x)
+    mu_s, logvar_s = enc(shifted)
+    assert mu.shape == logvar.shape == (4, 3)
+    torch.testing.assert_close(mu_s, mu, rtol=1e-5, atol=1e-5)
+    other = torch.cat([x[:, 1:], x[:, :1]], 1)  # phases swapped: other statistics of state 0
+    assert (enc(other)[0] - mu).abs().max() > 1e-3
+    want = ops.two_point_stats(x, [(0, 0)], cutoff=5).flatten(1)
+    torch.testing.assert_close(enc.statistics(x), want)
+    assert enc.correlations == [(0, 0)] and enc.cutoff == 5 and enc.norm.num_features == 11 * 11
+
+
+@pytest.mark.parametrize("shape, channels, pairs", [((15, 15, 15), 3, [(0, 0), (0, 1), (1, 1)]),
+                                                   ((21, 8), 1, [(0, 0)]), ((9, 31), 4, None)])
+def test_stats_encoder_any_dimension_states_and_size(shape, channels, pairs):
+    from pymks_vae.models.encoders import StatsEncoder
+
+    enc = StatsEncoder(latent_dim=2, image_size=shape, channels=channels, correlations=pairs)
+    largest = (min(shape) - 1) // 2
+    assert enc.cutoff == largest  # None: the largest window
+    n_pairs = len(enc.correlations)
+    assert n_pairs == (1 if channels <= 2 else (channels - 1) * channels // 2)
+    x = torch.softmax(torch.randn(3, channels, *shape), 1) if channels > 1 else torch.rand(3, 1, *shape)
+    mu, logvar = enc(x)
+    assert mu.shape == (3, 2) and torch.isfinite(mu).all()
+    assert enc.norm.num_features == n_pairs * (2 * largest + 1) ** len(shape)
+
+
+def test_stats_encoder_window_shrinks_to_its_feature_budget_and_hidden_zero_is_linear():
+    from pymks_vae.models.encoders import StatsEncoder
+
+    enc = StatsEncoder(latent_dim=2, image_size=(40, 40, 40), channels=2, cutoff=19, max_features=5000)
+    assert enc.cutoff == 8  # 17^3 = 4913 <= 5000 < 19^3
+    lin = StatsEncoder(latent_dim=2, image_size=16, cutoff=3, hidden=0).eval()
+    assert isinstance(lin.head, torch.nn.Identity) and lin.gaussian.mu.in_features == 49
+    a, b = torch.rand(2, 1, 1, 16, 16)
+    # linear in the standardised statistics: mu(a) + mu(b) - mu(0-stats) is mu of the sum of statistics
+    fa, fb = lin.statistics(a), lin.statistics(b)
+    h = lambda f: lin.gaussian.mu(lin.norm(f))  # noqa: E731
+    torch.testing.assert_close(h(fa) + h(fb) - h(torch.zeros_like(fa)), h(fa + fb))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cutoff=-1), "cutoff"), (dict(cutoff=2.5), "cutoff"), (dict(hidden=-3), "hidden"),
+    (dict(correlations=[(0, 2)]), "correlations"), (dict(correlations=[(0.5, 1)]), "correlations"),
+    (dict(correlations=[]), "correlations"), (dict(periodic="yes"), "periodic"), (dict(max_features=0), "max_features"),
+])
+def test_stats_encoder_refuses_bad_arguments(kwargs, match):
+    from pymks_vae.models.encoders import StatsEncoder
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        StatsEncoder(latent_dim=2, image_size=16, channels=2, **kwargs)
+
+
+def test_stats_vae_config_round_trip_and_option_checks():
+    model = VAE(encoder="stats", latent_dim=3, image_size=(20, 22), channels=3,
+                encoder_options={"cutoff": 4, "periodic": False, "hidden": 32})
+    model.train()(torch.softmax(torch.randn(4, 3, 20, 22), 1))  # a training step moves the running statistics
+    model.eval()
+    assert model.config["encoder_options"] == {"correlations": [[0, 0], [0, 1], [1, 1]], "cutoff": 4,
+                                               "periodic": False, "hidden": 32}
+    again = VAE.from_config(model.config).eval()
+    again.load_state_dict(model.state_dict())
+    x = torch.softmax(torch.randn(2, 3, 20, 22), 1)
+    torch.testing.assert_close(again.encode(x)[0], model.encode(x)[0], rtol=0, atol=0)
+    assert model.decode(torch.zeros(2, 3)).shape == (2, 3, 20, 22)
+    with pytest.raises(ValueError, match="encoder='stats' only"):
+        VAE(encoder="cnn", encoder_options={"cutoff": 3})
+    with pytest.raises(ValueError, match="unknown options"):
+        VAE(encoder="stats", encoder_options={"window": 3})
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        VAE(encoder="stats", weights="imagenet")

@@ -3,6 +3,9 @@
 * :class:`ConvEncoder` (``"cnn"``): a small strided-convolution encoder sized for CPU work, 2D
   images ``(B, C, H, W)`` or 3D volumes ``(B, C, X, Y, Z)`` of any size (fields whose sizes are
   not multiples of its stride are wrapped periodically, :mod:`pymks_vae.models.shapes`).
+* :class:`StatsEncoder` (``"stats"``): reads the two-point statistics of its input within a lag
+  window (the package's operator) through a small fully connected network; translation
+  invariant by construction, 2D or 3D, any size and number of states.
 * :class:`ResNet152Encoder` (``"resnet152"``): the paper's encoder, torchvision's ResNet-152
   without its ``fc`` layer, frozen, behind a learnable 1x1 convolution to 3 channels and the
   ImageNet normalisation, followed by a 2048 -> 1024 -> 1024 head. 2D only.
@@ -26,9 +29,14 @@ from torch import nn
 
 from pymks_vae.models.shapes import image_hw, padded_shape, spatial_shape, wrap_pad
 
-__all__ = ["ConvEncoder", "ResNet152Encoder", "build_encoder", "ENCODERS", "image_hw"]
+__all__ = ["ConvEncoder", "StatsEncoder", "ResNet152Encoder", "build_encoder", "ENCODERS", "image_hw",
+           "STATS_ENCODER_MAX_FEATURES"]
 
-ENCODERS = ("cnn", "resnet152")
+ENCODERS = ("cnn", "stats", "resnet152")
+
+#: The most statistics (pairs x lags) :class:`StatsEncoder` reads by default: the window shrinks
+#: until they fit (a 3D window of 31^3 lags for one pair; every 2D window up to 181x181).
+STATS_ENCODER_MAX_FEATURES = 32768
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,6 +123,102 @@ class ConvEncoder(nn.Module):
         if self.padded_size != self.image_size:
             x = wrap_pad(x, self.padded_size)
         return self.gaussian(self.head(self.features(x)))
+
+
+def _default_pairs(channels):
+    """Every pair ``(i, j)``, ``i <= j < channels - 1``: with phase indicators that sum to 1 they
+    determine all auto- and cross-correlations (``pymks_vae.losses.independent_correlations``);
+    one channel (a grey field) is read as it is, ``[(0, 0)]``."""
+    n = max(channels - 1, 1)
+    return [(i, j) for i in range(n) for j in range(i, n)]
+
+
+class StatsEncoder(nn.Module):
+    """An encoder that reads the two-point statistics of its input, not its pixels.
+
+    ``x -> f = two_point_stats(x, correlations, cutoff)`` (the periodic or non-periodic two-point
+    statistics within a lag window, :func:`pymks_vae.ops.two_point_stats`) ``-> flatten ->
+    BatchNorm (each lag standardised over the data) -> linear hidden (BatchNorm, ReLU) -> mu,
+    logvar``.
+
+    Why: a microstructure's class and descriptors (volume fraction, correlation lengths, sizes)
+    do not depend on where its grains sit, and the spatial-statistics loss only asks the latent
+    for what the statistics hold. A convolutional encoder must learn that invariance from the
+    training set (a few hundred fields in a PyMKS study); this one has it by construction, and
+    its first layer sees every statistic the PCA baseline sees (docs/pymks.md, measured).
+
+    Args:
+        latent_dim: size of the latent vector.
+        image_size: int (a square), ``(H, W)`` or ``(X, Y, Z)``.
+        channels: input channels (1: a grey field, read as one state; else phase indicators).
+        correlations: channel pairs ``(i, j)`` whose statistics are read; None: every
+            ``i <= j < channels - 1`` (``[(0, 0)]`` for one or two channels).
+        cutoff: largest lag read along each axis (an int >= 0, clipped to
+            ``(min(image_size) - 1) // 2``), or None for the largest window; then shrunk until
+            ``len(correlations) * (2 * cutoff + 1) ** ndim`` is at most ``max_features``.
+        periodic: periodic statistics (True) or zero padding with overlap normalisation.
+        hidden: width of the hidden layer; 0 for a linear map of the standardised statistics.
+        max_features: upper bound on the statistics read (memory of the first layer).
+
+    Attributes:
+        cutoff: the window actually read.
+        correlations: the pairs read, a list of tuples.
+
+    Example:
+        >>> enc = StatsEncoder(latent_dim=2, image_size=(21, 30), channels=2, cutoff=4)
+        >>> [tuple(t.shape) for t in enc.eval()(torch.rand(3, 2, 21, 30))], enc.cutoff
+        ([(3, 2), (3, 2)], 4)
+    """
+
+    def __init__(self, latent_dim, image_size, channels=1, correlations=None, cutoff=None, periodic=True,
+                 hidden=256, max_features=STATS_ENCODER_MAX_FEATURES):
+        super().__init__()
+        latent_dim = _check_positive_int(latent_dim, "latent_dim")
+        channels = _check_positive_int(channels, "channels")
+        max_features = _check_positive_int(max_features, "max_features")
+        if isinstance(hidden, bool) or not isinstance(hidden, numbers.Integral) or hidden < 0:
+            raise ValueError(f"hidden must be an int >= 0, got {hidden!r}")
+        if not isinstance(periodic, bool):
+            raise TypeError(f"periodic must be a bool, got {periodic!r}")
+        self.image_size = spatial_shape(image_size)
+        ndim = len(self.image_size)
+        if correlations is None:
+            pairs = _default_pairs(channels)
+        else:
+            try:
+                pairs = [(int(i), int(j)) for i, j in correlations]
+            except (TypeError, ValueError):
+                raise ValueError(f"correlations must be a sequence of (i, j) channel pairs, got {correlations!r}") from None
+            if not pairs or any(not (0 <= i < channels and 0 <= j < channels) for i, j in pairs) \
+                    or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for p in correlations for v in p):
+                raise ValueError(f"correlations must be a non-empty sequence of (i, j) int pairs with 0 <= i, j < "
+                                 f"channels={channels}, got {correlations!r}")
+        largest = (min(self.image_size) - 1) // 2
+        if cutoff is None:
+            cutoff = largest
+        elif isinstance(cutoff, bool) or not isinstance(cutoff, numbers.Integral) or cutoff < 0:
+            raise ValueError(f"cutoff must be None or an int >= 0, got {cutoff!r}")
+        cutoff = min(int(cutoff), largest)
+        while cutoff > 0 and len(pairs) * (2 * cutoff + 1) ** ndim > max_features:
+            cutoff -= 1
+        self.cutoff, self.correlations, self.periodic, self.hidden = cutoff, pairs, periodic, int(hidden)
+        n_features = len(pairs) * (2 * cutoff + 1) ** ndim
+        self.norm = nn.BatchNorm1d(n_features)
+        if hidden:
+            self.head = nn.Sequential(nn.Linear(n_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(True))
+        else:
+            self.head = nn.Identity()
+        self.gaussian = _Gaussian(hidden or n_features, latent_dim)
+
+    def statistics(self, x):
+        """The statistics read, flattened: ``(B, len(correlations) * window)``."""
+        from pymks_vae import ops
+
+        f = ops.two_point_stats(x, self.correlations, periodic=self.periodic, cutoff=self.cutoff)
+        return f.flatten(1)
+
+    def forward(self, x):
+        return self.gaussian(self.head(self.norm(self.statistics(x))))
 
 
 def _resnet152_state_dict(weights):
@@ -241,14 +345,17 @@ class ResNet152Encoder(nn.Module):
         return self.gaussian(self.head(self.backbone(rgb)))
 
 
-def build_encoder(name, *, latent_dim, image_size, channels=1, weights=None, freeze=None):
+def build_encoder(name, *, latent_dim, image_size, channels=1, weights=None, freeze=None, options=None):
     """The encoder called ``name`` (one of :data:`ENCODERS`).
 
     Args:
-        name: ``"cnn"`` (2D or 3D) or ``"resnet152"`` (2D).
+        name: ``"cnn"`` (2D or 3D), ``"stats"`` (2D or 3D) or ``"resnet152"`` (2D).
         latent_dim, image_size, channels: the model's sizes.
         weights: for ``"resnet152"`` only (see :class:`ResNet152Encoder`).
-        freeze: freeze the encoder; for ``"cnn"`` only None/False (it has no pretrained weights).
+        freeze: freeze the encoder; only None/False for ``"cnn"`` and ``"stats"`` (they have no
+            pretrained weights).
+        options: for ``"stats"`` only, a dict of :class:`StatsEncoder`'s keyword arguments
+            (``correlations``, ``cutoff``, ``periodic``, ``hidden``).
 
     Returns:
         an ``nn.Module`` mapping ``(B, channels, *image_size)`` to ``(mu, logvar)``.
@@ -257,16 +364,24 @@ def build_encoder(name, *, latent_dim, image_size, channels=1, weights=None, fre
         >>> build_encoder("cnn", latent_dim=2, image_size=32).__class__.__name__
         'ConvEncoder'
     """
-    if name == "cnn":
+    if options and name != "stats":
+        raise ValueError(f"encoder options apply to encoder='stats' only, got encoder={name!r}, options={options!r}")
+    if name in ("cnn", "stats"):
         if weights is not None:
             raise ValueError(
-                f"encoder='cnn' has no pretrained weights; got weights={weights!r} (use encoder='resnet152')"
+                f"encoder={name!r} has no pretrained weights; got weights={weights!r} (use encoder='resnet152')"
             )
         if freeze:
             raise ValueError(
-                "freeze_encoder=True with encoder='cnn' would freeze a randomly initialised network; "
+                f"freeze_encoder=True with encoder={name!r} would freeze a randomly initialised network; "
                 "use freeze_encoder=None/False"
             )
+        if name == "stats":
+            options = dict(options or {})
+            bad = sorted(set(options) - {"correlations", "cutoff", "periodic", "hidden"})
+            if bad:
+                raise ValueError(f"unknown options for encoder='stats': {bad}")
+            return StatsEncoder(latent_dim, image_size, channels, **options)
         return ConvEncoder(latent_dim, image_size, channels)
     if name == "resnet152":
         image_hw(image_size, owner="encoder='resnet152' (the paper's ImageNet network)")

@@ -30,7 +30,9 @@ class VAE(nn.Module):
     ``z = mu`` (as the paper's authors did at evaluation).
 
     Args:
-        encoder: ``"cnn"`` (small, CPU-sized, 2D or 3D) or ``"resnet152"`` (the paper's, 2D).
+        encoder: ``"cnn"`` (small, CPU-sized, 2D or 3D), ``"stats"`` (reads the input's two-point
+            statistics, 2D or 3D; :class:`~pymks_vae.models.encoders.StatsEncoder`) or
+            ``"resnet152"`` (the paper's, 2D).
         latent_dim: size of the latent vector (the paper: 9).
         image_size: int (a square), ``(H, W)`` (2D) or ``(X, Y, Z)`` (3D), any positive sizes (the
             ``"cnn"`` networks wrap other sizes than multiples of 16 periodically, see
@@ -39,11 +41,13 @@ class VAE(nn.Module):
             (e.g. one-hot microstructures; softmax over channels).
         weights: ResNet-152 ImageNet weights (a file path or ``"imagenet"``); ``"resnet152"`` only.
         freeze_encoder: freeze the ResNet-152 backbone. None means True for ``"resnet152"`` (the
-            paper; needs ``weights``) and False for ``"cnn"``.
+            paper; needs ``weights``) and False for ``"cnn"`` and ``"stats"``.
+        encoder_options: for ``"stats"`` only: a dict of
+            :class:`~pymks_vae.models.encoders.StatsEncoder`'s ``correlations``, ``cutoff``,
+            ``periodic`` and ``hidden`` (None: its defaults).
         decoder: ``"paper"`` (the paper's decoder, any 2D size via a final resize), ``"cnn"`` (a
             lighter decoder reaching the size exactly, 2D or 3D), ``"strokes"`` (bars, 2D grey
-            only) or ``"auto"``: ``"paper"`` with the ResNet-152 encoder, ``"cnn"`` with the CNN
-            encoder.
+            only) or ``"auto"``: ``"paper"`` with the ResNet-152 encoder, ``"cnn"`` with the others.
         stroke_layout: ``"free"`` (default) or ``"slots"``, the strokes' layout (``decoder="strokes"``
             only; see :class:`~pymks_vae.models.decoder.StrokeDecoder`).
         stroke_binary: the strokes decoder draws black and white pixels in eval mode
@@ -66,7 +70,7 @@ class VAE(nn.Module):
     """
 
     def __init__(self, encoder="cnn", latent_dim=9, image_size=64, channels=1, weights=None,
-                 freeze_encoder=None, decoder="auto", stroke_layout="free", stroke_binary=False):
+                 freeze_encoder=None, decoder="auto", stroke_layout="free", stroke_binary=False, encoder_options=None):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
@@ -81,7 +85,8 @@ class VAE(nn.Module):
         self.image_size = spatial_shape(image_size)
         self.spatial_ndim = len(self.image_size)
         self.encoder = build_encoder(encoder, latent_dim=self.latent_dim, image_size=self.image_size,
-                                     channels=self.channels, weights=weights, freeze=freeze_encoder)
+                                     channels=self.channels, weights=weights, freeze=freeze_encoder,
+                                     options=encoder_options)
         if decoder != "strokes" and stroke_layout != "free":
             raise ValueError(f"stroke_layout applies to decoder='strokes' only, got decoder={decoder!r}")
         if decoder != "strokes" and stroke_binary is not False:
@@ -97,6 +102,10 @@ class VAE(nn.Module):
             "channels": self.channels,
             "freeze_encoder": bool(getattr(self.encoder, "frozen", False)),
         }
+        if encoder == "stats":  # the window and pairs actually read, so that from_config rebuilds them
+            self.config["encoder_options"] = {
+                "correlations": [list(p) for p in self.encoder.correlations], "cutoff": self.encoder.cutoff,
+                "periodic": self.encoder.periodic, "hidden": self.encoder.hidden}
         if decoder == "strokes":
             self.config["stroke_layout"] = stroke_layout
             self.config["stroke_binary"] = stroke_binary
@@ -125,7 +134,8 @@ class VAE(nn.Module):
                     freeze_encoder=False, decoder=config["decoder"],
                     # stroke models saved before layouts existed drew free strokes
                     stroke_layout=config.get("stroke_layout", "free") if config["decoder"] == "strokes" else "free",
-                    stroke_binary=config.get("stroke_binary", False) if config["decoder"] == "strokes" else False)
+                    stroke_binary=config.get("stroke_binary", False) if config["decoder"] == "strokes" else False,
+                    encoder_options=config.get("encoder_options") if config["encoder"] == "stats" else None)
         if frozen:
             model.encoder.freeze()
             model.config["freeze_encoder"] = True
