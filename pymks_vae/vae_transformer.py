@@ -219,7 +219,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
     def __init__(self, latent_dim=9, encoder="auto", correlations="auto", periodic_boundary=True,
                  cutoff="auto", loss="spatial_stats", beta="auto", stats_scale="auto", epochs="auto", batch_size=16,
                  learning_rate=3e-3, device="auto", random_state=None, verbose=False, spatial_ndim="auto",
-                 one_point=True):
+                 one_point=False):
         self.latent_dim = latent_dim
         self.encoder = encoder
         self.correlations = correlations

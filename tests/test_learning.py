@@ -33,6 +33,9 @@ def test_default_vae_transformer_separates_classes():
     acc = LogisticRegression().fit(z[train], y[train]).score(z[test], y[test])
     assert acc >= 0.85, f"held-out accuracy {acc:.2f} (chance 0.5)"
     assert vae.cutoff_ is not None and vae.cutoff_ < 15  # the auto window found the short-range structure
+    # the default encoder reads the statistics: where the grains sit does not move the latent
+    assert vae.model_.config["encoder"] == "stats"
+    np.testing.assert_allclose(vae.transform(np.roll(onehot, (5, -9), axis=(1, 2))), z, rtol=0, atol=1e-6)
 
 
 def test_lines_model_draws_a_dark_line_in_the_right_orientation():
@@ -71,7 +74,7 @@ def test_same_seed_same_model():
 
 def test_one_point_keeps_the_volume_fraction():
     """generate_classes differ in volume fraction: with one_point the latent must describe it
-    (without the term this case reaches R^2 of about 0.15, with it about 0.7)."""
+    linearly (measured here: held-out R^2 0.96 with the term, 0.74 without)."""
     torch.set_num_threads(1)
     from pymks_vae.microstructures import generate_classes
     from sklearn.linear_model import RidgeCV
@@ -84,4 +87,4 @@ def test_one_point_keeps_the_volume_fraction():
     vae = VAETransformer(latent_dim=2, random_state=0, one_point=True).fit(onehot[train])
     z = vae.transform(onehot)
     r2 = RidgeCV().fit(z[train], vf[train]).score(z[test], vf[test])
-    assert r2 >= 0.5, f"held-out R^2 of the volume fraction {r2:.2f}"
+    assert r2 >= 0.85, f"held-out R^2 of the volume fraction {r2:.2f}"
