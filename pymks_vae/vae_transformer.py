@@ -182,11 +182,11 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             (:class:`pymks_vae.losses.SpatialStatsLoss`'s ``one_point``; off by itself when every
             sample has the same composition). Default False. The loss compares autocovariances,
             which keep the volume fraction in one lag only: set True when the volume fraction
-            must be read from the latent (on ``generate_classes`` R^2 of the volume fraction
-            0.90-0.97 against 0.60-0.75), but on families where the fraction varies within
-            classes it can take the latent from what tells classes apart (inclusions at latent
-            size 2: 0.38-0.44 accuracy in two of five seeds; docs/pymks.md). Ignored by
-            ``loss="data"``.
+            must be read from the latent (on ``generate_classes`` at latent size 2, linear R^2 of
+            the volume fraction 0.98 against 0.63), but on families where the fraction varies
+            within classes it can take the latent from what tells classes apart (inclusions at
+            latent size 2: accuracy 0.75-0.82 against 0.86-0.90 on three tuning seeds, and 0.23 on
+            one of three evaluation seeds; docs/pymks.md). Ignored by ``loss="data"``.
 
     Attributes:
         model_: the trained ``torch.nn.Module`` (on the CPU, eval mode).

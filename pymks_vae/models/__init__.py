@@ -6,8 +6,8 @@ Example:
     'cnn'
 """
 from pymks_vae.models.decoder import ConvDecoder, PaperDecoder
-from pymks_vae.models.encoders import ConvEncoder, ResNet152Encoder
+from pymks_vae.models.encoders import ConvEncoder, ResNet152Encoder, StatsEncoder
 from pymks_vae.models.stats_vae import StatsVAE
 from pymks_vae.models.vae import VAE
 
-__all__ = ["VAE", "StatsVAE", "ConvEncoder", "ResNet152Encoder", "ConvDecoder", "PaperDecoder"]
+__all__ = ["VAE", "StatsVAE", "ConvEncoder", "StatsEncoder", "ResNet152Encoder", "ConvDecoder", "PaperDecoder"]
