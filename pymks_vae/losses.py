@@ -25,7 +25,7 @@ import torch
 
 from pymks_vae import ops
 
-__all__ = ["kl_divergence", "SpatialStatsLoss", "DecodedStatsLoss", "DataSpaceLoss", "stats_scale_from_data", "auto_cutoff", "DEFAULT_BETA",
+__all__ = ["kl_divergence", "SpatialStatsLoss", "DecodedStatsLoss", "DataSpaceLoss", "LinearReadoutLoss", "stats_scale_from_data", "auto_cutoff", "DEFAULT_BETA",
            "independent_correlations"]
 
 _REDUCTIONS = ("sum", "batchmean", "mean", "none")
@@ -577,6 +577,76 @@ def _reduce(per_sample, reduction):
     if reduction == "none":
         return per_sample
     raise ValueError(f"reduction must be 'batchmean', 'sum' or 'none', got {reduction!r}")
+
+
+class LinearReadoutLoss:
+    """A VAE loss plus a linear read-out of the statistics from the latent means.
+
+    ``total = base + weight * R``, with ``R_b = mean over features of (W mu_b + c - s_b)^2``:
+    ``s_b`` the statistics that ``model``'s :class:`~pymks_vae.models.encoders.StatsEncoder`
+    reads from ``x_b``, standardised lag by lag with the encoder's own running batch-norm
+    statistics (no gradient), and ``W, c`` the model's ``stats_head`` (a linear layer trained with
+    the rest). ``R`` is the fraction of the standardised statistics' variance that a *linear* map
+    of the latent leaves unexplained - the criterion PCA minimises - in the same currency as the
+    variance convention's statistics term.
+
+    Why: the image decoder is nonlinear, so without this term the latent may place samples along
+    curves (classes apart, but a continuous descriptor not in order) that a linear regressor
+    cannot read. The term asks the latent to also hold a linear summary of the statistics, as PCA's
+    components are; measured in docs/pymks.md.
+
+    Args:
+        base: the VAE loss, ``base(x_hat, x, mu, logvar) -> (total, parts)`` (e.g. a
+            :class:`SpatialStatsLoss`); its calibration is delegated to it.
+        model: a :class:`pymks_vae.models.VAE` with ``encoder="stats"`` and ``stats_head=True``.
+        weight: weight of ``R`` (>= 0).
+
+    Example:
+        >>> import torch
+        >>> from pymks_vae.models import VAE
+        >>> model = VAE(encoder="stats", latent_dim=2, image_size=16, channels=2, stats_head=True)
+        >>> loss = LinearReadoutLoss(SpatialStatsLoss(states=(0.0, 1.0), scale=1.0, cutoff=None), model)
+        >>> x = torch.nn.functional.one_hot((torch.rand(4, 16, 16) < 0.5).long(), 2).movedim(-1, 1).float()
+        >>> x_hat, mu, logvar = model(x)
+        >>> sorted(loss(x_hat, x, mu, logvar)[1])
+        ['kl', 'readout', 'stats']
+    """
+
+    def __init__(self, base, model, weight=1.0):
+        if getattr(model, "stats_head", None) is None or type(model.encoder).__name__ != "StatsEncoder":
+            raise ValueError("LinearReadoutLoss needs a VAE with encoder='stats' and stats_head=True")
+        self.base = base
+        self.model = model
+        self.weight = _check_weight(weight, "weight")
+        self.reduction = getattr(base, "reduction", "batchmean")
+
+    @property
+    def needs_calibration(self):
+        return bool(getattr(self.base, "needs_calibration", False))
+
+    def calibrate(self, images, *args, **kwargs):
+        """Calibrate the base loss; returns self."""
+        self.base.calibrate(images, *args, **kwargs)
+        return self
+
+    def __getattr__(self, name):  # the base loss's attributes (scale_, cutoff_, correlations, ...)
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def readout_error(self, x, mu, reduction="batchmean"):
+        """``R`` alone, reduced over the batch."""
+        enc = self.model.encoder
+        norm = enc.norm
+        with torch.no_grad():
+            s = (enc.statistics(x) - norm.running_mean) * torch.rsqrt(norm.running_var + norm.eps)
+        r = (self.model.stats_head(mu) - s.to(mu.dtype)).pow(2).mean(1)
+        return _reduce(r, reduction)
+
+    def __call__(self, x_hat, x, mu, logvar):
+        total, parts = self.base(x_hat, x, mu, logvar)
+        r = self.readout_error(x, mu, self.reduction)
+        return total + self.weight * r, dict(parts, readout=r.detach())
 
 
 class DataSpaceLoss:

@@ -120,8 +120,9 @@ class VAETransformer(TransformerMixin, BaseEstimator):
     latent_dim)``, ready for a classifier or regressor.
 
     Inputs, 2D ``(n, H, W[, n_state])`` or 3D ``(n, X, Y, Z[, n_state])``, of any size (odd,
-    prime, non-square: the CNN's strided convolutions see the field wrapped periodically to the
-    next multiple of 16 and the decoder's output is cropped back, :mod:`pymks_vae.models.shapes`):
+    prime, non-square: the statistics encoder reads statistics of any size; the decoder (and the
+    ``"cnn"`` encoder) draws the field wrapped periodically to the next multiple of 16 and crops it
+    back, :mod:`pymks_vae.models.shapes`):
         - grey microstructures ``(n, *spatial)`` with values in [0, 1]; the spatial-statistics
           loss sees them through soft phase indicators of the states 0.0 and 1.0 (so the state
           indices of ``correlations`` mean the same phases as with one-hot input);
@@ -219,7 +220,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
     def __init__(self, latent_dim=9, encoder="auto", correlations="auto", periodic_boundary=True,
                  cutoff="auto", loss="spatial_stats", beta="auto", stats_scale="auto", epochs="auto", batch_size=16,
                  learning_rate=3e-3, device="auto", random_state=None, verbose=False, spatial_ndim="auto",
-                 one_point=False):
+                 one_point=False, linear_readout=1.0):
         self.latent_dim = latent_dim
         self.encoder = encoder
         self.correlations = correlations
@@ -236,6 +237,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         self.verbose = verbose
         self.spatial_ndim = spatial_ndim
         self.one_point = one_point
+        self.linear_readout = linear_readout
 
     # ------------------------------------------------------------------ validation
     def _check_params(self):
@@ -262,6 +264,9 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             _check_int("cutoff", self.cutoff, 0)
         if not isinstance(self.one_point, (bool, np.bool_)):
             raise ValueError(f"one_point must be True or False, got {self.one_point!r}")
+        value = self.linear_readout
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value < 0:
+            raise ValueError(f"linear_readout must be a finite number >= 0, got {value!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if not isinstance(self.periodic_boundary, (bool, np.bool_)):
@@ -462,9 +467,14 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         # the loss first: the statistics encoder reads the window and pairs the loss calibrated
         loss = self._make_loss(X, grey, n_state)
         encoder, options = self._encoder(loss, grey)
+        readout = encoder == "stats" and self.loss != "data" and float(self.linear_readout) > 0
         torch.manual_seed(seed)
         model = VAE(encoder=encoder, latent_dim=int(self.latent_dim), image_size=spatial,
-                    channels=1 if grey else n_state, encoder_options=options)
+                    channels=1 if grey else n_state, encoder_options=options, stats_head=readout)
+        if readout:
+            from pymks_vae.losses import LinearReadoutLoss
+
+            loss = LinearReadoutLoss(loss, model, float(self.linear_readout))
         config = TrainConfig(epochs=self._epochs(X.shape[0]), batch_size=int(self.batch_size), lr=float(self.learning_rate),
                              seed=seed, device=self._device(), progress=bool(self.verbose))
         rng = np.random.default_rng(seed)

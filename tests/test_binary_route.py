@@ -344,8 +344,13 @@ def test_route_trial_times_both_routes_once_and_keeps_the_faster(route, shape, c
     first = ops.two_point_stats(x, PAIRS, cutoff=cutoff)
     assert torch.equal(first, counted)  # the trial's own call returns the counted (exact) result
     assert _C._binary_route_trials() == 1
-    for _ in range(2):  # the calls of that kind that follow take the route timed faster, untimed
-        assert torch.equal(ops.two_point_stats(x, PAIRS, cutoff=cutoff), counted if faster == "counting" else transformed)
+    # The calls of that kind that follow take the route the trial timed faster, untimed. Which one
+    # that is depends on the machine's load at that moment (``faster`` is what an idle development
+    # VM measures, by about 6x), so the test checks that the trial's verdict is one of the two
+    # routes and sticks, not which route won: timings are for benchmarks/bench_route.py.
+    kept = ops.two_point_stats(x, PAIRS, cutoff=cutoff)
+    assert torch.equal(kept, counted) or torch.equal(kept, transformed)
+    assert torch.equal(ops.two_point_stats(x, PAIRS, cutoff=cutoff), kept)
     assert _C._binary_route_trials() == 1
     # another kind of call (another batch size) is timed on its own
     ops.two_point_stats(x[:1], PAIRS, cutoff=cutoff)

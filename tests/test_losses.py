@@ -373,3 +373,53 @@ def test_one_point_needs_the_variance_convention():
     with pytest.raises(TypeError, match="one_point"):
         SpatialStatsLoss(one_point="yes")
     assert SpatialStatsLoss(one_point=True).needs_calibration
+
+
+# ---------------------------------------------------------------------------- linear read-out term
+def _readout_setup(seed=0):
+    from pymks_vae.models import VAE
+
+    torch.manual_seed(seed)
+    model = VAE(encoder="stats", latent_dim=3, image_size=(12, 14), channels=2, stats_head=True,
+                encoder_options={"cutoff": 3})
+    x1 = (torch.rand(6, 1, 12, 14) < 0.4).float()
+    return model, torch.cat([1 - x1, x1], 1)
+
+
+def test_linear_readout_loss_adds_the_standardised_linear_error():
+    from pymks_vae.losses import LinearReadoutLoss
+
+    model, x = _readout_setup()
+    base = SpatialStatsLoss(states=(0.0, 1.0), scale=1.0, cutoff=None)
+    loss = LinearReadoutLoss(base, model, weight=0.7)
+    x_hat, mu, logvar = model(x)
+    total, parts = loss(x_hat, x, mu, logvar)
+    base_total, _ = base(x_hat, x, mu, logvar)
+    enc = model.encoder
+    f = ops.two_point_stats(x, [(0, 0)], cutoff=3).flatten(1)  # what the encoder reads
+    s = (f - enc.norm.running_mean) / torch.sqrt(enc.norm.running_var + enc.norm.eps)
+    want = (model.stats_head(mu) - s).pow(2).mean(1).mean()
+    torch.testing.assert_close(parts["readout"], want.detach())
+    torch.testing.assert_close(total, base_total + 0.7 * want)
+    # the gradient reaches the head and the encoder (through mu), not the statistics target
+    total.backward()
+    assert model.stats_head.weight.grad.abs().sum() > 0
+    assert model.encoder.gaussian.mu.weight.grad.abs().sum() > 0
+    # the base loss's calibration and attributes pass through
+    assert loss.scale_ == base.scale_ and loss.correlations == base.correlations and not loss.needs_calibration
+
+
+def test_linear_readout_loss_refuses_a_model_without_head_and_bad_weight():
+    from pymks_vae.losses import LinearReadoutLoss
+    from pymks_vae.models import VAE
+
+    base = SpatialStatsLoss(states=(0.0, 1.0), scale=1.0)
+    with pytest.raises(ValueError, match="stats_head"):
+        LinearReadoutLoss(base, VAE(encoder="stats", latent_dim=2, image_size=16, channels=2))
+    with pytest.raises(ValueError, match="stats_head"):
+        LinearReadoutLoss(base, VAE(encoder="cnn", latent_dim=2, image_size=16, channels=2))
+    model, _ = _readout_setup()
+    with pytest.raises((ValueError, TypeError), match="weight"):
+        LinearReadoutLoss(base, model, weight=-1.0)
+    with pytest.raises(ValueError, match="encoder='stats' only"):
+        VAE(encoder="cnn", latent_dim=2, image_size=16, stats_head=True)

@@ -42,6 +42,9 @@ class VAE(nn.Module):
         weights: ResNet-152 ImageNet weights (a file path or ``"imagenet"``); ``"resnet152"`` only.
         freeze_encoder: freeze the ResNet-152 backbone. None means True for ``"resnet152"`` (the
             paper; needs ``weights``) and False for ``"cnn"`` and ``"stats"``.
+        stats_head: for ``"stats"`` only: add ``stats_head``, a linear map from the latent to the
+            encoder's standardised statistics, trained by
+            :class:`pymks_vae.losses.LinearReadoutLoss` (default False).
         encoder_options: for ``"stats"`` only: a dict of
             :class:`~pymks_vae.models.encoders.StatsEncoder`'s ``correlations``, ``cutoff``,
             ``periodic`` and ``hidden`` (None: its defaults).
@@ -70,7 +73,8 @@ class VAE(nn.Module):
     """
 
     def __init__(self, encoder="cnn", latent_dim=9, image_size=64, channels=1, weights=None,
-                 freeze_encoder=None, decoder="auto", stroke_layout="free", stroke_binary=False, encoder_options=None):
+                 freeze_encoder=None, decoder="auto", stroke_layout="free", stroke_binary=False, encoder_options=None,
+                 stats_head=False):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
@@ -102,10 +106,16 @@ class VAE(nn.Module):
             "channels": self.channels,
             "freeze_encoder": bool(getattr(self.encoder, "frozen", False)),
         }
+        if not isinstance(stats_head, bool):
+            raise TypeError(f"stats_head must be True or False, got {stats_head!r}")
+        if stats_head and encoder != "stats":
+            raise ValueError(f"stats_head applies to encoder='stats' only, got encoder={encoder!r}")
+        self.stats_head = nn.Linear(self.latent_dim, self.encoder.norm.num_features) if stats_head else None
         if encoder == "stats":  # the window and pairs actually read, so that from_config rebuilds them
             self.config["encoder_options"] = {
                 "correlations": [list(p) for p in self.encoder.correlations], "cutoff": self.encoder.cutoff,
                 "periodic": self.encoder.periodic, "hidden": self.encoder.hidden}
+            self.config["stats_head"] = stats_head
         if decoder == "strokes":
             self.config["stroke_layout"] = stroke_layout
             self.config["stroke_binary"] = stroke_binary
@@ -135,7 +145,8 @@ class VAE(nn.Module):
                     # stroke models saved before layouts existed drew free strokes
                     stroke_layout=config.get("stroke_layout", "free") if config["decoder"] == "strokes" else "free",
                     stroke_binary=config.get("stroke_binary", False) if config["decoder"] == "strokes" else False,
-                    encoder_options=config.get("encoder_options") if config["encoder"] == "stats" else None)
+                    encoder_options=config.get("encoder_options") if config["encoder"] == "stats" else None,
+                    stats_head=bool(config.get("stats_head", False)))
         if frozen:
             model.encoder.freeze()
             model.config["freeze_encoder"] = True
