@@ -336,6 +336,8 @@ def test_inverse_transform_width(fitted_one_hot):
     (dict(encoder="transformer"), "encoder"), (dict(cutoff=-1), "cutoff"),
     (dict(spatial_ndim=4), "spatial_ndim"), (dict(spatial_ndim=True), "spatial_ndim"),
     (dict(correlations="all"), "correlations"), (dict(one_point="yes"), "one_point"),
+    (dict(linear_readout=-1.0), "linear_readout"), (dict(linear_readout="yes"), "linear_readout"),
+    (dict(linear_readout=float("nan")), "linear_readout"), (dict(encoder=None), "encoder"),
 ])
 def test_bad_parameters(micro, params, match):
     with pytest.raises(ValueError, match=match):
