@@ -613,7 +613,9 @@ class LinearReadoutLoss:
     """
 
     def __init__(self, base, model, weight=1.0):
-        if getattr(model, "stats_head", None) is None or type(model.encoder).__name__ != "StatsEncoder":
+        from pymks_vae.models.encoders import StatsEncoder
+
+        if getattr(model, "stats_head", None) is None or not isinstance(getattr(model, "encoder", None), StatsEncoder):
             raise ValueError("LinearReadoutLoss needs a VAE with encoder='stats' and stats_head=True")
         self.base = base
         self.model = model

@@ -125,14 +125,6 @@ class ConvEncoder(nn.Module):
         return self.gaussian(self.head(self.features(x)))
 
 
-def _default_pairs(channels):
-    """Every pair ``(i, j)``, ``i <= j < channels - 1``: with phase indicators that sum to 1 they
-    determine all auto- and cross-correlations (``pymks_vae.losses.independent_correlations``);
-    one channel (a grey field) is read as it is, ``[(0, 0)]``."""
-    n = max(channels - 1, 1)
-    return [(i, j) for i in range(n) for j in range(i, n)]
-
-
 class StatsEncoder(nn.Module):
     """An encoder that reads the two-point statistics of its input, not its pixels.
 
@@ -152,7 +144,8 @@ class StatsEncoder(nn.Module):
         image_size: int (a square), ``(H, W)`` or ``(X, Y, Z)``.
         channels: input channels (1: a grey field, read as one state; else phase indicators).
         correlations: channel pairs ``(i, j)`` whose statistics are read; None: every
-            ``i <= j < channels - 1`` (``[(0, 0)]`` for one or two channels).
+            ``i <= j < channels - 1`` (:func:`pymks_vae.losses.independent_correlations`;
+            ``[(0, 0)]`` for one or two channels).
         cutoff: largest lag read along each axis (an int >= 0, clipped to
             ``(min(image_size) - 1) // 2``), or None for the largest window; then shrunk until
             ``len(correlations) * (2 * cutoff + 1) ** ndim`` is at most ``max_features``.
@@ -182,17 +175,11 @@ class StatsEncoder(nn.Module):
             raise TypeError(f"periodic must be a bool, got {periodic!r}")
         self.image_size = spatial_shape(image_size)
         ndim = len(self.image_size)
-        if correlations is None:
-            pairs = _default_pairs(channels)
-        else:
-            try:
-                pairs = [(int(i), int(j)) for i, j in correlations]
-            except (TypeError, ValueError):
-                raise ValueError(f"correlations must be a sequence of (i, j) channel pairs, got {correlations!r}") from None
-            if not pairs or any(not (0 <= i < channels and 0 <= j < channels) for i, j in pairs) \
-                    or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for p in correlations for v in p):
-                raise ValueError(f"correlations must be a non-empty sequence of (i, j) int pairs with 0 <= i, j < "
-                                 f"channels={channels}, got {correlations!r}")
+        from pymks_vae import losses, ops
+
+        # None: the pairs the loss compares by default (one channel: the grey field itself)
+        pairs = (losses.independent_correlations(channels) if correlations is None
+                 else ops._pairs(correlations, channels, "StatsEncoder"))
         largest = (min(self.image_size) - 1) // 2
         if cutoff is None:
             cutoff = largest

@@ -82,6 +82,10 @@ class VAE(nn.Module):
             decoder = "paper" if encoder == "resnet152" else "cnn"
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be 'auto' or one of {DECODERS}, got {decoder!r}")
+        if not isinstance(stats_head, bool):
+            raise TypeError(f"stats_head must be True or False, got {stats_head!r}")
+        if stats_head and encoder != "stats":
+            raise ValueError(f"stats_head applies to encoder='stats' only, got encoder={encoder!r}")
         if freeze_encoder is not None and not isinstance(freeze_encoder, bool):
             raise TypeError(f"freeze_encoder must be None, True or False, got {freeze_encoder!r}")
         self.latent_dim = _check_positive_int(latent_dim, "latent_dim")
@@ -106,10 +110,6 @@ class VAE(nn.Module):
             "channels": self.channels,
             "freeze_encoder": bool(getattr(self.encoder, "frozen", False)),
         }
-        if not isinstance(stats_head, bool):
-            raise TypeError(f"stats_head must be True or False, got {stats_head!r}")
-        if stats_head and encoder != "stats":
-            raise ValueError(f"stats_head applies to encoder='stats' only, got encoder={encoder!r}")
         self.stats_head = nn.Linear(self.latent_dim, self.encoder.norm.num_features) if stats_head else None
         if encoder == "stats":  # the window and pairs actually read, so that from_config rebuilds them
             self.config["encoder_options"] = {
