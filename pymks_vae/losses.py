@@ -582,13 +582,30 @@ def _reduce(per_sample, reduction):
 class LinearReadoutLoss:
     """A VAE loss plus a linear read-out of the statistics from the latent means.
 
-    ``total = base + weight * R``, with ``R_b = mean over features of (W mu_b + c - s_b)^2``:
-    ``s_b`` the statistics that ``model``'s :class:`~pymks_vae.models.encoders.StatsEncoder`
-    reads from ``x_b``, standardised lag by lag with the encoder's own running batch-norm
-    statistics (no gradient), and ``W, c`` the model's ``stats_head`` (a linear layer trained with
-    the rest). ``R`` is the fraction of the standardised statistics' variance that a *linear* map
-    of the latent leaves unexplained - the criterion PCA minimises - in the same currency as the
-    variance convention's statistics term.
+    ``total = base + weight * R``. ``s_b`` are the statistics that ``model``'s
+    :class:`~pymks_vae.models.encoders.StatsEncoder` reads from ``x_b`` (the two-point statistics
+    in its window, then its one-point statistics if it reads them), centred with the encoder's own
+    running batch-norm means and divided by a scale (no gradient); ``W, c`` the model's
+    ``stats_head`` (a linear layer trained with the rest); ``e_b = (W mu_b + c - s_b)^2``.
+
+    * ``scaling="pareto"`` (default): statistic ``k`` divided by ``sqrt(sd_k * sd)``, its own
+      running standard deviation ``sd_k`` times their common scale ``sd`` (the root of their mean
+      running variance): each statistic weighs by its standard deviation - Pareto scaling, the
+      compromise of chemometrics' PCA between the two others. ``"global"``: one scale ``sd`` for
+      all, each statistic weighs by its variance (PCA's criterion on the raw statistics; the
+      high-variance short lags dominate). ``"lag"``: each standardised on its own, every lag
+      weighs the same (weak long lags included). Measured in docs/pymks.md: ``"lag"`` loses the
+      random fields' correlation length at latent size 2, ``"global"`` the lamellar spacing.
+    * ``R_b = (1 - one_point_share) * mean(e_b over the two-point statistics) + one_point_share *
+      mean(e_b over the one-point statistics)`` when the encoder reads one-point statistics, else
+      the mean of ``e_b``. Why a share: a window drops the long lags, whose values tend to the
+      product of the phase fractions; in a full-field PCA they carry the phase fractions with
+      most of the variance. The share gives that information back at a weight that does not
+      depend on the image size (docs/spatial_stats_loss.md).
+
+    ``R`` is the part of the statistics that a *linear* map of the latent leaves unexplained - the
+    criterion PCA minimises - in units of the statistics' variance, the currency of the variance
+    convention's statistics term.
 
     Why: the image decoder is nonlinear, so without this term the latent may place samples along
     curves (classes apart, but a continuous descriptor not in order) that a linear regressor
@@ -600,6 +617,9 @@ class LinearReadoutLoss:
             :class:`SpatialStatsLoss`); its calibration is delegated to it.
         model: a :class:`pymks_vae.models.VAE` with ``encoder="stats"`` and ``stats_head=True``.
         weight: weight of ``R`` (>= 0).
+        scaling: ``"pareto"``, ``"global"`` or ``"lag"`` (above).
+        one_point_share: share of ``R`` given to the one-point statistics, in ``[0, 1]``
+            (ignored when the encoder reads none).
 
     Example:
         >>> import torch
@@ -612,7 +632,7 @@ class LinearReadoutLoss:
         ['kl', 'readout', 'stats']
     """
 
-    def __init__(self, base, model, weight=1.0):
+    def __init__(self, base, model, weight=1.0, scaling="pareto", one_point_share=0.5):
         from pymks_vae.models.encoders import StatsEncoder
 
         if getattr(model, "stats_head", None) is None or not isinstance(getattr(model, "encoder", None), StatsEncoder):
@@ -620,6 +640,13 @@ class LinearReadoutLoss:
         self.base = base
         self.model = model
         self.weight = _check_weight(weight, "weight")
+        if scaling not in ("lag", "global", "pareto"):
+            raise ValueError(f"scaling must be 'lag', 'global' or 'pareto', got {scaling!r}")
+        self.scaling = scaling
+        share = one_point_share
+        if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0.0 <= float(share) <= 1.0:
+            raise ValueError(f"one_point_share must be a number in [0, 1], got {share!r}")
+        self.one_point_share = float(share)
         self.reduction = getattr(base, "reduction", "batchmean")
 
     @property
@@ -641,8 +668,18 @@ class LinearReadoutLoss:
         enc = self.model.encoder
         norm = enc.norm
         with torch.no_grad():
-            s = (enc.statistics(x) - norm.running_mean) * torch.rsqrt(norm.running_var + norm.eps)
-        r = (self.model.stats_head(mu) - s.to(mu.dtype)).pow(2).mean(1)
+            var = norm.running_var
+            if self.scaling == "global":  # one scale, so each statistic keeps the weight of its own variance
+                var = var.mean().expand_as(var)
+            elif self.scaling == "pareto":  # each statistic weighs by its standard deviation
+                var = (var + norm.eps).sqrt() * var.mean().sqrt()
+            s = (enc.statistics(x) - norm.running_mean) * torch.rsqrt(var + norm.eps)
+        err = (self.model.stats_head(mu) - s.to(mu.dtype)).pow(2)
+        n1 = enc.n_one_point
+        if n1:
+            r = (1.0 - self.one_point_share) * err[:, :-n1].mean(1) + self.one_point_share * err[:, -n1:].mean(1)
+        else:
+            r = err.mean(1)
         return _reduce(r, reduction)
 
     def __call__(self, x_hat, x, mu, logvar):

@@ -137,9 +137,11 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         latent_dim: size of the latent space.
         encoder: ``"auto"`` (default), ``"stats"``, ``"cnn"`` or ``"resnet152"`` (2D only; see
             :class:`pymks_vae.models.VAE`). ``"auto"`` is ``"stats"`` for the spatial-statistics
-            loss: the encoder reads the two-point statistics the loss compares (same pairs, lag
-            window and boundary; :class:`pymks_vae.models.encoders.StatsEncoder`), so the latent
-            cannot depend on where grains sit; and ``"cnn"`` (pixels) for ``loss="data"``.
+            loss: the encoder reads the two-point statistics the loss compares (same pairs and
+            boundary, lags up to 10 px) and the phase fractions
+            (:class:`pymks_vae.models.encoders.StatsEncoder`, with a linear path to the latent
+            beside its hidden layer), so the latent cannot depend on where grains sit; and
+            ``"cnn"`` (pixels) for ``loss="data"``.
         correlations: state pairs compared by the spatial-statistics loss: ``"auto"`` (default)
             every pair ``(i, j)``, ``i <= j < n_state - 1``
             (:func:`pymks_vae.losses.independent_correlations`): ``(0, 0)`` for two phases and
@@ -184,15 +186,15 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             sample has the same composition). Default False. The loss compares autocovariances,
             which keep the volume fraction in one lag only; the linear read-out term below
             recovers most of it (on ``generate_classes``, linear R^2 of the volume fraction
-            0.97-0.98 against PCA's 0.995). Measured without that term, ``one_point=True`` raised
+            0.98-0.99 against PCA's 0.995). Measured without that term, ``one_point=True`` raised
             it from 0.63 to 0.98 at latent size 2, but on families where the fraction varies
             within classes it took the latent from what tells classes apart (inclusions at latent
             size 2: accuracy 0.75-0.82 against 0.86-0.90 on three tuning seeds, and 0.23 on one of
             three evaluation seeds; docs/pymks.md). Ignored by ``loss="data"``.
         linear_readout: weight of the linear read-out term (default 1.0; 0 turns it off): the
-            latent means must also predict the statistics the encoder reads, standardised lag by
-            lag, through a linear map trained with the model
-            (:class:`pymks_vae.losses.LinearReadoutLoss`, ``model_.stats_head``) - PCA's
+            latent means must also predict the statistics the encoder reads (Pareto-scaled; the
+            phase fractions with half the term's weight) through a linear map trained with the
+            model (:class:`pymks_vae.losses.LinearReadoutLoss`, ``model_.stats_head``) - PCA's
             criterion, in the currency of the statistics term. Without it the nonlinear decoder
             let the latent place samples along curves: classes apart, but a continuous descriptor
             out of order for a linear regressor (docs/pymks.md). Only with the statistics encoder
@@ -390,6 +392,10 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             "correlations": [(0, 0)] if grey or not stats_loss else [tuple(p) for p in loss.correlations],
             "cutoff": STATS_ENCODER_CUTOFF,
             "periodic": bool(self.periodic_boundary),
+            # the phase fractions the window's dropped long lags carried, and a linear path to mu
+            # for the read-out term (docs/pymks.md, measured)
+            "one_point": True,
+            "skip": True,
         }
 
     def _make_loss(self, X, grey, n_state):

@@ -386,12 +386,12 @@ def _readout_setup(seed=0):
     return model, torch.cat([1 - x1, x1], 1)
 
 
-def test_linear_readout_loss_adds_the_standardised_linear_error():
+def test_linear_readout_loss_adds_the_lag_standardised_linear_error():
     from pymks_vae.losses import LinearReadoutLoss
 
     model, x = _readout_setup()
     base = SpatialStatsLoss(states=(0.0, 1.0), scale=1.0, cutoff=None)
-    loss = LinearReadoutLoss(base, model, weight=0.7)
+    loss = LinearReadoutLoss(base, model, weight=0.7, scaling="lag")
     x_hat, mu, logvar = model(x)
     total, parts = loss(x_hat, x, mu, logvar)
     base_total, _ = base(x_hat, x, mu, logvar)
@@ -409,6 +409,49 @@ def test_linear_readout_loss_adds_the_standardised_linear_error():
     assert loss.scale_ == base.scale_ and loss.correlations == base.correlations and not loss.needs_calibration
 
 
+@pytest.mark.parametrize("scaling, share", [("pareto", 0.5), ("global", 0.2), ("pareto", 1.0), ("lag", 0.5)])
+def test_linear_readout_loss_scalings_and_one_point_share(scaling, share):
+    """Each statistic centred by the encoder's running mean and divided by its scaling's scale;
+    the one-point statistics' share of R apart from the two-point statistics'."""
+    from pymks_vae.losses import LinearReadoutLoss
+    from pymks_vae.models import VAE
+
+    torch.manual_seed(1)
+    model = VAE(encoder="stats", latent_dim=2, image_size=(13, 12), channels=3, stats_head=True,
+                encoder_options={"cutoff": 2, "one_point": True})
+    x = torch.nn.functional.one_hot(torch.randint(0, 3, (7, 13, 12)), 3).movedim(-1, 1).double()
+    model = model.double()
+    model.train()(x)  # running statistics away from their initial values
+    model.train()(x.flip(0)[:5])
+    base = SpatialStatsLoss(states=(0.0, 1.0, 2.0), scale=1.0, cutoff=None)
+    loss = LinearReadoutLoss(base, model, weight=2.0, scaling=scaling, one_point_share=share)
+    assert LinearReadoutLoss(base, model).scaling == "pareto" and LinearReadoutLoss(base, model).one_point_share == 0.5
+    x_hat, mu, logvar = model(x)
+    total, parts = loss(x_hat, x, mu, logvar)
+    enc = model.encoder
+    two = ops.two_point_stats(x, enc.correlations, cutoff=2).flatten(1)
+    one = x[:, :2].mean((2, 3))  # two independent phase fractions of three phases
+    f = torch.cat([two, one], 1)
+    assert enc.n_one_point == 2 and f.shape[1] == enc.norm.num_features == 3 * 25 + 2
+    var, eps = enc.norm.running_var, enc.norm.eps
+    sd = {"lag": torch.sqrt(var + eps), "global": torch.sqrt(var.mean() + eps),
+          "pareto": torch.sqrt(torch.sqrt(var + eps) * torch.sqrt(var.mean()) + eps)}[scaling]
+    s = (f - enc.norm.running_mean) / sd
+    e = (model.stats_head(mu) - s).pow(2)
+    want = ((1 - share) * e[:, :-2].mean(1) + share * e[:, -2:].mean(1)).mean()
+    torch.testing.assert_close(parts["readout"], want.detach())
+    torch.testing.assert_close(total, base(x_hat, x, mu, logvar)[0] + 2.0 * want)
+    # without one-point statistics the share plays no part: the plain mean over the statistics
+    plain, xp = _readout_setup()
+    lp = LinearReadoutLoss(base, plain, scaling=scaling, one_point_share=share)
+    _, mu_p, _ = plain(xp)
+    v = plain.encoder.norm.running_var
+    sd_p = {"lag": torch.sqrt(v + eps), "global": torch.sqrt(v.mean() + eps),
+            "pareto": torch.sqrt(torch.sqrt(v + eps) * torch.sqrt(v.mean()) + eps)}[scaling]
+    sp = (plain.encoder.statistics(xp) - plain.encoder.norm.running_mean) / sd_p
+    torch.testing.assert_close(lp.readout_error(xp, mu_p), (plain.stats_head(mu_p) - sp).pow(2).mean(1).mean())
+
+
 def test_linear_readout_loss_refuses_a_model_without_head_and_bad_weight():
     from pymks_vae.losses import LinearReadoutLoss
     from pymks_vae.models import VAE
@@ -421,5 +464,10 @@ def test_linear_readout_loss_refuses_a_model_without_head_and_bad_weight():
     model, _ = _readout_setup()
     with pytest.raises((ValueError, TypeError), match="weight"):
         LinearReadoutLoss(base, model, weight=-1.0)
+    with pytest.raises(ValueError, match="scaling"):
+        LinearReadoutLoss(base, model, scaling="per-lag")
+    for bad in (-0.1, 1.5, True, "half", float("nan")):
+        with pytest.raises(ValueError, match="one_point_share"):
+            LinearReadoutLoss(base, model, one_point_share=bad)
     with pytest.raises(ValueError, match="encoder='stats' only"):
         VAE(encoder="cnn", latent_dim=2, image_size=16, stats_head=True)

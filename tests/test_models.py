@@ -348,6 +348,25 @@ def test_stats_encoder_any_dimension_states_and_size(shape, channels, pairs):
     assert enc.norm.num_features == n_pairs * (2 * largest + 1) ** len(shape)
 
 
+@pytest.mark.parametrize("shape, channels", [((17, 24), 2), ((9, 10, 11), 3), ((15, 15), 1)])
+def test_stats_encoder_reads_the_independent_phase_fractions_after_the_two_point_statistics(shape, channels):
+    from pymks_vae import ops
+    from pymks_vae.models.encoders import StatsEncoder
+
+    enc = StatsEncoder(latent_dim=2, image_size=shape, channels=channels, cutoff=3, one_point=True).eval()
+    x = (torch.nn.functional.one_hot(torch.randint(0, channels, (4, *shape)), channels).movedim(-1, 1).float()
+         if channels > 1 else torch.rand(4, 1, *shape))
+    n1 = max(1, channels - 1)  # one-hot phases sum to one: the last fraction is not independent
+    two = ops.two_point_stats(x, enc.correlations, cutoff=3).flatten(1)
+    want = torch.cat([two, x[:, :n1].flatten(2).mean(2)], 1)
+    torch.testing.assert_close(enc.statistics(x), want)
+    assert enc.n_one_point == n1 and enc.norm.num_features == two.shape[1] + n1
+    assert enc(x)[0].shape == (4, 2)
+    shifted = torch.roll(x, shifts=(2,) * len(shape), dims=tuple(range(2, 2 + len(shape))))
+    torch.testing.assert_close(enc(shifted)[0], enc(x)[0], rtol=1e-5, atol=1e-5)
+    assert StatsEncoder(latent_dim=2, image_size=shape, channels=channels, cutoff=3).n_one_point == 0
+
+
 def test_stats_encoder_window_shrinks_to_its_feature_budget_and_hidden_zero_is_linear():
     from pymks_vae.models.encoders import StatsEncoder
 
@@ -362,10 +381,31 @@ def test_stats_encoder_window_shrinks_to_its_feature_budget_and_hidden_zero_is_l
     torch.testing.assert_close(h(fa) + h(fb) - h(torch.zeros_like(fa)), h(fa + fb))
 
 
+def test_stats_encoder_skip_adds_a_linear_map_of_the_standardised_statistics_to_mu():
+    from pymks_vae.models.encoders import StatsEncoder
+
+    torch.manual_seed(3)
+    enc = StatsEncoder(latent_dim=3, image_size=16, channels=2, cutoff=3, one_point=True, skip=True)
+    x = torch.nn.functional.one_hot(torch.randint(0, 2, (5, 16, 16)), 2).movedim(-1, 1).float()
+    enc.train()(x)
+    enc.eval()
+    h = enc.norm(enc.statistics(x))
+    mu, logvar = enc(x)
+    torch.testing.assert_close(mu, enc.gaussian.mu(enc.head(h)) + enc.skip(h))
+    torch.testing.assert_close(logvar, enc.gaussian.logvar(enc.head(h)))  # the variance has no skip
+    assert enc.skip.in_features == 49 + 1 and enc.skip.bias is None
+    # the gradient of mu reaches the statistics' standardisation through both paths
+    enc.train()(x)[0].sum().backward()
+    assert enc.skip.weight.grad.abs().sum() > 0 and enc.gaussian.mu.weight.grad.abs().sum() > 0
+    assert StatsEncoder(latent_dim=3, image_size=16, cutoff=3, hidden=0, skip=True).skip is None  # already linear
+    assert StatsEncoder(latent_dim=3, image_size=16, cutoff=3).skip is None
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(cutoff=-1), "cutoff"), (dict(cutoff=2.5), "cutoff"), (dict(hidden=-3), "hidden"),
     (dict(correlations=[(0, 2)]), "correlations"), (dict(correlations=[(0.5, 1)]), "correlations"),
     (dict(correlations=[]), "correlations"), (dict(periodic="yes"), "periodic"), (dict(max_features=0), "max_features"),
+    (dict(one_point=1), "one_point"), (dict(skip="yes"), "skip"),
 ])
 def test_stats_encoder_refuses_bad_arguments(kwargs, match):
     from pymks_vae.models.encoders import StatsEncoder
@@ -376,15 +416,19 @@ def test_stats_encoder_refuses_bad_arguments(kwargs, match):
 
 def test_stats_vae_config_round_trip_and_option_checks():
     model = VAE(encoder="stats", latent_dim=3, image_size=(20, 22), channels=3,
-                encoder_options={"cutoff": 4, "periodic": False, "hidden": 32})
+                encoder_options={"cutoff": 4, "periodic": False, "hidden": 32, "one_point": True, "skip": True})
     model.train()(torch.softmax(torch.randn(4, 3, 20, 22), 1))  # a training step moves the running statistics
     model.eval()
     assert model.config["encoder_options"] == {"correlations": [[0, 0], [0, 1], [1, 1]], "cutoff": 4,
-                                               "periodic": False, "hidden": 32}
+                                               "periodic": False, "hidden": 32, "one_point": True, "skip": True}
     again = VAE.from_config(model.config).eval()
     again.load_state_dict(model.state_dict())
     x = torch.softmax(torch.randn(2, 3, 20, 22), 1)
     torch.testing.assert_close(again.encode(x)[0], model.encode(x)[0], rtol=0, atol=0)
+    # a config written before the encoder could read one-point statistics rebuilds without them
+    old = dict(model.config, encoder_options={k: v for k, v in model.config["encoder_options"].items()
+                                              if k not in ("one_point", "skip")})
+    assert VAE.from_config(old).encoder.n_one_point == 0 and VAE.from_config(old).encoder.skip is None
     assert model.decode(torch.zeros(2, 3)).shape == (2, 3, 20, 22)
     with pytest.raises(ValueError, match="encoder='stats' only"):
         VAE(encoder="cnn", encoder_options={"cutoff": 3})

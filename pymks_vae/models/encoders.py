@@ -129,9 +129,10 @@ class StatsEncoder(nn.Module):
     """An encoder that reads the two-point statistics of its input, not its pixels.
 
     ``x -> f = two_point_stats(x, correlations, cutoff)`` (the periodic or non-periodic two-point
-    statistics within a lag window, :func:`pymks_vae.ops.two_point_stats`) ``-> flatten ->
-    BatchNorm (each lag standardised over the data) -> linear hidden (BatchNorm, ReLU) -> mu,
-    logvar``.
+    statistics within a lag window, :func:`pymks_vae.ops.two_point_stats`) ``-> flatten [->
+    append the phase fractions] -> BatchNorm (each statistic standardised over the data) ->
+    linear hidden (BatchNorm, ReLU) -> mu, logvar`` [``+ a linear map of the standardised
+    statistics to mu``].
 
     Why: a microstructure's class and descriptors (volume fraction, correlation lengths, sizes)
     do not depend on where its grains sit, and the spatial-statistics loss only asks the latent
@@ -152,10 +153,16 @@ class StatsEncoder(nn.Module):
         periodic: periodic statistics (True) or zero padding with overlap normalisation.
         hidden: width of the hidden layer; 0 for a linear map of the standardised statistics.
         max_features: upper bound on the statistics read (memory of the first layer).
+        one_point: also read the independent phase fractions (the means of every channel but the
+            last; of the one channel of a grey field), after the two-point statistics. A window
+            drops the long lags, which carry the phase fractions; these give them back.
+        skip: add a linear map of the standardised statistics to ``mu``, beside the hidden layer
+            (ignored with ``hidden=0``, already linear).
 
     Attributes:
         cutoff: the window actually read.
         correlations: the pairs read, a list of tuples.
+        n_one_point: the number of one-point statistics read (0 without ``one_point``).
 
     Example:
         >>> enc = StatsEncoder(latent_dim=2, image_size=(21, 30), channels=2, cutoff=4)
@@ -164,7 +171,7 @@ class StatsEncoder(nn.Module):
     """
 
     def __init__(self, latent_dim, image_size, channels=1, correlations=None, cutoff=None, periodic=True,
-                 hidden=256, max_features=STATS_ENCODER_MAX_FEATURES):
+                 hidden=256, max_features=STATS_ENCODER_MAX_FEATURES, one_point=False, skip=False):
         super().__init__()
         latent_dim = _check_positive_int(latent_dim, "latent_dim")
         channels = _check_positive_int(channels, "channels")
@@ -173,6 +180,10 @@ class StatsEncoder(nn.Module):
             raise ValueError(f"hidden must be an int >= 0, got {hidden!r}")
         if not isinstance(periodic, bool):
             raise TypeError(f"periodic must be a bool, got {periodic!r}")
+        if not isinstance(one_point, bool):
+            raise TypeError(f"one_point must be a bool, got {one_point!r}")
+        if not isinstance(skip, bool):
+            raise TypeError(f"skip must be a bool, got {skip!r}")
         self.image_size = spatial_shape(image_size)
         ndim = len(self.image_size)
         from pymks_vae import losses, ops
@@ -189,23 +200,35 @@ class StatsEncoder(nn.Module):
         while cutoff > 0 and len(pairs) * (2 * cutoff + 1) ** ndim > max_features:
             cutoff -= 1
         self.cutoff, self.correlations, self.periodic, self.hidden = cutoff, pairs, periodic, int(hidden)
-        n_features = len(pairs) * (2 * cutoff + 1) ** ndim
+        self.one_point = one_point
+        # the independent phase fractions: every channel but the last of a one-hot input (they sum to 1)
+        self.n_one_point = max(1, channels - 1) if one_point else 0
+        n_features = len(pairs) * (2 * cutoff + 1) ** ndim + self.n_one_point
         self.norm = nn.BatchNorm1d(n_features)
         if hidden:
             self.head = nn.Sequential(nn.Linear(n_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(True))
         else:
             self.head = nn.Identity()
         self.gaussian = _Gaussian(hidden or n_features, latent_dim)
+        # a linear path from the standardised statistics to mu, beside the hidden layer: the latent
+        # can hold a linear summary of the statistics exactly, as PCA's components are
+        self.skip = nn.Linear(n_features, latent_dim, bias=False) if skip and hidden else None
 
     def statistics(self, x):
         """The statistics read, flattened: ``(B, len(correlations) * window)``."""
         from pymks_vae import ops
 
-        f = ops.two_point_stats(x, self.correlations, periodic=self.periodic, cutoff=self.cutoff)
-        return f.flatten(1)
+        f = ops.two_point_stats(x, self.correlations, periodic=self.periodic, cutoff=self.cutoff).flatten(1)
+        if self.n_one_point:
+            f = torch.cat([f, x[:, : self.n_one_point].flatten(2).mean(2).to(f.dtype)], 1)
+        return f
 
     def forward(self, x):
-        return self.gaussian(self.head(self.norm(self.statistics(x))))
+        h = self.norm(self.statistics(x))
+        mu, logvar = self.gaussian(self.head(h))
+        if self.skip is not None:
+            mu = mu + self.skip(h)
+        return mu, logvar
 
 
 def _resnet152_state_dict(weights):
@@ -342,7 +365,7 @@ def build_encoder(name, *, latent_dim, image_size, channels=1, weights=None, fre
         freeze: freeze the encoder; only None/False for ``"cnn"`` and ``"stats"`` (they have no
             pretrained weights).
         options: for ``"stats"`` only, a dict of :class:`StatsEncoder`'s keyword arguments
-            (``correlations``, ``cutoff``, ``periodic``, ``hidden``).
+            (``correlations``, ``cutoff``, ``periodic``, ``hidden``, ``one_point``, ``skip``).
 
     Returns:
         an ``nn.Module`` mapping ``(B, channels, *image_size)`` to ``(mu, logvar)``.
@@ -365,7 +388,7 @@ def build_encoder(name, *, latent_dim, image_size, channels=1, weights=None, fre
             )
         if name == "stats":
             options = dict(options or {})
-            bad = sorted(set(options) - {"correlations", "cutoff", "periodic", "hidden"})
+            bad = sorted(set(options) - {"correlations", "cutoff", "periodic", "hidden", "one_point", "skip"})
             if bad:
                 raise ValueError(f"unknown options for encoder='stats': {bad}")
             return StatsEncoder(latent_dim, image_size, channels, **options)

@@ -47,7 +47,7 @@ class VAE(nn.Module):
             :class:`pymks_vae.losses.LinearReadoutLoss` (default False).
         encoder_options: for ``"stats"`` only: a dict of
             :class:`~pymks_vae.models.encoders.StatsEncoder`'s ``correlations``, ``cutoff``,
-            ``periodic`` and ``hidden`` (None: its defaults).
+            ``periodic``, ``hidden``, ``one_point`` and ``skip`` (None: its defaults).
         decoder: ``"paper"`` (the paper's decoder, any 2D size via a final resize), ``"cnn"`` (a
             lighter decoder reaching the size exactly, 2D or 3D), ``"strokes"`` (bars, 2D grey
             only) or ``"auto"``: ``"paper"`` with the ResNet-152 encoder, ``"cnn"`` with the others.
@@ -114,7 +114,8 @@ class VAE(nn.Module):
         if encoder == "stats":  # the window and pairs actually read, so that from_config rebuilds them
             self.config["encoder_options"] = {
                 "correlations": [list(p) for p in self.encoder.correlations], "cutoff": self.encoder.cutoff,
-                "periodic": self.encoder.periodic, "hidden": self.encoder.hidden}
+                "periodic": self.encoder.periodic, "hidden": self.encoder.hidden,
+                "one_point": self.encoder.one_point, "skip": self.encoder.skip is not None}
             self.config["stats_head"] = stats_head
         if decoder == "strokes":
             self.config["stroke_layout"] = stroke_layout
