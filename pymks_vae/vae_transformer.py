@@ -253,7 +253,9 @@ class VAETransformer(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------ validation
     def _check_params(self):
         _check_int("latent_dim", self.latent_dim, 1)
-        if not (isinstance(self.encoder, str) and self.encoder in ("auto", "stats", "cnn", "resnet152")):
+        from pymks_vae.models.encoders import ENCODERS
+
+        if not (isinstance(self.encoder, str) and self.encoder in ("auto",) + ENCODERS):
             raise ValueError(f"encoder must be 'auto', 'stats', 'cnn' or 'resnet152', got {self.encoder!r}")
         if not _is_auto(self.epochs):
             _check_int("epochs", self.epochs, 1)
@@ -379,8 +381,8 @@ class VAETransformer(TransformerMixin, BaseEstimator):
 
     def _encoder(self, loss, grey):
         """``(name, options)`` of the encoder: ``"auto"`` reads the statistics the loss compares
-        (their pairs, window and boundary) with the spatial-statistics loss, pixels (``"cnn"``)
-        with ``loss="data"``."""
+        (their pairs and boundary, in its own window of :data:`STATS_ENCODER_CUTOFF` lags) with
+        the spatial-statistics loss, pixels (``"cnn"``) with ``loss="data"``."""
         name = self.encoder
         if _is_auto(name):
             name = "cnn" if self.loss == "data" else "stats"
@@ -479,7 +481,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         seed = _seed_from(self.random_state)
         from pymks_vae.models import VAE
 
-        # the loss first: the statistics encoder reads the window and pairs the loss calibrated
+        # the loss first: the statistics encoder reads the pairs the loss resolved
         loss = self._make_loss(X, grey, n_state)
         encoder, options = self._encoder(loss, grey)
         readout = encoder == "stats" and self.loss != "data" and float(self.linear_readout) > 0
