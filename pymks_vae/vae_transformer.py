@@ -231,7 +231,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
     def __init__(self, latent_dim=9, encoder="auto", correlations="auto", periodic_boundary=True,
                  cutoff="auto", loss="spatial_stats", beta="auto", stats_scale="auto", epochs="auto", batch_size=16,
                  learning_rate=3e-3, device="auto", random_state=None, verbose=False, spatial_ndim="auto",
-                 one_point=False, linear_readout=1.0):
+                 one_point=False, linear_readout=10.0):
         self.latent_dim = latent_dim
         self.encoder = encoder
         self.correlations = correlations
@@ -491,7 +491,9 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         if readout:
             from pymks_vae.losses import LinearReadoutLoss
 
-            loss = LinearReadoutLoss(loss, model, float(self.linear_readout))
+            # the head is solved on each batch when the batch leaves a residual to explain
+            head = "batch" if int(self.batch_size) > int(self.latent_dim) + 1 else "learned"
+            loss = LinearReadoutLoss(loss, model, float(self.linear_readout), head=head)
         config = TrainConfig(epochs=self._epochs(X.shape[0]), batch_size=int(self.batch_size), lr=float(self.learning_rate),
                              seed=seed, device=self._device(), progress=bool(self.verbose))
         rng = np.random.default_rng(seed)

@@ -72,11 +72,12 @@ def test_same_seed_same_model():
         assert torch.equal(states[0][k], states[1][k]), k
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"one_point": True, "linear_readout": 0.0}])
-def test_the_latent_keeps_the_volume_fraction(kwargs):
-    """generate_classes differ in volume fraction: by default (the linear read-out term) or with
-    one_point the latent must describe it linearly (measured here: held-out R^2 0.963 by default,
-    0.977 with one_point alone, 0.726 with neither)."""
+@pytest.mark.parametrize("kwargs, least", [({}, 0.98), ({"one_point": True, "linear_readout": 0.0}, 0.9)])
+def test_the_latent_keeps_the_volume_fraction(kwargs, least):
+    """generate_classes differ in volume fraction: by default (the linear read-out term, its head
+    solved on each batch) or with one_point the latent must describe it linearly (measured here:
+    held-out R^2 0.995 by default, 0.968 with the read-out at weight 1 instead of 10, 0.977 with
+    one_point alone, 0.726 with neither)."""
     torch.set_num_threads(1)
     from pymks_vae.microstructures import generate_classes
     from sklearn.linear_model import RidgeCV
@@ -89,4 +90,4 @@ def test_the_latent_keeps_the_volume_fraction(kwargs):
     vae = VAETransformer(latent_dim=2, random_state=0, **kwargs).fit(onehot[train])
     z = vae.transform(onehot)
     r2 = RidgeCV().fit(z[train], vf[train]).score(z[test], vf[test])
-    assert r2 >= 0.9, f"held-out R^2 of the volume fraction {r2:.2f}"
+    assert r2 >= least, f"held-out R^2 of the volume fraction {r2:.2f}"

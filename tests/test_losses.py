@@ -391,7 +391,7 @@ def test_linear_readout_loss_adds_the_lag_standardised_linear_error():
 
     model, x = _readout_setup()
     base = SpatialStatsLoss(states=(0.0, 1.0), scale=1.0, cutoff=None)
-    loss = LinearReadoutLoss(base, model, weight=0.7, scaling="lag")
+    loss = LinearReadoutLoss(base, model, weight=0.7, scaling="lag", head="learned")
     x_hat, mu, logvar = model(x)
     total, parts = loss(x_hat, x, mu, logvar)
     base_total, _ = base(x_hat, x, mu, logvar)
@@ -424,8 +424,8 @@ def test_linear_readout_loss_scalings_and_one_point_share(scaling, share):
     model.train()(x)  # running statistics away from their initial values
     model.train()(x.flip(0)[:5])
     base = SpatialStatsLoss(states=(0.0, 1.0, 2.0), scale=1.0, cutoff=None)
-    loss = LinearReadoutLoss(base, model, weight=2.0, scaling=scaling, one_point_share=share)
-    assert LinearReadoutLoss(base, model).scaling == "pareto" and LinearReadoutLoss(base, model).one_point_share == 0.5
+    loss = LinearReadoutLoss(base, model, weight=2.0, scaling=scaling, one_point_share=share, head="learned")
+    assert LinearReadoutLoss(base, model).scaling == "pareto" and LinearReadoutLoss(base, model).one_point_share == 0.75
     x_hat, mu, logvar = model(x)
     total, parts = loss(x_hat, x, mu, logvar)
     enc = model.encoder
@@ -443,13 +443,81 @@ def test_linear_readout_loss_scalings_and_one_point_share(scaling, share):
     torch.testing.assert_close(total, base(x_hat, x, mu, logvar)[0] + 2.0 * want)
     # without one-point statistics the share plays no part: the plain mean over the statistics
     plain, xp = _readout_setup()
-    lp = LinearReadoutLoss(base, plain, scaling=scaling, one_point_share=share)
+    lp = LinearReadoutLoss(base, plain, scaling=scaling, one_point_share=share, head="learned")
     _, mu_p, _ = plain(xp)
     v = plain.encoder.norm.running_var
     sd_p = {"lag": torch.sqrt(v + eps), "global": torch.sqrt(v.mean() + eps),
             "pareto": torch.sqrt(torch.sqrt(v + eps) * torch.sqrt(v.mean()) + eps)}[scaling]
     sp = (plain.encoder.statistics(xp) - plain.encoder.norm.running_mean) / sd_p
     torch.testing.assert_close(lp.readout_error(xp, mu_p), (plain.stats_head(mu_p) - sp).pow(2).mean(1).mean())
+
+
+@pytest.mark.parametrize("n, latent, one_point", [(9, 2, True), (8, 3, False), (13, 4, True)])
+def test_linear_readout_loss_solves_the_head_on_the_batch(n, latent, one_point):
+    """head="batch": R is the weighted residual of the batch's own least-squares map from the
+    latent means (with an intercept) to the scaled statistics; the gradient reaches the encoder
+    through the solution, the head keeps the solution and is not the optimiser's."""
+    from pymks_vae.losses import LinearReadoutLoss
+    from pymks_vae.models import VAE
+
+    torch.manual_seed(n + latent)
+    model = VAE(encoder="stats", latent_dim=latent, image_size=(11, 10), channels=2, stats_head=True,
+                encoder_options={"cutoff": 2, "one_point": one_point}).double()
+    x1 = (torch.rand(n, 1, 11, 10) < torch.rand(n, 1, 1, 1)).double()
+    x = torch.cat([1 - x1, x1], 1)
+    model.train()(x)  # running statistics away from their initial values
+    base = SpatialStatsLoss(states=(0.0, 1.0), scale=1.0, cutoff=None)
+    loss = LinearReadoutLoss(base, model, weight=3.0, one_point_share=0.75)
+    assert loss.head == "batch"
+    x_hat, mu, logvar = model(x)
+    total, parts = loss(x_hat, x, mu, logvar)
+    enc = model.encoder
+    var, eps = enc.norm.running_var, enc.norm.eps
+    s = (enc.statistics(x) - enc.norm.running_mean) / torch.sqrt(torch.sqrt(var + eps) * torch.sqrt(var.mean()) + eps)
+    a = torch.cat([mu.detach(), torch.ones(n, 1, dtype=mu.dtype)], 1)
+    coef = torch.linalg.lstsq(a, s.detach()).solution  # the reference: an independent solver, uncentred
+    e = (a @ coef - s).pow(2)
+    n1 = enc.n_one_point
+    want = (0.25 * e[:, :-n1].mean(1) + 0.75 * e[:, -n1:].mean(1)) if n1 else e.mean(1)
+    torch.testing.assert_close(parts["readout"], want.mean(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(total.detach(), base(x_hat, x, mu, logvar)[0].detach() + 3.0 * want.mean(),
+                               rtol=1e-6, atol=1e-9)
+    # the head holds the solution (to the ridge's 1e-6 of the latent's variance); evaluation mode
+    # reads it as a fixed map
+    # (compared by its predictions: an untrained latent leaves the coefficients ill-conditioned)
+    torch.testing.assert_close(model.stats_head(mu).detach(), a @ coef, rtol=1e-3, atol=1e-5)
+    total.backward()
+    assert model.stats_head.weight.grad is None and model.encoder.gaussian.mu.weight.grad.abs().sum() > 0
+    # the gradient in mu is that of the residual at the solved map (finite differences, float64)
+    mu0 = mu.detach().clone().requires_grad_(True)
+    torch.autograd.gradcheck(lambda m: loss.readout_error(x, m), (mu0,))
+    model.eval()
+    r_eval = loss.readout_error(x, mu.detach())
+    torch.testing.assert_close(r_eval, want.mean(), rtol=1e-4, atol=1e-8)
+    # a batch with no residual left (latent_dim + 1 samples) uses the stored map, fixed
+    model.train()
+    small = loss.readout_error(x[: latent + 1], mu.detach()[: latent + 1].requires_grad_(True))
+    want_small = (e[: latent + 1, :-n1].mean(1) * 0.25 + e[: latent + 1, -n1:].mean(1) * 0.75) if n1 else e[: latent + 1].mean(1)
+    torch.testing.assert_close(small, want_small.mean(), rtol=1e-4, atol=1e-8)
+
+
+def test_linear_readout_loss_solved_head_survives_a_collapsed_latent():
+    """mu = 0 on the whole batch (a collapsed latent): a finite R equal to the statistics' whole
+    weighted variance, and a finite gradient."""
+    from pymks_vae.losses import LinearReadoutLoss
+
+    model, x = _readout_setup()
+    model.train()(x)
+    loss = LinearReadoutLoss(SpatialStatsLoss(states=(0.0, 1.0), scale=1.0), model)
+    mu = torch.zeros(x.shape[0], 3, requires_grad=True)
+    r = loss.readout_error(x, mu)
+    enc = model.encoder
+    with torch.no_grad():
+        var, eps = enc.norm.running_var, enc.norm.eps
+        s = (enc.statistics(x) - enc.norm.running_mean) / torch.sqrt(torch.sqrt(var + eps) * torch.sqrt(var.mean()) + eps)
+    torch.testing.assert_close(r.detach(), (s - s.mean(0)).pow(2).mean(1).mean())
+    r.backward()
+    assert torch.isfinite(mu.grad).all()
 
 
 def test_linear_readout_loss_refuses_a_model_without_head_and_bad_weight():
@@ -469,5 +537,8 @@ def test_linear_readout_loss_refuses_a_model_without_head_and_bad_weight():
     for bad in (-0.1, 1.5, True, "half", float("nan")):
         with pytest.raises(ValueError, match="one_point_share"):
             LinearReadoutLoss(base, model, one_point_share=bad)
+    for bad in ("solved", None, True):
+        with pytest.raises(ValueError, match="head"):
+            LinearReadoutLoss(base, model, head=bad)
     with pytest.raises(ValueError, match="encoder='stats' only"):
         VAE(encoder="cnn", latent_dim=2, image_size=16, stats_head=True)

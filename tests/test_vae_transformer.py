@@ -113,6 +113,28 @@ def test_losses_and_boundaries_train(micro):
         assert np.isfinite(vae.history_["train_loss"]).all() and vae.transform(x).shape == (len(x), 3)
 
 
+@pytest.mark.parametrize("batch_size, latent_dim, head", [(8, 3, "batch"), (4, 3, "learned"), (5, 3, "batch")])
+def test_readout_head_solved_when_the_batch_leaves_a_residual(micro, monkeypatch, batch_size, latent_dim, head):
+    """The read-out head is solved on each batch when a batch holds more than latent_dim + 1
+    samples, else learned; either way the fit trains and the head maps the latent to statistics."""
+    from pymks_vae import losses
+
+    seen = []
+    init = losses.LinearReadoutLoss.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        seen.append((self.head, self.weight, self.one_point_share))
+
+    monkeypatch.setattr(losses.LinearReadoutLoss, "__init__", spy)
+    x, _ = micro
+    vae = tiny(batch_size=batch_size, latent_dim=latent_dim, epochs=2).fit(x)
+    assert seen == [(head, 10.0, 0.75)]
+    z = torch.from_numpy(vae.transform(x)).float()
+    out = vae.model_.stats_head(z)
+    assert out.shape == (len(x), vae.model_.encoder.norm.num_features) and torch.isfinite(out).all()
+
+
 def test_loss_boundary_and_window(micro):
     from pymks_vae import losses, ops
     from pymks_vae.transformers import _stats_loss
