@@ -601,7 +601,8 @@ class LinearReadoutLoss:
       the mean of ``e_b``. Why a share: a window drops the long lags, whose values tend to the
       product of the phase fractions; in a full-field PCA they carry the phase fractions with
       most of the variance. The share gives that information back at a weight that does not
-      depend on the image size (docs/spatial_stats_loss.md).
+      depend on the image size; 3/4 by default, so that the top components of this target hold
+      the fractions as well as a full-field PCA does (docs/spatial_stats_loss.md).
 
     ``R`` is the part of the statistics that a *linear* map of the latent leaves unexplained - the
     criterion PCA minimises - in units of the statistics' variance, the currency of the variance
@@ -645,7 +646,7 @@ class LinearReadoutLoss:
         ['kl', 'readout', 'stats']
     """
 
-    def __init__(self, base, model, weight=1.0, scaling="pareto", one_point_share=0.75, head="batch"):
+    def __init__(self, base, model, weight=1.0, scaling="pareto", one_point_share=0.8, head="batch"):
         from pymks_vae.models.encoders import StatsEncoder
 
         if getattr(model, "stats_head", None) is None or not isinstance(getattr(model, "encoder", None), StatsEncoder):

@@ -76,7 +76,7 @@ def test_same_seed_same_model():
 def test_the_latent_keeps_the_volume_fraction(kwargs, least):
     """generate_classes differ in volume fraction: by default (the linear read-out term, its head
     solved on each batch) or with one_point the latent must describe it linearly (measured here:
-    held-out R^2 0.995 by default, 0.968 with the read-out at weight 1 instead of 10, 0.977 with
+    held-out R^2 0.994 by default, 0.968 with the read-out at weight 1, 0.977 with
     one_point alone, 0.726 with neither)."""
     torch.set_num_threads(1)
     from pymks_vae.microstructures import generate_classes
