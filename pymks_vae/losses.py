@@ -601,7 +601,7 @@ class LinearReadoutLoss:
       the mean of ``e_b``. Why a share: a window drops the long lags, whose values tend to the
       product of the phase fractions; in a full-field PCA they carry the phase fractions with
       most of the variance. The share gives that information back at a weight that does not
-      depend on the image size; 3/4 by default, so that the top components of this target hold
+      depend on the image size; 0.8 by default, so that the top components of this target hold
       the fractions as well as a full-field PCA does (docs/spatial_stats_loss.md).
 
     ``R`` is the part of the statistics that a *linear* map of the latent leaves unexplained - the

@@ -185,22 +185,23 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             (:class:`pymks_vae.losses.SpatialStatsLoss`'s ``one_point``; off by itself when every
             sample has the same composition). Default False. The loss compares autocovariances,
             which keep the volume fraction in one lag only; the linear read-out term below
-            recovers it (on ``generate_classes``, linear R^2 of the volume fraction 0.997-1.000
-            against PCA's 0.995, tuning seeds). Measured without that term, ``one_point=True`` raised
+            recovers it (on ``generate_classes``, linear R^2 of the volume fraction 0.997-0.998
+            against PCA's 0.995 at latent size 2, tuning seeds). Measured without that term, ``one_point=True`` raised
             it from 0.63 to 0.98 at latent size 2, but on families where the fraction varies
             within classes it took the latent from what tells classes apart (inclusions at latent
             size 2: accuracy 0.75-0.82 against 0.86-0.90 on three tuning seeds, and 0.23 on one of
             three evaluation seeds; docs/pymks.md). Ignored by ``loss="data"``.
-        linear_readout: weight of the linear read-out term (default 10; 0 turns it off): the
+        linear_readout: weight of the linear read-out term (default 8; 0 turns it off): the
             latent means must also predict the statistics the encoder reads (Pareto-scaled; the
-            phase fractions with 3/4 of the term's weight) through a linear map
+            phase fractions with 0.8 of the term's weight) through a linear map
             (:class:`pymks_vae.losses.LinearReadoutLoss`, ``model_.stats_head``) - PCA's
             criterion, in the currency of the statistics term. The map is solved by least squares
             on each batch when ``batch_size > latent_dim + 1``, else trained with the model.
             Without the term the nonlinear decoder let the latent place samples along curves:
             classes apart, but a continuous descriptor out of order for a linear regressor
-            (docs/pymks.md). Weight 10, measured on tuning seeds: 5 left the volume fraction at
-            PCA's level on one seed in three and the lamellar spacing below it on another.
+            (docs/pymks.md). The weight and share were set on tuning seeds
+            (docs/spatial_stats_loss.md): more weight on the two-point part costs the random
+            fields' correlation length, less costs the lamellar spacing and the volume fraction.
             Only with the statistics encoder and the spatial-statistics loss; ignored otherwise.
 
     Attributes:
