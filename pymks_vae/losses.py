@@ -613,7 +613,9 @@ class LinearReadoutLoss:
       a ridge of ``1e-6`` of the latent's mean variance for a collapsed latent) and differentiated
       through, so ``R`` is the batch's unexplained fraction itself, at the head's optimum; the
       solution is copied into ``model.stats_head``, which evaluation-mode calls and batches with
-      no more than ``latent_dim + 1`` samples (no residual left to explain) use as a fixed map.
+      no more than ``latent_dim + 1`` samples (no residual left to explain) use as a fixed map;
+      its parameters are set not to require gradients (the optimiser leaves them alone). In a
+      distributed run each rank solves on its own share of the batch.
       Why: a head trained alongside the encoder lags behind it, and the latent settled short of
       the optimum of its own criterion (on the tuning seeds, 0.019 of the variance unexplained
       where the top two principal components of the same statistics leave 0.014; with the solved
@@ -664,6 +666,9 @@ class LinearReadoutLoss:
         if head not in ("batch", "learned"):
             raise ValueError(f"head must be 'batch' or 'learned', got {head!r}")
         self.head = head
+        # A solved head is no parameter of the optimiser's: left trainable, it would take no
+        # gradient, which DistributedDataParallel refuses (it waits for every trainable one).
+        model.stats_head.requires_grad_(head == "learned")
         self.reduction = getattr(base, "reduction", "batchmean")
 
     @property

@@ -82,6 +82,18 @@ def record_first_gradients(model, path):
     return register_optimizer_step_pre_hook(hook)
 
 
+def readout_run(data, args, ctx):
+    """The statistics encoder with the linear read-out term, its head solved on each rank's share."""
+    from pymks_vae.losses import LinearReadoutLoss
+
+    torch.manual_seed(0)
+    m = VAE(latent_dim=2, image_size=SIZE, encoder="stats", decoder="cnn", stats_head=True,
+            encoder_options={"cutoff": 3, "one_point": True, "skip": True})
+    loss = LinearReadoutLoss(SpatialStatsLoss(scale=5.0, cutoff=3, centre=False), m, weight=8.0)
+    history = train_vae(m, loss, data, config(args.out, "readout", args.epochs))
+    torch.save({"state": m.state_dict(), "history": history}, os.path.join(args.out, f"readout.rank{ctx.rank}.pt"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -89,11 +101,15 @@ def main(argv=None):
     p.add_argument("--max-epochs-this-call", type=int)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--fail-rank", type=int)
+    p.add_argument("--readout", action="store_true", help="train the statistics encoder with the read-out term only")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     ctx = distributed.init_distributed()
     try:
         data = lines()
+        if args.readout:
+            readout_run(data, args, ctx)
+            return 0
         if args.fail_rank is not None:
             train_vae(model(), DataSpaceLoss(), _failing_batches(data, args.fail_rank),
                       config(args.out, "fail", args.epochs))

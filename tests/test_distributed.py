@@ -194,3 +194,17 @@ def test_a_failing_rank_stops_every_rank_quickly(tmp_path):
         if want in log:
             break
     assert want in log, log[-4000:]
+
+
+def test_readout_term_with_solved_head_trains_in_two_processes(tmp_path):
+    """LinearReadoutLoss(head="batch") under DistributedDataParallel: the solved head takes no
+    gradient, so it must not be a trainable parameter (DDP waits for every one); the ranks end
+    with the same encoder and decoder, each with its own last solved head."""
+    rc, log, _ = torchrun(tmp_path, "--readout", "--epochs", "2")
+    assert rc == 0, log[-4000:]
+    a, b = saved(tmp_path, "readout", 0), saved(tmp_path, "readout", 1)
+    assert len(a["history"]["train_loss"]) == 2 and all(map(torch.isfinite, map(torch.tensor, a["history"]["train_loss"])))
+    for key, value in a["state"].items():
+        if key.startswith("stats_head."):
+            continue
+        torch.testing.assert_close(value, b["state"][key], rtol=0, atol=0, msg=key)

@@ -402,6 +402,7 @@ def test_linear_readout_loss_adds_the_lag_standardised_linear_error():
     torch.testing.assert_close(parts["readout"], want.detach())
     torch.testing.assert_close(total, base_total + 0.7 * want)
     # the gradient reaches the head and the encoder (through mu), not the statistics target
+    assert model.stats_head.weight.requires_grad
     total.backward()
     assert model.stats_head.weight.grad.abs().sum() > 0
     assert model.encoder.gaussian.mu.weight.grad.abs().sum() > 0
@@ -488,6 +489,7 @@ def test_linear_readout_loss_solves_the_head_on_the_batch(n, latent, one_point):
     torch.testing.assert_close(model.stats_head(mu).detach(), a @ coef, rtol=1e-3, atol=1e-5)
     total.backward()
     assert model.stats_head.weight.grad is None and model.encoder.gaussian.mu.weight.grad.abs().sum() > 0
+    assert not model.stats_head.weight.requires_grad  # not the optimiser's (DistributedDataParallel)
     # the gradient in mu is that of the residual at the solved map (finite differences, float64)
     mu0 = mu.detach().clone().requires_grad_(True)
     torch.autograd.gradcheck(lambda m: loss.readout_error(x, m), (mu0,))
