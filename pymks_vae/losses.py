@@ -722,7 +722,8 @@ class LinearReadoutLoss:
         gram = mc.T @ mc
         # a ridge scaled to the latent keeps the system solvable when the latent collapses (mu ~ 0)
         ridge = 1e-6 * gram.diagonal().mean().detach() + torch.finfo(torch.float64).tiny
-        coef = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), mc.T @ sc)
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        coef = torch.linalg.solve(gram + ridge * eye, mc.T @ sc)
         err = (mc @ coef - sc).pow(2).to(mu.dtype)
         with torch.no_grad():
             lin = self.model.stats_head

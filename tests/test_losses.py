@@ -454,7 +454,7 @@ def test_linear_readout_loss_scalings_and_one_point_share(scaling, share):
 
 
 @pytest.mark.parametrize("n, latent, one_point", [(9, 2, True), (8, 3, False), (13, 4, True)])
-def test_linear_readout_loss_solves_the_head_on_the_batch(n, latent, one_point):
+def test_linear_readout_loss_solves_the_head_on_the_batch(n, latent, one_point, device):
     """head="batch": R is the weighted residual of the batch's own least-squares map from the
     latent means (with an intercept) to the scaled statistics; the gradient reaches the encoder
     through the solution, the head keeps the solution and is not the optimiser's."""
@@ -463,9 +463,9 @@ def test_linear_readout_loss_solves_the_head_on_the_batch(n, latent, one_point):
 
     torch.manual_seed(n + latent)
     model = VAE(encoder="stats", latent_dim=latent, image_size=(11, 10), channels=2, stats_head=True,
-                encoder_options={"cutoff": 2, "one_point": one_point}).double()
+                encoder_options={"cutoff": 2, "one_point": one_point}).double().to(device)
     x1 = (torch.rand(n, 1, 11, 10) < torch.rand(n, 1, 1, 1)).double()
-    x = torch.cat([1 - x1, x1], 1)
+    x = torch.cat([1 - x1, x1], 1).to(device)
     model.train()(x)  # running statistics away from their initial values
     base = SpatialStatsLoss(states=(0.0, 1.0), scale=1.0, cutoff=None)
     loss = LinearReadoutLoss(base, model, weight=3.0, one_point_share=0.75)
@@ -475,7 +475,7 @@ def test_linear_readout_loss_solves_the_head_on_the_batch(n, latent, one_point):
     enc = model.encoder
     var, eps = enc.norm.running_var, enc.norm.eps
     s = (enc.statistics(x) - enc.norm.running_mean) / torch.sqrt(torch.sqrt(var + eps) * torch.sqrt(var.mean()) + eps)
-    a = torch.cat([mu.detach(), torch.ones(n, 1, dtype=mu.dtype)], 1)
+    a = torch.cat([mu.detach(), torch.ones(n, 1, dtype=mu.dtype, device=mu.device)], 1)
     coef = torch.linalg.lstsq(a, s.detach()).solution  # the reference: an independent solver, uncentred
     e = (a @ coef - s).pow(2)
     n1 = enc.n_one_point
