@@ -631,7 +631,8 @@ class LinearReadoutLoss:
         base: the VAE loss, ``base(x_hat, x, mu, logvar) -> (total, parts)`` (e.g. a
             :class:`SpatialStatsLoss`); its calibration is delegated to it.
         model: a :class:`pymks_vae.models.VAE` with ``encoder="stats"`` and ``stats_head=True``.
-        weight: weight of ``R`` (>= 0).
+        weight: weight of ``R`` (>= 0); 8 by default, chosen with ``one_point_share`` (and
+            :class:`~pymks_vae.transformers.VAETransformer`'s ``linear_readout``).
         scaling: ``"pareto"``, ``"global"`` or ``"lag"`` (above).
         one_point_share: share of ``R`` given to the one-point statistics, in ``[0, 1]``
             (ignored when the encoder reads none).
@@ -648,7 +649,7 @@ class LinearReadoutLoss:
         ['kl', 'readout', 'stats']
     """
 
-    def __init__(self, base, model, weight=1.0, scaling="pareto", one_point_share=0.8, head="batch"):
+    def __init__(self, base, model, weight=8.0, scaling="pareto", one_point_share=0.8, head="batch"):
         from pymks_vae.models.encoders import StatsEncoder
 
         if getattr(model, "stats_head", None) is None or not isinstance(getattr(model, "encoder", None), StatsEncoder):

@@ -426,7 +426,8 @@ def test_linear_readout_loss_scalings_and_one_point_share(scaling, share):
     model.train()(x.flip(0)[:5])
     base = SpatialStatsLoss(states=(0.0, 1.0, 2.0), scale=1.0, cutoff=None)
     loss = LinearReadoutLoss(base, model, weight=2.0, scaling=scaling, one_point_share=share, head="learned")
-    assert LinearReadoutLoss(base, model).scaling == "pareto" and LinearReadoutLoss(base, model).one_point_share == 0.8
+    default = LinearReadoutLoss(base, model)
+    assert (default.scaling, default.one_point_share, default.weight, default.head) == ("pareto", 0.8, 8.0, "batch")
     x_hat, mu, logvar = model(x)
     total, parts = loss(x_hat, x, mu, logvar)
     enc = model.encoder
