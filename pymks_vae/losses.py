@@ -585,8 +585,9 @@ class LinearReadoutLoss:
     ``total = base + weight * R``. ``s_b`` are the statistics that ``model``'s
     :class:`~pymks_vae.models.encoders.StatsEncoder` reads from ``x_b`` (the two-point statistics
     in its window, then its one-point statistics if it reads them), centred with the encoder's own
-    running batch-norm means and divided by a scale (no gradient); ``W, c`` the model's
-    ``stats_head`` (a linear layer trained with the rest); ``e_b = (W mu_b + c - s_b)^2``.
+    running batch-norm means and divided by a scale (no gradient); ``W, c`` the read-out map
+    (solved on each batch or trained, ``head`` below; kept in the model's ``stats_head``);
+    ``e_b = (W mu_b + c - s_b)^2``.
 
     * ``scaling="pareto"`` (default): statistic ``k`` divided by ``sqrt(sd_k * sd)``, its own
       running standard deviation ``sd_k`` times their common scale ``sd`` (the root of their mean
@@ -698,12 +699,9 @@ class LinearReadoutLoss:
                 var = (var + norm.eps).sqrt() * var.mean().sqrt()
             s = (enc.statistics(x) - norm.running_mean) * torch.rsqrt(var + norm.eps)
         s = s.to(mu.dtype)
-        if self.head == "batch" and self.model.training and mu.shape[0] > mu.shape[1] + 1:
+        if self.head == "batch" and self.model.training and self.solvable(mu.shape[0], mu.shape[1]):
             err = self._solved_head_error(mu, s)
-        elif self.head == "batch":  # the last solved map, fixed: it is not the optimiser's to move
-            lin = self.model.stats_head
-            err = (torch.nn.functional.linear(mu, lin.weight.detach(), lin.bias.detach()) - s).pow(2)
-        else:
+        else:  # the trained head, or the last solved one (fixed: its parameters take no gradient)
             err = (self.model.stats_head(mu) - s).pow(2)
         n1 = enc.n_one_point
         if n1:
@@ -711,6 +709,12 @@ class LinearReadoutLoss:
         else:
             r = err.mean(1)
         return _reduce(r, reduction)
+
+    @staticmethod
+    def solvable(n_samples, latent_dim):
+        """Whether a batch of ``n_samples`` leaves a residual to a least-squares map from
+        ``latent_dim`` latent means with an intercept (``n_samples > latent_dim + 1``)."""
+        return n_samples > latent_dim + 1
 
     def _solved_head_error(self, mu, s):
         """Squared residuals of the batch's least-squares map ``mu -> s``, differentiable in ``mu``.

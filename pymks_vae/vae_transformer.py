@@ -260,7 +260,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
         from pymks_vae.models.encoders import ENCODERS
 
         if not (isinstance(self.encoder, str) and self.encoder in ("auto",) + ENCODERS):
-            raise ValueError(f"encoder must be 'auto', 'stats', 'cnn' or 'resnet152', got {self.encoder!r}")
+            raise ValueError(f"encoder must be one of {('auto',) + ENCODERS}, got {self.encoder!r}")
         if not _is_auto(self.epochs):
             _check_int("epochs", self.epochs, 1)
         _check_int("batch_size", self.batch_size, 2)
@@ -496,7 +496,7 @@ class VAETransformer(TransformerMixin, BaseEstimator):
             from pymks_vae.losses import LinearReadoutLoss
 
             # the head is solved on each batch when the batch leaves a residual to explain
-            head = "batch" if int(self.batch_size) > int(self.latent_dim) + 1 else "learned"
+            head = "batch" if LinearReadoutLoss.solvable(int(self.batch_size), int(self.latent_dim)) else "learned"
             loss = LinearReadoutLoss(loss, model, float(self.linear_readout), head=head)
         config = TrainConfig(epochs=self._epochs(X.shape[0]), batch_size=int(self.batch_size), lr=float(self.learning_rate),
                              seed=seed, device=self._device(), progress=bool(self.verbose))
