@@ -237,6 +237,11 @@ struct WindowLossBackend {
   void (*window_pass)(const WindowLossArgs& args);
   // The two-point operator's combine_grad of the same device
   at::Tensor (*combine_grad)(const CombineArgs& args);
+  // out[b, u, k0, rest] = factor * g[b, idx[u], rest, k0] * X[b, u, k0, rest]: the gradient spectra
+  // of auto pairs, X in the natural layout (first axis first), g real in power_half's (first axis
+  // last), out natural. In 1D both layouts are the same.
+  void (*even_grad_spectrum)(const at::Tensor& x_hat, const at::Tensor& g, const at::Tensor& idx, double factor,
+                             at::Tensor& out);
 };
 
 // ------------------------------------------------------------------ real transforms (transforms.cpp)

@@ -713,7 +713,11 @@ def _register():
         spatial = tuple(x.shape[2:])
         grid = _grid(spatial, window, periodic)
         half = grid[:-1] + (grid[-1] // 2 + 1,)
-        half = half[1:] + half[:1] if len(half) > 1 else half  # the driver's moved layout: first axis last
+        # The driver's layout: natural for auto pairs only (at most one per state) in 2D and 3D,
+        # else moved (first axis last).
+        autos_only = all(i == j for i, j in zip(pair_i, pair_j)) and len(set(pair_i)) == len(pair_i)
+        if len(half) > 1 and not autos_only:
+            half = half[1:] + half[:1]
         ctype = torch.complex64 if x.dtype == torch.float32 else torch.complex128
         if need_grad:
             grad_window = x.new_empty((x.shape[0], len(pair_i)) + tuple(window))

@@ -260,7 +260,47 @@ void window_pass(const WindowLossArgs& a) {
   AT_DISPATCH_FLOATING_TYPES(a.values.scalar_type(), "window_pass", [&] { window_pass_t<scalar_t>(a); });
 }
 
-const WindowLossBackend kCpuWindow{power_diff_half, diff_products, window_pass, combine_grad_cpu};
+template <typename T>
+void even_grad_spectrum_t(const at::Tensor& xh, const at::Tensor& g, const int32_t* idx, T factor, at::Tensor& out) {
+  // The transpose of power_diff_half's pass: g read through an L1-sized tile (its lines whole),
+  // X read and out written in order.
+  const int64_t B = xh.size(0), nf = xh.size(1), nq = g.size(1), H = xh.numel() / (B * nf);
+  const int64_t h0 = xh.dim() > 3 ? xh.size(2) : 1, rest = H / h0;
+  const auto* X = reinterpret_cast<const cpx<T>*>(xh.data_ptr());
+  const T* G = g.data_ptr<T>();
+  auto* O = reinterpret_cast<cpx<T>*>(out.data_ptr());
+  at::parallel_for(0, B * nf, 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kTile = 16, kCols = 256;
+    T buf[kTile * kCols];
+    for (int64_t row = begin; row < end; ++row) {
+      const cpx<T>* xs = X + row * H;
+      cpx<T>* o = O + row * H;
+      const T* gs = G + ((row / nf) * nq + idx[row % nf]) * H;
+      for (int64_t c0 = 0; c0 < rest; c0 += kCols) {
+        const int64_t nc = std::min(kCols, rest - c0);
+        for (int64_t t0 = 0; t0 < h0; t0 += kTile) {
+          const int64_t nt = std::min(kTile, h0 - t0);
+          for (int64_t r = 0; r < nc; ++r)
+            for (int64_t k = 0; k < nt; ++k) buf[k * kCols + r] = gs[(c0 + r) * h0 + t0 + k];
+          for (int64_t k = 0; k < nt; ++k) {
+            const int64_t at = (t0 + k) * rest + c0;
+            const T* b = buf + k * kCols;
+            for (int64_t r = 0; r < nc; ++r) o[at + r] = cscale(xs[at + r], factor * b[r]);
+          }
+        }
+      }
+    }
+  });
+}
+
+void even_grad_spectrum(const at::Tensor& xh, const at::Tensor& g, const at::Tensor& idx, double factor,
+                        at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "even_grad_spectrum", [&] {
+    even_grad_spectrum_t<scalar_t>(xh, g, idx.data_ptr<int32_t>(), static_cast<scalar_t>(factor), out);
+  });
+}
+
+const WindowLossBackend kCpuWindow{power_diff_half, diff_products, window_pass, combine_grad_cpu, even_grad_spectrum};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_cpu(
     const at::Tensor& x, const at::Tensor& target, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,
