@@ -178,9 +178,11 @@ at::Tensor window_to_grid_rows(const at::Tensor& t, int64_t dim, int64_t m, int6
   return out;
 }
 
-// The general loss keeps its spectra in the "moved" layout: the first spatial axis last,
-// (B, k, m_1, .., h_{nd-1}, m_0) for 2D and 3D - power_half's layout, in which the pruned even
-// transform starts - and (B, k, h_0) in 1D. rfft_grid and irfft_grid (transforms.cpp) transform
+// With cross pairs the general loss keeps its spectra in the "moved" layout: the first spatial
+// axis last, (B, k, m_1, .., h_{nd-1}, m_0) for 2D and 3D - power_half's layout, in which the
+// pruned transforms start - and (B, k, h_0) in 1D. (Auto pairs alone keep the natural layout,
+// see even_gradient_path: their elementwise passes move the axis.) rfft_grid and irfft_grid
+// (transforms.cpp) transform
 // into and out of it: on the CPU MKL reads and writes it through strides; through ATen each
 // transform then runs over the contiguous last axis or the axes of the row-major rest (a transform
 // along a strided first axis cost about twice as much there: irfftn of 32 x 224^2 took 8.6 ms

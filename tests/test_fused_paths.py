@@ -76,6 +76,19 @@ def test_raw_loss_operator_outputs():
         values2, gw2, xh2, _ = torch.ops.pymks_vae.stats_loss_window(x, t, [0, 2], [2, 2], periodic, [5, 3], None, None,
                                                                      2.0, False)
         assert gw2.numel() == 0 and xh2.numel() == 0 and torch.equal(values, values2)
+        # Auto pairs alone (at most one per state) keep the spectra in the natural layout, the
+        # spectra of x itself; the gradient through them is the reference's.
+        xr = x.clone().requires_grad_(True)
+        values, gw, xh, _ = torch.ops.pymks_vae.stats_loss_window(xr, t, [2, 0], [2, 0], periodic, [5, 3], None, None,
+                                                                  2.0, True)
+        assert xh.shape == (2, 2, grid[0], grid[1] // 2 + 1)
+        assert rel_err(xh, torch.fft.rfftn(x[:, [0, 2]], s=grid, dim=(2, 3))) < 1e-12
+        (g,) = torch.autograd.grad(values.sum(), xr)
+        xr2 = x.clone().requires_grad_(True)
+        want = reference.spatial_stats_loss_ref(xr2, t, correlations=[(2, 2), (0, 0)], periodic=periodic,
+                                                cutoff=(2, 1), scale=2.0, reduction="none")
+        (g_want,) = torch.autograd.grad(want.sum(), xr2)
+        assert rel_err(values, want) < 1e-10 and rel_err(g, g_want) < 1e-10
     del pairs
 
 
