@@ -191,6 +191,27 @@ at::Tensor diff_products(const at::Tensor& xh, const at::Tensor& th, const at::T
   return out;
 }
 
+// One run of a window row: elements i0 .. i1 - 1 of the row, whose differences lie at v[Step * k]
+// for k = 0, 1, ... (consecutive on the grid, ascending or descending). Adds each lag's loss to
+// lanes[0..7] and its offset gradient to lanes[8..15] in eight independent partial sums (so that
+// the loop vectorises without reassociating additions) and writes the gradient go[i].
+template <typename T, int Step>
+inline void window_run(const T* v, int64_t i0, int64_t i1, const T* inv_row, T inv_c, const T* wt, T off, T s,
+                       T* go, T* lanes) {
+  int64_t i = i0;
+  const T* p = v;
+  auto lag = [&](int64_t i, const T* p, int l) {
+    T gv, goff;
+    const T inv = inv_row ? inv_row[i] : inv_c;
+    lanes[l] += window_loss_lag<T>(*p, inv, off, wt ? wt[i] : T(1), s, gv, goff);
+    lanes[8 + l] += goff;
+    go[i] = gv;
+  };
+  for (; i + 8 <= i1; i += 8, p += 8 * Step)
+    for (int l = 0; l < 8; ++l) lag(i + l, p + l * Step, l);
+  for (; i < i1; ++i, p += Step) lag(i, p, 0);
+}
+
 template <typename T>
 void window_pass_t(const WindowLossArgs& a) {
   const Geometry& g = a.geom;
@@ -216,6 +237,23 @@ void window_pass_t(const WindowLossArgs& a) {
   T* part = partial.data_ptr<T>();
   auto partial_off = want_off ? at::empty({B, nq, wrows}, a.values.options()) : at::Tensor();
   T* part_off = want_off ? partial_off.data_ptr<T>() : nullptr;
+  // Zero-padded statistics: the normaliser of each lag of the window, the same for every sample
+  // and pair (computed once rather than per element).
+  std::vector<T> inv_table;
+  if (!a.periodic) {
+    inv_table.resize(wrows * W);
+    int64_t widx[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
+    for (int64_t wr = 0; wr < wrows; ++wr) {
+      unravel(wr, g.w, nd - 1, widx);
+      for (int d = 0; d < nd - 1; ++d) lag[d] = window_lag(widx[d], g.w[d]);
+      for (int64_t i = 0; i < W; ++i) {
+        lag[nd - 1] = window_lag(i, W);
+        inv_table[wr * W + i] = inv_norm_lag<T>(g, lag, false, inv_s);
+      }
+    }
+  }
+  // Where the gradient is not wanted, each thread writes it to its own row of scratch.
+  std::vector<T> scratch(grad ? 0 : at::get_num_threads() * W);
 
   // One task per (sample, pair, window row), each writing its own partial sum (deterministic).
   at::parallel_for(0, B * nq * wrows, 16, [&](int64_t begin, int64_t end) {
@@ -237,19 +275,23 @@ void window_pass_t(const WindowLossArgs& a) {
         src = cross + (b * nc + p.base) * cn + cross_index(widx, lag, g);
       }
       const T* wt = weight ? weight + (q * wrows + wr) * W : nullptr;
-      T* go = grad ? grad + task * W : nullptr;
+      T* go = grad ? grad + task * W : scratch.data() + at::get_thread_num() * W;
       const T off = offset ? offset[b * nq + q] : T(0);
-      T acc = T(0), acc_off = T(0), gv, goff;
-      for (int64_t i = 0; i < W; ++i) {
-        lag[nd - 1] = window_lag(i, W);
-        const int64_t r = rev ? -lag[nd - 1] : lag[nd - 1];
-        const T inv = a.periodic ? inv_s : inv_norm_lag<T>(g, lag, false, inv_s);
-        acc += window_loss_lag<T>(src[r < 0 ? r + M : r], inv, off, wt ? wt[i] : T(1), s, gv, goff);
-        acc_off += goff;
-        if (go) go[i] = gv;
+      const T* inv_row = a.periodic ? nullptr : inv_table.data() + wr * W;
+      // The row's lags l = i - W/2 read the base at l (or -l when the row runs backwards), wrapped
+      // onto the grid: two runs of consecutive elements, ascending or descending.
+      T lanes[16] = {};
+      const int64_t hw = W / 2;
+      if (!rev) {
+        window_run<T, 1>(src + M - hw, 0, hw, inv_row, inv_s, wt, off, s, go, lanes);
+        window_run<T, 1>(src, hw, W, inv_row, inv_s, wt, off, s, go, lanes);
+      } else {
+        window_run<T, -1>(src + hw, 0, hw + 1, inv_row, inv_s, wt, off, s, go, lanes);
+        window_run<T, -1>(src + M - 1, hw + 1, W, inv_row, inv_s, wt, off, s, go, lanes);
       }
-      part[task] = acc;
-      if (part_off) part_off[task] = acc_off;
+      part[task] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+      if (part_off)
+        part_off[task] = ((lanes[8] + lanes[9]) + (lanes[10] + lanes[11])) + ((lanes[12] + lanes[13]) + (lanes[14] + lanes[15]));
     }
   });
   a.values.copy_(partial.sum(1));
