@@ -273,6 +273,8 @@ void embed_grad_t(const EmbedArgs& a, at::Tensor& out) {
   const MaskNorm<T> mask = mask_norm_view<T>(a.zmask, a.zlevel);
   const T inv_s = T(1) / static_cast<T>(s_total);
   T* o_all = out.data_ptr<T>();
+  std::vector<T> last_count(W);  // overlap count of each lag of the last axis (zero padding)
+  for (int64_t i = 0; i < W; ++i) last_count[i] = overlap_count<T>(g.n[nd - 1], window_lag(i, W));
 
   parallel_rows(rows, M, [&](int64_t row, int64_t i0, int64_t i1) {
     int64_t pos[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
@@ -291,6 +293,26 @@ void embed_grad_t(const EmbedArgs& a, at::Tensor& out) {
       return;
     }
     const T* gr = grad + goff;
+    if (!mask.active()) {
+      // The grid row holds the window's lags 0 .. W-1-hw at positions 0 .. W-1-hw, its negative
+      // lags at M-hw .. M-1 and zeros between: three runs, each a plain loop (vectorised).
+      const int64_t hw = W / 2;
+      T row_count = T(1);  // the overlap counts of the other axes, multiplied as inv_norm_lag does
+      for (int d = 0; d < nd - 1; ++d) row_count *= overlap_count<T>(g.n[d], lag[d]);
+      auto run = [&](int64_t p0, int64_t p1, int64_t idx0) {
+        p0 = std::max(p0, i0);
+        p1 = std::min(p1, i1);
+        for (int64_t i = p0; i < p1; ++i) {
+          const int64_t idx = idx0 + i;
+          const T norm = a.periodic ? inv_s : T(1) / (row_count * last_count[idx]);
+          o[i] = gr[idx * sl] * norm;
+        }
+      };
+      run(0, W - hw, hw);
+      for (int64_t i = std::max(i0, W - hw); i < std::min(i1, M - hw); ++i) o[i] = T(0);
+      run(M - hw, M, hw - M);
+      return;
+    }
     const int64_t gridrow = row % (grid / M);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t idx = grid_to_window(i, M, W);
