@@ -58,7 +58,8 @@ def _extra_cuda_includes():
 
 def _extension():
     with_cuda, why = _cuda_wanted()
-    sources = ["csrc/ops.cpp", "csrc/two_point_driver.cpp", "csrc/stats_loss_driver.cpp", "csrc/transforms.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/two_point_driver.cpp", "csrc/stats_loss_driver.cpp",
+               "csrc/transforms.cpp"]
     sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3"]
     define_macros = []

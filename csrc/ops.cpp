@@ -1,6 +1,7 @@
 // The schemas of every pymks-vae operator, declared once, and the module's build information.
 // Kernels register per device in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels and
-// autograd formulas are attached in Python (pymks_vae/ops.py).
+// autograd formulas are attached in Python (pymks_vae/ops.py), except the two losses' autograd,
+// which is C++ (csrc/autograd.cpp).
 #include <torch/extension.h>
 #include <torch/library.h>
 // TORCH_VERSION: recent torch defines it in torch/headeronly/version.h, older releases (such as

@@ -684,28 +684,8 @@ def _register():
         dtype = torch.float32 if spectrum.dtype == torch.complex64 else torch.float64
         return grad.new_empty((grad.shape[0], n_state) + tuple(spatial), dtype=dtype)
 
-    def _loss_setup(ctx, inputs, output):
-        x, _, pair_i, pair_j, _, _ = inputs
-        ctx.save_for_backward(output[1])
-        ctx.args = (list(x.shape[2:]), x.shape[1], sorted(set(pair_i) | set(pair_j)))
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)  # the spectrum output never gets a gradient: skip zero-filling it
-
-    def _loss_backward(ctx, grad_values, _grad_spectrum):
-        (spectrum,) = ctx.saved_tensors
-        spatial, n_state, states = ctx.args
-        grad_x = None
-        if ctx.needs_input_grad[0] and grad_values is not None:
-            if spectrum.numel() == 0:
-                raise RuntimeError(
-                    "spatial_stats_loss: the forward ran without need_grad, so no gradient was prepared"
-                )
-            grad_x = torch.ops.pymks_vae.stats_loss_backward(
-                grad_values.contiguous(), spectrum, spatial, n_state, states
-            )
-        return grad_x, None, None, None, None, None
-
-    torch.library.register_autograd("pymks_vae::stats_loss", _loss_backward, setup_context=_loss_setup)
+    # stats_loss and stats_loss_window take their autograd from C++ (csrc/autograd.cpp): at
+    # training's batch sizes this wrapper's own cost was a fifth of the loss's.
 
     @torch.library.register_fake("pymks_vae::stats_loss_window")
     def _stats_loss_window_fake(x, target, pair_i, pair_j, periodic, window, weight, offset, scale, need_grad):
@@ -730,36 +710,6 @@ def _register():
     @torch.library.register_fake("pymks_vae::stats_loss_window_backward")
     def _stats_loss_window_backward_fake(grad, grad_window, x_hat, pair_i, pair_j, n_state, spatial, periodic):
         return grad_window.new_empty((grad_window.shape[0], n_state) + tuple(spatial))
-
-    def _window_setup(ctx, inputs, output):
-        x, _, pair_i, pair_j, periodic, _, _, offset, _, _ = inputs
-        ctx.save_for_backward(output[1], output[2], output[3])
-        ctx.args = (pair_i, pair_j, x.shape[1], list(x.shape[2:]), periodic, offset is not None)
-        ctx.mark_non_differentiable(output[1], output[2], output[3])
-        ctx.set_materialize_grads(False)
-
-    def _window_backward(ctx, grad_values, _grad_window, _grad_x_hat, _grad_offset):
-        grad_window, x_hat, grad_offset = ctx.saved_tensors
-        pair_i, pair_j, n_state, spatial, periodic, has_offset = ctx.args
-        grad_x = grad_off = None
-        if grad_values is None:
-            return None, None, None, None, None, None, None, None, None, None
-        missing = RuntimeError("spatial_stats_loss: the forward ran without need_grad, so no gradient was prepared")
-        if ctx.needs_input_grad[0]:
-            if x_hat.numel() == 0:
-                raise missing
-            grad_x = torch.ops.pymks_vae.stats_loss_window_backward(
-                grad_values.contiguous(), grad_window, x_hat, pair_i, pair_j, n_state, spatial, periodic
-            )
-        if has_offset and ctx.needs_input_grad[7]:
-            if grad_offset.numel() == 0:
-                raise missing
-            grad_off = grad_offset * grad_values.unsqueeze(1)
-        return grad_x, None, None, None, None, None, None, grad_off, None, None
-
-    torch.library.register_autograd(
-        "pymks_vae::stats_loss_window", _window_backward, setup_context=_window_setup
-    )
 
 
 def _grid(spatial, window, periodic):
