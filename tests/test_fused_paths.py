@@ -492,6 +492,19 @@ def test_offset_gradcheck_and_opcheck():
     out = ops.spatial_stats_loss(x.detach(), t, correlations=[(0, 1), (1, 1)], cutoff=2, offset=o)
     (g,) = torch.autograd.grad(out, o)
     assert g.shape == (2, 2)
+    # With weights too (a third tensor input before the offset): gradcheck of both, then each alone
+    # against the gradients of both together.
+    wt = torch.rand(2, 5, 5, dtype=torch.float64)
+
+    def loss(v, o):
+        return ops.spatial_stats_loss(v, t, correlations=[(0, 1), (1, 1)], cutoff=2, weight=wt, offset=o,
+                                      reduction="none")
+    assert torch.autograd.gradcheck(loss, (x, off))
+    w = torch.tensor([0.3, -1.2], dtype=torch.float64)
+    gx_both, go_both = torch.autograd.grad((loss(x, off) * w).sum(), (x, off))
+    (go,) = torch.autograd.grad((loss(x.detach(), off) * w).sum(), off)
+    (gx,) = torch.autograd.grad((loss(x, off.detach()) * w).sum(), x)
+    assert torch.equal(go, go_both) and torch.equal(gx, gx_both)
 
 
 def test_offset_bad_arguments():
