@@ -97,6 +97,12 @@ struct TwoPointBackend {
   // be overwritten). Null where there is no such route.
   bool (*binary_stats)(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req,
                        bool check_partition, bool periodic, const Geometry& g, at::Tensor& out);
+  // Gradient spectra of auto pairs: out[b, u, k0, rest] = factor * g[b, idx[u], rest, k0] *
+  // X[b, u, k0, rest] (added to out with accumulate), X and out in the natural layout (first axis
+  // first), g real in power_half's (first axis last); a state with idx[u] < 0 is left alone (with
+  // accumulate) or zeroed. In 1D both layouts are the same.
+  void (*even_grad_spectrum)(const at::Tensor& x_hat, const at::Tensor& g, const at::Tensor& idx, double factor,
+                             at::Tensor& out, bool accumulate);
 };
 
 // The CPU's binary_stats (csrc/cpu/two_point_bits.cpp).
@@ -237,11 +243,9 @@ struct WindowLossBackend {
   void (*window_pass)(const WindowLossArgs& args);
   // The two-point operator's combine_grad of the same device
   at::Tensor (*combine_grad)(const CombineArgs& args);
-  // out[b, u, k0, rest] = factor * g[b, idx[u], rest, k0] * X[b, u, k0, rest]: the gradient spectra
-  // of auto pairs, X in the natural layout (first axis first), g real in power_half's (first axis
-  // last), out natural. In 1D both layouts are the same.
+  // The two-point backends' even_grad_spectrum (below).
   void (*even_grad_spectrum)(const at::Tensor& x_hat, const at::Tensor& g, const at::Tensor& idx, double factor,
-                             at::Tensor& out);
+                             at::Tensor& out, bool accumulate);
 };
 
 // ------------------------------------------------------------------ real transforms (transforms.cpp)
@@ -256,6 +260,13 @@ at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, 
 // The two-point backends' combine_grad passes, shared with the loss's backward.
 at::Tensor combine_grad_cpu(const CombineArgs& args);
 at::Tensor combine_grad_cuda(const CombineArgs& args);
+void even_grad_spectrum_cpu(const at::Tensor& x_hat, const at::Tensor& g, const at::Tensor& idx, double factor,
+                            at::Tensor& out, bool accumulate);
+void even_grad_spectrum_cuda(const at::Tensor& x_hat, const at::Tensor& g, const at::Tensor& idx, double factor,
+                             at::Tensor& out, bool accumulate);
+// Re(rfftn) of windows (B, k, *w) of lags placed on the zero grid of g, real, with the first
+// axis last (power_half's layout); 2D and 3D (stats_loss_driver.cpp).
+at::Tensor even_window_spectrum(const at::Tensor& win, const Geometry& g);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_forward(
     const at::Tensor& x, const at::Tensor& target, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,

@@ -350,6 +350,34 @@ def test_operator_gradient_matches_reference(spatial, periodic, cutoff, kind, ma
     assert rel_err(f, ref) < 1e-10 and rel_err(g, gr) < 1e-10
 
 
+# In 2D with a window of at most a quarter of the grid, the backward takes an auto pair alone on
+# its state through the even part of its window (no mask), the other pairs through the embedded
+# gradient: every mix of the two, a state with two auto pairs (neither even), states no pair
+# reaches; and the cases that take the embedded gradient for every pair (larger windows, 3D).
+@pytest.mark.parametrize("pairs", [[(1, 1), (0, 0)], [(2, 2)], [(0, 0), (0, 0), (1, 1)], [(0, 1), (1, 1), (2, 2)]])
+@pytest.mark.parametrize("spatial,periodic,cutoff", [((12, 11), True, 2), ((13, 12), False, 2), ((10, 9), False, 1),
+                                                     ((6, 7), True, 2), ((8, 7), False, None),
+                                                     ((4, 5, 6), False, 1), ((4, 4, 5), True, None)])
+def test_operator_gradient_even_and_embedded_pairs(spatial, periodic, cutoff, pairs, device):
+    x = torch.rand((2, 3) + spatial, dtype=torch.float64)
+    kw = dict(periodic=periodic, cutoff=cutoff)
+    xd = x.to(device).requires_grad_(True)
+    f = ops.two_point_stats(xd, pairs, **kw)
+    w = torch.randn(f.shape, dtype=torch.float64)
+    (g,) = torch.autograd.grad((f * w.to(device)).sum(), xd)
+    xr = x.clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad((reference.two_point_stats_ref(xr, pairs, **kw) * w).sum(), xr)
+    assert rel_err(g, gr) < 1e-10
+    used = {s for p in pairs for s in p}
+    assert all(torch.all(g[:, s] == 0) for s in range(3) if s not in used)
+    # the gradient of .sum(), which reaches the backward expanded (every stride 0)
+    xs = x.to(device).requires_grad_(True)
+    ops.two_point_stats(xs, pairs, **kw).sum().backward()
+    xr2 = x.clone().requires_grad_(True)
+    (gs,) = torch.autograd.grad(reference.two_point_stats_ref(xr2, pairs, **kw).sum(), xr2)
+    assert rel_err(xs.grad, gs) < 1e-10
+
+
 def test_operator_takes_the_spectra_variant(monkeypatch):
     calls = []
     real = torch.ops.pymks_vae.two_point_stats_backward_spectra

@@ -303,7 +303,8 @@ void window_pass(const WindowLossArgs& a) {
 }
 
 template <typename T>
-void even_grad_spectrum_t(const at::Tensor& xh, const at::Tensor& g, const int32_t* idx, T factor, at::Tensor& out) {
+void even_grad_spectrum_t(const at::Tensor& xh, const at::Tensor& g, const int32_t* idx, T factor, at::Tensor& out,
+                          bool accumulate) {
   // The transpose of power_diff_half's pass: g read through an L1-sized tile (its lines whole),
   // X read and out written in order.
   const int64_t B = xh.size(0), nf = xh.size(1), nq = g.size(1), H = xh.numel() / (B * nf);
@@ -317,6 +318,10 @@ void even_grad_spectrum_t(const at::Tensor& xh, const at::Tensor& g, const int32
     for (int64_t row = begin; row < end; ++row) {
       const cpx<T>* xs = X + row * H;
       cpx<T>* o = O + row * H;
+      if (idx[row % nf] < 0) {
+        if (!accumulate) std::fill(o, o + H, cpx<T>{T(0), T(0)});
+        continue;
+      }
       const T* gs = G + ((row / nf) * nq + idx[row % nf]) * H;
       for (int64_t c0 = 0; c0 < rest; c0 += kCols) {
         const int64_t nc = std::min(kCols, rest - c0);
@@ -327,7 +332,10 @@ void even_grad_spectrum_t(const at::Tensor& xh, const at::Tensor& g, const int32
           for (int64_t k = 0; k < nt; ++k) {
             const int64_t at = (t0 + k) * rest + c0;
             const T* b = buf + k * kCols;
-            for (int64_t r = 0; r < nc; ++r) o[at + r] = cscale(xs[at + r], factor * b[r]);
+            if (accumulate)
+              for (int64_t r = 0; r < nc; ++r) o[at + r] = cadd(o[at + r], cscale(xs[at + r], factor * b[r]));
+            else
+              for (int64_t r = 0; r < nc; ++r) o[at + r] = cscale(xs[at + r], factor * b[r]);
           }
         }
       }
@@ -335,14 +343,19 @@ void even_grad_spectrum_t(const at::Tensor& xh, const at::Tensor& g, const int32
   });
 }
 
-void even_grad_spectrum(const at::Tensor& xh, const at::Tensor& g, const at::Tensor& idx, double factor,
-                        at::Tensor& out) {
+}  // namespace
+
+void even_grad_spectrum_cpu(const at::Tensor& xh, const at::Tensor& g, const at::Tensor& idx, double factor,
+                            at::Tensor& out, bool accumulate) {
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "even_grad_spectrum", [&] {
-    even_grad_spectrum_t<scalar_t>(xh, g, idx.data_ptr<int32_t>(), static_cast<scalar_t>(factor), out);
+    even_grad_spectrum_t<scalar_t>(xh, g, idx.data_ptr<int32_t>(), static_cast<scalar_t>(factor), out, accumulate);
   });
 }
 
-const WindowLossBackend kCpuWindow{power_diff_half, diff_products, window_pass, combine_grad_cpu, even_grad_spectrum};
+namespace {
+
+const WindowLossBackend kCpuWindow{power_diff_half, diff_products, window_pass, combine_grad_cpu,
+                                   even_grad_spectrum_cpu};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_cpu(
     const at::Tensor& x, const at::Tensor& target, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,

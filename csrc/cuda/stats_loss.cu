@@ -181,17 +181,25 @@ void window_pass(const WindowLossArgs& a) {
 
 template <typename T>
 __global__ void even_grad_spectrum_kernel(const cpx<T>* X, const T* G, const int32_t* idx, int64_t nf, int64_t nq,
-                                          int64_t H, int64_t h0, T factor, cpx<T>* out, int64_t total) {
-  // out[b, u, k0, r] = factor * G[b, idx[u], r, k0] * X[b, u, k0, r] (see even_grad_spectrum)
+                                          int64_t H, int64_t h0, T factor, cpx<T>* out, bool accumulate,
+                                          int64_t total) {
+  // out[b, u, k0, r] (+)= factor * G[b, idx[u], r, k0] * X[b, u, k0, r] (see even_grad_spectrum)
   const int64_t rest = H / h0;
   PVAE_GRID_STRIDE(e, total) {
     const int64_t r = e % rest, k0 = (e / rest) % h0, row = e / H, u = row % nf, b = row / nf;
-    out[e] = cscale(X[e], factor * G[(b * nq + idx[u]) * H + r * h0 + k0]);
+    if (idx[u] < 0) {
+      if (!accumulate) out[e] = cpx<T>{T(0), T(0)};
+      continue;
+    }
+    const cpx<T> v = cscale(X[e], factor * G[(b * nq + idx[u]) * H + r * h0 + k0]);
+    out[e] = accumulate ? cadd(out[e], v) : v;
   }
 }
 
-void even_grad_spectrum(const at::Tensor& xh, const at::Tensor& g, const at::Tensor& idx, double factor,
-                        at::Tensor& out) {
+}  // namespace
+
+void even_grad_spectrum_cuda(const at::Tensor& xh, const at::Tensor& g, const at::Tensor& idx, double factor,
+                             at::Tensor& out, bool accumulate) {
   const int64_t total = out.numel(), H = xh.numel() / (xh.size(0) * xh.size(1));
   const int64_t h0 = xh.dim() > 3 ? xh.size(2) : 1;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -199,13 +207,15 @@ void even_grad_spectrum(const at::Tensor& xh, const at::Tensor& g, const at::Ten
     even_grad_spectrum_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
         reinterpret_cast<const cpx<scalar_t>*>(xh.data_ptr()), g.data_ptr<scalar_t>(), idx.data_ptr<int32_t>(),
         xh.size(1), g.size(1), H, h0, static_cast<scalar_t>(factor),
-        reinterpret_cast<cpx<scalar_t>*>(out.data_ptr()), total);
+        reinterpret_cast<cpx<scalar_t>*>(out.data_ptr()), accumulate, total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
+namespace {
+
 const WindowLossBackend kCudaWindow{power_diff_half, diff_products, window_pass, combine_grad_cuda,
-                                    even_grad_spectrum};
+                                    even_grad_spectrum_cuda};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_cuda(
     const at::Tensor& x, const at::Tensor& target, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,
