@@ -866,6 +866,9 @@ at::Tensor two_point_backward_spectra(const at::Tensor& grad_in, const at::Tenso
     if (!split.rest.empty()) {
       EmbedArgs e;
       e.grad = split.even.empty() ? g_chunk : select_pairs(g_chunk, split.rest, rest_t);
+      // The CUDA embed_grad reads grad as contiguous (the CPU one through its strides): a run of
+      // pairs out of several is a strided view.
+      if (!e.grad.is_cpu()) e.grad = e.grad.contiguous();
       e.zmask = per_sample_mask ? zmask.narrow(0, b0, n) : zmask;
       e.zlevel = per_sample_mask ? zlevel.narrow(0, b0, n) : zlevel;
       e.geom = s.geom;

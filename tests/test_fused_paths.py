@@ -272,8 +272,8 @@ def test_public_errors_name_the_argument():
 # ----------------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
 @pytest.mark.parametrize("spatial,periodic,cutoff,weighted", CASES)
-def test_cuda_matches_cpu(spatial, periodic, cutoff, weighted):
-    pairs = [(0, 0), (0, 1), (1, 1)]
+@pytest.mark.parametrize("pairs", [[(0, 0), (0, 1), (1, 1)], [(1, 1), (0, 0)]])  # moved and natural layouts
+def test_cuda_matches_cpu(spatial, periodic, cutoff, weighted, pairs):
     window = reference.window_shape(spatial, cutoff)
     for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
         x = torch.rand((3, 2) + spatial, dtype=dtype)
@@ -378,6 +378,39 @@ def test_operator_gradient_even_and_embedded_pairs(spatial, periodic, cutoff, pa
     assert rel_err(xs.grad, gs) < 1e-10
 
 
+# Windows of even size (the raw operators take any window; the public functions 2*cutoff+1), on the
+# natural-layout loss and on the operator's even split: gradcheck of the raw operators.
+@pytest.mark.parametrize("periodic", [True, False])
+def test_even_size_windows_gradcheck(periodic):
+    x = torch.rand(2, 2, 6, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(2, 2, 6, 8, dtype=torch.float64)
+    for window in ([4, 6], [2, 3], [6, 8]):
+        assert torch.autograd.gradcheck(
+            lambda v: torch.ops.pymks_vae.stats_loss_window(v, t, [1, 0], [1, 0], periodic, window, None, None, 1.1,
+                                                            True)[0], (x,))
+    x = torch.rand(2, 2, 4, 16, dtype=torch.float64, requires_grad=True)  # window a quarter of the grid or less
+    for window in ([4, 3], [2, 4]):
+        assert torch.autograd.gradcheck(
+            lambda v: torch.ops.pymks_vae.two_point_stats_spectra(v, [1, 0], [1, 1], periodic, window, None, 0)[0],
+            (x,))
+
+
+def test_loss_values_without_gradient_on_several_threads():
+    # The CPU window pass writes the gradient it does not keep into per-thread scratch rows.
+    x = torch.rand(64, 1, 24, 24, dtype=torch.float64)
+    t = torch.rand(64, 1, 24, 24, dtype=torch.float64)
+    op = torch.ops.pymks_vae.stats_loss_window
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        for periodic in (True, False):
+            with_grad = op(x, t, [0], [0], periodic, [7, 7], None, None, 1.0, True)[0]
+            without = op(x, t, [0], [0], periodic, [7, 7], None, None, 1.0, False)[0]
+            assert torch.equal(with_grad, without)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_operator_takes_the_spectra_variant(monkeypatch):
     calls = []
     real = torch.ops.pymks_vae.two_point_stats_backward_spectra
@@ -457,7 +490,7 @@ def test_operator_raw_ops_reject_bad_arguments(call, exc, match, device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("spatial,periodic,cutoff", OP_CASES)
+@pytest.mark.parametrize("spatial,periodic,cutoff", OP_CASES + [((16, 16), True, 2), ((15, 16), False, 2)])
 def test_cuda_operator_backward_matches_cpu(spatial, periodic, cutoff):
     pairs = [(1, 1), (0, 1)]
     for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
