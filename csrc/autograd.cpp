@@ -11,9 +11,11 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include <map>
 #include <tuple>
 #include <vector>
+
+#include "two_point.h"
 
 namespace pymks_vae {
 namespace {
@@ -22,14 +24,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 const char* kMissing = "spatial_stats_loss: the forward ran without need_grad, so no gradient was prepared";
-
-std::vector<int64_t> used_states(at::IntArrayRef pair_i, at::IntArrayRef pair_j) {
-  std::vector<int64_t> s(pair_i.begin(), pair_i.end());
-  s.insert(s.end(), pair_j.begin(), pair_j.end());
-  std::sort(s.begin(), s.end());
-  s.erase(std::unique(s.begin(), s.end()), s.end());
-  return s;
-}
 
 // ------------------------------------------------------------------ stats_loss (Parseval)
 class StatsLossFunction : public torch::autograd::Function<StatsLossFunction> {
@@ -45,7 +39,8 @@ class StatsLossFunction : public torch::autograd::Function<StatsLossFunction> {
     ctx->save_for_backward({spectrum});
     ctx->saved_data["spatial"] = x.sizes().slice(2).vec();
     ctx->saved_data["n_state"] = x.size(1);
-    ctx->saved_data["states"] = used_states(pair_i, pair_j);
+    std::map<int64_t, int32_t> pos;
+    ctx->saved_data["states"] = pair_states(pair_i, pair_j, &pos);
     ctx->mark_non_differentiable({spectrum});
     ctx->set_materialize_grads(false);  // the spectrum never gets a gradient: no zero-filling
     return {values, spectrum};

@@ -49,9 +49,9 @@ std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x_in, co
 
   const int64_t B = x.size(0);
   auto values = at::empty({B}, x.options());
-  std::vector<int64_t> half_sizes = x.sizes().vec();
-  half_sizes.back() = half_sizes.back() / 2 + 1;
-  auto spectrum = need_grad ? at::empty(half_sizes, x.options().dtype(c10::toComplexType(x.scalar_type())))
+  std::vector<int64_t> spec_sizes = x.sizes().vec();
+  spec_sizes.back() = spec_sizes.back() / 2 + 1;
+  auto spectrum = need_grad ? at::empty(spec_sizes, x.options().dtype(c10::toComplexType(x.scalar_type())))
                             : at::empty({0}, x.options().dtype(c10::toComplexType(x.scalar_type())));
   const auto pa_t = ints_to(pa, x.device());
   const auto pb_t = ints_to(pb, x.device());
@@ -283,22 +283,6 @@ bool even_gradient_path(at::IntArrayRef pair_i, at::IntArrayRef pair_j, int64_t 
   return true;
 }
 
-// Shape of the spectra of k fields in the natural layout (the last axis halved).
-std::vector<int64_t> natural_sizes(int64_t B, int64_t k, const Geometry& g) {
-  std::vector<int64_t> sizes{B, k};
-  for (int d = 0; d < g.ndim; ++d) sizes.push_back(d + 1 < g.ndim ? g.m[d] : g.m[d] / 2 + 1);
-  return sizes;
-}
-
-// Shape of the spectra of k fields in the moved layout.
-std::vector<int64_t> moved_sizes(int64_t B, int64_t k, const Geometry& g) {
-  std::vector<int64_t> sizes{B, k};
-  const int nd = g.ndim;
-  for (int d = 1; d < nd; ++d) sizes.push_back(d + 1 < nd ? g.m[d] : g.m[d] / 2 + 1);
-  sizes.push_back(nd == 1 ? g.m[0] / 2 + 1 : g.m[0]);
-  return sizes;
-}
-
 }  // namespace
 
 at::Tensor even_window_spectrum(const at::Tensor& win, const Geometry& g) { return even_window_forward_real(win, g); }
@@ -379,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_for
   const bool moved = !even_gradient_path(pair_i, pair_j, g.ndim);
   // The spectra kept for the backward pass are transformed chunk by chunk too and copied out while
   // in cache: transforming the whole batch at once took twice as long (measured, 32 x 224^2).
-  if (need_grad) x_hat_all = at::empty(moved ? moved_sizes(B, nu, g) : natural_sizes(B, nu, g), ctype);
+  if (need_grad) x_hat_all = at::empty(half_sizes(B, nu, lg.grid, moved), ctype);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
     // x's spectra straight into the ones kept for the backward pass.
@@ -391,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_for
     WindowLossArgs a;
     if (!auto_states.empty()) {
       const int64_t H = x_hat.numel() / (n * nu), na = static_cast<int64_t>(auto_states.size());
-      auto power_t = at::empty(moved_sizes(n, na, g), x.options().dtype(x.scalar_type()));
+      auto power_t = at::empty(half_sizes(n, na, lg.grid, true), x.options().dtype(x.scalar_type()));
       if (moved) {
         // The moved layout is power_half's: the power spectra are an elementwise pass (one "row"
         // of H bins per field for the kernel, whose transposition is then the identity).
@@ -450,7 +434,7 @@ at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& 
   const std::vector<int64_t>& states = cp.states;
   const int64_t nu = static_cast<int64_t>(states.size());
   const bool autos_only = even_gradient_path(pair_i, pair_j, nd);
-  const std::vector<int64_t> hsizes = autos_only ? natural_sizes(B, nu, g) : moved_sizes(B, nu, g);
+  const std::vector<int64_t> hsizes = half_sizes(B, nu, lg.grid, !autos_only);
   PYMKS_CHECK_VALUE(x_hat.sizes() == at::IntArrayRef(hsizes), op, ": x_hat has shape ", x_hat.sizes(),
                     ", expected ", at::IntArrayRef(hsizes), " for these pairs, spatial size and window");
   const c10::DeviceGuard guard(x_hat.device());

@@ -9,8 +9,6 @@
 #include <algorithm>
 
 namespace pymks_vae {
-namespace {
-
 std::vector<int64_t> half_sizes(int64_t B, int64_t k, at::IntArrayRef grid, bool moved) {
   std::vector<int64_t> sizes{B, k};
   const size_t nd = grid.size();
@@ -18,6 +16,8 @@ std::vector<int64_t> half_sizes(int64_t B, int64_t k, at::IntArrayRef grid, bool
   if (moved && nd > 1) std::rotate(sizes.begin() + 2, sizes.begin() + 3, sizes.end());
   return sizes;
 }
+
+namespace {
 
 void check_dest(const at::Tensor& dest, const std::vector<int64_t>& sizes, const char* what) {
   TORCH_CHECK(!dest.defined() || (dest.sizes() == at::IntArrayRef(sizes) && dest.is_contiguous()), what,

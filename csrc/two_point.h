@@ -255,6 +255,8 @@ struct WindowLossBackend {
 // The result goes into dest when it is given (contiguous, of the result's shape). irfft_grid may
 // overwrite spec: give it a spectrum the caller no longer needs.
 at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::Tensor dest = at::Tensor());
+// Shape of the half spectra of k fields (B, k, ..) on grid, natural or moved (as rfft_grid).
+std::vector<int64_t> half_sizes(int64_t B, int64_t k, at::IntArrayRef grid, bool moved);
 at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, at::Tensor dest = at::Tensor());
 
 // The two-point backends' combine_grad passes, shared with the loss's backward.

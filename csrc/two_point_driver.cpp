@@ -740,15 +740,9 @@ EvenSplit even_split(at::IntArrayRef pair_i, at::IntArrayRef pair_j, const Combi
   return sp;
 }
 
-// These pairs of grad (B, n_pairs, *w): a view for a run of consecutive pairs, else a gather.
-at::Tensor select_pairs(const at::Tensor& grad, const std::vector<int64_t>& pairs, const at::Tensor& pairs_t) {
-  const int64_t k = static_cast<int64_t>(pairs.size());
-  if (pairs.back() - pairs.front() + 1 == k) return grad.narrow(1, pairs.front(), k);
-  return grad.index_select(1, pairs_t);
-}
-
 // 1 / normaliser of every lag of the window, (*w): 1/S (periodic) or 1/prod(n - |r|), the
-// arithmetic of inv_norm_lag (the product of the counts, then its reciprocal).
+// arithmetic of inv_norm_lag (the product of the counts, then its reciprocal). A device_table:
+// uploaded to a GPU once per geometry, not on every backward call.
 at::Tensor lag_normaliser(const Geometry& g, bool periodic, const at::TensorOptions& opts) {
   std::vector<int64_t> w(g.w, g.w + g.ndim);
   int64_t numel = 1;
@@ -758,16 +752,17 @@ at::Tensor lag_normaliser(const Geometry& g, bool periodic, const at::TensorOpti
   for (int d = 0; d < g.ndim; ++d) s_total *= static_cast<double>(g.n[d]);
   int64_t idx[kMaxDims] = {0, 0, 0}, lag[kMaxDims] = {0, 0, 0};
   for (int64_t k = 0; k < numel; ++k) {
-    int64_t r = k;
-    for (int d = g.ndim - 1; d >= 0; --d) {
-      idx[d] = r % g.w[d];
-      r /= g.w[d];
-      lag[d] = window_lag(idx[d], g.w[d]);
-    }
+    unravel(k, g.w, g.ndim, idx);
+    for (int d = 0; d < g.ndim; ++d) lag[d] = window_lag(idx[d], g.w[d]);
     v[k] = periodic ? 1.0 / s_total : inv_norm_lag<double>(g, lag, false, 1.0);
   }
-  auto host = at::tensor(v, at::TensorOptions().dtype(at::kDouble)).view(w);
-  return host.to(opts.device(), opts.dtype().toScalarType());
+  if (opts.dtype() == at::kFloat) {
+    const std::vector<float> f(v.begin(), v.end());
+    return device_table(f.data(), numel * static_cast<int64_t>(sizeof(float)), at::kFloat, numel, opts.device())
+        .view(w);
+  }
+  return device_table(v.data(), numel * static_cast<int64_t>(sizeof(double)), at::kDouble, numel, opts.device())
+      .view(w);
 }
 
 }  // namespace
@@ -849,8 +844,6 @@ at::Tensor two_point_backward_spectra(const at::Tensor& grad_in, const at::Tenso
   for (int d = 0; d < s.geom.ndim; ++d) window_numel *= s.geom.w[d];
   const bool small_window = nd == 2 && 4 * window_numel <= grid;
   const EvenSplit split = even_split(pair_i, pair_j, cp, nd, !small_window || mask.defined() || !be.even_grad_spectrum);
-  const at::Tensor rest_t = split.rest.empty() ? at::Tensor() : longs_to(split.rest, dev);
-  const at::Tensor even_t = split.even.empty() ? at::Tensor() : longs_to(split.even, dev);
   const at::Tensor state_even_t = split.even.empty() ? at::Tensor() : ints_to(split.state_even, dev);
   const at::Tensor even_norm = split.even.empty() ? at::Tensor() : lag_normaliser(s.geom, periodic, grad.options());
   if (!split.even.empty()) {
@@ -865,7 +858,7 @@ at::Tensor two_point_backward_spectra(const at::Tensor& grad_in, const at::Tenso
     at::Tensor spec;
     if (!split.rest.empty()) {
       EmbedArgs e;
-      e.grad = split.even.empty() ? g_chunk : select_pairs(g_chunk, split.rest, rest_t);
+      e.grad = split.even.empty() ? g_chunk : select_states(g_chunk, split.rest);  // these pairs, along dim 1
       // The CUDA embed_grad reads grad as contiguous (the CPU one through its strides): a run of
       // pairs out of several is a strided view.
       if (!e.grad.is_cpu()) e.grad = e.grad.contiguous();
@@ -878,7 +871,7 @@ at::Tensor two_point_backward_spectra(const at::Tensor& grad_in, const at::Tenso
     }
     if (!split.even.empty()) {
       // The auto pairs' share, 2 Re(G) X_a, from the even part of their normalised windows.
-      const auto win = select_pairs(g_chunk, split.even, even_t) * even_norm;
+      const auto win = select_states(g_chunk, split.even) * even_norm;
       const auto re_g = even_window_spectrum(win, s.geom);
       const bool accumulate = spec.defined();
       if (!accumulate) spec = at::empty_like(c.x_hat);
