@@ -122,6 +122,9 @@ PYBIND11_MODULE(_C, m) {
         "Turn this thread's data checks (NaN/Inf, mask range) on or off; returns the previous setting");
   m.def("_data_checks_enabled", &pymks_vae::data_checks_enabled, "Whether this thread's data checks are on");
   // MKL's DFTI called directly for the CPU transforms (csrc/cpu/mkl_dft.h), and ATen's path instead.
+  m.def("_set_even_gemm", &pymks_vae::set_even_gemm, pybind11::arg("enabled"),
+        "Let this thread's windowed loss take the matrix-product route for small 2D windows (True) or the "
+        "pruned transforms always (False); returns the previous setting");
   m.def("_mkl_dft_available", &pymks_vae::cpu::dft_available, "Whether MKL's DFTI was found in the loaded torch");
   m.def("_set_mkl_dft", &pymks_vae::cpu::set_dft_enabled, pybind11::arg("enabled"),
         "Use DFTI directly for the CPU transforms (True) or ATen's transforms (False); returns the previous setting");

@@ -361,6 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_for
   for (int d = 0; d < g.ndim; ++d) grid *= g.m[d];
   const int64_t chunk = cache_chunk(x, (6 * nu + 2 * nq) * grid);
   const bool moved = !even_gradient_path(pair_i, pair_j, g.ndim);
+  const bool gemm = !moved && be.even_values_gemm != nullptr && even_gemm_applies(g);
   // The spectra kept for the backward pass are transformed chunk by chunk too and copied out while
   // in cache: transforming the whole batch at once took twice as long (measured, 32 x 224^2).
   if (need_grad) x_hat_all = at::empty(half_sizes(B, nu, lg.grid, moved), ctype);
@@ -373,7 +374,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_for
     check_spectrum_finite(x_hat, op, "x");
     check_spectrum_finite(t_hat, op, "target");
     WindowLossArgs a;
-    if (!auto_states.empty()) {
+    if (!auto_states.empty() && gemm) {
+      a.even = be.even_values_gemm(x_hat, t_hat, auto_states, g);
+    } else if (!auto_states.empty()) {
       const int64_t H = x_hat.numel() / (n * nu), na = static_cast<int64_t>(auto_states.size());
       auto power_t = at::empty(half_sizes(n, na, lg.grid, true), x.options().dtype(x.scalar_type()));
       if (moved) {
@@ -473,6 +476,7 @@ at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& 
   int64_t window_numel = 1;
   for (int d = 0; d < g.ndim; ++d) window_numel *= g.w[d];
   const bool even_path = !(nd == 2 && 2 * window_numel > grid);
+  const bool gemm = autos_only && be.even_gradient_gemm != nullptr && even_gemm_applies(g);
   at::Tensor gx = chunk >= B ? at::Tensor() : at::empty(gsizes, gw.options());
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
@@ -485,6 +489,8 @@ at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& 
       c.g_hat = rfft_grid(full.contiguous(), lg.grid, false);
       c.x_hat = xh.narrow(0, b0, n);
       spec = be.combine_grad(c);
+    } else if (autos_only && gemm) {
+      spec = be.even_gradient_gemm(gw.narrow(0, b0, n), xh.narrow(0, b0, n), auto_pair, g, 2.0);
     } else if (autos_only) {
       const auto gr = even_window_forward_real(gw.narrow(0, b0, n), g);
       const auto xc = xh.narrow(0, b0, n);

@@ -246,7 +246,27 @@ struct WindowLossBackend {
   // The two-point backends' even_grad_spectrum (below).
   void (*even_grad_spectrum)(const at::Tensor& x_hat, const at::Tensor& g, const at::Tensor& idx, double factor,
                              at::Tensor& out, bool accumulate);
+  // Auto pairs only, small 2D windows (even_gemm_applies): the window's statistics and the
+  // gradient spectrum as matrix products (cpu/even_gemm.cpp); null where the device has none.
+  at::Tensor (*even_values_gemm)(const at::Tensor& x_hat, const at::Tensor& t_hat, const std::vector<int32_t>& idx,
+                                 const Geometry& g);
+  at::Tensor (*even_gradient_gemm)(const at::Tensor& grad_window, const at::Tensor& x_hat,
+                                   const std::vector<int32_t>& pair_of, const Geometry& g, double factor);
 };
+
+// cpu/even_gemm.cpp. even_values_gemm_cpu: the auto pairs' D(r) = C(x)(r) - C(t)(r), unnormalised,
+// for idx's states, in the pruned even layout (n, na, even_numel), as even_inverse of
+// power_diff_half. even_gradient_gemm_cpu: factor Re(G_s) X_s for every state s of x_hat
+// (natural layout), G_s the transform of the window gradient of pair pair_of[s], as
+// even_grad_spectrum of even_window_spectrum. Both for 2D geometries where even_gemm_applies.
+at::Tensor even_values_gemm_cpu(const at::Tensor& x_hat, const at::Tensor& t_hat, const std::vector<int32_t>& idx,
+                                const Geometry& g);
+at::Tensor even_gradient_gemm_cpu(const at::Tensor& grad_window, const at::Tensor& x_hat,
+                                  const std::vector<int32_t>& pair_of, const Geometry& g, double factor);
+// Whether the matrix-product route serves this geometry: 2D, the window's folded rows at most a
+// quarter of each folded axis, and the route on for this thread (set_even_gemm, for tests).
+bool even_gemm_applies(const Geometry& g);
+bool set_even_gemm(bool enabled);
 
 // ------------------------------------------------------------------ real transforms (transforms.cpp)
 // rfftn of fields x (B, k, *spatial) on grid (zero padded at the end of each axis), and irfftn of
@@ -291,7 +311,7 @@ std::vector<int64_t> spatial_dims(int64_t ndim);
 // sample) stay in the last-level cache: CPU only, and only when at least 4 samples fit;
 // otherwise (and on the GPU) the whole batch.
 int64_t cache_chunk(const at::Tensor& x, int64_t per_sample_elems);
-int64_t fast_fft_len(int64_t n);
+int64_t fast_fft_len(int64_t n, bool prefer_pow2);
 // The lag geometry of fields of shape `spatial` with a window of lags `window` (sizes checked by the
 // caller): the FFT grid is the field itself when periodic, else the field zero-padded by the largest
 // |lag| kept, to fast_fft_len, which keeps wrapped pairs out of the window. The one padding rule

@@ -717,12 +717,19 @@ def _grid(spatial, window, periodic):
     size :func:`_fast_fft_len` picks."""
     if periodic:
         return tuple(spatial)
-    return tuple(_fast_fft_len(n + w // 2) for n, w in zip(spatial, window))
+    return tuple(_fast_fft_len(n + w // 2, prefer_pow2=len(spatial) == 2) for n, w in zip(spatial, window))
 
 
-def _fast_fft_len(n):
+def _fast_fft_len(n, prefer_pow2=False):
     """The driver's fast_fft_len (for fake kernels and cost estimates): smallest even m >= n with no
-    prime factor above 7 and at most one factor 7."""
+    prime factor above 7 and at most one factor 7; with ``prefer_pow2`` (2D grids) a power of two
+    within 6% of n first."""
+    if prefer_pow2:
+        p2 = 2
+        while p2 < n:
+            p2 *= 2
+        if p2 * 100 <= int(n) * 106:
+            return p2
     m = max(2, int(n) + (int(n) & 1))
     while True:
         r, sevens = m, 0

@@ -70,7 +70,7 @@ def test_raw_loss_operator_outputs():
                                                 cutoff=(2, 1), scale=2.0, reduction="none")
         assert rel_err(values, want) < 1e-10
         assert gw.shape == (2, 2, 5, 3)
-        grid = (7, 8) if periodic else (ops._fast_fft_len(7 + 2), ops._fast_fft_len(8 + 1))
+        grid = ops._grid((7, 8), (5, 3), periodic)
         assert xh.shape == (2, 2, grid[1] // 2 + 1, grid[0]) and xh.dtype == torch.complex128  # first axis last
         assert go.numel() == 0  # no offset
         values2, gw2, xh2, _ = torch.ops.pymks_vae.stats_loss_window(x, t, [0, 2], [2, 2], periodic, [5, 3], None, None,
@@ -258,8 +258,17 @@ def test_raw_ops_reject_bad_arguments(call, exc, match, device):
 
 
 def test_loss_grid_sizes():
-    """Padded grids are even, 7-smooth, with at most one factor 7 (fast for MKL, cuFFT and pocketfft)."""
+    """Padded grids are even, 7-smooth, with at most one factor 7 (fast for MKL, cuFFT and pocketfft);
+    2D grids take a power of two within 6% instead."""
     assert [ops._fast_fft_len(n) for n in (1, 9, 67, 244, 336, 1031)] == [2, 10, 70, 250, 336, 1050]
+    pow2 = [ops._fast_fft_len(n, prefer_pow2=True) for n in (1, 9, 67, 121, 125, 244, 500, 543)]
+    assert pow2 == [2, 10, 70, 128, 128, 256, 512, 560]
+    assert ops._grid((224, 224), (41, 41), False) == (256, 256)
+    assert ops._grid((224,), (41,), False) == (250,) and ops._grid((224, 10, 10), (41, 3, 3), False)[0] == 250
+    # The drivers pad to the same grid (the kept spectra's shape).
+    x = torch.rand(1, 1, 224, 30, dtype=torch.float64)
+    xh = torch.ops.pymks_vae.stats_loss_window(x, x, [0], [0], False, [41, 5], None, None, 1.0, True)[2]
+    assert ops._grid((224, 30), (41, 5), False) == (256, 32) and xh.shape == (1, 1, 256, 32 // 2 + 1)
 
 
 def test_public_errors_name_the_argument():
@@ -599,3 +608,108 @@ def test_centred_windowed_loss_takes_the_fused_kernel(monkeypatch):
 
     monkeypatch.setattr(ops, "two_point_stats", no_operator)
     loss.stats_error(x_hat, x, reduction="none").sum().backward()
+
+
+# ----------------------------------------------------------------------------- small 2D windows as matrix products
+# Auto pairs alone (one per state) with a 2D window of a few rows per axis take cpu/even_gemm.cpp:
+# the window's statistics and the gradient spectrum as cosine/sine products. The pruned transforms
+# (the CUDA path's CPU twin) stay reachable with _set_even_gemm(False); the two must agree.
+@pytest.fixture
+def gemm_route():
+    from pymks_vae import _extension
+    C = _extension._C
+
+    def run(enabled, fn):
+        prev = C._set_even_gemm(enabled)
+        try:
+            return fn()
+        finally:
+            C._set_even_gemm(prev)
+    return run
+
+
+GEMM_CASES = [  # spatial, periodic, cutoff, weighted, pairs, n_state
+    ((16, 16), True, 3, False, [(0, 0)], 1), ((17, 15), True, (4, 2), True, [(1, 1), (0, 0)], 2),
+    ((20, 21), False, 3, True, [(2, 2)], 3), ((13, 18), False, None, False, [(0, 0), (1, 1)], 2),
+    ((12, 14), True, None, True, [(1, 1)], 2), ((64, 64), True, 7, False, [(0, 0)], 1),
+    ((30, 31), False, 5, True, [(0, 0), (2, 2), (1, 1)], 3),
+]
+
+
+@pytest.mark.parametrize("spatial,periodic,cutoff,weighted,pairs,n_state", GEMM_CASES)
+def test_gemm_route_matches_pruned_transforms_and_reference(spatial, periodic, cutoff, weighted, pairs, n_state,
+                                                             gemm_route):
+    x = torch.rand((3, n_state) + spatial, dtype=torch.float64)
+    t = torch.rand((3, n_state) + spatial, dtype=torch.float64)
+    off = torch.randn(3, len(pairs), dtype=torch.float64) * 0.1
+    window = reference.window_shape(spatial, cutoff)
+    weight = torch.rand((len(pairs),) + window, dtype=torch.float64) if weighted else None
+    kw = dict(correlations=pairs, periodic=periodic, cutoff=cutoff, weight=weight, scale=1.3, reduction="none")
+    w = torch.randn(3, dtype=torch.float64)
+    results = {}
+    for name, fn, enabled in (("gemm", ops.spatial_stats_loss, True), ("pruned", ops.spatial_stats_loss, False),
+                              ("reference", reference.spatial_stats_loss_ref, True)):
+        for o in (None, off):
+            def run():
+                xr = x.clone().requires_grad_(True)
+                out = fn(xr, t, offset=o, **kw)
+                return (out, *torch.autograd.grad((out * w).sum(), xr))
+            results[name, o is None] = gemm_route(enabled, run)
+    for key in (True, False):
+        for a, b, c in zip(results["gemm", key], results["pruned", key], results["reference", key]):
+            assert rel_err(a, b) < 1e-12 and rel_err(a, c) < 1e-10
+
+
+def test_gemm_route_taken_and_gradcheck(gemm_route, monkeypatch):
+    """The route is taken where it applies (the pruned path's kernels are not called), and its
+    gradients pass gradcheck and opcheck, even and odd windows."""
+    x = torch.rand(2, 2, 9, 12, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(2, 2, 9, 12, dtype=torch.float64)
+    for periodic in (True, False):
+        for window in ([5, 3], [4, 6], [9, 12]):
+            def loss(v):
+                return torch.ops.pymks_vae.stats_loss_window(v, t, [1, 0], [1, 0], periodic, window, None, None, 1.1,
+                                                             True)[0]
+            assert gemm_route(True, lambda: torch.autograd.gradcheck(loss, (x,)))
+            if window == [4, 6]:
+                gemm_route(True, lambda: torch.library.opcheck(
+                    torch.ops.pymks_vae.stats_loss_window.default,
+                    (x, t, [1, 0], [1, 0], periodic, window, None, None, 1.1, True)))
+    # Taken: the pruned path's even transforms run through ATen's rfft of the power spectra; with
+    # the route on, the forward pass makes no ATen transform (the fields' own go through DFTI).
+    from pymks_vae import _extension
+    if not _extension._C._mkl_dft_enabled():
+        pytest.skip("needs the DFTI transforms to tell the routes apart")
+    with torch.autograd.profiler.profile() as prof:
+        gemm_route(True, lambda: torch.ops.pymks_vae.stats_loss_window(x, t, [1, 0], [1, 0], True, [5, 3], None, None,
+                                                                       1.0, True))
+    calls = [e.name for e in prof.function_events if e.name in ("aten::_fft_r2c", "aten::_fft_c2r")]
+    assert calls == []
+    with torch.autograd.profiler.profile() as prof:
+        gemm_route(False, lambda: torch.ops.pymks_vae.stats_loss_window(x, t, [1, 0], [1, 0], True, [5, 3], None,
+                                                                        None, 1.0, True))
+    assert [e.name for e in prof.function_events if e.name in ("aten::_fft_r2c", "aten::_fft_c2r")]
+
+
+def test_gemm_route_float32_and_threads(gemm_route):
+    """float32 against float64, and the same values on one and four threads (the passes split rows)."""
+    x = torch.rand(6, 1, 40, 36, dtype=torch.float64)
+    t = torch.rand(6, 1, 40, 36, dtype=torch.float64)
+    kw = dict(correlations=[(0, 0)], cutoff=5, periodic=False, reduction="none")
+
+    def grads(v, tt):
+        xr = v.clone().requires_grad_(True)
+        out = ops.spatial_stats_loss(xr, tt, **kw)
+        return (out, *torch.autograd.grad(out.sum(), xr))
+    want = gemm_route(True, lambda: grads(x, t))
+    single = gemm_route(True, lambda: grads(x.float(), t.float()))
+    for a, b in zip(single, want):
+        assert rel_err(a, b) < 1e-5
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        many = gemm_route(True, lambda: grads(x, t))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(many, want):
+        assert rel_err(a, b) < 1e-13

@@ -354,8 +354,8 @@ void even_grad_spectrum_cpu(const at::Tensor& xh, const at::Tensor& g, const at:
 
 namespace {
 
-const WindowLossBackend kCpuWindow{power_diff_half, diff_products, window_pass, combine_grad_cpu,
-                                   even_grad_spectrum_cpu};
+const WindowLossBackend kCpuWindow{power_diff_half,        diff_products,       window_pass, combine_grad_cpu,
+                                   even_grad_spectrum_cpu, even_values_gemm_cpu, even_gradient_gemm_cpu};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_cpu(
     const at::Tensor& x, const at::Tensor& target, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,

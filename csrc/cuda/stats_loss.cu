@@ -214,8 +214,9 @@ void even_grad_spectrum_cuda(const at::Tensor& xh, const at::Tensor& g, const at
 
 namespace {
 
-const WindowLossBackend kCudaWindow{power_diff_half, diff_products, window_pass, combine_grad_cuda,
-                                    even_grad_spectrum_cuda};
+// No matrix-product route for small windows here (null): the pruned transforms serve every window.
+const WindowLossBackend kCudaWindow{power_diff_half,         diff_products, window_pass, combine_grad_cuda,
+                                    even_grad_spectrum_cuda, nullptr,       nullptr};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_cuda(
     const at::Tensor& x, const at::Tensor& target, at::IntArrayRef pair_i, at::IntArrayRef pair_j, bool periodic,

@@ -1,0 +1,232 @@
+// The windowed loss's even transforms for small 2D windows on the CPU, as matrix products.
+//
+// Auto pairs only (see stats_loss_driver.cpp's even_gradient_path): the forward pass needs, on the
+// window's lags, D(r) = (1 / (m_0 m_1)) sum_k P(k) cos(2 pi k.r / m) with P = |X|^2 - |T|^2 real
+// and even, and the backward pass Re(G)(k) = sum_r g(r) cos(2 pi k.r / m) for the window gradient
+// g on every bin of the half spectrum. With cos(a + b) = cos a cos b - sin a sin b both are two
+// separable products with cosine and sine tables, and folding each axis onto its non-negative half
+// (cos even, sin odd) halves every contraction:
+//   forward:  Pe(k_0) = P(k_0) + P(-k_0), Po(k_0) = P(k_0) - P(-k_0) over k_0 <= m_0 / 2; then
+//             Ce = cos0 . Pe, So = sin0 . Po over the window's rows r_0 >= 0, and along the half
+//             axis (weights c(k_1): 1 for the bins without a partner in the half spectrum, else 2)
+//             T1 = Ce . c cos1, T2 = So . c sin1 for r_1 >= 0: D(r_0, -r_1) = T1 + T2,
+//             D(r_0, r_1) = T1 - T2.
+//   backward: g folded over the four sign combinations of (r_0, r_1): Gee (even in both) and Goo
+//             (odd in both; the mixed parts drop out of the real part); U = Gee . cos1,
+//             V = Goo . sin1 for every k_1 of the half axis, then E = cos0 . U, F = sin0 . V for
+//             k_0 <= m_0 / 2: Re(G)(k_0, k_1) = E - F and Re(G)(-k_0, k_1) = E + F.
+// Each contraction is one batched GEMM over the whole chunk (bmm of the cosine and the sine
+// halves). Against the pruned transforms of the general path (stats_loss_driver.cpp) this drops
+// the transposing passes and the many small ATen calls around them; it does more arithmetic, in
+// proportion to the window's rows, so the driver takes it for windows of at most a quarter of
+// each folded axis (measured: see even_gemm_applies).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "spectral.h"
+#include "two_point.h"
+
+namespace pymks_vae {
+namespace {
+
+constexpr double kTwoPi = 6.283185307179586476925286766559;
+
+// (2, rows, cols): [0][i][j] = wt(i) cos(2 pi a(i, j) / m) and [1] the sine, with the phase
+// k r reduced mod m in integers first (exact for any size), from one table of m angles.
+template <typename T, typename Phase, typename Weight>
+at::Tensor trig_pair(int64_t rows, int64_t cols, int64_t m, Phase&& phase, Weight&& wt, const at::TensorOptions& o) {
+  std::vector<double> c(m), s(m);
+  for (int64_t j = 0; j < m; ++j) {
+    c[j] = std::cos(kTwoPi * static_cast<double>(j) / static_cast<double>(m));
+    s[j] = std::sin(kTwoPi * static_cast<double>(j) / static_cast<double>(m));
+  }
+  auto out = at::empty({2, rows, cols}, o);
+  T* p = out.data_ptr<T>();
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t a = phase(i, j) % m;
+      const double w = wt(i, j);
+      p[i * cols + j] = static_cast<T>(w * c[a]);
+      p[(rows + i) * cols + j] = static_cast<T>(w * s[a]);
+    }
+  return out;
+}
+
+// Weight of bin k of a half axis of length m in a sum over the whole axis: 2 where -k is not kept.
+inline double half_weight(int64_t k, int64_t m) { return (k == 0 || 2 * k == m) ? 1.0 : 2.0; }
+
+template <typename T>
+at::Tensor even_values_t(const at::Tensor& xh, const at::Tensor& th, const std::vector<int32_t>& idx,
+                         const Geometry& g) {
+  const int64_t n = xh.size(0), nf = xh.size(1), na = static_cast<int64_t>(idx.size());
+  const int64_t m0 = g.m[0], m1 = g.m[1], h1 = m1 / 2 + 1, H0 = m0 / 2 + 1;
+  const int64_t R0 = even_rows(g.w[0]), R1 = g.w[1] / 2 + 1, N = n * na;
+  const auto ro = xh.options().dtype(c10::toRealValueType(xh.scalar_type()));
+  // Pe and Po, (2, N, H0, h1): each sample's rows in order, so that the pass reads and writes
+  // in order (rows k_0 forwards and m_0 - k_0 backwards).
+  auto fold = at::empty({2, N, H0, h1}, ro);
+  const T* X = reinterpret_cast<const T*>(xh.data_ptr());
+  const T* Tt = reinterpret_cast<const T*>(th.data_ptr());
+  T* F = fold.data_ptr<T>();
+  const int64_t half_fold = N * H0 * h1;
+  at::parallel_for(0, N * H0, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / H0, k0 = task % H0, b = row / na, a = row % na;
+      const int64_t kp = (m0 - k0) % m0;
+      const int64_t base = (b * nf + idx[a]) * m0;
+      const T* __restrict__ x0 = X + 2 * (base + k0) * h1;
+      const T* __restrict__ t0 = Tt + 2 * (base + k0) * h1;
+      const T* __restrict__ x1 = X + 2 * (base + kp) * h1;
+      const T* __restrict__ t1 = Tt + 2 * (base + kp) * h1;
+      T* __restrict__ pe = F + task * h1;
+      T* __restrict__ po = F + half_fold + task * h1;
+      if (kp == k0) {
+        for (int64_t k = 0; k < h1; ++k) {
+          pe[k] = (x0[2 * k] * x0[2 * k] + x0[2 * k + 1] * x0[2 * k + 1]) -
+                  (t0[2 * k] * t0[2 * k] + t0[2 * k + 1] * t0[2 * k + 1]);
+          po[k] = T(0);
+        }
+      } else {
+        for (int64_t k = 0; k < h1; ++k) {
+          const T p = (x0[2 * k] * x0[2 * k] + x0[2 * k + 1] * x0[2 * k + 1]) -
+                      (t0[2 * k] * t0[2 * k] + t0[2 * k + 1] * t0[2 * k + 1]);
+          const T q = (x1[2 * k] * x1[2 * k] + x1[2 * k + 1] * x1[2 * k + 1]) -
+                      (t1[2 * k] * t1[2 * k] + t1[2 * k + 1] * t1[2 * k + 1]);
+          pe[k] = p + q;
+          po[k] = p - q;
+        }
+      }
+    }
+  });
+  const at::Tensor a0 = trig_pair<T>(R0, H0, m0, [](int64_t r, int64_t k) { return r * k; },
+                                     [](int64_t, int64_t) { return 1.0; }, ro);
+  const double norm = 1.0 / (static_cast<double>(m0) * static_cast<double>(m1));
+  const at::Tensor a1 = trig_pair<T>(h1, R1, m1, [](int64_t k, int64_t r) { return k * r; },
+                                     [&](int64_t k, int64_t) { return norm * half_weight(k, m1); }, ro);
+  const at::Tensor s1 = at::matmul(a0.unsqueeze(1), fold);                     // (2, N, R0, h1)
+  const at::Tensor s2 = at::bmm(s1.view({2, N * R0, h1}), a1).contiguous();  // (2, N R0, R1)
+  // Into the pruned even layout of spectral.h, (n, na, R0, m_1) holding D(r_0, -c) at column c:
+  // c = r_1 takes T1 + T2 and c = m_1 - r_1 takes T1 - T2. Columns off the window stay zero.
+  auto out = at::zeros({n, na, R0, m1}, ro);
+  const T* S = s2.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  const int64_t half = N * R0 * R1;
+  for (int64_t i = 0; i < N * R0; ++i) {
+    const T* u1 = S + i * R1;
+    const T* u2 = u1 + half;
+    T* o = O + i * m1;
+    o[0] = u1[0] + u2[0];
+    for (int64_t r1 = 1; r1 < R1; ++r1) {
+      o[r1] = u1[r1] + u2[r1];
+      o[m1 - r1] = u1[r1] - u2[r1];
+    }
+  }
+  return out.view({n, na, R0 * m1});
+}
+
+template <typename T>
+at::Tensor even_gradient_t(const at::Tensor& gw, const at::Tensor& xh, const std::vector<int32_t>& pair_of,
+                           const Geometry& g, T factor) {
+  const int64_t n = xh.size(0), nu = xh.size(1), nq = gw.size(1);
+  const int64_t m0 = g.m[0], m1 = g.m[1], h1 = m1 / 2 + 1, H0 = m0 / 2 + 1;
+  const int64_t w0 = g.w[0], w1 = g.w[1], hw0 = w0 / 2, hw1 = w1 / 2, R0 = hw0 + 1, R1 = hw1 + 1;
+  const int64_t N = n * nu;
+  const auto ro = gw.options();
+  // Gee and Goo, (2, N, R0, R1). A lag outside the window (lag w/2 of an even window) counts as
+  // zero.
+  auto fold = at::empty({2, N, R0, R1}, ro);
+  const T* Gw = gw.data_ptr<T>();
+  T* Fd = fold.data_ptr<T>();
+  const int64_t half = N * R0 * R1;
+  for (int64_t row = 0; row < N; ++row) {
+    const T* win = Gw + ((row / nu) * nq + pair_of[row % nu]) * w0 * w1;
+    auto val = [&](int64_t r0, int64_t r1) -> T {
+      return (r0 < w0 - hw0 && r1 < w1 - hw1) ? win[(r0 + hw0) * w1 + r1 + hw1] : T(0);
+    };
+    for (int64_t r0 = 0; r0 < R0; ++r0)
+      for (int64_t r1 = 0; r1 < R1; ++r1) {
+        const T pp = val(r0, r1), mp = val(-r0, r1), pm = val(r0, -r1), mm = val(-r0, -r1);
+        T ee, oo = T(0);
+        if (r0 == 0 && r1 == 0)
+          ee = pp;
+        else if (r0 == 0)
+          ee = pp + pm;
+        else if (r1 == 0)
+          ee = pp + mp;
+        else {
+          ee = (pp + mm) + (mp + pm);
+          oo = (pp + mm) - (mp + pm);
+        }
+        Fd[(row * R0 + r0) * R1 + r1] = ee;
+        Fd[half + (row * R0 + r0) * R1 + r1] = oo;
+      }
+  }
+  const at::Tensor b1 = trig_pair<T>(R1, h1, m1, [](int64_t r, int64_t k) { return r * k; },
+                                     [](int64_t, int64_t) { return 1.0; }, ro);
+  const at::Tensor b0 = trig_pair<T>(H0, R0, m0, [](int64_t k, int64_t r) { return k * r; },
+                                     [](int64_t, int64_t) { return 1.0; }, ro);
+  const at::Tensor u = at::bmm(fold.view({2, N * R0, R1}), b1);                                 // (2, N R0, h1)
+  const at::Tensor ef = at::matmul(b0.unsqueeze(1), u.view({2, N, R0, h1})).contiguous();  // (2, N, H0, h1)
+  // 2 Re(G) X in the natural layout: row k_0 < H0 takes E - F, its mirror m_0 - k_0 takes E + F.
+  auto out = at::empty_like(xh);
+  const T* X = reinterpret_cast<const T*>(xh.data_ptr());
+  T* O = reinterpret_cast<T*>(out.data_ptr());
+  const T* E = ef.data_ptr<T>();
+  const int64_t half_ef = N * H0 * h1;
+  at::parallel_for(0, N * m0, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / m0, k0 = task % m0;
+      const bool low = k0 < H0;
+      const int64_t kf = low ? k0 : m0 - k0;
+      const T* __restrict__ e = E + (row * H0 + kf) * h1;
+      const T* __restrict__ f = e + half_ef;
+      const T* __restrict__ x = X + 2 * task * h1;
+      T* __restrict__ o = O + 2 * task * h1;
+      const T sgn = low ? T(-1) : T(1);
+      for (int64_t k = 0; k < h1; ++k) {
+        const T re = factor * (e[k] + sgn * f[k]);
+        o[2 * k] = x[2 * k] * re;
+        o[2 * k + 1] = x[2 * k + 1] * re;
+      }
+    }
+  });
+  return out;
+}
+
+thread_local bool tl_even_gemm = true;
+
+}  // namespace
+
+bool set_even_gemm(bool enabled) {
+  const bool prev = tl_even_gemm;
+  tl_even_gemm = enabled;
+  return prev;
+}
+
+bool even_gemm_applies(const Geometry& g) {
+  if (!tl_even_gemm || g.ndim != 2) return false;
+  auto fits = [](int64_t rows, int64_t m) { return rows <= 4.0 * std::log2(static_cast<double>(m)) + 8.0; };
+  return fits(even_rows(g.w[0]), g.m[0]) && fits(g.w[1] / 2 + 1, g.m[1]);
+}
+
+at::Tensor even_values_gemm_cpu(const at::Tensor& x_hat, const at::Tensor& t_hat, const std::vector<int32_t>& idx,
+                                const Geometry& g) {
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(c10::toRealValueType(x_hat.scalar_type()), "even_values_gemm",
+                             [&] { out = even_values_t<scalar_t>(x_hat, t_hat, idx, g); });
+  return out;
+}
+
+at::Tensor even_gradient_gemm_cpu(const at::Tensor& grad_window, const at::Tensor& x_hat,
+                                  const std::vector<int32_t>& pair_of, const Geometry& g, double factor) {
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(grad_window.scalar_type(), "even_gradient_gemm", [&] {
+    out = even_gradient_t<scalar_t>(grad_window.contiguous(), x_hat, pair_of, g, static_cast<scalar_t>(factor));
+  });
+  return out;
+}
+
+}  // namespace pymks_vae
