@@ -205,9 +205,24 @@ void check_spectrum_finite(const at::Tensor& spec, const char* op, const char* w
   // the DC bins catches bad input at the cost of reading B * n_state numbers; their largest
   // magnitude (NaN propagates through max) is one reduction and one number to bring back.
   if (!data_checks_enabled()) return;
-  auto dc = at::view_as_real(spec.flatten(2).select(2, 0));
-  PYMKS_CHECK_VALUE(std::isfinite(at::abs(dc).max().item<double>()), op, ": ", what,
-                    " contains NaN or Inf (or values so large that their sum overflows)");
+  bool finite = true;
+  if (spec.device().is_cpu() && spec.dim() >= 2) {
+    // Read in place: at the VAE's sizes (32 x 64^2) the reduction below was 4-9% of the loss's
+    // forward + backward, as five small ATen calls per spectrum.
+    const int64_t rows = spec.size(0) * spec.size(1);
+    const int64_t s0 = spec.stride(0), s1 = spec.stride(1), k = spec.size(1);
+    AT_DISPATCH_FLOATING_TYPES(c10::toRealValueType(spec.scalar_type()), "check_spectrum_finite", [&] {
+      const auto* p = reinterpret_cast<const scalar_t*>(spec.data_ptr());
+      for (int64_t r = 0; r < rows && finite; ++r) {
+        const scalar_t* dc = p + 2 * ((r / k) * s0 + (r % k) * s1);
+        finite = std::isfinite(dc[0]) && std::isfinite(dc[1]);
+      }
+    });
+  } else {
+    auto dc = at::view_as_real(spec.flatten(2).select(2, 0));
+    finite = std::isfinite(at::abs(dc).max().item<double>());
+  }
+  PYMKS_CHECK_VALUE(finite, op, ": ", what, " contains NaN or Inf (or values so large that their sum overflows)");
 }
 
 namespace {
