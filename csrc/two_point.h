@@ -263,8 +263,9 @@ at::Tensor even_values_gemm_cpu(const at::Tensor& x_hat, const at::Tensor& t_hat
                                 const Geometry& g);
 at::Tensor even_gradient_gemm_cpu(const at::Tensor& grad_window, const at::Tensor& x_hat,
                                   const std::vector<int32_t>& pair_of, const Geometry& g, double factor);
-// Whether the matrix-product route serves this geometry: 2D, the window's folded rows at most a
-// quarter of each folded axis, and the route on for this thread (set_even_gemm, for tests).
+// Whether the matrix-product route serves this geometry: 2D, each axis's folded window rows at
+// most 4 log2(m) + 8 (see cpu/even_gemm.cpp), and the route on for this thread (set_even_gemm,
+// for tests).
 bool even_gemm_applies(const Geometry& g);
 bool set_even_gemm(bool enabled);
 

@@ -18,8 +18,8 @@
 // Each contraction is one batched GEMM over the whole chunk (bmm of the cosine and the sine
 // halves). Against the pruned transforms of the general path (stats_loss_driver.cpp) this drops
 // the transposing passes and the many small ATen calls around them; it does more arithmetic, in
-// proportion to the window's rows, so the driver takes it for windows of at most a quarter of
-// each folded axis (measured: see even_gemm_applies).
+// proportion to the window's rows, so the driver takes it for small windows only (measured: see
+// even_gemm_applies).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -206,6 +206,14 @@ bool set_even_gemm(bool enabled) {
   return prev;
 }
 
+// The products cost about R m^2 per field (R a window's folded rows, m the grid's side), the
+// pruned transforms about m^2 log m plus their per-call overhead. Alternated call by call against
+// them on the 2-core AMD EPYC (one thread, 32 fields, forward + backward): 0.86-0.90x the time at
+// 64^2 cutoff 7 (R = 8) and 0.87-0.95x at 224^2 cutoff 20 (R = 21), level at 224^2 cutoffs 27 and
+// 40, 1.06x at cutoff 56 (R = 57); faster too at 64^2 cutoffs 10 and 15 and on 101^2 over the
+// whole window (R = 51, 0.92x), where the transforms' overhead weighs more. Hence a bound that
+// grows with log m, R <= 4 log2(m) + 8 (39 rows at 224, 32 at 64, 34 at 101): it leaves some of
+// those faster cases to the transforms rather than risk slower ones.
 bool even_gemm_applies(const Geometry& g) {
   if (!tl_even_gemm || g.ndim != 2) return false;
   auto fits = [](int64_t rows, int64_t m) { return rows <= 4.0 * std::log2(static_cast<double>(m)) + 8.0; };
