@@ -103,6 +103,10 @@ struct TwoPointBackend {
   // accumulate) or zeroed. In 1D both layouts are the same.
   void (*even_grad_spectrum)(const at::Tensor& x_hat, const at::Tensor& g, const at::Tensor& idx, double factor,
                              at::Tensor& out, bool accumulate);
+  // The auto pairs' correlations on a small 2D window as matrix products (even_values_gemm_cpu
+  // without a target), where even_gemm_applies; null where the device has none.
+  at::Tensor (*even_values_gemm)(const at::Tensor& x_hat, const at::Tensor& t_hat, const std::vector<int32_t>& idx,
+                                 const Geometry& g);
 };
 
 // The CPU's binary_stats (csrc/cpu/two_point_bits.cpp).
@@ -256,7 +260,7 @@ struct WindowLossBackend {
 
 // cpu/even_gemm.cpp. even_values_gemm_cpu: the auto pairs' D(r) = C(x)(r) - C(t)(r), unnormalised,
 // for idx's states, in the pruned even layout (n, na, even_numel), as even_inverse of
-// power_diff_half. even_gradient_gemm_cpu: factor Re(G_s) X_s for every state s of x_hat
+// power_diff_half (C(x)(r) alone, as even_transform, where t_hat is undefined). even_gradient_gemm_cpu: factor Re(G_s) X_s for every state s of x_hat
 // (natural layout), G_s the transform of the window gradient of pair pair_of[s], as
 // even_grad_spectrum of even_window_spectrum. Both for 2D geometries where even_gemm_applies.
 at::Tensor even_values_gemm_cpu(const at::Tensor& x_hat, const at::Tensor& t_hat, const std::vector<int32_t>& idx,

@@ -422,6 +422,10 @@ namespace {
 // 128^2 and cutoff 20.
 at::Tensor even_transform(const at::Tensor& x_hat, const std::vector<int32_t>& states, const Setup& s,
                           const TwoPointBackend& be) {
+  // Small 2D windows on the CPU: the same values as matrix products (cpu/even_gemm.cpp), as the
+  // loss takes them.
+  if (be.even_values_gemm != nullptr && even_gemm_applies(s.geom))
+    return be.even_values_gemm(x_hat, at::Tensor(), states, s.geom);
   auto idx = ints_to(states, x_hat.device());
   auto power_t = at::empty(even_power_sizes(x_hat, static_cast<int64_t>(states.size())),
                            x_hat.options().dtype(at::toRealValueType(x_hat.scalar_type())));

@@ -689,6 +689,14 @@ def test_gemm_route_taken_and_gradcheck(gemm_route, monkeypatch):
         gemm_route(False, lambda: torch.ops.pymks_vae.stats_loss_window(x, t, [1, 0], [1, 0], True, [5, 3], None,
                                                                         None, 1.0, True))
     assert [e.name for e in prof.function_events if e.name in ("aten::_fft_r2c", "aten::_fft_c2r")]
+    # The operator's forward too (auto pairs only: no cross pair's inverse transform either).
+    for enabled, want_calls in ((True, False), (False, True)):
+        # (the first call of a kind may time the routes for binary input first: not profiled)
+        gemm_route(enabled, lambda: ops.two_point_stats(x.detach(), [(0, 0), (1, 1)], cutoff=2))
+        with torch.autograd.profiler.profile() as prof:
+            gemm_route(enabled, lambda: ops.two_point_stats(x.detach(), [(0, 0), (1, 1)], cutoff=2))
+        calls = [e.name for e in prof.function_events if e.name in ("aten::_fft_r2c", "aten::_fft_c2r")]
+        assert bool(calls) == want_calls
 
 
 def test_gemm_route_float32_and_threads(gemm_route):
@@ -713,3 +721,27 @@ def test_gemm_route_float32_and_threads(gemm_route):
         torch.set_num_threads(threads)
     for a, b in zip(many, want):
         assert rel_err(a, b) < 1e-13
+
+
+@pytest.mark.parametrize("spatial,periodic,cutoff", [((16, 16), True, 3), ((17, 15), False, (4, 2)), ((21, 21), True, None),
+                                                     ((64, 64), True, 7), ((30, 31), False, 5)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_operator_gemm_route_matches_pruned_transforms(spatial, periodic, cutoff, masked, gemm_route):
+    """The two-point operator's auto pairs take the same products (forward values and, through the
+    saved spectra, the gradient), equal to the pruned transforms and to the reference."""
+    x = torch.rand((3, 3) + spatial, dtype=torch.float64)
+    mask = (torch.rand((3,) + spatial) > 0.2).to(torch.float64) if masked else None
+    pairs = [(0, 0), (2, 2), (0, 1)]
+    w = torch.randn((3, 3) + reference.window_shape(spatial, cutoff), dtype=torch.float64)
+    got = {}
+    for enabled in (True, False):
+        def run():
+            xr = x.clone().requires_grad_(True)
+            out = ops.two_point_stats(xr, pairs, periodic=periodic, cutoff=cutoff, mask=mask)
+            return (out, *torch.autograd.grad((out * w).sum(), xr))
+        got[enabled] = gemm_route(enabled, run)
+    xr = x.clone().requires_grad_(True)
+    want = reference.two_point_stats_ref(xr, pairs, periodic=periodic, cutoff=cutoff, mask=mask)
+    want = (want, *torch.autograd.grad((want * w).sum(), xr))
+    for a, b, c in zip(got[True], got[False], want):
+        assert rel_err(a, b) < 1e-12 and rel_err(a, c) < 1e-10

@@ -58,6 +58,32 @@ at::Tensor trig_pair(int64_t rows, int64_t cols, int64_t m, Phase&& phase, Weigh
 // Weight of bin k of a half axis of length m in a sum over the whole axis: 2 where -k is not kept.
 inline double half_weight(int64_t k, int64_t m) { return (k == 0 || 2 * k == m) ? 1.0 : 2.0; }
 
+// |x|^2 - |t|^2 of the complex numbers at x[2k], t[2k] (interleaved), or |x|^2 without a target.
+template <bool kDiff, typename T>
+inline T power_at(const T* __restrict__ x, const T* __restrict__ t, int64_t k) {
+  const T p = x[2 * k] * x[2 * k] + x[2 * k + 1] * x[2 * k + 1];
+  if constexpr (kDiff) return p - (t[2 * k] * t[2 * k] + t[2 * k + 1] * t[2 * k + 1]);
+  return p;
+}
+
+// Pe and Po rows of one task (see even_values_t): rows k_0 and its mirror kp of the power.
+template <bool kDiff, typename T>
+inline void fold_rows(const T* __restrict__ x0, const T* __restrict__ t0, const T* __restrict__ x1,
+                      const T* __restrict__ t1, bool self, int64_t h1, T* __restrict__ pe, T* __restrict__ po) {
+  if (self) {
+    for (int64_t k = 0; k < h1; ++k) {
+      pe[k] = power_at<kDiff>(x0, t0, k);
+      po[k] = T(0);
+    }
+  } else {
+    for (int64_t k = 0; k < h1; ++k) {
+      const T p = power_at<kDiff>(x0, t0, k), q = power_at<kDiff>(x1, t1, k);
+      pe[k] = p + q;
+      po[k] = p - q;
+    }
+  }
+}
+
 template <typename T>
 at::Tensor even_values_t(const at::Tensor& xh, const at::Tensor& th, const std::vector<int32_t>& idx,
                          const Geometry& g) {
@@ -69,36 +95,20 @@ at::Tensor even_values_t(const at::Tensor& xh, const at::Tensor& th, const std::
   // in order (rows k_0 forwards and m_0 - k_0 backwards).
   auto fold = at::empty({2, N, H0, h1}, ro);
   const T* X = reinterpret_cast<const T*>(xh.data_ptr());
-  const T* Tt = reinterpret_cast<const T*>(th.data_ptr());
+  const T* Tt = th.defined() ? reinterpret_cast<const T*>(th.data_ptr()) : nullptr;
   T* F = fold.data_ptr<T>();
   const int64_t half_fold = N * H0 * h1;
   at::parallel_for(0, N * H0, 4, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / H0, k0 = task % H0, b = row / na, a = row % na;
       const int64_t kp = (m0 - k0) % m0;
-      const int64_t base = (b * nf + idx[a]) * m0;
-      const T* __restrict__ x0 = X + 2 * (base + k0) * h1;
-      const T* __restrict__ t0 = Tt + 2 * (base + k0) * h1;
-      const T* __restrict__ x1 = X + 2 * (base + kp) * h1;
-      const T* __restrict__ t1 = Tt + 2 * (base + kp) * h1;
-      T* __restrict__ pe = F + task * h1;
-      T* __restrict__ po = F + half_fold + task * h1;
-      if (kp == k0) {
-        for (int64_t k = 0; k < h1; ++k) {
-          pe[k] = (x0[2 * k] * x0[2 * k] + x0[2 * k + 1] * x0[2 * k + 1]) -
-                  (t0[2 * k] * t0[2 * k] + t0[2 * k + 1] * t0[2 * k + 1]);
-          po[k] = T(0);
-        }
-      } else {
-        for (int64_t k = 0; k < h1; ++k) {
-          const T p = (x0[2 * k] * x0[2 * k] + x0[2 * k + 1] * x0[2 * k + 1]) -
-                      (t0[2 * k] * t0[2 * k] + t0[2 * k + 1] * t0[2 * k + 1]);
-          const T q = (x1[2 * k] * x1[2 * k] + x1[2 * k + 1] * x1[2 * k + 1]) -
-                      (t1[2 * k] * t1[2 * k] + t1[2 * k + 1] * t1[2 * k + 1]);
-          pe[k] = p + q;
-          po[k] = p - q;
-        }
-      }
+      const int64_t at0 = 2 * ((b * nf + idx[a]) * m0 + k0) * h1, at1 = 2 * ((b * nf + idx[a]) * m0 + kp) * h1;
+      T* pe = F + task * h1;
+      T* po = F + half_fold + task * h1;
+      if (Tt != nullptr)
+        fold_rows<true>(X + at0, Tt + at0, X + at1, Tt + at1, kp == k0, h1, pe, po);
+      else
+        fold_rows<false, T>(X + at0, nullptr, X + at1, nullptr, kp == k0, h1, pe, po);
     }
   });
   const at::Tensor a0 = trig_pair<T>(R0, H0, m0, [](int64_t r, int64_t k) { return r * k; },

@@ -393,7 +393,8 @@ at::Tensor combine_grad(const CombineArgs& a) {
 }
 
 const TwoPointBackend kCpu{partition_check, pair_products, power_half,       gather,
-                           embed_grad,      combine_grad,  binary_stats_cpu, even_grad_spectrum_cpu};
+                           embed_grad,      combine_grad,  binary_stats_cpu, even_grad_spectrum_cpu,
+                           even_values_gemm_cpu};
 
 at::Tensor two_point_stats_cpu(const at::Tensor& x, at::IntArrayRef pair_i, at::IntArrayRef pair_j,
                                bool periodic, at::IntArrayRef window,

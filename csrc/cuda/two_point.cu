@@ -188,7 +188,8 @@ at::Tensor combine_grad(const CombineArgs& a) {
 }
 
 const TwoPointBackend kCuda{partition_check, pair_products, power_half,  gather,
-                            embed_grad,      combine_grad,  nullptr,     even_grad_spectrum_cuda};
+                            embed_grad,      combine_grad,  nullptr,     even_grad_spectrum_cuda,
+                            nullptr};
 
 // No device guard here: the drivers check every tensor argument first (a CPU mask with a CUDA x
 // lands here, and must get an error naming it), then set the current device to x's.
