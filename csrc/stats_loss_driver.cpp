@@ -342,8 +342,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_for
     }
   }
   const auto dev = x_in.device();
+  const bool moved = !even_gradient_path(pair_i, pair_j, g.ndim);
+  const bool gemm = !moved && be.even_values_gemm != nullptr && even_gemm_applies(g);
   const auto pairs_t = table_to(wp, dev);
-  const auto auto_t = ints_to(auto_states, dev);
+  const auto auto_t = gemm ? at::Tensor() : ints_to(auto_states, dev);  // power_diff_half's states
   const auto ca_t = ints_to(cross_a, dev), cb_t = ints_to(cross_b, dev);
 
   auto x = select_states(x_in.contiguous(), states);
@@ -360,8 +362,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_loss_window_for
   int64_t grid = 1;
   for (int d = 0; d < g.ndim; ++d) grid *= g.m[d];
   const int64_t chunk = cache_chunk(x, (6 * nu + 2 * nq) * grid);
-  const bool moved = !even_gradient_path(pair_i, pair_j, g.ndim);
-  const bool gemm = !moved && be.even_values_gemm != nullptr && even_gemm_applies(g);
   // The spectra kept for the backward pass are transformed chunk by chunk too and copied out while
   // in cache: transforming the whole batch at once took twice as long (measured, 32 x 224^2).
   if (need_grad) x_hat_all = at::empty(half_sizes(B, nu, lg.grid, moved), ctype);
@@ -466,7 +466,6 @@ at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& 
   if (autos_only)
     for (int64_t q = 0; q < nq; ++q)
       auto_pair[std::lower_bound(states.begin(), states.end(), pair_i[q]) - states.begin()] = static_cast<int32_t>(q);
-  const at::Tensor auto_pair_t = autos_only ? ints_to(auto_pair, dev) : at::Tensor();
   // The even part's pruned transforms pay off while the window is small; a 2D window over more
   // than half the grid is cheaper placed on the grid and transformed whole (one contiguous
   // transform). Measured on the 2-core AMD EPYC, forward + backward, one thread: 32 x 224^2 over
@@ -477,6 +476,8 @@ at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& 
   for (int d = 0; d < g.ndim; ++d) window_numel *= g.w[d];
   const bool even_path = !(nd == 2 && 2 * window_numel > grid);
   const bool gemm = autos_only && be.even_gradient_gemm != nullptr && even_gemm_applies(g);
+  // even_grad_spectrum's states, on the device (the pruned even path only).
+  const at::Tensor auto_pair_t = autos_only && even_path && !gemm ? ints_to(auto_pair, dev) : at::Tensor();
   at::Tensor gx = chunk >= B ? at::Tensor() : at::empty(gsizes, gw.options());
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);

@@ -260,9 +260,10 @@ struct WindowLossBackend {
 
 // cpu/even_gemm.cpp. even_values_gemm_cpu: the auto pairs' D(r) = C(x)(r) - C(t)(r), unnormalised,
 // for idx's states, in the pruned even layout (n, na, even_numel), as even_inverse of
-// power_diff_half (C(x)(r) alone, as even_transform, where t_hat is undefined). even_gradient_gemm_cpu: factor Re(G_s) X_s for every state s of x_hat
-// (natural layout), G_s the transform of the window gradient of pair pair_of[s], as
-// even_grad_spectrum of even_window_spectrum. Both for 2D geometries where even_gemm_applies.
+// power_diff_half (C(x)(r) alone, as even_transform, where t_hat is undefined).
+// even_gradient_gemm_cpu: factor Re(G_s) X_s for every state s of x_hat (natural layout), G_s the
+// transform of the window gradient of pair pair_of[s], as even_grad_spectrum of
+// even_window_spectrum. Both for 2D geometries where even_gemm_applies.
 at::Tensor even_values_gemm_cpu(const at::Tensor& x_hat, const at::Tensor& t_hat, const std::vector<int32_t>& idx,
                                 const Geometry& g);
 at::Tensor even_gradient_gemm_cpu(const at::Tensor& grad_window, const at::Tensor& x_hat,

@@ -58,26 +58,23 @@ at::Tensor trig_pair(int64_t rows, int64_t cols, int64_t m, Phase&& phase, Weigh
 // Weight of bin k of a half axis of length m in a sum over the whole axis: 2 where -k is not kept.
 inline double half_weight(int64_t k, int64_t m) { return (k == 0 || 2 * k == m) ? 1.0 : 2.0; }
 
-// |x|^2 - |t|^2 of the complex numbers at x[2k], t[2k] (interleaved), or |x|^2 without a target.
+// Pe and Po rows of one task (see even_values_t) from rows k_0 and its mirror kp of the power
+// |X|^2 - |T|^2 (spectral.h's auto_difference), or |X|^2 alone without a target.
 template <bool kDiff, typename T>
-inline T power_at(const T* __restrict__ x, const T* __restrict__ t, int64_t k) {
-  const T p = x[2 * k] * x[2 * k] + x[2 * k + 1] * x[2 * k + 1];
-  if constexpr (kDiff) return p - (t[2 * k] * t[2 * k] + t[2 * k + 1] * t[2 * k + 1]);
-  return p;
-}
-
-// Pe and Po rows of one task (see even_values_t): rows k_0 and its mirror kp of the power.
-template <bool kDiff, typename T>
-inline void fold_rows(const T* __restrict__ x0, const T* __restrict__ t0, const T* __restrict__ x1,
-                      const T* __restrict__ t1, bool self, int64_t h1, T* __restrict__ pe, T* __restrict__ po) {
+inline void fold_rows(const cpx<T>* __restrict__ x0, const cpx<T>* __restrict__ t0, const cpx<T>* __restrict__ x1,
+                      const cpx<T>* __restrict__ t1, bool self, int64_t h1, T* __restrict__ pe, T* __restrict__ po) {
+  auto power = [](const cpx<T>* x, const cpx<T>* t, int64_t k) {
+    if constexpr (kDiff) return auto_difference(x[k], t[k]);
+    return cnorm2(x[k]);
+  };
   if (self) {
     for (int64_t k = 0; k < h1; ++k) {
-      pe[k] = power_at<kDiff>(x0, t0, k);
+      pe[k] = power(x0, t0, k);
       po[k] = T(0);
     }
   } else {
     for (int64_t k = 0; k < h1; ++k) {
-      const T p = power_at<kDiff>(x0, t0, k), q = power_at<kDiff>(x1, t1, k);
+      const T p = power(x0, t0, k), q = power(x1, t1, k);
       pe[k] = p + q;
       po[k] = p - q;
     }
@@ -94,15 +91,15 @@ at::Tensor even_values_t(const at::Tensor& xh, const at::Tensor& th, const std::
   // Pe and Po, (2, N, H0, h1): each sample's rows in order, so that the pass reads and writes
   // in order (rows k_0 forwards and m_0 - k_0 backwards).
   auto fold = at::empty({2, N, H0, h1}, ro);
-  const T* X = reinterpret_cast<const T*>(xh.data_ptr());
-  const T* Tt = th.defined() ? reinterpret_cast<const T*>(th.data_ptr()) : nullptr;
+  const auto* X = reinterpret_cast<const cpx<T>*>(xh.data_ptr());
+  const auto* Tt = th.defined() ? reinterpret_cast<const cpx<T>*>(th.data_ptr()) : nullptr;
   T* F = fold.data_ptr<T>();
   const int64_t half_fold = N * H0 * h1;
   at::parallel_for(0, N * H0, 4, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / H0, k0 = task % H0, b = row / na, a = row % na;
       const int64_t kp = (m0 - k0) % m0;
-      const int64_t at0 = 2 * ((b * nf + idx[a]) * m0 + k0) * h1, at1 = 2 * ((b * nf + idx[a]) * m0 + kp) * h1;
+      const int64_t at0 = ((b * nf + idx[a]) * m0 + k0) * h1, at1 = ((b * nf + idx[a]) * m0 + kp) * h1;
       T* pe = F + task * h1;
       T* po = F + half_fold + task * h1;
       if (Tt != nullptr)
@@ -182,8 +179,8 @@ at::Tensor even_gradient_t(const at::Tensor& gw, const at::Tensor& xh, const std
   const at::Tensor ef = at::matmul(b0.unsqueeze(1), u.view({2, N, R0, h1})).contiguous();  // (2, N, H0, h1)
   // 2 Re(G) X in the natural layout: row k_0 < H0 takes E - F, its mirror m_0 - k_0 takes E + F.
   auto out = at::empty_like(xh);
-  const T* X = reinterpret_cast<const T*>(xh.data_ptr());
-  T* O = reinterpret_cast<T*>(out.data_ptr());
+  const auto* X = reinterpret_cast<const cpx<T>*>(xh.data_ptr());
+  auto* O = reinterpret_cast<cpx<T>*>(out.data_ptr());
   const T* E = ef.data_ptr<T>();
   const int64_t half_ef = N * H0 * h1;
   at::parallel_for(0, N * m0, 4, [&](int64_t begin, int64_t end) {
@@ -193,14 +190,10 @@ at::Tensor even_gradient_t(const at::Tensor& gw, const at::Tensor& xh, const std
       const int64_t kf = low ? k0 : m0 - k0;
       const T* __restrict__ e = E + (row * H0 + kf) * h1;
       const T* __restrict__ f = e + half_ef;
-      const T* __restrict__ x = X + 2 * task * h1;
-      T* __restrict__ o = O + 2 * task * h1;
+      const cpx<T>* __restrict__ x = X + task * h1;
+      cpx<T>* __restrict__ o = O + task * h1;
       const T sgn = low ? T(-1) : T(1);
-      for (int64_t k = 0; k < h1; ++k) {
-        const T re = factor * (e[k] + sgn * f[k]);
-        o[2 * k] = x[2 * k] * re;
-        o[2 * k + 1] = x[2 * k + 1] * re;
-      }
+      for (int64_t k = 0; k < h1; ++k) o[k] = cscale(x[k], factor * (e[k] + sgn * f[k]));
     }
   });
   return out;
