@@ -114,7 +114,7 @@ class StatsLossWindowFunction : public torch::autograd::Function<StatsLossWindow
                            .findSchemaOrThrow("pymks_vae::stats_loss_window_backward", "")
                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                              at::IntArrayRef, at::IntArrayRef, int64_t, at::IntArrayRef, bool)>();
-      out[0] = op.call(grad_values.contiguous(), grad_window, x_hat, ctx->saved_data["pair_i"].toIntVector(),
+      out[0] = op.call(grad_values, grad_window, x_hat, ctx->saved_data["pair_i"].toIntVector(),
                        ctx->saved_data["pair_j"].toIntVector(), ctx->saved_data["n_state"].toInt(),
                        ctx->saved_data["spatial"].toIntVector(), ctx->saved_data["periodic"].toBool());
     }

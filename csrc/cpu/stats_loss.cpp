@@ -1,5 +1,6 @@
 // CPU kernel of the fused spatial-statistics loss (see stats_loss_driver.cpp for the math).
 #include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
 
 #include <algorithm>
 #include <vector>
@@ -294,8 +295,20 @@ void window_pass_t(const WindowLossArgs& a) {
         part_off[task] = ((lanes[8] + lanes[9]) + (lanes[10] + lanes[11])) + ((lanes[12] + lanes[13]) + (lanes[14] + lanes[15]));
     }
   });
-  a.values.copy_(partial.sum(1));
-  if (want_off) a.grad_offset.copy_(partial_off.sum(2));
+  // The partial sums in order, accumulated in double for float (a loop rather than an ATen sum:
+  // at 64^2 the reduction's call cost more than its arithmetic).
+  using acc_t = at::acc_type<T, false>;
+  auto reduce_rows = [](const T* src, int64_t rows, int64_t len, const at::Tensor& dst) {
+    TORCH_INTERNAL_ASSERT(dst.is_contiguous() && dst.numel() == rows);
+    T* out = dst.data_ptr<T>();
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t sum = 0;
+      for (int64_t k = 0; k < len; ++k) sum += src[r * len + k];
+      out[r] = static_cast<T>(sum);
+    }
+  };
+  reduce_rows(part, B, nq * wrows, a.values);
+  if (want_off) reduce_rows(part_off, B * nq, wrows, a.grad_offset);
 }
 
 void window_pass(const WindowLossArgs& a) {
