@@ -62,7 +62,7 @@ at::Tensor trig_pair(int64_t rows, int64_t cols, int64_t m, Phase&& phase, Weigh
 inline double half_weight(int64_t k, int64_t m) { return (k == 0 || 2 * k == m) ? 1.0 : 2.0; }
 
 // The four tables of the products (see the top of this file): the forward pass's a0 (cos, sin of
-// r_0 k_0; R0 x H0) and a1 (norm * c(k_1) times cos, sin of k_1 r_1; h1 x R1), the backward pass's
+// r_0 k_0; R0 x H0) and a1 (norm * c(k_1) times cos, sin of k_1 r_1; R1 x h1), the backward pass's
 // b1 (R1 x h1) and b0 (H0 x R0).
 enum class Table { kA0, kA1, kB1, kB0 };
 
@@ -91,7 +91,7 @@ at::Tensor trig_table(Table which, const Geometry& g, const at::TensorOptions& o
       break;
     case Table::kA1: {
       const double norm = 1.0 / (static_cast<double>(m0) * static_cast<double>(m1));
-      t = trig_pair<T>(h1, R1, m1, times, [&](int64_t k, int64_t) { return norm * half_weight(k, m1); }, o);
+      t = trig_pair<T>(R1, h1, m1, times, [&](int64_t, int64_t k) { return norm * half_weight(k, m1); }, o);
       break;
     }
     case Table::kB1:
@@ -159,24 +159,26 @@ at::Tensor even_values_t(const at::Tensor& xh, const at::Tensor& th, const std::
   });
   const at::Tensor a0 = trig_table<T>(Table::kA0, g, ro);
   const at::Tensor a1 = trig_table<T>(Table::kA1, g, ro);
-  const at::Tensor s1 = at::bmm(a0, fold.view({2, H0, N * h1}));                 // (2, R0, N h1)
-  const at::Tensor s2 = at::bmm(s1.view({2, R0 * N, h1}), a1).contiguous();  // (2, R0 N, R1)
+  const at::Tensor s1 = at::bmm(a0, fold.view({2, H0, N * h1}));  // (2, R0, N h1)
+  // The second product transposed, a1 . s1^T (2, R1, R0 N): with the short axis R1 as its rows
+  // it took half the time of s1 . a1^T (measured at 64^2 cutoff 7: 11-13 against 20-29 us).
+  const at::Tensor s2 = at::bmm(a1, s1.view({2, R0 * N, h1}).transpose(1, 2)).contiguous();
   // Into the pruned even layout of spectral.h, (n, na, R0, m_1) holding D(r_0, -c) at column c:
   // c = r_1 takes T1 + T2 and c = m_1 - r_1 takes T1 - T2; columns off the window are zero.
   auto out = at::empty({n, na, R0, m1}, ro);
   const T* S = s2.data_ptr<T>();
   T* O = out.data_ptr<T>();
-  const int64_t half = N * R0 * R1;
+  const int64_t RN = R0 * N, half = R1 * RN;
   for (int64_t row = 0; row < N; ++row)
     for (int64_t r0 = 0; r0 < R0; ++r0) {
-      const T* u1 = S + (r0 * N + row) * R1;
+      const T* u1 = S + r0 * N + row;  // T1 at r_1: u1[r_1 * RN]
       const T* u2 = u1 + half;
       T* o = O + (row * R0 + r0) * m1;
       o[0] = u1[0] + u2[0];
       for (int64_t c = R1; c <= m1 - R1; ++c) o[c] = T(0);
       for (int64_t r1 = 1; r1 < R1; ++r1) {
-        o[r1] = u1[r1] + u2[r1];
-        o[m1 - r1] = u1[r1] - u2[r1];
+        o[r1] = u1[r1 * RN] + u2[r1 * RN];
+        o[m1 - r1] = u1[r1 * RN] - u2[r1 * RN];
       }
     }
   return out.view({n, na, R0 * m1});
