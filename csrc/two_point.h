@@ -273,6 +273,9 @@ at::Tensor even_gradient_gemm_cpu(const at::Tensor& grad_window, const at::Tenso
 // for tests).
 bool even_gemm_applies(const Geometry& g);
 bool set_even_gemm(bool enabled);
+// Whether this thread's matrix-product route may run its AVX2 + FMA passes where the CPU has
+// them (true, the default) or the baseline build's (tests of both); returns the previous setting.
+bool set_even_simd(bool enabled);
 
 // ------------------------------------------------------------------ real transforms (transforms.cpp)
 // rfftn of fields x (B, k, *spatial) on grid (zero padded at the end of each axis), and irfftn of

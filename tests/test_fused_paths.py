@@ -723,6 +723,41 @@ def test_gemm_route_float32_and_threads(gemm_route):
         assert rel_err(a, b) < 1e-13
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("spatial,periodic,cutoff,pairs,n_state", [
+    ((17, 15), True, (4, 2), [(1, 1), (0, 0)], 2), ((64, 64), True, 7, [(0, 0)], 1),
+    ((30, 31), False, 5, [(0, 0), (2, 2), (1, 1)], 3), ((12, 14), True, None, [(1, 1)], 2)])
+def test_gemm_route_simd_and_baseline_passes_agree(spatial, periodic, cutoff, pairs, n_state, dtype, gemm_route):
+    """The route's elementwise passes are compiled for AVX2 + FMA and for the baseline build; where
+    the CPU has AVX2 the first run, and _set_even_simd(False) reaches the second. Both give the
+    reference's loss, gradient and operator values."""
+    from pymks_vae import _extension
+    C = _extension._C
+    x = torch.rand((3, n_state) + spatial, dtype=dtype)
+    t = torch.rand((3, n_state) + spatial, dtype=dtype)
+    w = torch.randn(3, dtype=dtype)
+    kw = dict(correlations=pairs, periodic=periodic, cutoff=cutoff, scale=1.3, reduction="none")
+
+    def run(fn):
+        xr = x.clone().requires_grad_(True)
+        out = fn(xr, t, **kw)
+        stats = fn is ops.spatial_stats_loss and ops.two_point_stats(x, pairs, periodic=periodic, cutoff=cutoff)
+        return (out, *torch.autograd.grad((out * w).sum(), xr), stats)
+    got = {}
+    for simd in (True, False):
+        prev = C._set_even_simd(simd)
+        try:
+            assert isinstance(prev, bool)
+            got[simd] = gemm_route(True, lambda: run(ops.spatial_stats_loss))
+        finally:
+            C._set_even_simd(prev)
+    want = run(reference.spatial_stats_loss_ref)[:2]
+    want = (*want, reference.two_point_stats_ref(x.double(), pairs, periodic=periodic, cutoff=cutoff))
+    tol_same, tol_ref = (1e-12, 1e-10) if dtype == torch.float64 else (1e-5, 1e-4)
+    for a, b, c in zip(got[True], got[False], want):
+        assert rel_err(a, b) < tol_same and rel_err(a.double(), c.double()) < tol_ref
+
+
 @pytest.mark.parametrize("spatial,periodic,cutoff", [((16, 16), True, 3), ((17, 15), False, (4, 2)), ((21, 21), True, None),
                                                      ((64, 64), True, 7), ((30, 31), False, 5)])
 @pytest.mark.parametrize("masked", [False, True])

@@ -107,10 +107,31 @@ at::Tensor trig_table(Table which, const Geometry& g, const at::TensorOptions& o
   return t;
 }
 
+// The two elementwise passes are compiled twice, for AVX2 + FMA (taken where the CPU has them)
+// and for the build's baseline: measured at 64^2 cutoff 7, the folding pass took 40-45 us with
+// AVX2 against 49-50 us without, the gradient's product 30-32 against 35-57 us.
+#define PVAE_ALWAYS_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PVAE_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define PVAE_AVX2
+#endif
+
+thread_local bool tl_even_simd = true;
+
+bool use_avx2() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has && tl_even_simd;
+#else
+  return false;
+#endif
+}
+
 // Pe and Po rows of one task (see even_values_t) from rows k_0 and its mirror kp of the power
 // |X|^2 - |T|^2 (spectral.h's auto_difference), or |X|^2 alone without a target.
 template <bool kDiff, typename T>
-inline void fold_rows(const cpx<T>* __restrict__ x0, const cpx<T>* __restrict__ t0, const cpx<T>* __restrict__ x1,
+PVAE_ALWAYS_INLINE void fold_rows(const cpx<T>* __restrict__ x0, const cpx<T>* __restrict__ t0, const cpx<T>* __restrict__ x1,
                       const cpx<T>* __restrict__ t1, bool self, int64_t h1, T* __restrict__ pe, T* __restrict__ po) {
   auto power = [](const cpx<T>* x, const cpx<T>* t, int64_t k) {
     if constexpr (kDiff) return auto_difference(x[k], t[k]);
@@ -131,6 +152,80 @@ inline void fold_rows(const cpx<T>* __restrict__ x0, const cpx<T>* __restrict__ 
 }
 
 template <typename T>
+struct FoldArgs {
+  const cpx<T>* x;
+  const cpx<T>* t;  // null without a target
+  T* fold;          // (2, H0, N, h1)
+  const int32_t* idx;
+  int64_t m0, h1, H0, N, na, nf;
+};
+
+// Pe and Po of fields [begin, end) (see even_values_t).
+template <typename T>
+PVAE_ALWAYS_INLINE void fold_fields_body(const FoldArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t m0 = a.m0, h1 = a.h1, N = a.N, half_fold = a.N * a.H0 * a.h1;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t base = ((row / a.na) * a.nf + a.idx[row % a.na]) * m0 * h1;
+    for (int64_t k0 = 0; k0 < a.H0; ++k0) {
+      const int64_t kp = k0 == 0 ? 0 : m0 - k0;
+      const int64_t at0 = base + k0 * h1, at1 = base + kp * h1;
+      T* pe = a.fold + (k0 * N + row) * h1;
+      T* po = pe + half_fold;
+      if (a.t != nullptr)
+        fold_rows<true>(a.x + at0, a.t + at0, a.x + at1, a.t + at1, kp == k0, h1, pe, po);
+      else
+        fold_rows<false, T>(a.x + at0, nullptr, a.x + at1, nullptr, kp == k0, h1, pe, po);
+    }
+  }
+}
+
+template <typename T>
+void fold_fields(const FoldArgs<T>& a, int64_t begin, int64_t end) {
+  fold_fields_body(a, begin, end);
+}
+
+template <typename T>
+PVAE_AVX2 void fold_fields_avx2(const FoldArgs<T>& a, int64_t begin, int64_t end) {
+  fold_fields_body(a, begin, end);
+}
+
+template <typename T>
+struct GradOutArgs {
+  const cpx<T>* x;
+  const T* ef;  // (2, H0, N, h1)
+  cpx<T>* out;
+  T factor;
+  int64_t m0, h1, H0, N;
+};
+
+// 2 Re(G) X of fields [begin, end) in the natural layout (see even_gradient_t).
+template <typename T>
+PVAE_ALWAYS_INLINE void grad_out_body(const GradOutArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t m0 = a.m0, h1 = a.h1, H0 = a.H0, N = a.N, half_ef = a.N * a.H0 * a.h1;
+  for (int64_t row = begin; row < end; ++row)
+    for (int64_t k0 = 0; k0 < m0; ++k0) {
+      const bool low = k0 < H0;
+      const int64_t kf = low ? k0 : m0 - k0;
+      const T* __restrict__ e = a.ef + (kf * N + row) * h1;
+      const T* __restrict__ f = e + half_ef;
+      const cpx<T>* __restrict__ x = a.x + (row * m0 + k0) * h1;
+      cpx<T>* __restrict__ o = a.out + (row * m0 + k0) * h1;
+      const T sgn = low ? T(-1) : T(1);
+      for (int64_t k = 0; k < h1; ++k) o[k] = cscale(x[k], a.factor * (e[k] + sgn * f[k]));
+    }
+}
+
+template <typename T>
+void grad_out(const GradOutArgs<T>& a, int64_t begin, int64_t end) {
+  grad_out_body(a, begin, end);
+}
+
+template <typename T>
+PVAE_AVX2 void grad_out_avx2(const GradOutArgs<T>& a, int64_t begin, int64_t end) {
+  grad_out_body(a, begin, end);
+}
+
+template <typename T>
 at::Tensor even_values_t(const at::Tensor& xh, const at::Tensor& th, const std::vector<int32_t>& idx,
                          const Geometry& g) {
   const int64_t n = xh.size(0), nf = xh.size(1), na = static_cast<int64_t>(idx.size());
@@ -143,19 +238,14 @@ at::Tensor even_values_t(const at::Tensor& xh, const at::Tensor& th, const std::
   const auto* X = reinterpret_cast<const cpx<T>*>(xh.data_ptr());
   const auto* Tt = th.defined() ? reinterpret_cast<const cpx<T>*>(th.data_ptr()) : nullptr;
   T* F = fold.data_ptr<T>();
-  const int64_t half_fold = N * H0 * h1;
-  at::parallel_for(0, N * H0, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t row = task / H0, k0 = task % H0, b = row / na, a = row % na;
-      const int64_t kp = (m0 - k0) % m0;
-      const int64_t at0 = ((b * nf + idx[a]) * m0 + k0) * h1, at1 = ((b * nf + idx[a]) * m0 + kp) * h1;
-      T* pe = F + (k0 * N + row) * h1;
-      T* po = F + half_fold + (k0 * N + row) * h1;
-      if (Tt != nullptr)
-        fold_rows<true>(X + at0, Tt + at0, X + at1, Tt + at1, kp == k0, h1, pe, po);
-      else
-        fold_rows<false, T>(X + at0, nullptr, X + at1, nullptr, kp == k0, h1, pe, po);
-    }
+  // One task per field (sample and state), its rows k_0 in a loop: no divisions per row.
+  const FoldArgs<T> fa{X, Tt, F, idx.data(), m0, h1, H0, N, na, nf};
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    if (avx2)
+      fold_fields_avx2(fa, begin, end);
+    else
+      fold_fields(fa, begin, end);
   });
   const at::Tensor a0 = trig_table<T>(Table::kA0, g, ro);
   const at::Tensor a1 = trig_table<T>(Table::kA1, g, ro);
@@ -230,19 +320,13 @@ at::Tensor even_gradient_t(const at::Tensor& gw, const at::Tensor& xh, const std
   const auto* X = reinterpret_cast<const cpx<T>*>(xh.data_ptr());
   auto* O = reinterpret_cast<cpx<T>*>(out.data_ptr());
   const T* E = ef.data_ptr<T>();
-  const int64_t half_ef = N * H0 * h1;
-  at::parallel_for(0, N * m0, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t row = task / m0, k0 = task % m0;
-      const bool low = k0 < H0;
-      const int64_t kf = low ? k0 : m0 - k0;
-      const T* __restrict__ e = E + (kf * N + row) * h1;
-      const T* __restrict__ f = e + half_ef;
-      const cpx<T>* __restrict__ x = X + task * h1;
-      cpx<T>* __restrict__ o = O + task * h1;
-      const T sgn = low ? T(-1) : T(1);
-      for (int64_t k = 0; k < h1; ++k) o[k] = cscale(x[k], factor * (e[k] + sgn * f[k]));
-    }
+  const GradOutArgs<T> ga{X, E, O, factor, m0, h1, H0, N};
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    if (avx2)
+      grad_out_avx2(ga, begin, end);
+    else
+      grad_out(ga, begin, end);
   });
   return out;
 }
@@ -250,6 +334,12 @@ at::Tensor even_gradient_t(const at::Tensor& gw, const at::Tensor& xh, const std
 thread_local bool tl_even_gemm = true;
 
 }  // namespace
+
+bool set_even_simd(bool enabled) {
+  const bool prev = tl_even_simd;
+  tl_even_simd = enabled;
+  return prev;
+}
 
 bool set_even_gemm(bool enabled) {
   const bool prev = tl_even_gemm;
