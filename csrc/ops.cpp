@@ -195,16 +195,18 @@ PYBIND11_MODULE(_C, m) {
       "_binary_route_estimate",
       [costs_from_dict](const std::vector<int64_t>& spatial, const std::vector<int64_t>& window, int64_t batch,
                         const std::vector<int64_t>& pair_i, const std::vector<int64_t>& pair_j, int64_t n_state,
-                        bool periodic, bool single, bool check_partition, const pybind11::dict& costs) {
+                        bool periodic, bool single, bool check_partition, const pybind11::dict& costs,
+                        bool spectra_kept) {
         TORCH_CHECK_VALUE(pair_i.size() == pair_j.size(), "binary_route_estimate: pair_i and pair_j differ in length");
         std::vector<std::pair<int64_t, int64_t>> req;
         for (size_t k = 0; k < pair_i.size(); ++k) req.push_back({pair_i[k], pair_j[k]});
         const auto e = pymks_vae::binary_route_estimate(spatial, window, batch, req, n_state, periodic, single,
-                                                        check_partition, costs_from_dict(costs, "binary_route_estimate"));
+                                                        check_partition, costs_from_dict(costs, "binary_route_estimate"),
+                                                        spectra_kept);
         return pybind11::make_tuple(e.count_ns, e.transform_ns, e.counting);
       },
       pybind11::arg("spatial"), pybind11::arg("window"), pybind11::arg("batch"), pybind11::arg("pair_i"),
       pybind11::arg("pair_j"), pybind11::arg("n_state"), pybind11::arg("periodic"), pybind11::arg("single"),
-      pybind11::arg("check_partition"), pybind11::arg("costs"),
+      pybind11::arg("check_partition"), pybind11::arg("costs"), pybind11::arg("spectra_kept") = false,
       "(count_ns, transform_ns, counting): the route chooser's estimate under the given costs");
 }

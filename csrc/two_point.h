@@ -94,9 +94,11 @@ struct TwoPointBackend {
   // and 1s and counting is the cheaper route (check_partition: the partition relations may be used
   // where the states partition every pixel, which it checks; periodic statistics only): writes out
   // (B, n_pairs, *w) and returns true, or returns false (out may then hold part of the answer, to
-  // be overwritten). Null where there is no such route.
+  // be overwritten). spectra_kept: the call keeps x's spectra for a backward pass, which the
+  // transforms route computes on its way; counting then competes with the rest of that route
+  // alone. Null where there is no such route.
   bool (*binary_stats)(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req,
-                       bool check_partition, bool periodic, const Geometry& g, at::Tensor& out);
+                       bool check_partition, bool periodic, const Geometry& g, at::Tensor& out, bool spectra_kept);
   // Gradient spectra of auto pairs: out[b, u, k0, rest] = factor * g[b, idx[u], rest, k0] *
   // X[b, u, k0, rest] (added to out with accumulate), X and out in the natural layout (first axis
   // first), g real in power_half's (first axis last); a state with idx[u] < 0 is left alone (with
@@ -111,7 +113,7 @@ struct TwoPointBackend {
 
 // The CPU's binary_stats (csrc/cpu/two_point_bits.cpp).
 bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
-                      bool periodic, const Geometry& g, at::Tensor& out);
+                      bool periodic, const Geometry& g, at::Tensor& out, bool spectra_kept);
 
 // The best counting kernel this CPU runs: "avx512", "avx2", "popcnt" or "generic" (for build_info).
 const char* binary_count_kernel();
@@ -159,14 +161,17 @@ double set_binary_route_trial_band(double band);
 // The route chooser's estimate for one call on binary input of `batch` fields of shape `spatial`
 // and a window of lags `window`, in nanoseconds: the counting route and the transforms route, under `costs`. check_partition:
 // the call may use the partition relations (partition=None, periodic, n_state >= 2); the estimate
-// then assumes they hold, as the chooser does before it has read the data. A pure function.
+// then assumes they hold, as the chooser does before it has read the data. spectra_kept: x requires
+// grad, so the spectra its forward transforms give are computed either way, and transform_ns
+// counts the transforms route's inverse transforms alone. A pure function.
 struct RouteEstimate {
   double count_ns = 0, transform_ns = 0;
   bool counting = false;  // count_ns < transform_ns
 };
 RouteEstimate binary_route_estimate(const std::vector<int64_t>& spatial, const std::vector<int64_t>& window, int64_t batch,
                                     const std::vector<std::pair<int64_t, int64_t>>& req, int64_t n_state, bool periodic,
-                                    bool single, bool check_partition, const RouteCosts& costs);
+                                    bool single, bool check_partition, const RouteCosts& costs,
+                                    bool spectra_kept = false);
 
 // The cheapest plan for the requested pairs (req[k] = (i, j)), with the partition relations when
 // partition holds.

@@ -613,7 +613,7 @@ at::Tensor forward_impl(const at::Tensor& x_in, at::IntArrayRef pair_i, at::IntA
     *keep = at::empty(hs, x.options().dtype(c10::toComplexType(x.scalar_type())));
   }
   if (!mask.defined() && partition != 1 && be.binary_stats != nullptr &&
-      be.binary_stats(x, req, partition == 2 && n_state >= 2, periodic, s.geom, out)) {
+      be.binary_stats(x, req, partition == 2 && n_state >= 2, periodic, s.geom, out, keep != nullptr)) {
     // Counted, not transformed: the backward pass's spectra are taken here.
     if (keep != nullptr) {
       const int64_t per = 3 * static_cast<int64_t>(keep_states.size()) * (keep->numel() / B);

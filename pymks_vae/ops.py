@@ -375,7 +375,7 @@ def set_binary_route_costs(costs):
 
 
 def binary_route(shape, correlations, *, periodic=True, cutoff=None, dtype=torch.float64, partition=None,
-                 costs=None):
+                 costs=None, requires_grad=False):
     """Which route :func:`two_point_stats` takes on the CPU for binary input, and the estimates.
 
     A pure function of its arguments and the costs: the same decision the operator makes before it
@@ -390,6 +390,10 @@ def binary_route(shape, correlations, *, periodic=True, cutoff=None, dtype=torch
         dtype: torch.float32 or torch.float64.
         costs: dict of costs as in :func:`binary_route_calibration` (names left out: the value in
             force), or None for the costs in force for this thread.
+        requires_grad: whether the input requires grad. The backward pass then needs the input's
+            spectra, which the transforms route computes on its way and the counting route
+            computes besides its counts: ``transform_ms`` is then the transforms route's inverse
+            transforms alone, the part that competes with counting.
 
     Returns:
         dict with ``route`` ("counting" or "transforms") and the estimated ``count_ms`` and
@@ -421,6 +425,8 @@ def binary_route(shape, correlations, *, periodic=True, cutoff=None, dtype=torch
         raise TypeError(f"{op}: partition must be None, True or False, got {partition!r}")
     if not isinstance(periodic, bool):
         raise TypeError(f"{op}: periodic must be a bool, got {periodic!r}")
+    if not isinstance(requires_grad, bool):
+        raise TypeError(f"{op}: requires_grad must be a bool, got {requires_grad!r}")
     pairs = _pairs(correlations, shape[1], op)
     window = _window(cutoff, shape[2:], op)
     cal = binary_route_calibration()
@@ -429,7 +435,7 @@ def binary_route(shape, correlations, *, periodic=True, cutoff=None, dtype=torch
         full.update(_cost_values(costs, op))
     count_ns, transform_ns, counting = module._binary_route_estimate(
         list(shape[2:]), list(window), shape[0], [p[0] for p in pairs], [p[1] for p in pairs], shape[1], periodic,
-        dtype == torch.float32, partition is None, full)
+        dtype == torch.float32, partition is None, full, requires_grad)
     # "unused": an x86 CPU without popcnt, whose portable loop never beats the transforms.
     route = "counting" if counting and partition is not True and cal["source"] != "unused" else "transforms"
     return {"route": route, "count_ms": count_ns * 1e-6, "transform_ms": transform_ns * 1e-6}

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pymks_vae
-from pymks_vae import ops
+from pymks_vae import ops, reference
 from pymks_vae._extension import _C
 
 BEST = pymks_vae.build_info()["cpu_count_kernel"]
@@ -212,6 +212,29 @@ def test_decision_follows_the_costs(shape, cutoff, periodic):
         assert dearer["transform_ms"] == base["transform_ms"], name
 
 
+@pytest.mark.parametrize("shape,cutoff", SHAPES)
+def test_gradient_calls_weigh_counting_against_the_inverse_transforms(shape, cutoff):
+    """With requires_grad the backward pass needs the spectra, which both routes then compute:
+    counting competes with the transforms route's inverse transforms alone - for these pairs under
+    the partition relations one forward and one inverse transform, so half of the estimate."""
+    base = ops.binary_route(shape, PAIRS, cutoff=cutoff, costs=FITTED)
+    grad = ops.binary_route(shape, PAIRS, cutoff=cutoff, costs=FITTED, requires_grad=True)
+    assert grad["count_ms"] == base["count_ms"]
+    assert grad["transform_ms"] == pytest.approx(0.5 * base["transform_ms"], rel=1e-12)
+    # Three states, one auto pair, no relations: one forward transform (state 2), one inverse.
+    three = ((2, 3) + shape[2:], [(2, 2)])
+    full = ops.binary_route(*three, cutoff=cutoff, costs=FITTED, partition=False)
+    inv = ops.binary_route(*three, cutoff=cutoff, costs=FITTED, partition=False, requires_grad=True)
+    assert inv["transform_ms"] == pytest.approx(full["transform_ms"] / 2, rel=1e-12)
+    # Between the two break-even points: counted without a gradient, transformed with one.
+    even = FITTED["fft_f64_ns"] * base["count_ms"] / base["transform_ms"]
+    mid = costs(1.5 * even)
+    assert ops.binary_route(shape, PAIRS, cutoff=cutoff, costs=mid)["route"] == "counting"
+    assert ops.binary_route(shape, PAIRS, cutoff=cutoff, costs=mid, requires_grad=True)["route"] == "transforms"
+    with pytest.raises(TypeError, match="requires_grad must be a bool"):
+        ops.binary_route(shape, PAIRS, cutoff=cutoff, requires_grad=1)
+
+
 def test_window_size_decides_with_fitted_costs():
     """With the shipped constants: a small window of 16 x 128^2 is counted, the full one transformed
     (the docstring's example); larger windows only ever move the choice towards the transforms."""
@@ -295,6 +318,27 @@ def test_operator_takes_the_route_the_costs_pick(route, shape, cutoff, periodic)
         ops.set_binary_route_costs(costs(fft))
         assert ops.binary_route(shape, PAIRS, **kw)["route"] == ("counting" if fft > 1 else "transforms")
         assert torch.equal(ops.two_point_stats(x, PAIRS, **kw), want), fft
+
+
+@pytest.mark.skipif(BEST == "generic", reason="no counting kernel the cost model uses on this CPU")
+@pytest.mark.parametrize("shape,cutoff", SHAPES)
+def test_operator_with_gradient_takes_the_route_for_kept_spectra(route, shape, cutoff):
+    """Costs between the two break-even points: the forward pass alone counts, the same call on an
+    input that requires grad transforms (its spectra are kept for the backward pass), and its
+    gradient is the reference's."""
+    x = one_hot(shape)
+    counted, transformed = _routes(x, cutoff)
+    base = ops.binary_route(shape, PAIRS, cutoff=cutoff, costs=FITTED)
+    ops.set_binary_route_costs(costs(1.5 * FITTED["fft_f64_ns"] * base["count_ms"] / base["transform_ms"]))
+    assert torch.equal(ops.two_point_stats(x, PAIRS, cutoff=cutoff), counted)
+    xr = x.clone().requires_grad_(True)
+    out = ops.two_point_stats(xr, PAIRS, cutoff=cutoff)
+    assert torch.equal(out.detach(), transformed)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    xs = x.clone().requires_grad_(True)
+    (reference.two_point_stats_ref(xs, PAIRS, cutoff=cutoff) * w).sum().backward()
+    np.testing.assert_allclose(xr.grad.numpy(), xs.grad.numpy(), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.skipif(BEST == "generic", reason="no counting kernel the cost model uses on this CPU")

@@ -211,6 +211,7 @@ CountKernel best_kernel() {
 // binary input with that kernel (an error if this CPU lacks it).
 struct Choice {
   bool forced = false, off = false;
+  bool spectra_kept = false;  // see transforms_cost
   CountKernel kernel{};
   RouteCosts costs{};  // the cost model's, when not forced
 };
@@ -527,7 +528,12 @@ void count_lags(const Layout& y, const uint64_t* A, const uint64_t* Btri, int64_
 // count, which is why the costs are measured on the CPU at hand (see measure_costs).
 struct ModelParts {
   double pack_ns = 0, rest_ns = 0, fft_ns = 0;  // counting = pack_ns + rest_ns
+  double fft_inverse_ns = 0;                    // the inverse transforms' share of fft_ns
 };
+
+// What the transforms route costs beyond the spectra of x: all of it, or with spectra_kept (a
+// backward pass needs x's spectra, which both routes then compute) its inverse transforms alone.
+double transforms_cost(const ModelParts& m, bool spectra_kept) { return spectra_kept ? m.fft_inverse_ns : m.fft_ns; }
 
 ModelParts model_parts(const TwoPointPlan& plan, const Geometry& g, bool periodic, const RouteCosts& c, bool single) {
   const Layout y = make_layout(g, periodic);
@@ -551,13 +557,16 @@ ModelParts model_parts(const TwoPointPlan& plan, const Geometry& g, bool periodi
   m.rest_ns = c.word_ns * words + c.call_ns * calls + c.rotate_ns * rotated;
   const double n_transforms = static_cast<double>(plan.fwd_states.size() + plan.base_a.size());
   const double per_unit = (single ? c.fft_f32_ns : c.fft_f64_ns) * (periodic ? 1.0 : 2.0);  // padding costs passes too
-  m.fft_ns = per_unit * n_transforms * grid * std::log2(std::max(2.0, grid));
+  const double one = per_unit * grid * std::log2(std::max(2.0, grid));
+  m.fft_ns = one * n_transforms;
+  m.fft_inverse_ns = one * static_cast<double>(plan.base_a.size());
   return m;
 }
 
-bool counting_cheaper(const TwoPointPlan& plan, const Geometry& g, bool periodic, const RouteCosts& c, bool single) {
+bool counting_cheaper(const TwoPointPlan& plan, const Geometry& g, bool periodic, const RouteCosts& c, bool single,
+                      bool spectra_kept) {
   const ModelParts m = model_parts(plan, g, periodic, c, single);
-  return m.pack_ns + m.rest_ns < m.fft_ns;
+  return m.pack_ns + m.rest_ns < transforms_cost(m, spectra_kept);
 }
 
 // Whether the packed states (slots 0..n-1 in state order) partition every pixel of sample b:
@@ -637,7 +646,8 @@ bool binary_stats_t(const at::Tensor& x, const Plans& plans, const Layout& y, co
   for (int64_t b = 0; b < B && partition; ++b) partition = partition_exact(packed, b, np, field_words, ones, y);
   const TwoPointPlan& plan = partition ? plans.with_partition : plans.direct;
   const bool single = x.scalar_type() == at::kFloat;
-  if (plans.check_partition && !partition && !c.forced && !counting_cheaper(plan, g, periodic, c.costs, single))
+  if (plans.check_partition && !partition && !c.forced &&
+      !counting_cheaper(plan, g, periodic, c.costs, single, c.spectra_kept))
     return false;
   // slot[p]: where the plan's p-th transformed state was packed.
   std::vector<int64_t> slot;
@@ -718,7 +728,7 @@ bool binary_stats_with(const at::Tensor& x, const std::vector<std::pair<int64_t,
   // The estimate uses the plan the partition would allow: where it does not hold, the binary
   // path checks again once it knows.
   if (!c.forced && !counting_cheaper(plans.check_partition ? plans.with_partition : plans.direct, g, periodic,
-                                     c.costs, x.scalar_type() == at::kFloat))
+                                     c.costs, x.scalar_type() == at::kFloat, c.spectra_kept))
     return false;
   // Chunks of samples whose packed fields take at most 16 MiB. Each chunk picks its own plan (the
   // partition may hold in one and not another): the counts are exact either way.
@@ -985,7 +995,8 @@ std::optional<RouteCosts> set_binary_route_costs(const RouteCosts* costs) {
 
 RouteEstimate binary_route_estimate(const std::vector<int64_t>& spatial, const std::vector<int64_t>& window, int64_t batch,
                                     const std::vector<std::pair<int64_t, int64_t>>& req, int64_t n_state, bool periodic,
-                                    bool single, bool check_partition, const RouteCosts& costs) {
+                                    bool single, bool check_partition, const RouteCosts& costs,
+                                    bool spectra_kept) {
   const char* op = "binary_route_estimate";
   check_costs(costs, op);
   const int64_t nd = static_cast<int64_t>(spatial.size());
@@ -1006,8 +1017,8 @@ RouteEstimate binary_route_estimate(const std::vector<int64_t>& spatial, const s
   const ModelParts m = model_parts(plans.check_partition ? plans.with_partition : plans.direct, g, periodic, costs, single);
   RouteEstimate e;
   e.count_ns = static_cast<double>(batch) * (m.pack_ns + m.rest_ns);
-  e.transform_ns = static_cast<double>(batch) * m.fft_ns;
-  e.counting = m.pack_ns + m.rest_ns < m.fft_ns;
+  e.transform_ns = static_cast<double>(batch) * transforms_cost(m, spectra_kept);
+  e.counting = m.pack_ns + m.rest_ns < transforms_cost(m, spectra_kept);
   return e;
 }
 
@@ -1075,19 +1086,23 @@ bool trial_routes(const at::Tensor& x, const std::vector<std::pair<int64_t, int6
 }  // namespace
 
 bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
-                      bool periodic, const Geometry& g, at::Tensor& out) {
+                      bool periodic, const Geometry& g, at::Tensor& out, bool spectra_kept) {
   check_partition = check_partition && periodic;  // the relations hold for periodic statistics only
   Choice c = read_choice();
   if (c.off || (!c.forced && c.kernel.ns_per_word <= 0.0)) return false;
   if (c.forced) return binary_stats_with(x, req, check_partition, periodic, g, c, out);
   const RouteCalibration cal = calibration_for(c.kernel);
   c.costs = cal.costs;
+  c.spectra_kept = spectra_kept;
   double band;
   {
     std::lock_guard<std::mutex> lock(g_trials_mutex);
     band = g_trial_band;
   }
-  if (cal.source != "measured" || band <= 1.0) return binary_stats_with(x, req, check_partition, periodic, g, c, out);
+  // A trial times the two forward routes as they run without a backward pass; with the spectra
+  // kept the model decides alone.
+  if (cal.source != "measured" || band <= 1.0 || spectra_kept)
+    return binary_stats_with(x, req, check_partition, periodic, g, c, out);
   const Plans plans = make_plans(req, x.size(1), check_partition);
   const ModelParts m = model_parts(plans.check_partition ? plans.with_partition : plans.direct, g, periodic, c.costs,
                                    x.scalar_type() == at::kFloat);
