@@ -161,33 +161,25 @@ struct FoldArgs {
 };
 
 // Pe and Po of fields [begin, end) (see even_values_t).
-template <typename T>
-PVAE_ALWAYS_INLINE void fold_fields_body(const FoldArgs<T>& a, int64_t begin, int64_t end) {
-  const int64_t m0 = a.m0, h1 = a.h1, N = a.N, half_fold = a.N * a.H0 * a.h1;
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t base = ((row / a.na) * a.nf + a.idx[row % a.na]) * m0 * h1;
-    for (int64_t k0 = 0; k0 < a.H0; ++k0) {
-      const int64_t kp = k0 == 0 ? 0 : m0 - k0;
-      const int64_t at0 = base + k0 * h1, at1 = base + kp * h1;
-      T* pe = a.fold + (k0 * N + row) * h1;
-      T* po = pe + half_fold;
-      if (a.t != nullptr)
-        fold_rows<true>(a.x + at0, a.t + at0, a.x + at1, a.t + at1, kp == k0, h1, pe, po);
-      else
-        fold_rows<false, T>(a.x + at0, nullptr, a.x + at1, nullptr, kp == k0, h1, pe, po);
+struct FoldFields {
+  template <typename T>
+  static PVAE_ALWAYS_INLINE void run(const FoldArgs<T>& a, int64_t begin, int64_t end) {
+    const int64_t m0 = a.m0, h1 = a.h1, N = a.N, half_fold = a.N * a.H0 * a.h1;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t base = ((row / a.na) * a.nf + a.idx[row % a.na]) * m0 * h1;
+      for (int64_t k0 = 0; k0 < a.H0; ++k0) {
+        const int64_t kp = k0 == 0 ? 0 : m0 - k0;
+        const int64_t at0 = base + k0 * h1, at1 = base + kp * h1;
+        T* pe = a.fold + (k0 * N + row) * h1;
+        T* po = pe + half_fold;
+        if (a.t != nullptr)
+          fold_rows<true>(a.x + at0, a.t + at0, a.x + at1, a.t + at1, kp == k0, h1, pe, po);
+        else
+          fold_rows<false, T>(a.x + at0, nullptr, a.x + at1, nullptr, kp == k0, h1, pe, po);
+      }
     }
   }
-}
-
-template <typename T>
-void fold_fields(const FoldArgs<T>& a, int64_t begin, int64_t end) {
-  fold_fields_body(a, begin, end);
-}
-
-template <typename T>
-PVAE_AVX2 void fold_fields_avx2(const FoldArgs<T>& a, int64_t begin, int64_t end) {
-  fold_fields_body(a, begin, end);
-}
+};
 
 template <typename T>
 struct GradOutArgs {
@@ -199,30 +191,45 @@ struct GradOutArgs {
 };
 
 // 2 Re(G) X of fields [begin, end) in the natural layout (see even_gradient_t).
-template <typename T>
-PVAE_ALWAYS_INLINE void grad_out_body(const GradOutArgs<T>& a, int64_t begin, int64_t end) {
-  const int64_t m0 = a.m0, h1 = a.h1, H0 = a.H0, N = a.N, half_ef = a.N * a.H0 * a.h1;
-  for (int64_t row = begin; row < end; ++row)
-    for (int64_t k0 = 0; k0 < m0; ++k0) {
-      const bool low = k0 < H0;
-      const int64_t kf = low ? k0 : m0 - k0;
-      const T* __restrict__ e = a.ef + (kf * N + row) * h1;
-      const T* __restrict__ f = e + half_ef;
-      const cpx<T>* __restrict__ x = a.x + (row * m0 + k0) * h1;
-      cpx<T>* __restrict__ o = a.out + (row * m0 + k0) * h1;
-      const T sgn = low ? T(-1) : T(1);
-      for (int64_t k = 0; k < h1; ++k) o[k] = cscale(x[k], a.factor * (e[k] + sgn * f[k]));
-    }
+struct GradOut {
+  template <typename T>
+  static PVAE_ALWAYS_INLINE void run(const GradOutArgs<T>& a, int64_t begin, int64_t end) {
+    const int64_t m0 = a.m0, h1 = a.h1, H0 = a.H0, N = a.N, half_ef = a.N * a.H0 * a.h1;
+    for (int64_t row = begin; row < end; ++row)
+      for (int64_t k0 = 0; k0 < m0; ++k0) {
+        const bool low = k0 < H0;
+        const int64_t kf = low ? k0 : m0 - k0;
+        const T* __restrict__ e = a.ef + (kf * N + row) * h1;
+        const T* __restrict__ f = e + half_ef;
+        const cpx<T>* __restrict__ x = a.x + (row * m0 + k0) * h1;
+        cpx<T>* __restrict__ o = a.out + (row * m0 + k0) * h1;
+        const T sgn = low ? T(-1) : T(1);
+        for (int64_t k = 0; k < h1; ++k) o[k] = cscale(x[k], a.factor * (e[k] + sgn * f[k]));
+      }
+  }
+};
+
+// Pass::run over fields [0, n), one task per field, in the AVX2 + FMA build where use_avx2() and
+// the baseline build otherwise (Pass::run is inlined into each).
+template <typename Pass, typename Args>
+void fields_baseline(const Args& a, int64_t begin, int64_t end) {
+  Pass::run(a, begin, end);
 }
 
-template <typename T>
-void grad_out(const GradOutArgs<T>& a, int64_t begin, int64_t end) {
-  grad_out_body(a, begin, end);
+template <typename Pass, typename Args>
+PVAE_AVX2 void fields_avx2(const Args& a, int64_t begin, int64_t end) {
+  Pass::run(a, begin, end);
 }
 
-template <typename T>
-PVAE_AVX2 void grad_out_avx2(const GradOutArgs<T>& a, int64_t begin, int64_t end) {
-  grad_out_body(a, begin, end);
+template <typename Pass, typename Args>
+void for_fields(const Args& a, int64_t n) {
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    if (avx2)
+      fields_avx2<Pass>(a, begin, end);
+    else
+      fields_baseline<Pass>(a, begin, end);
+  });
 }
 
 template <typename T>
@@ -239,14 +246,7 @@ at::Tensor even_values_t(const at::Tensor& xh, const at::Tensor& th, const std::
   const auto* Tt = th.defined() ? reinterpret_cast<const cpx<T>*>(th.data_ptr()) : nullptr;
   T* F = fold.data_ptr<T>();
   // One task per field (sample and state), its rows k_0 in a loop: no divisions per row.
-  const FoldArgs<T> fa{X, Tt, F, idx.data(), m0, h1, H0, N, na, nf};
-  const bool avx2 = use_avx2();
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    if (avx2)
-      fold_fields_avx2(fa, begin, end);
-    else
-      fold_fields(fa, begin, end);
-  });
+  for_fields<FoldFields>(FoldArgs<T>{X, Tt, F, idx.data(), m0, h1, H0, N, na, nf}, N);
   const at::Tensor a0 = trig_table<T>(Table::kA0, g, ro);
   const at::Tensor a1 = trig_table<T>(Table::kA1, g, ro);
   const at::Tensor s1 = at::bmm(a0, fold.view({2, H0, N * h1}));  // (2, R0, N h1)
@@ -320,14 +320,7 @@ at::Tensor even_gradient_t(const at::Tensor& gw, const at::Tensor& xh, const std
   const auto* X = reinterpret_cast<const cpx<T>*>(xh.data_ptr());
   auto* O = reinterpret_cast<cpx<T>*>(out.data_ptr());
   const T* E = ef.data_ptr<T>();
-  const GradOutArgs<T> ga{X, E, O, factor, m0, h1, H0, N};
-  const bool avx2 = use_avx2();
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    if (avx2)
-      grad_out_avx2(ga, begin, end);
-    else
-      grad_out(ga, begin, end);
-  });
+  for_fields<GradOut>(GradOutArgs<T>{X, E, O, factor, m0, h1, H0, N}, N);
   return out;
 }
 
