@@ -6,6 +6,12 @@
 #include <algorithm>
 #include <cstdint>
 
+// x86-64 with GCC or clang: function-level target attributes (target("avx2") ...) and
+// __builtin_cpu_supports, for kernels built for several instruction sets and chosen at run time.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PVAE_X86 1
+#endif
+
 namespace pymks_vae {
 namespace cpu {
 

@@ -29,6 +29,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/cpu_loops.h"
 #include "spectral.h"
 #include "two_point.h"
 
@@ -111,7 +112,7 @@ at::Tensor trig_table(Table which, const Geometry& g, const at::TensorOptions& o
 // and for the build's baseline: measured at 64^2 cutoff 7, the folding pass took 40-45 us with
 // AVX2 against 49-50 us without, the gradient's product 30-32 against 35-57 us.
 #define PVAE_ALWAYS_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef PVAE_X86
 #define PVAE_AVX2 __attribute__((target("avx2,fma")))
 #else
 #define PVAE_AVX2
@@ -120,7 +121,7 @@ at::Tensor trig_table(Table which, const Geometry& g, const at::TensorOptions& o
 thread_local bool tl_even_simd = true;
 
 bool use_avx2() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef PVAE_X86
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has && tl_even_simd;
 #else
@@ -131,8 +132,9 @@ bool use_avx2() {
 // Pe and Po rows of one task (see even_values_t) from rows k_0 and its mirror kp of the power
 // |X|^2 - |T|^2 (spectral.h's auto_difference), or |X|^2 alone without a target.
 template <bool kDiff, typename T>
-PVAE_ALWAYS_INLINE void fold_rows(const cpx<T>* __restrict__ x0, const cpx<T>* __restrict__ t0, const cpx<T>* __restrict__ x1,
-                      const cpx<T>* __restrict__ t1, bool self, int64_t h1, T* __restrict__ pe, T* __restrict__ po) {
+PVAE_ALWAYS_INLINE void fold_rows(const cpx<T>* __restrict__ x0, const cpx<T>* __restrict__ t0,
+                                  const cpx<T>* __restrict__ x1, const cpx<T>* __restrict__ t1, bool self, int64_t h1,
+                                  T* __restrict__ pe, T* __restrict__ po) {
   auto power = [](const cpx<T>* x, const cpx<T>* t, int64_t k) {
     if constexpr (kDiff) return auto_difference(x[k], t[k]);
     return cnorm2(x[k]);

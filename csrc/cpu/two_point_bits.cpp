@@ -38,9 +38,9 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include "cpu/cpu_loops.h"
+#ifdef PVAE_X86
 #include <immintrin.h>
-#define PVAE_X86 1
 #endif
 
 #include "two_point.h"
