@@ -30,6 +30,8 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import signal
+import threading
 import warnings
 
 import torch
@@ -335,14 +337,40 @@ def _publish_failure(ctx, exc):
         pass
 
 
+class _StoppedByLauncher(BaseException):
+    """SIGTERM arrived: torchrun stops the remaining workers this way once one has failed."""
+
+
+def _raise_on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the report below must not be cut short
+    raise _StoppedByLauncher("stopped by SIGTERM from the launcher")
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    # torchrun SIGTERMs the healthy ranks at its first check after one fails; without this a rank
+    # still busy in a step (or between its failed collective and its report) dies silently. Only
+    # the default handler is replaced, and only where Python allows it (the main thread).
+    install = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if install:
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    yield
+    # Restored only on success: a failing rank keeps ignoring SIGTERM until it has printed its
+    # traceback and exited (torchrun SIGKILLs a worker that outlives its grace period).
+    if install:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def stop_together(ctx):
     """Make a failure of one rank stop every rank, each saying why.
 
     A rank whose own code raises records ``"rank R: Type: message"`` in the process group's store
     and re-raises (its non-zero exit lets ``torchrun`` stop the others). A rank whose collective
-    fails meanwhile (the peer's connection closed, or the group's timeout passed) raises
-    :class:`DistributedRunError` naming the failed rank.
+    fails meanwhile (the peer's connection closed, or the group's timeout passed), or which the
+    launcher stops with SIGTERM, raises :class:`DistributedRunError` naming the failed rank. From
+    that point the process ignores SIGTERM, so that its traceback is printed before it exits.
 
     Args:
         ctx: this process's :class:`DistContext`; for one process the block runs unchanged.
@@ -350,19 +378,27 @@ def stop_together(ctx):
     if not ctx.distributed:
         yield
         return
-    try:
-        yield
-    except BaseException as exc:
-        other = _failure_elsewhere(ctx)
-        if other is not None:
-            raise DistributedRunError(
-                f"rank {ctx.rank} of {ctx.world_size} stops: another rank failed first ({other})"
-            ) from exc
-        if isinstance(exc, getattr(torch.distributed, "DistError", ())) or "gloo" in str(exc).lower():
+    with _sigterm_raises():
+        try:
+            yield
+        except BaseException as exc:
+            if threading.current_thread() is threading.main_thread():
+                # a SIGTERM from here on must not cut the report short
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            other = _failure_elsewhere(ctx)
+            if other is not None:
+                raise DistributedRunError(
+                    f"rank {ctx.rank} of {ctx.world_size} stops: another rank failed first ({other})"
+                ) from exc
+            if isinstance(exc, _StoppedByLauncher):
+                raise DistributedRunError(
+                    f"rank {ctx.rank} of {ctx.world_size} stops: the launcher sent SIGTERM and no rank "
+                    "recorded a failure") from exc
+            if isinstance(exc, getattr(torch.distributed, "DistError", ())) or "gloo" in str(exc).lower():
+                _publish_failure(ctx, exc)
+                raise DistributedRunError(
+                    f"rank {ctx.rank} of {ctx.world_size} stops: a collective failed - another rank stopped "
+                    f"or its connection was lost ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                ) from exc
             _publish_failure(ctx, exc)
-            raise DistributedRunError(
-                f"rank {ctx.rank} of {ctx.world_size} stops: a collective failed - another rank stopped "
-                f"or its connection was lost ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-            ) from exc
-        _publish_failure(ctx, exc)
-        raise
+            raise

@@ -7,11 +7,12 @@ raise mid-epoch instead, to test that the whole run stops.
 
 Usage:
     torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py --out DIR [--epochs 2]
-        [--max-epochs-this-call K] [--resume] [--fail-rank R]
+        [--max-epochs-this-call K] [--resume] [--fail-rank R [--stall-rank S]]
 """
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -48,14 +49,17 @@ def config(out, name, epochs, max_epochs_this_call=None):
                        checkpoint_path=os.path.join(out, f"{name}.ckpt"), max_epochs_this_call=max_epochs_this_call)
 
 
-def _failing_batches(data, rank_to_fail):
-    """Batches of ``data`` (a callable's form), raising on ``rank_to_fail`` at the third batch."""
+def _failing_batches(data, rank_to_fail, rank_to_stall=None):
+    """Batches of ``data`` (a callable's form), raising on ``rank_to_fail`` at the third batch;
+    ``rank_to_stall`` sleeps there for 60 s instead (busy in its own code when the launcher stops it)."""
     rank = distributed.context().rank
 
     def batches():
         for k, s in enumerate(range(0, data.shape[0], BATCH)):
             if k == 2 and rank == rank_to_fail:
                 raise ValueError(f"planted failure on rank {rank}")
+            if k == 2 and rank == rank_to_stall:
+                time.sleep(60)
             yield data[s : s + BATCH]
 
     return batches
@@ -101,6 +105,7 @@ def main(argv=None):
     p.add_argument("--max-epochs-this-call", type=int)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--fail-rank", type=int)
+    p.add_argument("--stall-rank", type=int, help="with --fail-rank: this rank sleeps where the other fails")
     p.add_argument("--readout", action="store_true", help="train the statistics encoder with the read-out term only")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -111,7 +116,7 @@ def main(argv=None):
             readout_run(data, args, ctx)
             return 0
         if args.fail_rank is not None:
-            train_vae(model(), DataSpaceLoss(), _failing_batches(data, args.fail_rank),
+            train_vae(model(), DataSpaceLoss(), _failing_batches(data, args.fail_rank, args.stall_rank),
                       config(args.out, "fail", args.epochs))
             return 0
         for name, loss in losses().items():

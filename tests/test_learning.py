@@ -35,7 +35,11 @@ def test_default_vae_transformer_separates_classes():
     assert vae.cutoff_ is not None and vae.cutoff_ < 15  # the auto window found the short-range structure
     # the default encoder reads the statistics: where the grains sit does not move the latent
     assert vae.model_.config["encoder"] == "stats"
-    np.testing.assert_allclose(vae.transform(np.roll(onehot, (5, -9), axis=(1, 2))), z, rtol=0, atol=1e-6)
+    # Exact in exact arithmetic; in float32 the statistics of a shifted image round differently on the
+    # transforms route (the counting route, which the route chooser may or may not pick on a given CPU,
+    # is exact), which moves the latent by ~1e-6 of its scale. A position-reading encoder moves it by O(1).
+    shifted = vae.transform(np.roll(onehot, (5, -9), axis=(1, 2)))
+    np.testing.assert_allclose(shifted, z, rtol=0, atol=1e-4 * np.abs(z).max())
 
 
 def test_lines_model_draws_a_dark_line_in_the_right_orientation():
