@@ -689,6 +689,17 @@ def test_gemm_route_taken_and_gradcheck(gemm_route, monkeypatch):
         gemm_route(False, lambda: torch.ops.pymks_vae.stats_loss_window(x, t, [1, 0], [1, 0], True, [5, 3], None,
                                                                         None, 1.0, True))
     assert [e.name for e in prof.function_events if e.name in ("aten::_fft_r2c", "aten::_fft_c2r")]
+    # The backward pass takes the products too where the window covers more than half the grid
+    # (the whole window here), rather than the window placed on the grid and transformed whole.
+    for enabled in (True, False):
+        def backward_events():
+            xr = x.detach().requires_grad_(True)
+            out = torch.ops.pymks_vae.stats_loss_window(xr, t, [1, 0], [1, 0], True, [9, 12], None, None, 1.0, True)
+            with torch.autograd.profiler.profile() as p:
+                out[0].sum().backward()
+            return [e.name for e in p.function_events]
+        names = gemm_route(enabled, backward_events)
+        assert ("aten::bmm" in names) == enabled, names
     # The operator's forward too (auto pairs only: no cross pair's inverse transform either).
     for enabled, want_calls in ((True, False), (False, True)):
         # (the first call of a kind may time the routes for binary input first: not profiled)
