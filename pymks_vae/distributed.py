@@ -355,7 +355,7 @@ def _sigterm_raises():
                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
     if install:
         signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    yield
+    yield install
     # Restored only on success: a failing rank keeps ignoring SIGTERM until it has printed its
     # traceback and exited (torchrun SIGKILLs a worker that outlives its grace period).
     if install:
@@ -370,7 +370,8 @@ def stop_together(ctx):
     and re-raises (its non-zero exit lets ``torchrun`` stop the others). A rank whose collective
     fails meanwhile (the peer's connection closed, or the group's timeout passed), or which the
     launcher stops with SIGTERM, raises :class:`DistributedRunError` naming the failed rank. From
-    that point the process ignores SIGTERM, so that its traceback is printed before it exits.
+    that point the process ignores SIGTERM, so that its traceback is printed before it exits
+    (unless a SIGTERM handler of the caller's was in place: it is left alone throughout).
 
     Args:
         ctx: this process's :class:`DistContext`; for one process the block runs unchanged.
@@ -378,12 +379,11 @@ def stop_together(ctx):
     if not ctx.distributed:
         yield
         return
-    with _sigterm_raises():
+    with _sigterm_raises() as installed:
         try:
             yield
         except BaseException as exc:
-            if threading.current_thread() is threading.main_thread():
-                # a SIGTERM from here on must not cut the report short
+            if installed:  # a SIGTERM from here on must not cut the report short
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
             other = _failure_elsewhere(ctx)
             if other is not None:

@@ -224,13 +224,27 @@ def _check_sigterm_handling(signal):
     with distributed._sigterm_raises():
         assert signal.getsignal(signal.SIGTERM) is distributed._raise_on_sigterm
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    # a rank whose own code fails ignores SIGTERM while it reports (no process group here: no store)
+    ctx = distributed.DistContext(rank=0, world_size=2, local_rank=0, distributed=True)
+    with pytest.raises(ValueError):
+        with distributed.stop_together(ctx):
+            raise ValueError("boom")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     seen = []
-    previous = signal.signal(signal.SIGTERM, lambda *a: seen.append(a[0]))
+    mine = lambda *a: seen.append(a[0])  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, mine)
     try:
-        with distributed._sigterm_raises():
+        with distributed._sigterm_raises() as installed:
+            assert not installed
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.01)
         assert seen == [signal.SIGTERM]
+        # a failing distributed block leaves the caller's handler in place too
+        with pytest.raises(ValueError):
+            with distributed.stop_together(ctx):
+                raise ValueError("boom")
+        assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
 
