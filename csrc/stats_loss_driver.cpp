@@ -505,7 +505,7 @@ at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& 
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
     at::Tensor spec;
-    if (autos_only && gemm) {
+    if (gemm) {  // autos_only
       spec = be.even_gradient_gemm(gw.narrow(0, b0, n), xh.narrow(0, b0, n), auto_pair, g, 2.0);
     } else if (autos_only && !even_path) {
       // The window placed on the grid and transformed whole; combine_grad's auto pairs take

@@ -4,6 +4,7 @@ The end-to-end tests launch tests/distributed_worker.py with ``python -m torch.d
 (torchrun) under a timeout, so a hang fails the test instead of stalling the suite.
 """
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -204,16 +205,14 @@ def test_a_rank_busy_in_its_own_code_when_stopped_still_says_why(tmp_path):
 def test_sigterm_inside_stop_together_becomes_an_exception():
     """The launcher's SIGTERM raises inside the block (so the rank can report); the default
     handler comes back when the block ends normally, and a handler the user set is left alone."""
-    import signal
-
     original = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        _check_sigterm_handling(signal)
+        _check_sigterm_handling()
     finally:
         signal.signal(signal.SIGTERM, original)
 
 
-def _check_sigterm_handling(signal):
+def _check_sigterm_handling():
     with pytest.raises(distributed._StoppedByLauncher):
         with distributed._sigterm_raises():
             os.kill(os.getpid(), signal.SIGTERM)
