@@ -8,7 +8,9 @@ zero padding), whose floor is higher (it adds a pruned inverse and a pruned forw
 Cases: CPU B=32 224x224 float32 pair (0,0) (the paper's loss) and a two-pair case, periodic full
 window; a lag window (224x224 cutoff 20, and 64x64 cutoff 7 as the VAE uses); per-lag weights on
 the full window; non-periodic statistics (full window and cutoff 20). CUDA B=256 224x224 when a GPU
-is present.
+is present. ``--cases small`` (not part of ``all``): CPU B=32 fields of PyMKS's sizes with windows over
+half the field (21x21 cutoff 8, 32x32 cutoff 12, 51x51 cutoff 20, 21x21 weighted whole window), where
+the window's statistics and gradient are matrix products.
 
 The three run in interleaved rounds (fused, torch.fft, floor, fused, ...: a warm-up call, then
 `repeats` timed calls each); times are medians of every timed call, and each ratio is computed per
@@ -16,7 +18,7 @@ round and reported as its median over the rounds with the smallest and largest r
 so that a noisy machine shows as spread rather than as a wrong ratio.
 
 Usage: python benchmarks/bench_loss.py [--rounds 5] [--repeats 3] [--json out.json] [--quick]
-       [--cases all|parseval|general]
+       [--cases all|parseval|general|small]
 """
 import argparse
 import os
@@ -89,8 +91,9 @@ def main(argv=None):
                    help="torch CPU threads (default: torch's); 1 gives steadier ratios on a loaded machine")
     p.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
                    help="which rows to run (all: CPU, and CUDA when a GPU is present)")
-    p.add_argument("--cases", choices=["all", "parseval", "general"], default="all",
-                   help="parseval: periodic full-window cases only; general: window, weights, non-periodic")
+    p.add_argument("--cases", choices=["all", "parseval", "general", "small"], default="all",
+                   help="parseval: periodic full-window cases only; general: window, weights, non-periodic; "
+                        "small: small fields with windows over half the field (CPU; not part of all)")
     args = p.parse_args(argv)
     apply_cpu_fft_option(args)
     if args.threads is not None:
@@ -113,6 +116,9 @@ def main(argv=None):
             cases += [("cpu", B, size, [(0, 0)], {}), ("cpu", B, size, [(0, 0), (0, 1)], {})]
         if args.cases in ("all", "general"):
             cases += [("cpu", B, n, [(0, 0)], kw) for n, kw in general]
+        if args.cases == "small":
+            small_windows = [(21, dict(cutoff=8)), (32, dict(cutoff=12)), (51, dict(cutoff=20)), (21, dict(weighted=True))]
+            cases += [("cpu", B, n, [(0, 0)], kw) for n, kw in small_windows]
     if args.device in ("all", "cuda") and torch.cuda.is_available():
         if args.cases in ("all", "parseval"):
             cases += [("cuda", 256, size, [(0, 0)], {}), ("cuda", 256, size, [(0, 0), (0, 1)], {})]
