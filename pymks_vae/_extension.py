@@ -89,8 +89,9 @@ def build_info():
 
     Example:
         >>> import pymks_vae
-        >>> sorted(pymks_vae.build_info())[:3]
-        ['compiled', 'cpu', 'cuda']
+        >>> info = pymks_vae.build_info()
+        >>> info["compiled"], sorted(info)[:4]
+        (True, ['compiled', 'cpu', 'cpu_count_kernel', 'cuda'])
     """
     info = {
         "compiled": _C is not None,

@@ -46,7 +46,19 @@ class MaskRangeError(ValueError, RuntimeError):
 
 
 def to_channels_first(data):
-    """``(n, *spatial, n_state)`` -> ``(n, n_state, *spatial)`` (numpy, dask or torch)."""
+    """``(n, *spatial, n_state)`` -> ``(n, n_state, *spatial)`` (numpy, dask or torch).
+
+    Args:
+        data: PyMKS's layout, the states last.
+
+    Returns:
+        the same type, a view where the type allows one (numpy, torch) or a lazy transpose (dask).
+
+    Example:
+        >>> import numpy as np
+        >>> to_channels_first(np.zeros((4, 21, 21, 3))).shape
+        (4, 3, 21, 21)
+    """
     if isinstance(data, torch.Tensor):
         return data.movedim(-1, 1)
     return np.moveaxis(data, -1, 1) if isinstance(data, np.ndarray) else data.transpose(
@@ -55,7 +67,19 @@ def to_channels_first(data):
 
 
 def to_channels_last(data):
-    """``(n, n_state, *spatial)`` -> ``(n, *spatial, n_state)`` (numpy, dask or torch)."""
+    """``(n, n_state, *spatial)`` -> ``(n, *spatial, n_state)`` (numpy, dask or torch).
+
+    Args:
+        data: the operators' layout, the states second.
+
+    Returns:
+        the same type, in PyMKS's layout (the inverse of :func:`to_channels_first`).
+
+    Example:
+        >>> import torch
+        >>> to_channels_last(torch.zeros(4, 3, 15, 15, 15)).shape
+        torch.Size([4, 15, 15, 15, 3])
+    """
     if isinstance(data, torch.Tensor):
         return data.movedim(1, -1)
     return np.moveaxis(data, 1, -1) if isinstance(data, np.ndarray) else data.transpose(

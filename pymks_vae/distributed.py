@@ -97,7 +97,15 @@ def _env_int(name, default):
 
 
 def context():
-    """The :class:`DistContext` of this process (from the active process group, else one process)."""
+    """The :class:`DistContext` of this process (from the active process group, else one process).
+
+    Returns:
+        a :class:`DistContext`.
+
+    Example:
+        >>> context()  # no process group: a single process
+        DistContext(rank=0, world_size=1, local_rank=0, distributed=False)
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
         return DistContext(rank=torch.distributed.get_rank(), world_size=world,
@@ -106,7 +114,16 @@ def context():
 
 
 def is_main_process():
-    """True on rank 0 and in a single process: where to print, plot and write files."""
+    """True on rank 0 and in a single process: where to print, plot and write files.
+
+    Returns:
+        bool.
+
+    Example:
+        >>> if is_main_process():
+        ...     print("only rank 0 prints this")
+        only rank 0 prints this
+    """
     return context().is_main
 
 
@@ -126,6 +143,12 @@ def init_distributed(backend="auto", timeout_s=None):
     Raises:
         RuntimeError: ``torch.distributed`` is not available in this torch build.
         ValueError: a bad ``timeout_s`` or environment variable.
+
+    Example:
+        >>> ctx = init_distributed()  # outside torchrun: nothing to join
+        >>> ctx.world_size, ctx.is_main
+        (1, True)
+        >>> shutdown()  # pairs with init_distributed at the end of a script; a no-op here
     """
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -166,6 +189,10 @@ def shard_bounds(n, rank, world_size):
 
     Returns:
         ``(start, stop)``.
+
+    Example:
+        >>> [shard_bounds(10, rank, 3) for rank in range(3)]
+        [(0, 4), (4, 7), (7, 10)]
     """
     q, r = divmod(int(n), int(world_size))
     start = rank * q + min(rank, r)
@@ -173,14 +200,39 @@ def shard_bounds(n, rank, world_size):
 
 
 def all_reduce_sum(tensor, ctx):
-    """Sum ``tensor`` over the ranks in place (nothing to do for one process); returns it."""
+    """Sum ``tensor`` over the ranks in place (nothing to do for one process); returns it.
+
+    Args:
+        tensor: this rank's value.
+        ctx: the :class:`DistContext`.
+
+    Returns:
+        ``tensor``, now holding the sum over the ranks.
+
+    Example:
+        >>> all_reduce_sum(torch.tensor([1.0, 2.0]), context())
+        tensor([1., 2.])
+    """
     if ctx.distributed:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor
 
 
 def broadcast_flag(flag, ctx, device):
-    """Rank 0's boolean ``flag`` on every rank (``flag`` itself for one process)."""
+    """Rank 0's boolean ``flag`` on every rank (``flag`` itself for one process).
+
+    Args:
+        flag: this rank's value (only rank 0's counts).
+        ctx: the :class:`DistContext`.
+        device: where the collective's tensor lives (the backend's device).
+
+    Returns:
+        bool.
+
+    Example:
+        >>> broadcast_flag(True, context(), "cpu")
+        True
+    """
     if not ctx.distributed:
         return bool(flag)
     t = torch.tensor([1.0 if flag else 0.0], device=device)
@@ -284,6 +336,14 @@ def global_batchnorm(model):
 
     Yields:
         the number of layers converted.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+        >>> with global_batchnorm(model) as n:
+        ...     n, type(model[1]).__name__
+        (1, 'GlobalBatchNorm2d')
+        >>> type(model[1]).__name__
+        'BatchNorm2d'
     """
     swapped = []
     for name, m in model.named_modules():
@@ -375,6 +435,16 @@ def stop_together(ctx):
 
     Args:
         ctx: this process's :class:`DistContext`; for one process the block runs unchanged.
+
+    Yields:
+        None.
+
+    Example:
+        >>> ctx = init_distributed()
+        >>> with stop_together(ctx):  # under torchrun a failure here stops every rank
+        ...     loss = all_reduce_sum(torch.ones(1), ctx)
+        >>> loss
+        tensor([1.])
     """
     if not ctx.distributed:
         yield

@@ -33,7 +33,18 @@ _CHECKS = threading.local()
 
 
 def data_checks_enabled():
-    """Whether the operators check the data itself on this thread (see the module docstring)."""
+    """Whether the operators check the data itself on this thread (see the module docstring).
+
+    Returns:
+        bool; True unless switched off by :func:`data_checks` in a block around the call.
+
+    Example:
+        >>> data_checks_enabled()
+        True
+        >>> with data_checks(False):
+        ...     data_checks_enabled()
+        False
+    """
     return getattr(_CHECKS, "enabled", True)
 
 
@@ -336,6 +347,11 @@ def binary_route_calibration(remeasure=False):
     Raises:
         RuntimeError when the extension is not built; ValueError when ``PYMKS_VAE_ROUTE_COSTS`` is
         malformed.
+
+    Example:
+        >>> cal = binary_route_calibration()
+        >>> cal["source"] in ("measured", "set", "env", "fitted", "unused"), sorted(cal["costs"])[:2]
+        (True, ['call_ns', 'fft_f32_ns'])
     """
     if not isinstance(remeasure, bool):
         raise TypeError(f"binary_route_calibration: remeasure must be True or False, got {remeasure!r}")
@@ -361,6 +377,12 @@ def set_binary_route_costs(costs):
     Raises:
         TypeError/ValueError naming the cost for an unknown name or a value that is not a finite
         number > 0.
+
+    Example:
+        >>> prev = set_binary_route_costs({"fft_f64_ns": 1e-6})   # transforms all but free
+        >>> binary_route((4, 2, 64, 64), [(1, 1)])["route"]
+        'transforms'
+        >>> _ = set_binary_route_costs(prev)                      # back as it was
     """
     op = "set_binary_route_costs"
     module = _route_module(op)

@@ -67,6 +67,13 @@ def reconstruction_grid(originals, reconstructions, path, stats_originals=None, 
 
     Returns:
         ``path``.
+
+    Example:
+        >>> import tempfile, os
+        >>> x = (np.random.default_rng(0).random((4, 16, 16)) > 0.3).astype(np.float32)
+        >>> p = reconstruction_grid(x, 0.8 * x + 0.1, os.path.join(tempfile.mkdtemp(), "rec.png"), n=2)
+        >>> os.path.getsize(p) > 0
+        True
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -126,6 +133,14 @@ def error_histograms(errors_by_model, path, title="Per-image error", xlabel="MSE
 
     Returns:
         ``path``.
+
+    Example:
+        >>> import tempfile, os
+        >>> rng = np.random.default_rng(0)
+        >>> p = error_histograms({"ours": rng.random(100) * 0.1, "vanilla": rng.random(100) * 0.3},
+        ...                      os.path.join(tempfile.mkdtemp(), "errors.png"))
+        >>> os.path.getsize(p) > 0
+        True
     """
     if not isinstance(errors_by_model, dict) or not errors_by_model:
         raise ValueError("errors_by_model must be a non-empty dict: model name -> 1D array of errors")
@@ -167,6 +182,13 @@ def confusion_matrix_plot(matrix, labels, path, title="Confusion matrix", xlabel
 
     Returns:
         ``path``.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = confusion_matrix_plot(np.array([[5, 1], [2, 4]]), ["1 line", "2 lines"],
+        ...                           os.path.join(tempfile.mkdtemp(), "confusion.png"))
+        >>> os.path.getsize(p) > 0
+        True
     """
     m = evaluation._to_numpy(matrix)
     labels = [str(x) for x in labels]
@@ -205,6 +227,13 @@ def loss_curves(histories, path, log_y=None):
 
     Returns:
         ``path``.
+
+    Example:
+        >>> import tempfile, os
+        >>> history = {"train_loss": [1.0, 0.5, 0.3], "val_loss": [1.1, 0.6, 0.4]}
+        >>> p = loss_curves({"VAE": history}, os.path.join(tempfile.mkdtemp(), "loss.png"))
+        >>> os.path.getsize(p) > 0
+        True
     """
     if not isinstance(histories, dict) or not histories:
         raise ValueError("histories must be a non-empty dict: model name -> {'train_loss': [...], ...}")
@@ -248,6 +277,14 @@ def distribution_comparison(train_values, val_values, path, title="Average MSE t
 
     Returns:
         ``path``.
+
+    Example:
+        >>> import tempfile, os
+        >>> rng = np.random.default_rng(0)
+        >>> p = distribution_comparison(rng.random(200), rng.random(50),
+        ...                             os.path.join(tempfile.mkdtemp(), "overfit.png"))
+        >>> os.path.getsize(p) > 0
+        True
     """
     train = _values(train_values, "train_values")
     val = _values(val_values, "val_values")

@@ -31,6 +31,10 @@ def window_shape(spatial, cutoff):
 
     Returns:
         tuple of ints, the window shape.
+
+    Example:
+        >>> window_shape((64, 64), 7), window_shape((21, 30), None), window_shape((32, 32, 32), (3, 3, 5))
+        ((15, 15), (21, 30), (7, 7, 11))
     """
     if cutoff is None:
         return tuple(int(n) for n in spatial)
@@ -40,7 +44,19 @@ def window_shape(spatial, cutoff):
 
 
 def mask_threshold(dtype):
-    """Relative level under which a mask's own correlation counts as 'no overlap at this lag'."""
+    """Relative level under which a mask's own correlation counts as 'no overlap at this lag'.
+
+    Args:
+        dtype: the statistics' dtype.
+
+    Returns:
+        float: a lag whose mask correlation is below this fraction of its largest value has no
+        overlap (float32 transforms leave about 1e-7 of it where the true count is 0).
+
+    Example:
+        >>> mask_threshold(torch.float32), mask_threshold(torch.float64)
+        (1e-05, 1e-10)
+    """
     return 1e-5 if dtype == torch.float32 else 1e-10
 
 
@@ -74,6 +90,11 @@ def two_point_stats_ref(x, correlations, *, periodic=True, cutoff=None, mask=Non
 
     Returns:
         tensor ``(batch, len(correlations), *window)``.
+
+    Example:
+        >>> x = torch.rand(2, 2, 9, 9, dtype=torch.float64)
+        >>> two_point_stats_ref(x, [(0, 0), (0, 1)], periodic=False, cutoff=3).shape
+        torch.Size([2, 2, 7, 7])
     """
     spatial = tuple(x.shape[2:])
     d = len(spatial)
@@ -115,6 +136,12 @@ def spatial_stats_loss_ref(x, target, *, correlations=((0, 0),), periodic=True, 
 
     Returns:
         a scalar, or ``(batch,)`` for ``reduction="none"``.
+
+    Example:
+        >>> x = torch.rand(3, 1, 16, 16, requires_grad=True)
+        >>> loss = spatial_stats_loss_ref(x, torch.rand(3, 1, 16, 16), cutoff=4)
+        >>> loss.backward(); loss.ndim, x.grad.shape
+        (0, torch.Size([3, 1, 16, 16]))
     """
     fx = two_point_stats_ref(x, correlations, periodic=periodic, cutoff=cutoff)
     ft = two_point_stats_ref(target.detach(), correlations, periodic=periodic, cutoff=cutoff)
@@ -130,6 +157,11 @@ def stats_distance(fx, ft, scale=1.0, weight=None, reduction="sum", offset=None)
 
     Returns:
         a scalar, or ``(batch,)`` for ``reduction="none"``.
+
+    Example:
+        >>> fx, ft = torch.ones(2, 1, 3, 3), torch.zeros(2, 1, 3, 3)
+        >>> stats_distance(fx, ft, scale=2.0, reduction="none")
+        tensor([36., 36.])
     """
     diff = fx - ft
     if offset is not None:
@@ -149,6 +181,14 @@ def reduce_per_sample(per_sample, reduction, n_elements):
             sums), "mean" (mean over every element, batch x pairs x lags, as PyTorch's losses)
             or "none" (the per-sample sums).
         n_elements: number of squared differences in one sample's sum.
+
+    Returns:
+        a scalar tensor, or ``per_sample`` itself for "none".
+
+    Example:
+        >>> per_sample = torch.tensor([2.0, 4.0])
+        >>> [float(reduce_per_sample(per_sample, r, 4)) for r in ("sum", "batchmean", "mean")]
+        [6.0, 3.0, 0.75]
     """
     if reduction == "sum":
         return per_sample.sum()

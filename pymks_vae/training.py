@@ -379,6 +379,17 @@ def load_checkpoint(path):
     Raises:
         FileNotFoundError: no such file.
         CheckpointError: the file is corrupt, truncated or not a pymks_vae checkpoint.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from pymks_vae.models import VAE
+        >>> from pymks_vae.losses import DataSpaceLoss
+        >>> path = os.path.join(tempfile.mkdtemp(), "run.pt")
+        >>> config = TrainConfig(epochs=1, batch_size=8, progress=False, checkpoint_path=path)
+        >>> _ = train_vae(VAE(latent_dim=2, image_size=16), DataSpaceLoss(), torch.rand(16, 1, 16, 16), config)
+        >>> ckpt = load_checkpoint(path)
+        >>> ckpt["epoch"], sorted(ckpt["history"])[:2]
+        (1, ['epochs', 'global_batch_size'])
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -407,9 +418,25 @@ def load_model(path, device="cpu"):
         path: a checkpoint written by :func:`train_vae`.
         device: where to put the model.
 
+    Returns:
+        the model, rebuilt from the checkpoint's config, with its trained weights.
+
     Raises:
         FileNotFoundError, CheckpointError: as :func:`load_checkpoint`, or when the weights do
             not fit the stored config.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from pymks_vae.models import VAE
+        >>> from pymks_vae.losses import DataSpaceLoss
+        >>> path = os.path.join(tempfile.mkdtemp(), "run.pt")
+        >>> model = VAE(latent_dim=2, image_size=16)
+        >>> config = TrainConfig(epochs=1, batch_size=8, progress=False, checkpoint_path=path)
+        >>> _ = train_vae(model, DataSpaceLoss(), torch.rand(16, 1, 16, 16), config)
+        >>> again = load_model(path)
+        >>> again.training, all(torch.equal(a, b.cpu()) for a, b in zip(again.state_dict().values(),
+        ...                                                              model.state_dict().values()))
+        (False, True)
     """
     ckpt = load_checkpoint(path)
     try:
@@ -477,6 +504,14 @@ def evaluate_loss(model, loss_fn, data, batch_size=64, device=None):
 
     Returns:
         a python float.
+
+    Example:
+        >>> import torch
+        >>> from pymks_vae.models import VAE
+        >>> from pymks_vae.losses import DataSpaceLoss
+        >>> loss = evaluate_loss(VAE(latent_dim=2, image_size=16), DataSpaceLoss(), torch.rand(10, 1, 16, 16))
+        >>> isinstance(loss, float) and loss > 0
+        True
     """
     data = _check_data(data, "data")
     device = next(model.parameters()).device if device is None else resolve_device(device)
@@ -581,6 +616,25 @@ def train_vae(model, loss_fn, train_data, config, *, val_data=None, resume=False
             corrupt or belongs to a different model configuration; FloatingPointError: the loss
             of an epoch was not finite (that epoch's checkpoint is not written);
             :class:`~pymks_vae.distributed.DistributedRunError`: another rank failed.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from pymks_vae.models import VAE
+        >>> from pymks_vae.losses import SpatialStatsLoss
+        >>> _ = torch.manual_seed(0)
+        >>> images = (torch.rand(32, 1, 16, 16) > 0.5).float()
+        >>> loss = SpatialStatsLoss().calibrate(images)
+        >>> path = os.path.join(tempfile.mkdtemp(), "run.pt")
+        >>> config = TrainConfig(epochs=3, batch_size=8, progress=False, checkpoint_path=path)
+        >>> stopped = lambda epoch, history: epoch == 1  # as if the job were stopped after epoch 1
+        >>> history = train_vae(VAE(latent_dim=2, image_size=16), loss, images[:24], config,
+        ...                     val_data=images[24:], callback=stopped)
+        >>> history["epochs"], len(history["val_loss"])
+        (1, 1)
+        >>> history = train_vae(VAE(latent_dim=2, image_size=16), loss, images[:24], config,
+        ...                     val_data=images[24:], resume=True)  # on from the checkpoint
+        >>> history["epochs"], len(history["val_loss"])
+        (3, 3)
     """
     if not isinstance(model, (VAE, StatsVAE)):
         raise TypeError(f"model must be a pymks_vae.models.VAE or StatsVAE, got {type(model).__name__}")

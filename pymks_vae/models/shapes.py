@@ -90,6 +90,20 @@ def wrap_pad(x, shape):
     Indexing modulo the size, rather than ``F.pad(mode="circular")``, also handles pads longer
     than the field (a 5x5 field wrapped to 16x16). The field keeps indices ``0..N-1``; the wrapped
     copy follows it, so :func:`crop` undoes it.
+
+    Args:
+        x: a tensor whose trailing ``len(shape)`` axes are spatial.
+        shape: the padded sizes of those axes.
+
+    Returns:
+        a new tensor, ``x.shape[:-len(shape)] + tuple(shape)``.
+
+    Example:
+        >>> import torch
+        >>> wrap_pad(torch.arange(3.0)[None], (7,))
+        tensor([[0., 1., 2., 0., 1., 2., 0.]])
+        >>> crop(wrap_pad(torch.rand(2, 1, 5, 5), (16, 16)), (5, 5)).shape
+        torch.Size([2, 1, 5, 5])
     """
     first = x.ndim - len(shape)
     for axis, (n, p) in enumerate(zip(x.shape[first:], shape), start=first):
@@ -99,6 +113,19 @@ def wrap_pad(x, shape):
 
 
 def crop(x, shape):
-    """The first ``shape`` entries of the trailing ``len(shape)`` axes of ``x`` (the inverse of :func:`wrap_pad`)."""
+    """The first ``shape`` entries of the trailing ``len(shape)`` axes of ``x`` (the inverse of :func:`wrap_pad`).
+
+    Args:
+        x: a tensor whose trailing ``len(shape)`` axes are spatial.
+        shape: the sizes to keep (each at most x's).
+
+    Returns:
+        a view of ``x``.
+
+    Example:
+        >>> import torch
+        >>> crop(torch.rand(2, 1, 16, 16), (5, 7)).shape
+        torch.Size([2, 1, 5, 7])
+    """
     index = (Ellipsis,) + tuple(slice(0, int(s)) for s in shape)
     return x[index]
