@@ -9,9 +9,12 @@ Forward and forward+backward (full window, and a window of cutoff 20), CPU, and 
 present. With x requiring grad the operator keeps the spectra of x from its forward pass for the
 backward (two_point_stats_spectra). PyMKS's TwoPointCorrelation
 (numpy in, dask computed) runs forward only, at its default cutoff int((N-1)/2), against the
-operator at the same cutoff.
+operator at the same cutoff. ``--cases small`` runs instead PyMKS's own example sizes (B=32 2D
+one-hot fields of 21x21, 51x51 and 101x101, the same pairs), forward + backward over the whole field
+and with a cutoff (8, 20, 20), CPU only.
 
 Usage: python benchmarks/bench_two_point.py [--rounds 5] [--repeats 3] [--json out.json] [--quick]
+       [--cases all|small]
 """
 import argparse
 import os
@@ -143,6 +146,8 @@ def main(argv=None):
                    help="torch CPU threads (default: torch's); 1 gives steadier ratios on a loaded machine")
     p.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
                    help="which rows to run (all: CPU, and CUDA when a GPU is present)")
+    p.add_argument("--cases", choices=["all", "small"], default="all",
+                   help="small: PyMKS's example sizes 21^2, 51^2, 101^2, forward + backward, CPU (not part of all)")
     args = p.parse_args(argv)
     apply_cpu_fft_option(args)
     if args.threads is not None:
@@ -152,6 +157,8 @@ def main(argv=None):
     if args.rounds < 1 or args.repeats < 1:
         p.error("--rounds and --repeats must be >= 1")
     R, n = args.rounds, args.repeats
+    if args.cases == "small":
+        return small_fields(args, R, n)
 
     devices = [d for d in ("cpu", "cuda") if args.device in ("all", d)]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -185,6 +192,24 @@ def main(argv=None):
             "DFTI vs ATen FFT"]
     print(f"Two-point statistics, pairs {PAIRS}, float32, periodic, one-hot (partition) input")
     print(f"Machine: {machine()}; build: cuda={build_info()['cuda']}")
+    print(f"Times: medians of {R} interleaved rounds x {n} calls; ratios: median of the per-round ratios "
+          f"(smallest-largest round)\n")
+    print(markdown_table(rows, cols))
+    write_json(args.json, {"machine": machine(), "rounds": R, "repeats": n, "rows": rows, "cases": details})
+
+
+def small_fields(args, R, n):
+    """PyMKS's example sizes on the CPU, forward + backward: the whole field and a cutoff."""
+    rows, details = [], []
+    for size, cutoff in [(21, 8), (51, 20), (101, 20)]:
+        x = one_hot(32, (size, size), "cpu")
+        for window in (None, cutoff):
+            timing = time_case(x, window, R, n, "cpu", True)
+            rows.append(make_row("cpu", f"2D 32x{size}x{size}", "fwd+bwd", "full" if window is None else
+                                 f"cutoff {window}", timing, n, details))
+    cols = ["device", "case", "pass", "window", "pymks-vae ms", "torch.fft ms", "vs torch.fft", "DFTI vs ATen FFT"]
+    print(f"Two-point statistics at PyMKS's sizes, pairs {PAIRS}, float32, periodic, one-hot input, forward + backward")
+    print(f"Machine: {machine()}")
     print(f"Times: medians of {R} interleaved rounds x {n} calls; ratios: median of the per-round ratios "
           f"(smallest-largest round)\n")
     print(markdown_table(rows, cols))
