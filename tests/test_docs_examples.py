@@ -88,12 +88,15 @@ def test_markdown_examples_run(path, tmp_path):
     run = [(line, code) for line, code, reason in blocks if reason is None]
     if not run:
         return
+    for package in sorted({m for _, code in run for m in OPTIONAL.findall(code)}):
+        require(package)
     # One interpreter per file, the blocks in order; each announces itself, so that a failure
     # names its block.
     script = "".join(f"print('--- block at line {line}', flush=True)\n"
                      f"exec(compile({code!r}, {f'{path.name}:{line}'!r}, 'exec'))\n" for line, code in run)
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "MPLBACKEND": "Agg"})
+                          timeout=600, env={**os.environ, "MPLBACKEND": "Agg",  # the checkout, not an install
+                                            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0, textwrap.shorten(proc.stdout, 2000) + "\n" + proc.stderr[-4000:]
 
 
