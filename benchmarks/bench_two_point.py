@@ -190,8 +190,13 @@ def main(argv=None):
             rows.append(make_row(device, f"{name} {shape}", "fwd+bwd", f"cutoff {small}", timing, n, details))
     cols = ["device", "case", "pass", "window", "pymks-vae ms", "torch.fft ms", "vs torch.fft", "pymks ms", "vs pymks",
             "DFTI vs ATen FFT"]
-    print(f"Two-point statistics, pairs {PAIRS}, float32, periodic, one-hot (partition) input")
-    print(f"Machine: {machine()}; build: cuda={build_info()['cuda']}")
+    report(args, R, n, rows, details, cols, f"Two-point statistics, pairs {PAIRS}, float32, periodic, one-hot "
+           f"(partition) input\nMachine: {machine()}; build: cuda={build_info()['cuda']}")
+
+
+def report(args, R, n, rows, details, cols, title):
+    """Print the table under its title and timing note, and write the JSON (``--json``)."""
+    print(title)
     print(f"Times: medians of {R} interleaved rounds x {n} calls; ratios: median of the per-round ratios "
           f"(smallest-largest round)\n")
     print(markdown_table(rows, cols))
@@ -208,12 +213,8 @@ def small_fields(args, R, n):
             rows.append(make_row("cpu", f"2D 32x{size}x{size}", "fwd+bwd", "full" if window is None else
                                  f"cutoff {window}", timing, n, details))
     cols = ["device", "case", "pass", "window", "pymks-vae ms", "torch.fft ms", "vs torch.fft", "DFTI vs ATen FFT"]
-    print(f"Two-point statistics at PyMKS's sizes, pairs {PAIRS}, float32, periodic, one-hot input, forward + backward")
-    print(f"Machine: {machine()}")
-    print(f"Times: medians of {R} interleaved rounds x {n} calls; ratios: median of the per-round ratios "
-          f"(smallest-largest round)\n")
-    print(markdown_table(rows, cols))
-    write_json(args.json, {"machine": machine(), "rounds": R, "repeats": n, "rows": rows, "cases": details})
+    report(args, R, n, rows, details, cols, f"Two-point statistics at PyMKS's sizes, pairs {PAIRS}, float32, "
+           f"periodic, one-hot input, forward + backward\nMachine: {machine()}")
 
 
 if __name__ == "__main__":
