@@ -94,9 +94,10 @@ def test_markdown_examples_run(path, tmp_path):
     # names its block.
     script = "".join(f"print('--- block at line {line}', flush=True)\n"
                      f"exec(compile({code!r}, {f'{path.name}:{line}'!r}, 'exec'))\n" for line, code in run)
+    # The checkout's package (as the suite imports it), whatever else is installed.
+    path_env = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "MPLBACKEND": "Agg",  # the checkout, not an install
-                                            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+                          timeout=600, env={**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": path_env})
     assert proc.returncode == 0, textwrap.shorten(proc.stdout, 2000) + "\n" + proc.stderr[-4000:]
 
 
