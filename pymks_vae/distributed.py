@@ -73,6 +73,11 @@ class DistContext:
         world_size: number of processes (1 for a single process).
         local_rank: rank on this node (selects the GPU).
         distributed: whether a process group with more than one process is active.
+
+    Example:
+        >>> ctx = DistContext(rank=1, world_size=4, local_rank=1, distributed=True)
+        >>> ctx.is_main, shard_bounds(32, ctx.rank, ctx.world_size)
+        (False, (8, 16))
     """
 
     rank: int = 0
@@ -170,7 +175,13 @@ def init_distributed(backend="auto", timeout_s=None):
 
 
 def shutdown():
-    """Leave the process group (when there is one); safe to call more than once."""
+    """Leave the process group (when there is one); safe to call more than once.
+
+    Example:
+        >>> shutdown(); shutdown()  # without a process group: nothing to leave
+        >>> torch.distributed.is_initialized()
+        False
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Free what still holds the group (a DDP wrapper left in a reference cycle) while the group
         # exists, rather than at some later collection or at interpreter exit.

@@ -90,6 +90,16 @@ def draw_strokes(statistics, loss, *, image_size, n_strokes=6, restarts=4, steps
 
     Raises:
         TypeError / ValueError: bad arguments, or ``statistics`` not of the loss's shape.
+
+    Example:
+        >>> import torch
+        >>> from pymks_vae.losses import SpatialStatsLoss
+        >>> x = torch.ones(1, 1, 16, 16); x[:, :, 3:13, 7:9] = 0       # one vertical bar
+        >>> loss = SpatialStatsLoss(indicator="straight_through", cutoff=None).calibrate(torch.cat([x, x.transpose(2, 3)]))
+        >>> drawn, err = draw_strokes(loss.target_statistics(x), loss, image_size=16, n_strokes=2,
+        ...                           restarts=2, steps=50)
+        >>> tuple(drawn.shape), tuple(err.shape)
+        ((1, 1, 16, 16), (1,))
     """
     if not isinstance(loss, SpatialStatsLoss):
         raise TypeError(f"loss must be a SpatialStatsLoss, got {type(loss).__name__}")

@@ -113,3 +113,30 @@ def test_markdown_block_reader(tmp_path):
     path = tmp_path / "example.md"
     path.write_text(text)
     assert _blocks(path) == [(3, "x = 1\n", None), (7, "y = 2\n", "needs a GPU")]
+
+
+def _public_api():
+    """(module, name) of every public function and class (not exceptions or warnings) of the
+    package's public modules: ``__all__`` where a module has one, else its own public names."""
+    import inspect
+    out = []
+    for name in _modules():
+        if any(part.startswith("_") for part in name.split(".")):
+            continue
+        module = importlib.import_module(name)
+        names = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
+        for attr in names:
+            obj = getattr(module, attr, None)
+            if not (inspect.isfunction(obj) or inspect.isclass(obj)) or obj.__module__ != name:
+                continue
+            if inspect.isclass(obj) and issubclass(obj, (Exception, Warning)):
+                continue
+            out.append((name, attr, obj))
+    return out
+
+
+def test_every_public_function_and_class_has_an_example():
+    # The house style (a docstring with a runnable example); the test above runs them.
+    missing = [f"{module}.{attr}" for module, attr, obj in _public_api() if ">>>" not in (obj.__doc__ or "")]
+    assert not missing, f"public names without a docstring example: {missing}"
+    assert len(_public_api()) >= 90

@@ -34,7 +34,22 @@ DECODERS = ("paper", "cnn", "strokes")
 
 
 def output_activation(logits):
-    """Sigmoid for one channel, softmax over channels otherwise."""
+    """Sigmoid for one channel, softmax over channels otherwise.
+
+    Args:
+        logits: ``(batch, channels, *spatial)``.
+
+    Returns:
+        the decoder's output of the same shape: grey values in (0, 1) for one channel, phase
+        probabilities summing to 1 over the channels otherwise.
+
+    Example:
+        >>> import torch
+        >>> output_activation(torch.zeros(1, 1, 2, 2)).flatten().tolist()
+        [0.5, 0.5, 0.5, 0.5]
+        >>> output_activation(torch.randn(1, 3, 4, 4)).sum(1).allclose(torch.ones(1, 4, 4))
+        True
+    """
     if logits.shape[1] == 1:
         return torch.sigmoid(logits)
     return torch.softmax(logits, dim=1)
