@@ -13,6 +13,7 @@
 #endif
 
 #include "spectral.h"
+#include "cpu/gemm_dft.h"
 #include "cpu/mkl_dft.h"
 #include "two_point.h"
 
@@ -128,6 +129,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_even_simd", &pymks_vae::set_even_simd, pybind11::arg("enabled"),
         "Let this thread's matrix-product route run its AVX2 + FMA passes where the CPU has them (True) or "
         "the baseline build's (False); returns the previous setting");
+  m.def("_set_gemm_dft", &pymks_vae::cpu::set_gemm_dft, pybind11::arg("enabled"),
+        "Let this thread's CPU transforms of small 2D grids with a large prime factor run as matrix products "
+        "(True) or as transforms always (False); returns the previous setting");
   m.def("_mkl_dft_available", &pymks_vae::cpu::dft_available, "Whether MKL's DFTI was found in the loaded torch");
   m.def("_set_mkl_dft", &pymks_vae::cpu::set_dft_enabled, pybind11::arg("enabled"),
         "Use DFTI directly for the CPU transforms (True) or ATen's transforms (False); returns the previous setting");

@@ -3,6 +3,7 @@
 // or the moved one (the first axis last, see stats_loss_driver.cpp). On the CPU they run through
 // MKL's DFTI directly where it is there (cpu/mkl_dft.h: no clones, no transposing copies, the
 // result written where the caller wants it); elsewhere, and as the fallback, through ATen.
+#include "cpu/gemm_dft.h"
 #include "cpu/mkl_dft.h"
 #include "two_point.h"
 
@@ -47,6 +48,12 @@ at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::
   for (int64_t d = 0; d < nd; ++d) padded = padded || grid[d] != x.size(d + 2);
   const auto sizes = half_sizes(B, k, grid, moved);
   check_dest(dest, sizes, "rfft_grid");
+  // Small 2D grids whose sides have a large prime factor: matrix products (cpu/gemm_dft.cpp).
+  if (x.device().is_cpu() && !padded && x.is_contiguous() && !moved && cpu::gemm_dft_applies(grid)) {
+    at::Tensor out = dest.defined() ? dest : at::empty(sizes, ctype);
+    cpu::gemm_rfft2(x, out);
+    return out;
+  }
   if (x.device().is_cpu() && cpu::dft_enabled() && !padded && x.is_contiguous() && (!moved || nd == 1)) {
     at::Tensor out = dest.defined() ? dest : at::empty(sizes, ctype);
     if (cpu::dft_r2c(cpu::contiguous_layout(grid.vec(), B * k, moved), x, out)) return out;
@@ -67,10 +74,15 @@ at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, 
   std::vector<int64_t> sizes{B, k};
   sizes.insert(sizes.end(), grid.begin(), grid.end());
   check_dest(dest, sizes, "irfft_grid");
+  double n = 1.0;
+  for (auto m : grid) n *= static_cast<double>(m);
+  if (spec.device().is_cpu() && spec.is_contiguous() && !moved && cpu::gemm_dft_applies(grid)) {
+    at::Tensor out = dest.defined() ? dest : at::empty(sizes, rtype);
+    cpu::gemm_irfft2(spec, out, 1.0 / n);
+    return out;
+  }
   if (spec.device().is_cpu() && cpu::dft_enabled() && spec.is_contiguous()) {
     at::Tensor out = dest.defined() ? dest : at::empty(sizes, rtype);
-    double n = 1.0;
-    for (auto m : grid) n *= static_cast<double>(m);
     if (cpu::dft_c2r(cpu::contiguous_layout(grid.vec(), B * k, moved), spec, out, 1.0 / n)) return out;
   }
   std::vector<int64_t> dims;
