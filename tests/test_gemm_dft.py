@@ -23,8 +23,9 @@ pytestmark = [
 ]
 
 PAIRS = [(0, 0), (0, 1), (1, 1)]
-TAKEN = [(17, 17), (51, 51), (17, 34), (47, 53), (34, 19)]   # both sides <= 64, largest prime >= 17
-LEFT = [(21, 21), (64, 64), (51, 21), (51, 64), (101, 101)]  # a smooth side, or a side over 64
+# Every side m <= 103 with a prime factor p >= 17 and m <= 3p; LEFT has a side that is not.
+TAKEN = [(17, 17), (51, 51), (17, 34), (47, 53), (34, 19), (101, 101), (69, 23)]
+LEFT = [(21, 21), (64, 64), (51, 21), (51, 64), (68, 68), (102, 51), (113, 113)]
 
 
 @contextlib.contextmanager

@@ -6,9 +6,11 @@
 // which costs m0 m1 (m0 + m1) per field whatever the factors, is faster. Timed against MKL in the
 // same process, alternating (thread CPU time, 12 rounds, B = 32, one thread): the windowed loss,
 // forward + backward, took 0.32-0.86x the time on every square side from 17 to 62 whose largest
-// prime factor is 17 or more; the transform alone (a first version of these products) took
-// 1.0-3.8x MKL's time on smooth sides (21, 28, 32, 60, 64) - hence the rule in gemm_dft_applies.
-// Sides over 64 were not measured.
+// prime factor p is 17 or more, 0.50-0.85x on the primes 67-103 and 0.70-0.75x on 69, 87 and 93
+// (3p), but 1.25-1.45x on 68, 76, 92 and 102 (4p, 6p: MKL's smooth factor helps), 0.86-0.94x on
+// 85 and 95 (5p), 0.98x on 113 and 1.09x on 127; the transform alone (a first version of these
+// products) took 1.0-3.8x MKL's time on smooth sides (21, 28, 32, 60, 64). Hence the rule in
+// gemm_dft_applies: every side m <= 103 with m <= 3p.
 //
 // r2c, for N = prod(leading dims) fields x_n (m0 x m1):
 //   A = x_rows . T1, the last axis: rows (n, j0), T1 (m1 x 2 h1) holding cos and -sin of
@@ -34,7 +36,7 @@ namespace cpu {
 namespace {
 
 constexpr double kTwoPi = 6.283185307179586476925286766559;
-constexpr int64_t kMaxSide = 64;
+constexpr int64_t kMaxSide = 103;
 constexpr int64_t kMinPrime = 17;
 
 thread_local bool tl_gemm_dft = true;
@@ -130,8 +132,10 @@ at::Tensor table(Table which, int64_t m, double scale, at::ScalarType real) {
 
 bool gemm_dft_applies(at::IntArrayRef grid) {
   if (!tl_gemm_dft || !env_enabled() || grid.size() != 2) return false;
-  for (auto m : grid)
-    if (m < kMinPrime || m > kMaxSide || largest_prime_factor(m) < kMinPrime) return false;
+  for (auto m : grid) {
+    const int64_t p = largest_prime_factor(m);
+    if (m > kMaxSide || p < kMinPrime || m > 3 * p) return false;
+  }
   return true;
 }
 

@@ -7,8 +7,9 @@
 namespace pymks_vae {
 namespace cpu {
 
-// Whether a grid's real transforms take the matrix products: 2D, both sides at most 64 and each
-// with a prime factor of 17 or more, and the route on for this thread (set_gemm_dft).
+// Whether a grid's real transforms take the matrix products: 2D, each side m at most 103 with a
+// prime factor p >= 17 and m <= 3p (17, 19, 23, ..., 51, ..., 62, 67, 69, 71, ..., 101, 103), and
+// the route on for this thread (set_gemm_dft).
 bool gemm_dft_applies(at::IntArrayRef grid);
 
 // This thread's switch (tests compare the two routes); returns the previous setting.
