@@ -9,6 +9,7 @@ this module checks that the reason is there and that the marked block still comp
 """
 import doctest
 import importlib
+import inspect
 import os
 import pathlib
 import pkgutil
@@ -118,7 +119,6 @@ def test_markdown_block_reader(tmp_path):
 def _public_api():
     """(module, name) of every public function and class (not exceptions or warnings) of the
     package's public modules: ``__all__`` where a module has one, else its own public names."""
-    import inspect
     out = []
     for name in _modules():
         if any(part.startswith("_") for part in name.split(".")):

@@ -23,30 +23,23 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <cmath>
-#include <map>
-#include <mutex>
 #include <tuple>
 #include <vector>
 
 #include "cpu/cpu_loops.h"
+#include "cpu/trig_tables.h"
 #include "spectral.h"
 #include "two_point.h"
 
 namespace pymks_vae {
 namespace {
 
-constexpr double kTwoPi = 6.283185307179586476925286766559;
-
 // (2, rows, cols): [0][i][j] = wt(i) cos(2 pi a(i, j) / m) and [1] the sine, with the phase
 // k r reduced mod m in integers first (exact for any size), from one table of m angles.
 template <typename T, typename Phase, typename Weight>
 at::Tensor trig_pair(int64_t rows, int64_t cols, int64_t m, Phase&& phase, Weight&& wt, const at::TensorOptions& o) {
-  std::vector<double> c(m), s(m);
-  for (int64_t j = 0; j < m; ++j) {
-    c[j] = std::cos(kTwoPi * static_cast<double>(j) / static_cast<double>(m));
-    s[j] = std::sin(kTwoPi * static_cast<double>(j) / static_cast<double>(m));
-  }
+  const cpu::UnitCircle u(m);
+  const std::vector<double>&c = u.c, &s = u.s;
   auto out = at::empty({2, rows, cols}, o);
   T* p = out.data_ptr<T>();
   for (int64_t i = 0; i < rows; ++i)
@@ -76,36 +69,24 @@ at::Tensor trig_table(Table which, const Geometry& g, const at::TensorOptions& o
   const int64_t R0 = even_rows(g.w[0]), R1 = g.w[1] / 2 + 1;
   using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int>;
   const Key key{static_cast<int>(which), m0, m1, R0, R1, static_cast<int>(o.dtype().toScalarType())};
-  static std::mutex mu;
-  static auto* cache = new std::map<Key, at::Tensor>();  // never destroyed, as device_table's
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache->find(key);
-    if (it != cache->end()) return it->second;
-  }
-  auto times = [](int64_t a, int64_t b) { return a * b; };
-  auto one = [](int64_t, int64_t) { return 1.0; };
-  at::Tensor t;
-  switch (which) {
-    case Table::kA0:
-      t = trig_pair<T>(R0, H0, m0, times, one, o);
-      break;
-    case Table::kA1: {
-      const double norm = 1.0 / (static_cast<double>(m0) * static_cast<double>(m1));
-      t = trig_pair<T>(R1, h1, m1, times, [&](int64_t, int64_t k) { return norm * half_weight(k, m1); }, o);
-      break;
+  static auto* cache = new cpu::TableCache<Key>(256);  // never destroyed, as device_table's
+  return cache->get(key, [&] {
+    auto times = [](int64_t a, int64_t b) { return a * b; };
+    auto one = [](int64_t, int64_t) { return 1.0; };
+    switch (which) {
+      case Table::kA0:
+        return trig_pair<T>(R0, H0, m0, times, one, o);
+      case Table::kA1: {
+        const double norm = 1.0 / (static_cast<double>(m0) * static_cast<double>(m1));
+        return trig_pair<T>(R1, h1, m1, times, [&](int64_t, int64_t k) { return norm * half_weight(k, m1); }, o);
+      }
+      case Table::kB1:
+        return trig_pair<T>(R1, h1, m1, times, one, o);
+      case Table::kB0:
+        break;
     }
-    case Table::kB1:
-      t = trig_pair<T>(R1, h1, m1, times, one, o);
-      break;
-    case Table::kB0:
-      t = trig_pair<T>(H0, R0, m0, times, one, o);
-      break;
-  }
-  std::lock_guard<std::mutex> lock(mu);
-  if (cache->size() >= 256) cache->clear();
-  cache->emplace(key, t);
-  return t;
+    return trig_pair<T>(H0, R0, m0, times, one, o);
+  });
 }
 
 // The two elementwise passes are compiled twice, for AVX2 + FMA (taken where the CPU has them)

@@ -24,18 +24,16 @@
 // Phases are reduced modulo m in integers before the cosines and sines (exact for any size).
 #include "cpu/gemm_dft.h"
 
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <map>
-#include <mutex>
 #include <tuple>
+
+#include "cpu/trig_tables.h"
 
 namespace pymks_vae {
 namespace cpu {
 namespace {
 
-constexpr double kTwoPi = 6.283185307179586476925286766559;
 constexpr int64_t kMaxSide = 103;
 constexpr int64_t kMinPrime = 17;
 
@@ -61,71 +59,55 @@ int64_t largest_prime_factor(int64_t n) {
 
 enum class Table { kForwardLast, kInverseLast, kFirst, kFirstConj };
 
-// A table for side m (and the scale of kInverseLast), built once in double and kept: they depend
-// on the sizes, the dtype and the scale only. Shared read-only; cleared when 64 are held.
+// A table for side m (and the scale of kInverseLast), built in double, cached (trig_tables.h).
 at::Tensor table(Table which, int64_t m, double scale, at::ScalarType real) {
   using Key = std::tuple<int, int64_t, double, int>;
   const Key key{static_cast<int>(which), m, which == Table::kInverseLast ? scale : 1.0, static_cast<int>(real)};
-  static std::mutex mu;
-  static auto* cache = new std::map<Key, at::Tensor>();  // never destroyed: no teardown order to get wrong
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache->find(key);
-    if (it != cache->end()) return it->second;
-  }
-  std::vector<double> c(m), s(m);
-  for (int64_t j = 0; j < m; ++j) {
-    c[j] = std::cos(kTwoPi * static_cast<double>(j) / static_cast<double>(m));
-    s[j] = std::sin(kTwoPi * static_cast<double>(j) / static_cast<double>(m));
-  }
-  const int64_t h = m / 2 + 1;
-  at::Tensor t;
-  switch (which) {
-    case Table::kForwardLast: {  // (m, 2h): [j][2k] = cos, [j][2k + 1] = -sin of 2 pi j k / m
-      auto d = at::empty({m, 2 * h}, at::kDouble);
-      double* p = d.data_ptr<double>();
-      for (int64_t j = 0; j < m; ++j)
-        for (int64_t k = 0; k < h; ++k) {
-          const int64_t a = (j * k) % m;
-          p[j * 2 * h + 2 * k] = c[a];
-          p[j * 2 * h + 2 * k + 1] = -s[a];
-        }
-      t = d.to(real);
-      break;
-    }
-    case Table::kInverseLast: {  // (2h, m): [2k][j] = w cos, [2k + 1][j] = -w sin, times scale
-      auto d = at::empty({2 * h, m}, at::kDouble);
-      double* p = d.data_ptr<double>();
-      for (int64_t k = 0; k < h; ++k) {
-        const double w = scale * ((k == 0 || 2 * k == m) ? 1.0 : 2.0);
-        for (int64_t j = 0; j < m; ++j) {
-          const int64_t a = (j * k) % m;
-          p[2 * k * m + j] = w * c[a];
-          p[(2 * k + 1) * m + j] = -w * s[a];
-        }
+  static auto* cache = new TableCache<Key>(64);
+  return cache->get(key, [&] {
+    const UnitCircle u(m);
+    const int64_t h = m / 2 + 1;
+    switch (which) {
+      case Table::kForwardLast: {  // (m, 2h): [j][2k] = cos, [j][2k + 1] = -sin of 2 pi j k / m
+        auto d = at::empty({m, 2 * h}, at::kDouble);
+        double* p = d.data_ptr<double>();
+        for (int64_t j = 0; j < m; ++j)
+          for (int64_t k = 0; k < h; ++k) {
+            const int64_t a = (j * k) % m;
+            p[j * 2 * h + 2 * k] = u.c[a];
+            p[j * 2 * h + 2 * k + 1] = -u.s[a];
+          }
+        return d.to(real);
       }
-      t = d.to(real);
-      break;
-    }
-    case Table::kFirst:
-    case Table::kFirstConj: {  // (m, m) complex exp(-+ 2 pi i a b / m)
-      const double sign = which == Table::kFirst ? -1.0 : 1.0;
-      auto d = at::empty({m, m, 2}, at::kDouble);
-      double* p = d.data_ptr<double>();
-      for (int64_t a = 0; a < m; ++a)
-        for (int64_t b = 0; b < m; ++b) {
-          const int64_t ph = (a * b) % m;
-          p[(a * m + b) * 2] = c[ph];
-          p[(a * m + b) * 2 + 1] = sign * s[ph];
+      case Table::kInverseLast: {  // (2h, m): [2k][j] = w cos, [2k + 1][j] = -w sin, times scale
+        auto d = at::empty({2 * h, m}, at::kDouble);
+        double* p = d.data_ptr<double>();
+        for (int64_t k = 0; k < h; ++k) {
+          const double w = scale * ((k == 0 || 2 * k == m) ? 1.0 : 2.0);
+          for (int64_t j = 0; j < m; ++j) {
+            const int64_t a = (j * k) % m;
+            p[2 * k * m + j] = w * u.c[a];
+            p[(2 * k + 1) * m + j] = -w * u.s[a];
+          }
         }
-      t = at::view_as_complex(d.to(real));
-      break;
+        return d.to(real);
+      }
+      case Table::kFirst:
+      case Table::kFirstConj:
+        break;
     }
-  }
-  std::lock_guard<std::mutex> lock(mu);
-  if (cache->size() >= 64) cache->clear();
-  cache->emplace(key, t);
-  return t;
+    // (m, m) complex exp(-+ 2 pi i a b / m)
+    const double sign = which == Table::kFirst ? -1.0 : 1.0;
+    auto d = at::empty({m, m, 2}, at::kDouble);
+    double* p = d.data_ptr<double>();
+    for (int64_t a = 0; a < m; ++a)
+      for (int64_t b = 0; b < m; ++b) {
+        const int64_t ph = (a * b) % m;
+        p[(a * m + b) * 2] = u.c[ph];
+        p[(a * m + b) * 2 + 1] = sign * u.s[ph];
+      }
+    return at::view_as_complex(d.to(real));
+  });
 }
 
 }  // namespace
