@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x_in, co
   auto t = t_in.contiguous();
   x = select_states(x, states);
   t = select_states(t, states);
-  const auto dims = spatial_dims(x.dim());
+  const auto spatial = x.sizes().slice(2);
   double n_pix = 1.0;
   for (int64_t d = 2; d < x.dim(); ++d) n_pix *= static_cast<double>(x.size(d));
 
@@ -59,8 +59,10 @@ std::tuple<at::Tensor, at::Tensor> stats_loss_forward(const at::Tensor& x_in, co
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
     LossArgs a;
-    a.x_hat = at::fft_rfftn(x.narrow(0, b0, n), c10::nullopt, dims).contiguous();
-    a.t_hat = at::fft_rfftn(t.narrow(0, b0, n), c10::nullopt, dims).contiguous();
+    // rfft_grid: on the CPU MKL's DFTI straight into the result, or the matrix products of
+    // small grids with a large prime factor (transforms.cpp).
+    a.x_hat = rfft_grid(x.narrow(0, b0, n), spatial, false);
+    a.t_hat = rfft_grid(t.narrow(0, b0, n), spatial, false);
     check_spectrum_finite(a.x_hat, op, "x");
     check_spectrum_finite(a.t_hat, op, "target");
     a.pa = pa_t;
@@ -105,7 +107,6 @@ at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectru
   const c10::DeviceGuard guard(spectrum.device());
   std::vector<int64_t> view(spectrum.dim(), 1);
   view[0] = grad.size(0);
-  const auto dims = spatial_dims(spectrum.dim());
   // The transform is linear: scale its real output in place rather than a copy of the spectrum.
   // (Always: telling a unit grad - reduction="sum" - apart would read it back to the host, a
   // device synchronisation on a GPU, for the price of one element-wise pass.) Chunks keep the
@@ -117,8 +118,9 @@ at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectru
   const int64_t chunk = cache_chunk(gx, 6 * gx.numel() / B);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
-    auto out_c = gx.narrow(0, b0, n);
-    at::fft_irfftn_out(out_c, spectrum.narrow(0, b0, n), spatial, dims);
+    // irfft_grid may overwrite its input, and the spectrum is saved by autograd (a second backward
+    // with retain_graph reads it again): it gets a copy of this chunk, which ATen's irfftn made too.
+    irfft_grid(spectrum.narrow(0, b0, n).clone(), spatial, false, gx.narrow(0, b0, n));
   }
   gx.mul_(grad.view(view).to(gx.scalar_type()));
   if (static_cast<int64_t>(states.size()) == n_state) return gx.contiguous();

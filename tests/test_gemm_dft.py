@@ -106,9 +106,25 @@ def test_losses_match_the_reference(shape, kw):
 
     with gemm_dft(True):
         value, grad = value_and_grad(ops.spatial_stats_loss)
+    with gemm_dft(False):
+        value_off, grad_off = value_and_grad(ops.spatial_stats_loss)
     ref_value, ref_grad = value_and_grad(reference.spatial_stats_loss_ref)
     torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-11)
+    # Every loss's transforms take the products on these grids (the Parseval loss's too).
+    assert not torch.equal(grad, grad_off), "the matrix products did not run"
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["products", "mkl"])
+def test_parseval_loss_second_backward_sees_the_same_spectrum(enabled):
+    # The spectrum the Parseval loss keeps must not serve as the inverse transform's scratch space.
+    x = field((17, 34)).requires_grad_(True)
+    t = field((17, 34), seed=5)
+    with gemm_dft(enabled):
+        loss = ops.spatial_stats_loss(x, t, correlations=PAIRS)
+        (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+        (g2,) = torch.autograd.grad(loss, x)
+    assert torch.equal(g1, g2)
 
 
 def test_window_loss_gradcheck_and_opcheck():

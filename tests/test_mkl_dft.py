@@ -105,12 +105,15 @@ def test_expanded_gradient_of_a_sum(dft_path):
     assert rel_err(ga, gb) < 1e-10
 
 
-@pytest.mark.parametrize("fn", ["loss", "operator"])
-def test_second_backward_sees_the_same_spectra(dft_path, fn):
+@pytest.mark.parametrize("spatial", [(12, 11, 10), (12, 10)], ids=["3d", "2d"])
+@pytest.mark.parametrize("fn", ["loss", "parseval_loss", "operator"])
+def test_second_backward_sees_the_same_spectra(dft_path, fn, spatial):
     # The spectra kept for the backward pass must not serve as a transform's scratch space.
-    x = torch.rand((2, 2, 12, 11, 10), dtype=torch.float64, requires_grad=True)
+    x = torch.rand((2, 2) + spatial, dtype=torch.float64, requires_grad=True)
     t = torch.rand_like(x)
-    if fn == "loss":
+    if fn == "parseval_loss":
+        out = ops.spatial_stats_loss(x, t.detach(), correlations=[(0, 0), (0, 1)])
+    elif fn == "loss":
         out = ops.spatial_stats_loss(x, t.detach(), correlations=[(0, 0), (0, 1)], cutoff=3)
     else:
         out = ops.two_point_stats(x, [(0, 0), (0, 1)], cutoff=3).square().sum()
