@@ -130,8 +130,16 @@ PYBIND11_MODULE(_C, m) {
         "Let this thread's matrix-product route run its AVX2 + FMA passes where the CPU has them (True) or "
         "the baseline build's (False); returns the previous setting");
   m.def("_set_gemm_dft", &pymks_vae::cpu::set_gemm_dft, pybind11::arg("enabled"),
-        "Let this thread's CPU transforms of small 2D grids with a large prime factor run as matrix products "
-        "(True) or as transforms always (False); returns the previous setting");
+        "Let this thread's CPU transforms of small 2D grids run as matrix products where they are chosen (True) "
+        "or as transforms always (False); returns the previous setting");
+  m.def("_set_gemm_dft_trials", &pymks_vae::cpu::set_gemm_dft_trials, pybind11::arg("enabled"),
+        "Choose this thread's matrix products by timing them against the transforms at the first call of a kind "
+        "(True, default) or by the fixed rule (False); returns the previous setting");
+  m.def("_gemm_dft_trials", &pymks_vae::cpu::gemm_dft_trials,
+        "How many kinds of call have had the matrix products timed against the transforms");
+  m.def("_clear_gemm_dft_trials", &pymks_vae::cpu::clear_gemm_dft_trials, "Forget the matrix products' trials");
+  m.def("_set_gemm_dft_trial_bias", &pymks_vae::cpu::set_gemm_dft_trial_bias, pybind11::arg("bias"),
+        "Multiply the matrix products' measured time by bias in their trials (tests); returns the previous bias");
   m.def("_mkl_dft_available", &pymks_vae::cpu::dft_available, "Whether MKL's DFTI was found in the loaded torch");
   m.def("_set_mkl_dft", &pymks_vae::cpu::set_dft_enabled, pybind11::arg("enabled"),
         "Use DFTI directly for the CPU transforms (True) or ATen's transforms (False); returns the previous setting");

@@ -8,6 +8,8 @@
 #include "two_point.h"
 
 #include <algorithm>
+#include <chrono>
+#include <limits>
 
 namespace pymks_vae {
 std::vector<int64_t> half_sizes(int64_t B, int64_t k, at::IntArrayRef grid, bool moved) {
@@ -32,30 +34,13 @@ at::Tensor into(const at::Tensor& result, at::Tensor dest) {
   return dest;
 }
 
-}  // namespace
 
-at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::Tensor dest) {
+// The transforms proper: MKL's DFTI where it takes the layout, else ATen's.
+at::Tensor rfft_transforms(const at::Tensor& x, at::IntArrayRef grid, bool moved, bool padded, at::Tensor dest) {
   const int64_t B = x.size(0), k = x.size(1), nd = static_cast<int64_t>(grid.size());
   const auto ctype = x.options().dtype(c10::toComplexType(x.scalar_type()));
-  // Zero padding (non-periodic statistics) stays with ATen, whose transforms pad as they go: DFTI
-  // would need a padded copy first, which made the non-periodic loss 8% slower (cutoff 20, 224^2).
-  // A strided x (some states of a batch, channels-last data) too: ATen's transforms read it in
-  // place where DFTI would need a contiguous copy first. And so does the moved layout: MKL's
-  // internal scatter into it cost more than ATen's transforms around one transposing copy (the
-  // windowed loss, timed in the same rounds with each transform on either path: 3-4% slower
-  // with DFTI here, 3-5% faster with DFTI for the inverse transform out of that layout).
-  bool padded = false;
-  for (int64_t d = 0; d < nd; ++d) padded = padded || grid[d] != x.size(d + 2);
-  const auto sizes = half_sizes(B, k, grid, moved);
-  check_dest(dest, sizes, "rfft_grid");
-  // Small 2D grids whose sides have a large prime factor: matrix products (cpu/gemm_dft.cpp).
-  if (x.device().is_cpu() && !padded && x.is_contiguous() && !moved && cpu::gemm_dft_applies(grid)) {
-    at::Tensor out = dest.defined() ? dest : at::empty(sizes, ctype);
-    cpu::gemm_rfft2(x, out);
-    return out;
-  }
   if (x.device().is_cpu() && cpu::dft_enabled() && !padded && x.is_contiguous() && (!moved || nd == 1)) {
-    at::Tensor out = dest.defined() ? dest : at::empty(sizes, ctype);
+    at::Tensor out = dest.defined() ? dest : at::empty(half_sizes(B, k, grid, moved), ctype);
     if (cpu::dft_r2c(cpu::contiguous_layout(grid.vec(), B * k, moved), x, out)) return out;
   }
   std::vector<int64_t> dims;
@@ -68,20 +53,14 @@ at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::
   return into(at::fft_fft(p, grid[0], -1), dest);  // n = m_0 pads the first axis, as rfftn's s does
 }
 
-at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, at::Tensor dest) {
+at::Tensor irfft_transforms(const at::Tensor& spec, at::IntArrayRef grid, bool moved, at::Tensor dest) {
   const int64_t B = spec.size(0), k = spec.size(1), nd = static_cast<int64_t>(grid.size());
   const auto rtype = spec.options().dtype(c10::toRealValueType(spec.scalar_type()));
-  std::vector<int64_t> sizes{B, k};
-  sizes.insert(sizes.end(), grid.begin(), grid.end());
-  check_dest(dest, sizes, "irfft_grid");
   double n = 1.0;
   for (auto m : grid) n *= static_cast<double>(m);
-  if (spec.device().is_cpu() && spec.is_contiguous() && !moved && cpu::gemm_dft_applies(grid)) {
-    at::Tensor out = dest.defined() ? dest : at::empty(sizes, rtype);
-    cpu::gemm_irfft2(spec, out, 1.0 / n);
-    return out;
-  }
   if (spec.device().is_cpu() && cpu::dft_enabled() && spec.is_contiguous()) {
+    std::vector<int64_t> sizes{B, k};
+    sizes.insert(sizes.end(), grid.begin(), grid.end());
     at::Tensor out = dest.defined() ? dest : at::empty(sizes, rtype);
     if (cpu::dft_c2r(cpu::contiguous_layout(grid.vec(), B * k, moved), spec, out, 1.0 / n)) return out;
   }
@@ -91,6 +70,89 @@ at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, 
   std::vector<int64_t> rest_dims(dims.begin() + 1, dims.end()), rest_sizes(grid.begin() + 1, grid.end());
   auto p = at::fft_ifft(spec, grid[0], -1).movedim(-1, 2).contiguous();
   return into(at::fft_irfftn(p, rest_sizes, rest_dims).contiguous(), dest);
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Small 2D grids (cpu/gemm_dft.h): the matrix products or the transforms into out, as the chooser
+// says. A trial runs both three times, alternating, each into its own output (the transforms may
+// overwrite their input: they get fresh copies, made outside the timing), keeps the best time of
+// each, and leaves the winner's result in out, so that the first call of a kind gives the bits of
+// the calls that follow it.
+template <class Products, class Transforms>
+void run_small_grid(const cpu::GemmDftKind& kind, at::Tensor& out, Products products, Transforms transforms) {
+  const auto choice = cpu::gemm_dft_choice(kind);
+  if (choice == cpu::GemmDftChoice::kProducts) return products(out);
+  if (choice == cpu::GemmDftChoice::kTransforms) return transforms(out);
+  at::Tensor other = at::empty_like(out);
+  double t_products = std::numeric_limits<double>::infinity(), t_transforms = t_products;
+  for (int round = 0; round < 3; ++round) {
+    auto t0 = std::chrono::steady_clock::now();
+    products(out);
+    t_products = std::min(t_products, seconds_since(t0));
+    transforms(other, /*timed=*/true, &t_transforms);
+  }
+  if (!cpu::gemm_dft_record(kind, t_products, t_transforms)) out.copy_(other);
+}
+
+}  // namespace
+
+at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::Tensor dest) {
+  const int64_t B = x.size(0), k = x.size(1), nd = static_cast<int64_t>(grid.size());
+  // Zero padding (non-periodic statistics) stays with ATen, whose transforms pad as they go: DFTI
+  // would need a padded copy first, which made the non-periodic loss 8% slower (cutoff 20, 224^2).
+  // A strided x (some states of a batch, channels-last data) too: ATen's transforms read it in
+  // place where DFTI would need a contiguous copy first. And so does the moved layout: MKL's
+  // internal scatter into it cost more than ATen's transforms around one transposing copy (the
+  // windowed loss, timed in the same rounds with each transform on either path: 3-4% slower
+  // with DFTI here, 3-5% faster with DFTI for the inverse transform out of that layout).
+  bool padded = false;
+  for (int64_t d = 0; d < nd; ++d) padded = padded || grid[d] != x.size(d + 2);
+  const auto sizes = half_sizes(B, k, grid, moved);
+  check_dest(dest, sizes, "rfft_grid");
+  // Small 2D grids whose sides have a large prime factor: matrix products (cpu/gemm_dft.cpp).
+  if (x.device().is_cpu() && !padded && x.is_contiguous() && !moved && cpu::gemm_dft_candidate(grid)) {
+    at::Tensor out = dest.defined() ? dest : at::empty(sizes, x.options().dtype(c10::toComplexType(x.scalar_type())));
+    const cpu::GemmDftKind kind{grid[0], grid[1], B * k, x.scalar_type() == at::kDouble, false};
+    run_small_grid(
+        kind, out, [&](at::Tensor& o) { cpu::gemm_rfft2(x, o); },
+        [&](at::Tensor& o, bool timed = false, double* best = nullptr) {
+          const auto t0 = std::chrono::steady_clock::now();
+          rfft_transforms(x, grid, moved, padded, o);
+          if (timed) *best = std::min(*best, seconds_since(t0));
+        });
+    return out;
+  }
+  return rfft_transforms(x, grid, moved, padded, dest);
+}
+
+at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, at::Tensor dest) {
+  const int64_t B = spec.size(0), k = spec.size(1);
+  std::vector<int64_t> sizes{B, k};
+  sizes.insert(sizes.end(), grid.begin(), grid.end());
+  check_dest(dest, sizes, "irfft_grid");
+  if (spec.device().is_cpu() && spec.is_contiguous() && !moved && cpu::gemm_dft_candidate(grid)) {
+    double n = 1.0;
+    for (auto m : grid) n *= static_cast<double>(m);
+    at::Tensor out = dest.defined() ? dest : at::empty(sizes, spec.options().dtype(c10::toRealValueType(spec.scalar_type())));
+    const cpu::GemmDftKind kind{grid[0], grid[1], B * k, spec.scalar_type() == at::kComplexDouble, true};
+    run_small_grid(
+        kind, out, [&](at::Tensor& o) { cpu::gemm_irfft2(spec, o, 1.0 / n); },
+        [&](at::Tensor& o, bool timed = false, double* best = nullptr) {
+          if (!timed) {
+            irfft_transforms(spec, grid, moved, o);
+            return;
+          }
+          const auto scratch = spec.clone();  // the products read spec again in the next round
+          const auto t0 = std::chrono::steady_clock::now();
+          irfft_transforms(scratch, grid, moved, o);
+          *best = std::min(*best, seconds_since(t0));
+        });
+    return out;
+  }
+  return irfft_transforms(spec, grid, moved, dest);
 }
 
 }  // namespace pymks_vae

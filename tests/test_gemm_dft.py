@@ -4,7 +4,10 @@ grids the rule takes, and no change on the others.
 
 The route is switched per thread with ``_C._set_gemm_dft``; the two routes round differently, so
 on a grid the rule takes their float32 results differ in the last bits, and elsewhere they are
-the same bits.
+the same bits. By default the first call of a kind on a candidate grid times both routes and the
+faster one runs from then on (``_C._set_gemm_dft_trials(False)``, ``PYMKS_VAE_GEMM_DFT=rule`` or
+torch's deterministic algorithms keep the fixed rule instead); most tests here fix the rule, the
+trial tests make a trial's outcome certain with a bias on the measured times.
 """
 import contextlib
 import os
@@ -29,12 +32,27 @@ LEFT = [(21, 21), (64, 64), (51, 21), (51, 64), (68, 68), (102, 51), (113, 113)]
 
 
 @contextlib.contextmanager
-def gemm_dft(enabled):
-    prev = C._set_gemm_dft(enabled)
+def gemm_dft(enabled, trials=False):
+    """The route on or off for this thread; by default its fixed rule decides (no timing trials)."""
+    prev, prev_trials = C._set_gemm_dft(enabled), C._set_gemm_dft_trials(trials)
     try:
         yield
     finally:
         C._set_gemm_dft(prev)
+        C._set_gemm_dft_trials(prev_trials)
+
+
+@contextlib.contextmanager
+def trials_won_by(products):
+    """Timing trials whose outcome is certain: the products' measured time scaled far down or up."""
+    prev_bias = C._set_gemm_dft_trial_bias(1e-9 if products else 1e9)
+    C._clear_gemm_dft_trials()
+    try:
+        with gemm_dft(True, trials=True):
+            yield
+    finally:
+        C._set_gemm_dft_trial_bias(prev_bias)
+        C._clear_gemm_dft_trials()
 
 
 def field(shape, dtype=torch.float64, n=3, seed=0):
@@ -150,3 +168,93 @@ def test_the_switch_is_per_thread_and_returns_the_previous_setting():
         assert C._set_gemm_dft(False) is False
     finally:
         C._set_gemm_dft(prev)
+
+
+# A candidate the fixed rule leaves to MKL (27 = 3^3) and one it takes (51 = 3 x 17).
+TRIAL_GRIDS = [(27, 27), (51, 51)]
+
+
+@pytest.mark.parametrize("shape", TRIAL_GRIDS, ids=str)
+@pytest.mark.parametrize("products", [True, False], ids=["products_win", "transforms_win"])
+def test_a_trial_runs_the_winner_from_its_first_call_on(shape, products):
+    x = field(shape, torch.float32, n=4).requires_grad_(True)
+    t = field(shape, torch.float32, n=4, seed=7)
+
+    def loss_and_grad():
+        x.grad = None
+        # auto pairs: the natural layout, which the products take (see gemm_dft_candidate)
+        loss = ops.spatial_stats_loss(x, t, correlations=[(0, 0), (1, 1)], cutoff=6)
+        loss.backward()
+        return loss.detach(), x.grad.clone()
+
+    with gemm_dft(False):
+        want_transforms = loss_and_grad()
+    with trials_won_by(True):  # the products' bits, whatever the rule says of this grid
+        want_products = loss_and_grad()
+    assert not torch.equal(want_products[1], want_transforms[1]), "the two routes should round differently"
+    want = want_products if products else want_transforms
+    with trials_won_by(products):
+        first = loss_and_grad()
+        # the forward transforms of x and of the target (one kind), the gradient's inverse (another)
+        kinds = C._gemm_dft_trials()
+        second = loss_and_grad()
+        assert C._gemm_dft_trials() == kinds >= 2  # remembered, not timed again
+    for got in (first, second):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_trials_are_kept_per_kind():
+    def stats(n, dtype=torch.float32, shape=(51, 51)):
+        # every state, auto pairs: contiguous fields in the natural layout, as the products take them
+        ops.two_point_stats(field(shape, dtype, n=n), [(0, 0), (1, 1)])
+
+    with trials_won_by(True):
+        stats(4)
+        n = C._gemm_dft_trials()
+        assert n >= 1
+        stats(5)  # batches of 4-7 fields share a trial
+        assert C._gemm_dft_trials() == n
+        stats(4, torch.float64)  # another dtype
+        assert C._gemm_dft_trials() > n
+        n = C._gemm_dft_trials()
+        stats(40)  # a batch ten times larger
+        assert C._gemm_dft_trials() > n
+        n = C._gemm_dft_trials()
+        stats(4, shape=(64, 64))  # a power of two: never timed
+        stats(4, shape=(51, 64))
+        assert C._gemm_dft_trials() == n
+
+
+def test_deterministic_algorithms_keep_the_fixed_rule():
+    x = field((27, 27), torch.float32)
+    with gemm_dft(False):
+        want = ops.two_point_stats(x, PAIRS, cutoff=4)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with trials_won_by(True):
+            got = ops.two_point_stats(x, PAIRS, cutoff=4)
+            assert C._gemm_dft_trials() == 0
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert torch.equal(got, want)  # 27 is not the rule's: the transforms ran
+
+
+def test_rule_setting_of_the_environment_runs_no_trials():
+    import subprocess
+    import sys
+    code = ("import torch; from pymks_vae import ops, _extension as e; "
+            "ops.two_point_stats(torch.rand(2, 1, 27, 27), [(0, 0)]); "
+            "ops.two_point_stats(torch.rand(2, 1, 51, 51), [(0, 0)]); print(e._C._gemm_dft_trials())")
+    counts = {}
+    for setting in ("rule", "auto"):
+        env = dict(os.environ, PYMKS_VAE_GEMM_DFT=setting)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        counts[setting] = int(out.stdout.strip().splitlines()[-1])
+    assert counts["rule"] == 0 and counts["auto"] >= 2, counts
+
+
+def test_trial_bias_is_checked():
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="bias must be a finite number > 0"):
+            C._set_gemm_dft_trial_bias(bad)

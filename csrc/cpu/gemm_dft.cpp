@@ -9,8 +9,15 @@
 // prime factor p is 17 or more, 0.50-0.85x on the primes 67-103 and 0.70-0.75x on 69, 87 and 93
 // (3p), but 1.25-1.45x on 68, 76, 92 and 102 (4p, 6p: MKL's smooth factor helps), 0.86-0.94x on
 // 85 and 95 (5p), 0.98x on 113 and 1.09x on 127; the transform alone (a first version of these
-// products) took 1.0-3.8x MKL's time on smooth sides (21, 28, 32, 60, 64). Hence the rule in
-// gemm_dft_applies: every side m <= 103 with m <= 3p.
+// products) took 1.0-3.8x MKL's time on smooth sides (21, 28, 32, 60, 64). Hence the fixed rule
+// (gemm_dft_rule): every side m <= 103 with m <= 3p.
+//
+// That rule is one CPU's: where MKL runs its optimised kernels (Intel) the crossover can move. So
+// by default the rule only names candidates (with a few more sides, see side_candidate), and the
+// first call of each kind on a candidate grid times both routes on its own input (trials, in
+// transforms.cpp) and keeps the faster for the calls of that kind that follow. Results then depend
+// on a timing in their last bits, so the fixed rule decides alone under torch's deterministic
+// algorithms, with PYMKS_VAE_GEMM_DFT=rule, or after set_gemm_dft_trials(false).
 //
 // r2c, for N = prod(leading dims) fields x_n (m0 x m1):
 //   A = x_rows . T1, the last axis: rows (n, j0), T1 (m1 x 2 h1) holding cos and -sin of
@@ -24,9 +31,15 @@
 // Phases are reduced modulo m in integers before the cosines and sines (exact for any size).
 #include "cpu/gemm_dft.h"
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <tuple>
+#include <vector>
+
+#include <ATen/Parallel.h>
 
 #include "cpu/trig_tables.h"
 
@@ -38,13 +51,25 @@ constexpr int64_t kMaxSide = 103;
 constexpr int64_t kMinPrime = 17;
 
 thread_local bool tl_gemm_dft = true;
+thread_local bool tl_trials = true;
 
-bool env_enabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("PYMKS_VAE_GEMM_DFT");
-    return env == nullptr || std::strcmp(env, "0") != 0;
-  }();
-  return on;
+// PYMKS_VAE_GEMM_DFT: "0" turns the route off, "rule" keeps the fixed rule (no trials).
+const char* env_setting() {
+  static const char* env = std::getenv("PYMKS_VAE_GEMM_DFT");
+  return env;
+}
+bool env_enabled() { return env_setting() == nullptr || std::strcmp(env_setting(), "0") != 0; }
+bool env_trials() { return env_setting() == nullptr || std::strcmp(env_setting(), "rule") != 0; }
+
+std::mutex g_trials_mutex;
+std::map<std::vector<int64_t>, bool> g_trials;  // kind -> the products were faster
+double g_bias = 1.0;
+constexpr size_t kMaxTrials = 256;
+
+std::vector<int64_t> trial_key(const GemmDftKind& k) {
+  int64_t bucket = 0;  // batches within a factor of 2 share a trial
+  for (int64_t b = k.batch; b > 1; b >>= 1) ++bucket;
+  return {k.m0, k.m1, bucket, k.is_double, k.inverse, at::get_num_threads()};
 }
 
 int64_t largest_prime_factor(int64_t n) {
@@ -55,6 +80,18 @@ int64_t largest_prime_factor(int64_t n) {
       n /= p;
     }
   return n > 1 ? n : largest;
+}
+
+// The sides on which the products are timed against the transforms: the rule's, its edges (5p,
+// and up to 127), and the odd sides 21-39, whose factors are small but where the products still
+// beat MKL on the CPU measured. Timed there as the rule was (loss with a lag window, forward +
+// backward, B = 32, the products' time over MKL's): 21 0.92, 25 0.91, 27 0.87, 33 0.85, 35 0.96,
+// 39 0.91; but 15 1.05, 18 1.03, 45 1.21, 49 1.22, 55 1.18, 63 1.13, 119 (7 x 17) 1.03, and 1.1-3.7
+// on the even smooth sides 12-128 (32: 1.38, 64: 2.0, 128: 3.7), which are never timed.
+bool side_candidate(int64_t m) {
+  const int64_t p = largest_prime_factor(m);
+  if (p >= kMinPrime && m <= 127 && (m <= 3 * p || m == 5 * p)) return true;
+  return m % 2 == 1 && m >= 21 && m <= 39;
 }
 
 enum class Table { kForwardLast, kInverseLast, kFirst, kFirstConj };
@@ -112,8 +149,8 @@ at::Tensor table(Table which, int64_t m, double scale, at::ScalarType real) {
 
 }  // namespace
 
-bool gemm_dft_applies(at::IntArrayRef grid) {
-  if (!tl_gemm_dft || !env_enabled() || grid.size() != 2) return false;
+bool gemm_dft_rule(at::IntArrayRef grid) {
+  if (grid.size() != 2) return false;
   for (auto m : grid) {
     const int64_t p = largest_prime_factor(m);
     if (m > kMaxSide || p < kMinPrime || m > 3 * p) return false;
@@ -121,9 +158,59 @@ bool gemm_dft_applies(at::IntArrayRef grid) {
   return true;
 }
 
+bool gemm_dft_candidate(at::IntArrayRef grid) {
+  if (!tl_gemm_dft || !env_enabled() || grid.size() != 2) return false;
+  for (auto m : grid)
+    if (!side_candidate(m)) return false;
+  return true;
+}
+
+GemmDftChoice gemm_dft_choice(const GemmDftKind& kind) {
+  const int64_t g[2] = {kind.m0, kind.m1};
+  if (!tl_trials || !env_trials() || at::globalContext().deterministicAlgorithms())
+    return gemm_dft_rule(g) ? GemmDftChoice::kProducts : GemmDftChoice::kTransforms;
+  std::lock_guard<std::mutex> lock(g_trials_mutex);
+  const auto it = g_trials.find(trial_key(kind));
+  if (it == g_trials.end()) return GemmDftChoice::kTrial;
+  return it->second ? GemmDftChoice::kProducts : GemmDftChoice::kTransforms;
+}
+
+bool gemm_dft_record(const GemmDftKind& kind, double t_products, double t_transforms) {
+  std::lock_guard<std::mutex> lock(g_trials_mutex);
+  const bool products = t_products * g_bias < t_transforms;
+  if (g_trials.size() >= kMaxTrials) g_trials.clear();
+  g_trials[trial_key(kind)] = products;
+  return products;
+}
+
 bool set_gemm_dft(bool enabled) {
   const bool prev = tl_gemm_dft;
   tl_gemm_dft = enabled;
+  return prev;
+}
+
+bool set_gemm_dft_trials(bool enabled) {
+  const bool prev = tl_trials;
+  tl_trials = enabled;
+  return prev;
+}
+
+int64_t gemm_dft_trials() {
+  std::lock_guard<std::mutex> lock(g_trials_mutex);
+  return static_cast<int64_t>(g_trials.size());
+}
+
+void clear_gemm_dft_trials() {
+  std::lock_guard<std::mutex> lock(g_trials_mutex);
+  g_trials.clear();
+}
+
+double set_gemm_dft_trial_bias(double bias) {
+  TORCH_CHECK(std::isfinite(bias) && bias > 0.0, "set_gemm_dft_trial_bias: bias must be a finite number > 0, got ",
+              bias);
+  std::lock_guard<std::mutex> lock(g_trials_mutex);
+  const double prev = g_bias;
+  g_bias = bias;
   return prev;
 }
 

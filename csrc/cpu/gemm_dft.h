@@ -7,13 +7,36 @@
 namespace pymks_vae {
 namespace cpu {
 
-// Whether a grid's real transforms take the matrix products: 2D, each side m at most 103 with a
-// prime factor p >= 17 and m <= 3p (17, 19, 23, ..., 51, ..., 62, 67, 69, 71, ..., 101, 103), and
-// the route on for this thread (set_gemm_dft).
-bool gemm_dft_applies(at::IntArrayRef grid);
+// The fixed rule, measured on one CPU (see gemm_dft.cpp): 2D, each side m at most 103 with a prime
+// factor p >= 17 and m <= 3p (17, 19, 23, ..., 51, ..., 62, 67, 69, 71, ..., 101, 103).
+bool gemm_dft_rule(at::IntArrayRef grid);
 
-// This thread's switch (tests compare the two routes); returns the previous setting.
+// Whether the products may run on a grid at all (the route on for this thread and process, and a
+// 2D grid whose sides make them a contender: the rule's and the other sides where they came within
+// reach of MKL on the CPU measured). Which of the two then runs is gemm_dft_choice's.
+bool gemm_dft_candidate(at::IntArrayRef grid);
+
+// For a candidate grid: the rule's route where trials are off for this thread or torch's
+// deterministic algorithms are on (results must not depend on timings there); else the route timed
+// faster for this kind of call (grid, dtype, direction, thread count, batch within a factor of 2),
+// or kTrial where this kind has not been timed yet: the caller times both and records them.
+enum class GemmDftChoice { kProducts, kTransforms, kTrial };
+struct GemmDftKind {
+  int64_t m0, m1, batch;
+  bool is_double, inverse;
+};
+GemmDftChoice gemm_dft_choice(const GemmDftKind& kind);
+// Records a trial's best times (seconds) and returns whether the products won.
+bool gemm_dft_record(const GemmDftKind& kind, double t_products, double t_transforms);
+
+// This thread's switches (tests compare the routes); each returns the previous setting.
 bool set_gemm_dft(bool enabled);
+bool set_gemm_dft_trials(bool enabled);
+// Trials run so far (kinds remembered), forgetting them, and a factor on the products' measured
+// time (tests make a trial's outcome certain with it; 1 otherwise).
+int64_t gemm_dft_trials();
+void clear_gemm_dft_trials();
+double set_gemm_dft_trial_bias(double bias);
 
 // rfftn over the last two axes: x (..., m0, m1) contiguous real -> out (..., m0, m1 / 2 + 1)
 // contiguous complex, written in place.
