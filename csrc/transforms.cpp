@@ -113,11 +113,11 @@ at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::
   const auto sizes = half_sizes(B, k, grid, moved);
   check_dest(dest, sizes, "rfft_grid");
   // Small 2D grids whose sides have a large prime factor: matrix products (cpu/gemm_dft.cpp).
-  if (x.device().is_cpu() && !padded && x.is_contiguous() && !moved && cpu::gemm_dft_candidate(grid)) {
+  if (x.device().is_cpu() && !padded && x.is_contiguous() && cpu::gemm_dft_candidate(grid)) {
     at::Tensor out = dest.defined() ? dest : at::empty(sizes, x.options().dtype(c10::toComplexType(x.scalar_type())));
-    const cpu::GemmDftKind kind{grid[0], grid[1], B * k, x.scalar_type() == at::kDouble, false};
+    const cpu::GemmDftKind kind{grid[0], grid[1], B * k, x.scalar_type() == at::kDouble, false, moved};
     run_small_grid(
-        kind, out, [&](at::Tensor& o) { cpu::gemm_rfft2(x, o); },
+        kind, out, [&](at::Tensor& o) { cpu::gemm_rfft2(x, o, moved); },
         [&](at::Tensor& o, bool timed = false, double* best = nullptr) {
           const auto t0 = std::chrono::steady_clock::now();
           rfft_transforms(x, grid, moved, padded, o);
@@ -133,13 +133,13 @@ at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, 
   std::vector<int64_t> sizes{B, k};
   sizes.insert(sizes.end(), grid.begin(), grid.end());
   check_dest(dest, sizes, "irfft_grid");
-  if (spec.device().is_cpu() && spec.is_contiguous() && !moved && cpu::gemm_dft_candidate(grid)) {
+  if (spec.device().is_cpu() && spec.is_contiguous() && cpu::gemm_dft_candidate(grid)) {
     double n = 1.0;
     for (auto m : grid) n *= static_cast<double>(m);
     at::Tensor out = dest.defined() ? dest : at::empty(sizes, spec.options().dtype(c10::toRealValueType(spec.scalar_type())));
-    const cpu::GemmDftKind kind{grid[0], grid[1], B * k, spec.scalar_type() == at::kComplexDouble, true};
+    const cpu::GemmDftKind kind{grid[0], grid[1], B * k, spec.scalar_type() == at::kComplexDouble, true, moved};
     run_small_grid(
-        kind, out, [&](at::Tensor& o) { cpu::gemm_irfft2(spec, o, 1.0 / n); },
+        kind, out, [&](at::Tensor& o) { cpu::gemm_irfft2(spec, o, 1.0 / n, moved); },
         [&](at::Tensor& o, bool timed = false, double* best = nullptr) {
           if (!timed) {
             irfft_transforms(spec, grid, moved, o);

@@ -69,7 +69,7 @@ constexpr size_t kMaxTrials = 256;
 std::vector<int64_t> trial_key(const GemmDftKind& k) {
   int64_t bucket = 0;  // batches within a factor of 2 share a trial
   for (int64_t b = k.batch; b > 1; b >>= 1) ++bucket;
-  return {k.m0, k.m1, bucket, k.is_double, k.inverse, at::get_num_threads()};
+  return {k.m0, k.m1, bucket, k.is_double, k.inverse, k.moved, at::get_num_threads()};
 }
 
 int64_t largest_prime_factor(int64_t n) {
@@ -214,7 +214,7 @@ double set_gemm_dft_trial_bias(double bias) {
   return prev;
 }
 
-void gemm_rfft2(const at::Tensor& x, at::Tensor& out) {
+void gemm_rfft2(const at::Tensor& x, at::Tensor& out, bool moved) {
   TORCH_CHECK(x.dim() >= 2 && x.is_contiguous() && out.is_contiguous(), "gemm_rfft2: contiguous fields expected");
   const int64_t m0 = x.size(-2), m1 = x.size(-1), h1 = m1 / 2 + 1, N = m0 * m1 > 0 ? x.numel() / (m0 * m1) : 0;
   TORCH_CHECK(out.numel() == N * m0 * h1 && out.is_complex(), "gemm_rfft2: the output does not fit");
@@ -222,25 +222,33 @@ void gemm_rfft2(const at::Tensor& x, at::Tensor& out) {
   // The last axis: one real product over every row of every field, (N m0, m1) . (m1, 2 h1).
   const auto a = at::mm(x.view({N * m0, m1}), table(Table::kForwardLast, m1, 1.0, real));
   const auto a_c = at::view_as_complex(a.view({N, m0, h1, 2}));
-  // The first axis: F0 . A_n for every field, into the output.
-  const auto f0 = table(Table::kFirst, m0, 1.0, real);
-  auto o = out.view({N, m0, h1});
-  at::bmm_out(o, f0.expand({N, m0, m0}), a_c);
+  // The first axis: F0 . A_n for every field, into the output; in the moved layout its transpose
+  // A_n^T . F0 (F0 is symmetric), the transposed A read in place by the product.
+  const auto f0 = table(Table::kFirst, m0, 1.0, real).expand({N, m0, m0});
+  if (moved) {
+    auto o = out.view({N, h1, m0});
+    at::bmm_out(o, a_c.transpose(1, 2), f0);
+  } else {
+    auto o = out.view({N, m0, h1});
+    at::bmm_out(o, f0, a_c);
+  }
 }
 
-void gemm_irfft2(const at::Tensor& spec, at::Tensor& out, double scale) {
+void gemm_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, bool moved) {
   TORCH_CHECK(spec.dim() >= 2 && spec.is_contiguous() && out.is_contiguous() && spec.is_complex(),
               "gemm_irfft2: contiguous spectra expected");
   const int64_t m0 = out.size(-2), m1 = out.size(-1), h1 = m1 / 2 + 1;
   const int64_t N = m0 * m1 > 0 ? out.numel() / (m0 * m1) : 0;
-  TORCH_CHECK(spec.numel() == N * m0 * h1 && spec.size(-1) == h1 && spec.size(-2) == m0,
+  TORCH_CHECK(spec.numel() == N * m0 * h1 && spec.size(-1) == (moved ? m0 : h1) && spec.size(-2) == (moved ? h1 : m0),
               "gemm_irfft2: the spectra do not fit the output");
   const auto real = out.scalar_type();
-  // The first axis, inverted as complex data: conj(F0) . S_n for every field.
-  const auto z = at::bmm(table(Table::kFirstConj, m0, 1.0, real).expand({N, m0, m0}), spec.view({N, m0, h1}));
+  // The first axis, inverted as complex data: conj(F0) . S_n for every field (S_n read transposed
+  // in place from the moved layout).
+  const auto s = moved ? spec.view({N, h1, m0}).transpose(1, 2) : spec.view({N, m0, h1});
+  const auto z = at::bmm(table(Table::kFirstConj, m0, 1.0, real).expand({N, m0, m0}), s);
   // The last axis, complex to real over every row: (N m0, 2 h1) . (2 h1, m1), scaled by the table.
   auto o = out.view({N * m0, m1});
-  at::mm_out(o, at::view_as_real(z).view({N * m0, 2 * h1}), table(Table::kInverseLast, m1, scale, real));
+  at::mm_out(o, at::view_as_real(z).reshape({N * m0, 2 * h1}), table(Table::kInverseLast, m1, scale, real));
 }
 
 }  // namespace cpu

@@ -23,7 +23,7 @@ bool gemm_dft_candidate(at::IntArrayRef grid);
 enum class GemmDftChoice { kProducts, kTransforms, kTrial };
 struct GemmDftKind {
   int64_t m0, m1, batch;
-  bool is_double, inverse;
+  bool is_double, inverse, moved;
 };
 GemmDftChoice gemm_dft_choice(const GemmDftKind& kind);
 // Records a trial's best times (seconds) and returns whether the products won.
@@ -38,14 +38,15 @@ int64_t gemm_dft_trials();
 void clear_gemm_dft_trials();
 double set_gemm_dft_trial_bias(double bias);
 
-// rfftn over the last two axes: x (..., m0, m1) contiguous real -> out (..., m0, m1 / 2 + 1)
-// contiguous complex, written in place.
-void gemm_rfft2(const at::Tensor& x, at::Tensor& out);
+// rfftn over the last two axes: x (..., m0, m1) contiguous real -> out contiguous complex, written
+// in place: (..., m0, m1 / 2 + 1), or with moved the first axis last, (..., m1 / 2 + 1, m0).
+void gemm_rfft2(const at::Tensor& x, at::Tensor& out, bool moved = false);
 
-// irfftn over the last two axes times `scale`: spec (..., m0, m1 / 2 + 1) contiguous complex ->
-// out (..., m0, m1) contiguous real. As MKL's and pocketfft's c2r, the first axis is inverted as
-// complex data and the imaginary parts of the last axis's bins 0 and m1 / 2 are then ignored.
-void gemm_irfft2(const at::Tensor& spec, at::Tensor& out, double scale);
+// irfftn over the last two axes times `scale`: spec contiguous complex, (..., m0, m1 / 2 + 1) or
+// moved (..., m1 / 2 + 1, m0) -> out (..., m0, m1) contiguous real. As MKL's and pocketfft's c2r,
+// the first axis is inverted as complex data and the imaginary parts of the last axis's bins 0
+// and m1 / 2 are then ignored.
+void gemm_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, bool moved = false);
 
 }  // namespace cpu
 }  // namespace pymks_vae
