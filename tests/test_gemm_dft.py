@@ -205,6 +205,26 @@ def test_a_trial_runs_the_winner_from_its_first_call_on(shape, products):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_overturning_the_rule_takes_two_trials():
+    # 27^2 is not the fixed rule's (MKL); 51^2 is (the products). A trial that agrees with the rule
+    # settles the kind at once; one against it is a vote, which the next call's trial must confirm.
+    def stats(shape):
+        return ops.two_point_stats(field(shape, torch.float32, n=4), [(0, 0), (1, 1)])
+
+    with gemm_dft(False):
+        mkl = {shape: stats(shape) for shape in TRIAL_GRIDS}
+    with trials_won_by(True):
+        products = {shape: stats(shape) for shape in TRIAL_GRIDS}
+    with trials_won_by(True):  # 27: a vote for the products; 51: settled on the products
+        assert torch.equal(stats((27, 27)), products[(27, 27)])
+        assert torch.equal(stats((51, 51)), products[(51, 51)])
+        C._set_gemm_dft_trial_bias(1e9)  # from now on MKL wins every trial
+        assert torch.equal(stats((27, 27)), mkl[(27, 27)])  # the vote is not confirmed: MKL, settled
+        assert torch.equal(stats((51, 51)), products[(51, 51)])  # settled: not timed again
+        C._set_gemm_dft_trial_bias(1e-9)
+        assert torch.equal(stats((27, 27)), mkl[(27, 27)])
+
+
 def test_trials_are_kept_per_kind():
     def stats(n, dtype=torch.float32, shape=(51, 51)):
         # every state, auto pairs: contiguous fields in the natural layout, as the products take them

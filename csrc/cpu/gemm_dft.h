@@ -26,7 +26,8 @@ struct GemmDftKind {
   bool is_double, inverse, moved;
 };
 GemmDftChoice gemm_dft_choice(const GemmDftKind& kind);
-// Records a trial's best times (seconds) and returns whether the products won.
+// Records a trial's best times (seconds) and returns whether the products won (this call runs
+// them). Against the fixed rule a win needs a margin and a second trial at the kind's next call.
 bool gemm_dft_record(const GemmDftKind& kind, double t_products, double t_transforms);
 
 // This thread's switches (tests compare the routes); each returns the previous setting.
