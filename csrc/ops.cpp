@@ -138,6 +138,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("_gemm_dft_trials", &pymks_vae::cpu::gemm_dft_trials,
         "How many kinds of call have had the matrix products timed against the transforms");
   m.def("_clear_gemm_dft_trials", &pymks_vae::cpu::clear_gemm_dft_trials, "Forget the matrix products' trials");
+  m.def(
+      "_gemm_dft_verdict",
+      [](std::vector<int64_t> grid, double t_products, double t_transforms, bool confirming) -> std::string {
+        TORCH_CHECK(grid.size() == 2, "_gemm_dft_verdict: grid must have 2 sides");
+        switch (pymks_vae::cpu::gemm_dft_verdict(grid, t_products, t_transforms, confirming)) {
+          case pymks_vae::cpu::GemmDftVerdict::kProducts: return "products";
+          case pymks_vae::cpu::GemmDftVerdict::kTransforms: return "transforms";
+          default: return "confirm";
+        }
+      },
+      pybind11::arg("grid"), pybind11::arg("t_products"), pybind11::arg("t_transforms"), pybind11::arg("confirming"),
+      "A trial's decision from its two best times (seconds), as the matrix products' trials take it (tests)");
   m.def("_set_gemm_dft_trial_bias", &pymks_vae::cpu::set_gemm_dft_trial_bias, pybind11::arg("bias"),
         "Multiply the matrix products' measured time by bias in their trials (tests); returns the previous bias");
   m.def("_mkl_dft_available", &pymks_vae::cpu::dft_available, "Whether MKL's DFTI was found in the loaded torch");

@@ -118,9 +118,15 @@ at::Tensor stats_loss_backward(const at::Tensor& grad, const at::Tensor& spectru
   const int64_t chunk = cache_chunk(gx, 6 * gx.numel() / B);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
-    // irfft_grid may overwrite its input, and the spectrum is saved by autograd (a second backward
-    // with retain_graph reads it again): it gets a copy of this chunk, which ATen's irfftn made too.
-    irfft_grid(spectrum.narrow(0, b0, n).clone(), spatial, false, gx.narrow(0, b0, n));
+    auto out_c = gx.narrow(0, b0, n);
+    if (spectrum.device().is_cpu()) {
+      // irfft_grid may overwrite its input, and the spectrum is saved by autograd (a second
+      // backward with retain_graph reads it again): it gets a copy of this chunk, as ATen's irfftn
+      // makes one too.
+      irfft_grid(spectrum.narrow(0, b0, n).clone(), spatial, false, out_c);
+    } else {
+      at::fft_irfftn_out(out_c, spectrum.narrow(0, b0, n), spatial, spatial_dims(spectrum.dim()));
+    }
   }
   gx.mul_(grad.view(view).to(gx.scalar_type()));
   if (static_cast<int64_t>(states.size()) == n_state) return gx.contiguous();

@@ -509,24 +509,27 @@ def print_summary(metrics):
 # ----------------------------------------------------------------------------- main
 @contextlib.contextmanager
 def pinned_binary_route():
-    """Within it, the operator's route chooser uses its shipped costs, unless ``PYMKS_VAE_ROUTE_COSTS`` is set.
+    """Within it, the operator's route chooser uses its shipped costs, unless ``PYMKS_VAE_ROUTE_COSTS`` is set,
+    and the transforms of small 2D grids follow their fixed rule, unless ``PYMKS_VAE_GEMM_DFT`` is set.
 
     Binary images (the lines, thresholded drawings) are counted or transformed, whichever the
     chooser estimates faster; with measured costs the estimate (and a first-call trial of both
     routes) depends on how busy the machine is, and the two routes differ in the last bits of
     float32 statistics, which changes a training run. Fixed costs make the route, and so a run, a
     function of the seed and the thread count only (measured: the same seed at 2 threads gave line
-    counts of 63.0% and 62.3% before this; docs/replication.md). The environment is put back on
-    exit, so a caller's process (a test, a notebook) keeps its own setting after :func:`main`.
+    counts of 63.0% and 62.3% before this; docs/replication.md). Grids such as ``51^2`` likewise
+    choose between matrix products and MKL's transforms by timing both at first use
+    (docs/two_point_stats.md) unless the rule is fixed. The environment is put back on exit, so a
+    caller's process (a test, a notebook) keeps its own setting after :func:`main`.
     """
-    if "PYMKS_VAE_ROUTE_COSTS" in os.environ:
-        yield
-        return
-    os.environ["PYMKS_VAE_ROUTE_COSTS"] = "fitted"
+    pinned = {name: value for name, value in (("PYMKS_VAE_ROUTE_COSTS", "fitted"), ("PYMKS_VAE_GEMM_DFT", "rule"))
+              if name not in os.environ}
+    os.environ.update(pinned)
     try:
         yield
     finally:
-        os.environ.pop("PYMKS_VAE_ROUTE_COSTS", None)
+        for name in pinned:
+            os.environ.pop(name, None)
 
 
 def main(argv=None):

@@ -184,7 +184,6 @@ def test_a_trial_runs_the_winner_from_its_first_call_on(shape, products):
 
     def loss_and_grad():
         x.grad = None
-        # auto pairs: the natural layout, which the products take (see gemm_dft_candidate)
         loss = ops.spatial_stats_loss(x, t, correlations=[(0, 0), (1, 1)], cutoff=6)
         loss.backward()
         return loss.detach(), x.grad.clone()
@@ -199,30 +198,25 @@ def test_a_trial_runs_the_winner_from_its_first_call_on(shape, products):
         first = loss_and_grad()
         # the forward transforms of x and of the target (one kind), the gradient's inverse (another)
         kinds = C._gemm_dft_trials()
+        assert kinds >= 2
         second = loss_and_grad()
-        assert C._gemm_dft_trials() == kinds >= 2  # remembered, not timed again
+        assert C._gemm_dft_trials() == kinds  # remembered, no new kind
     for got in (first, second):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_overturning_the_rule_takes_two_trials():
-    # 27^2 is not the fixed rule's (MKL); 51^2 is (the products). A trial that agrees with the rule
-    # settles the kind at once; one against it is a vote, which the next call's trial must confirm.
-    def stats(shape):
-        return ops.two_point_stats(field(shape, torch.float32, n=4), [(0, 0), (1, 1)])
-
-    with gemm_dft(False):
-        mkl = {shape: stats(shape) for shape in TRIAL_GRIDS}
-    with trials_won_by(True):
-        products = {shape: stats(shape) for shape in TRIAL_GRIDS}
-    with trials_won_by(True):  # 27: a vote for the products; 51: settled on the products
-        assert torch.equal(stats((27, 27)), products[(27, 27)])
-        assert torch.equal(stats((51, 51)), products[(51, 51)])
-        C._set_gemm_dft_trial_bias(1e9)  # from now on MKL wins every trial
-        assert torch.equal(stats((27, 27)), mkl[(27, 27)])  # the vote is not confirmed: MKL, settled
-        assert torch.equal(stats((51, 51)), products[(51, 51)])  # settled: not timed again
-        C._set_gemm_dft_trial_bias(1e-9)
-        assert torch.equal(stats((27, 27)), mkl[(27, 27)])
+@pytest.mark.parametrize("grid,t_products,t_transforms,confirming,want", [
+    # 51^2 is the fixed rule's (the products): MKL must be over 15% faster, in two trials
+    ((51, 51), 1.0, 1.1, False, "products"), ((51, 51), 1.0, 0.9, False, "products"),
+    ((51, 51), 1.0, 0.8, False, "confirm"), ((51, 51), 1.0, 0.8, True, "transforms"),
+    ((51, 51), 1.0, 1.1, True, "products"),
+    # 27^2 is not (MKL): the products must be over 15% faster, in two trials
+    ((27, 27), 1.0, 1.1, False, "transforms"), ((27, 27), 0.9, 1.0, False, "transforms"),
+    ((27, 27), 0.8, 1.0, False, "confirm"), ((27, 27), 0.8, 1.0, True, "products"),
+    ((27, 27), 1.0, 0.8, True, "transforms"),
+], ids=str)
+def test_a_trial_overturns_the_rule_only_by_a_margin_and_twice(grid, t_products, t_transforms, confirming, want):
+    assert C._gemm_dft_verdict(list(grid), t_products, t_transforms, confirming) == want
 
 
 def test_trials_are_kept_per_kind():
@@ -260,6 +254,9 @@ def test_deterministic_algorithms_keep_the_fixed_rule():
     finally:
         torch.use_deterministic_algorithms(prev)
     assert torch.equal(got, want)  # 27 is not the rule's: the transforms ran
+    with trials_won_by(True):  # the control: the same call runs a trial otherwise
+        assert not torch.equal(ops.two_point_stats(x, PAIRS, cutoff=4), want)
+        assert C._gemm_dft_trials() > 0
 
 
 def test_rule_setting_of_the_environment_runs_no_trials():

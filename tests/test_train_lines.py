@@ -110,3 +110,27 @@ def test_route_chooser_is_pinned_unless_the_user_set_it(example, monkeypatch):
     with example.pinned_binary_route():
         assert os.environ["PYMKS_VAE_ROUTE_COSTS"] == "measure"  # the user's choice is kept
     assert os.environ["PYMKS_VAE_ROUTE_COSTS"] == "measure"
+
+
+def test_small_grid_transforms_follow_their_rule_in_a_run(example, monkeypatch):
+    """Nor on a timing of the matrix products against MKL (grids such as 51^2)."""
+    import torch
+
+    from pymks_vae import _extension, ops
+
+    C = _extension._C
+    monkeypatch.delenv("PYMKS_VAE_GEMM_DFT", raising=False)
+    C._clear_gemm_dft_trials()
+    try:
+        with example.pinned_binary_route():
+            assert os.environ["PYMKS_VAE_GEMM_DFT"] == "rule"
+            ops.two_point_stats(torch.rand(4, 1, 51, 51), [(0, 0)])
+            assert C._gemm_dft_trials() == 0  # no trial ran
+        assert "PYMKS_VAE_GEMM_DFT" not in os.environ
+        ops.two_point_stats(torch.rand(4, 1, 51, 51), [(0, 0)])
+        assert C._gemm_dft_trials() > 0  # the control: outside the run the first call is timed
+        monkeypatch.setenv("PYMKS_VAE_GEMM_DFT", "0")
+        with example.pinned_binary_route():
+            assert os.environ["PYMKS_VAE_GEMM_DFT"] == "0"  # the user's choice is kept
+    finally:
+        C._clear_gemm_dft_trials()

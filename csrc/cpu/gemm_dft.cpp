@@ -16,7 +16,7 @@
 // by default the rule only names candidates (with a few more sides, see side_candidate), and the
 // first call of each kind on a candidate grid times both routes on its own input (trials, in
 // transforms.cpp) and keeps the faster for the calls of that kind that follow; against the rule
-// only by a margin and when the next call's trial agrees (gemm_dft_record). Results then depend
+// only by a margin and when a second trial in the same call agrees (gemm_dft_record). Results then depend
 // on a timing in their last bits, so the fixed rule decides alone under torch's deterministic
 // algorithms, with PYMKS_VAE_GEMM_DFT=rule, or after set_gemm_dft_trials(false).
 //
@@ -32,6 +32,9 @@
 // Phases are reduced modulo m in integers before the cosines and sines (exact for any size).
 #include "cpu/gemm_dft.h"
 
+#include <pthread.h>
+
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -54,20 +57,21 @@ constexpr int64_t kMinPrime = 17;
 thread_local bool tl_gemm_dft = true;
 thread_local bool tl_trials = true;
 
-// PYMKS_VAE_GEMM_DFT: "0" turns the route off, "rule" keeps the fixed rule (no trials).
-const char* env_setting() {
-  static const char* env = std::getenv("PYMKS_VAE_GEMM_DFT");
-  return env;
-}
+// PYMKS_VAE_GEMM_DFT: "0" turns the route off, "rule" keeps the fixed rule (no trials). Read at
+// every call, so that a process can pin it for a stretch (train_lines.py's reproducible runs).
+const char* env_setting() { return std::getenv("PYMKS_VAE_GEMM_DFT"); }
 bool env_enabled() { return env_setting() == nullptr || std::strcmp(env_setting(), "0") != 0; }
 bool env_trials() { return env_setting() == nullptr || std::strcmp(env_setting(), "rule") != 0; }
 
-std::mutex g_trials_mutex;
-// kind -> the route timed faster; a first trial against the fixed rule is only a vote, which a
-// second trial at the kind's next call must confirm (see gemm_dft_record).
-enum class Verdict { kTransforms, kProducts, kVoteAgainstRule };
-std::map<std::vector<int64_t>, Verdict> g_trials;
-double g_bias = 1.0;
+// kind -> whether the products were timed faster. Pointers, renewed in a forked child (whose
+// first transform must not wait on a lock another thread of the parent held).
+std::mutex* g_trials_mutex_ptr = new std::mutex();
+std::map<std::vector<int64_t>, bool>* g_trials_ptr = new std::map<std::vector<int64_t>, bool>();
+const int g_trials_atfork = pthread_atfork(nullptr, nullptr, [] {
+  g_trials_mutex_ptr = new std::mutex();
+  g_trials_ptr = new std::map<std::vector<int64_t>, bool>();
+});
+std::atomic<double> g_bias{1.0};
 constexpr size_t kMaxTrials = 256;
 constexpr double kTrialMargin = 1.15;
 
@@ -172,32 +176,34 @@ bool gemm_dft_candidate(at::IntArrayRef grid) {
 
 GemmDftChoice gemm_dft_choice(const GemmDftKind& kind) {
   const int64_t g[2] = {kind.m0, kind.m1};
-  if (!tl_trials || !env_trials() || at::globalContext().deterministicAlgorithms())
-    return gemm_dft_rule(g) ? GemmDftChoice::kProducts : GemmDftChoice::kTransforms;
-  std::lock_guard<std::mutex> lock(g_trials_mutex);
-  const auto it = g_trials.find(trial_key(kind));
-  if (it == g_trials.end() || it->second == Verdict::kVoteAgainstRule) return GemmDftChoice::kTrial;
-  return it->second == Verdict::kProducts ? GemmDftChoice::kProducts : GemmDftChoice::kTransforms;
+  const GemmDftChoice rule = gemm_dft_rule(g) ? GemmDftChoice::kProducts : GemmDftChoice::kTransforms;
+  if (!tl_trials || !env_trials() || at::globalContext().deterministicAlgorithms()) return rule;
+  std::lock_guard<std::mutex> lock(*g_trials_mutex_ptr);
+  const auto it = g_trials_ptr->find(trial_key(kind));
+  if (it != g_trials_ptr->end()) return it->second ? GemmDftChoice::kProducts : GemmDftChoice::kTransforms;
+  // Kinds past the bound keep the rule rather than forget the others (whose calls would be timed
+  // again, and could change route mid-run).
+  return g_trials_ptr->size() >= kMaxTrials ? rule : GemmDftChoice::kTrial;
 }
 
-bool gemm_dft_record(const GemmDftKind& kind, double t_products, double t_transforms) {
+GemmDftVerdict gemm_dft_record(const GemmDftKind& kind, double t_products, double t_transforms, bool confirming) {
   // Trials overturn the fixed rule only by a margin and twice in a row: on the noisy 2-core VM a
   // single trial at 101^2 (where the products take about 0.6x MKL's time) picked MKL in 4 of 30
   // repeats with neither, and in 1 of 30 with the margin alone.
   const int64_t g[2] = {kind.m0, kind.m1};
-  const bool rule = gemm_dft_rule(g);
+  const auto verdict = gemm_dft_verdict(g, t_products * g_bias.load(), t_transforms, confirming);
+  if (verdict == GemmDftVerdict::kConfirm) return verdict;
+  std::lock_guard<std::mutex> lock(*g_trials_mutex_ptr);
+  if (g_trials_ptr->size() < kMaxTrials) (*g_trials_ptr)[trial_key(kind)] = verdict == GemmDftVerdict::kProducts;
+  return verdict;
+}
+
+GemmDftVerdict gemm_dft_verdict(at::IntArrayRef grid, double t_products, double t_transforms, bool confirming) {
+  const bool rule = gemm_dft_rule(grid);
   const double margin = rule ? kTrialMargin : 1.0 / kTrialMargin;
-  std::lock_guard<std::mutex> lock(g_trials_mutex);
-  const bool products = t_products * g_bias < t_transforms * margin;
-  if (g_trials.size() >= kMaxTrials) g_trials.clear();
-  const auto key = trial_key(kind);
-  const auto it = g_trials.find(key);
-  const bool voted = it != g_trials.end() && it->second == Verdict::kVoteAgainstRule;
-  if (products == rule || voted)
-    g_trials[key] = products ? Verdict::kProducts : Verdict::kTransforms;
-  else
-    g_trials[key] = Verdict::kVoteAgainstRule;
-  return products;
+  const bool products = t_products < t_transforms * margin;
+  if (products != rule && !confirming) return GemmDftVerdict::kConfirm;
+  return products ? GemmDftVerdict::kProducts : GemmDftVerdict::kTransforms;
 }
 
 bool set_gemm_dft(bool enabled) {
@@ -213,22 +219,19 @@ bool set_gemm_dft_trials(bool enabled) {
 }
 
 int64_t gemm_dft_trials() {
-  std::lock_guard<std::mutex> lock(g_trials_mutex);
-  return static_cast<int64_t>(g_trials.size());
+  std::lock_guard<std::mutex> lock(*g_trials_mutex_ptr);
+  return static_cast<int64_t>(g_trials_ptr->size());
 }
 
 void clear_gemm_dft_trials() {
-  std::lock_guard<std::mutex> lock(g_trials_mutex);
-  g_trials.clear();
+  std::lock_guard<std::mutex> lock(*g_trials_mutex_ptr);
+  g_trials_ptr->clear();
 }
 
 double set_gemm_dft_trial_bias(double bias) {
   TORCH_CHECK(std::isfinite(bias) && bias > 0.0, "set_gemm_dft_trial_bias: bias must be a finite number > 0, got ",
               bias);
-  std::lock_guard<std::mutex> lock(g_trials_mutex);
-  const double prev = g_bias;
-  g_bias = bias;
-  return prev;
+  return g_bias.exchange(bias);
 }
 
 void gemm_rfft2(const at::Tensor& x, at::Tensor& out, bool moved) {

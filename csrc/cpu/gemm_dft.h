@@ -18,17 +18,24 @@ bool gemm_dft_candidate(at::IntArrayRef grid);
 
 // For a candidate grid: the rule's route where trials are off for this thread or torch's
 // deterministic algorithms are on (results must not depend on timings there); else the route timed
-// faster for this kind of call (grid, dtype, direction, thread count, batch within a factor of 2),
-// or kTrial where this kind has not been timed yet: the caller times both and records them.
+// faster for this kind of call (grid, dtype, direction, layout, thread count, and the number of
+// fields transformed to within a power of two), or kTrial where this kind has not been timed yet:
+// the caller times both and records them. Past 256 kinds the rule decides for new ones.
 enum class GemmDftChoice { kProducts, kTransforms, kTrial };
 struct GemmDftKind {
   int64_t m0, m1, batch;
   bool is_double, inverse, moved;
 };
 GemmDftChoice gemm_dft_choice(const GemmDftKind& kind);
-// Records a trial's best times (seconds) and returns whether the products won (this call runs
-// them). Against the fixed rule a win needs a margin and a second trial at the kind's next call.
-bool gemm_dft_record(const GemmDftKind& kind, double t_products, double t_transforms);
+// Records a trial's best times (seconds) and says which route won. Against the fixed rule a win
+// needs a margin and a second trial: the first returns kConfirm (nothing recorded), and the
+// caller times both routes again and records them with confirming set, whose outcome stands.
+enum class GemmDftVerdict { kProducts, kTransforms, kConfirm };
+GemmDftVerdict gemm_dft_record(const GemmDftKind& kind, double t_products, double t_transforms,
+                               bool confirming = false);
+// The decision alone (no bias, nothing recorded): the margin of 15% against the rule's route, and
+// kConfirm for a first win against it.
+GemmDftVerdict gemm_dft_verdict(at::IntArrayRef grid, double t_products, double t_transforms, bool confirming);
 
 // This thread's switches (tests compare the routes); each returns the previous setting.
 bool set_gemm_dft(bool enabled);
