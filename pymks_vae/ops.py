@@ -340,7 +340,8 @@ def binary_route_calibration(remeasure=False):
         kernel call, ``rotate_ns`` per word rotated, ``pack_f32_ns`` / ``pack_f64_ns`` per pixel
         packed, ``fft_f32_ns`` / ``fft_f64_ns`` per S log2 S of one transform), ``kernel`` (the
         counting kernel they are for), ``source`` ("measured", "set" by
-        :func:`set_binary_route_costs`, "env" or "fitted" from ``PYMKS_VAE_ROUTE_COSTS``, "unused"
+        :func:`set_binary_route_costs`, "env" or "fitted" from ``PYMKS_VAE_ROUTE_COSTS``,
+        "deterministic" (the fitted costs, under ``torch.use_deterministic_algorithms(True)``), "unused"
         on a CPU that never counts), ``threads`` (the thread count they hold for) and ``seconds``
         (what measuring took; 0 if not measured).
 
@@ -350,7 +351,7 @@ def binary_route_calibration(remeasure=False):
 
     Example:
         >>> cal = binary_route_calibration()
-        >>> cal["source"] in ("measured", "set", "env", "fitted", "unused"), sorted(cal["costs"])[:2]
+        >>> cal["source"] in ("measured", "set", "env", "fitted", "deterministic", "unused"), sorted(cal["costs"])[:2]
         (True, ['call_ns', 'fft_f32_ns'])
     """
     if not isinstance(remeasure, bool):

@@ -423,6 +423,24 @@ def test_no_route_trial_outside_the_band_under_set_costs_or_for_non_binary_input
     assert _C._binary_route_trials() == 1
 
 
+@pytest.mark.skipif(BEST == "generic", reason="no counting kernel the cost model uses on this CPU")
+def test_deterministic_algorithms_take_the_fitted_costs_and_no_trials(route):
+    x = one_hot((16, 2, 48, 48, 48), torch.float32)
+    _C._set_binary_route_trial_band(1e9)  # every call a trial candidate, outside deterministic mode
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        cal = ops.binary_route_calibration()
+        assert cal["source"] == "deterministic" and cal["costs"] == FITTED
+        ops.two_point_stats(x, PAIRS, cutoff=1)
+        assert _C._binary_route_trials() == 0
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert ops.binary_route_calibration()["source"] == "measured"  # the control
+    ops.two_point_stats(x, PAIRS, cutoff=1)
+    assert _C._binary_route_trials() == 1
+
+
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
 def test_route_trial_band_rejects_bad_values(bad):
     with pytest.raises(RuntimeError, match="band must be a finite number >= 0"):

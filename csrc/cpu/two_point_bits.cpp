@@ -928,7 +928,8 @@ std::map<int, RouteCalibration> g_measured;   // by thread count
 int effective_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
 
 // The costs in force for kernel k on this thread: set, else PYMKS_VAE_ROUTE_COSTS (read on every
-// call, like PYMKS_VAE_BINARY_PATH), else measured once per thread count. Both routes parallelise,
+// call, like PYMKS_VAE_BINARY_PATH), else the fitted ones under torch's deterministic algorithms,
+// else measured once per thread count. Both routes parallelise,
 // but not alike (tasks of counts against MKL's split of the transforms), so a measurement holds for
 // the thread count it was made at.
 RouteCalibration calibration_for(const CountKernel& k, bool remeasure = false) {
@@ -949,6 +950,13 @@ RouteCalibration calibration_for(const CountKernel& k, bool remeasure = false) {
   if (!v.empty() && v != "measure") {
     cal.costs = parse_costs(v, k);
     cal.source = v == "fitted" ? "fitted" : "env";
+    return cal;
+  }
+  // Under torch's deterministic algorithms results must not depend on a timing: the shipped
+  // constants, and (as their source is not "measured") no route trials either.
+  if (at::globalContext().deterministicAlgorithms()) {
+    cal.costs = fitted_costs(k);
+    cal.source = "deterministic";
     return cal;
   }
   // Measured under the lock: a second thread needing the same costs waits a few ms for them
