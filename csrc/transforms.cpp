@@ -34,11 +34,17 @@ at::Tensor into(const at::Tensor& result, at::Tensor dest) {
   return dest;
 }
 
-
 // The transforms proper: MKL's DFTI where it takes the layout, else ATen's.
 at::Tensor rfft_transforms(const at::Tensor& x, at::IntArrayRef grid, bool moved, bool padded, at::Tensor dest) {
   const int64_t B = x.size(0), k = x.size(1), nd = static_cast<int64_t>(grid.size());
   const auto ctype = x.options().dtype(c10::toComplexType(x.scalar_type()));
+  // Zero padding (non-periodic statistics) stays with ATen, whose transforms pad as they go: DFTI
+  // would need a padded copy first, which made the non-periodic loss 8% slower (cutoff 20, 224^2).
+  // A strided x (some states of a batch, channels-last data) too: ATen's transforms read it in
+  // place where DFTI would need a contiguous copy first. And so does the moved layout: MKL's
+  // internal scatter into it cost more than ATen's transforms around one transposing copy (the
+  // windowed loss, timed in the same rounds with each transform on either path: 3-4% slower
+  // with DFTI here, 3-5% faster with DFTI for the inverse transform out of that layout).
   if (x.device().is_cpu() && cpu::dft_enabled() && !padded && x.is_contiguous() && (!moved || nd == 1)) {
     at::Tensor out = dest.defined() ? dest : at::empty(half_sizes(B, k, grid, moved), ctype);
     if (cpu::dft_r2c(cpu::contiguous_layout(grid.vec(), B * k, moved), x, out)) return out;
@@ -72,30 +78,30 @@ at::Tensor irfft_transforms(const at::Tensor& spec, at::IntArrayRef grid, bool m
   return into(at::fft_irfftn(p, rest_sizes, rest_dims).contiguous(), dest);
 }
 
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-// Small 2D grids (cpu/gemm_dft.h): the matrix products or the transforms into out, as the chooser
-// says. A trial runs both three times, alternating, each into its own output (the transforms may
-// overwrite their input: they get fresh copies, made outside the timing), keeps the best time of
-// each, and leaves the winner's result in out; a trial against the fixed rule is repeated at once
-// and its second outcome stands. So the first call of a kind gives the bits of the calls that
-// follow it.
+// Small 2D grids (cpu/gemm_dft.h): products(input, out) or transforms(input, out), as the chooser
+// says. A trial runs both three times, alternating, each into its own output (where the transforms
+// consume their input, on a fresh copy made outside the timing, as the products read the input
+// again), keeps the best time of each, and leaves the winner's result in out; a trial against the
+// fixed rule is repeated at once and its second outcome stands. So the first call of a kind gives
+// the bits of the calls that follow it.
 template <class Products, class Transforms>
-void run_small_grid(const cpu::GemmDftKind& kind, at::Tensor& out, Products products, Transforms transforms) {
+void run_small_grid(const cpu::GemmDftKind& kind, const at::Tensor& input, bool transforms_consume_input,
+                    at::Tensor& out, Products products, Transforms transforms) {
   const auto choice = cpu::gemm_dft_choice(kind);
-  if (choice == cpu::GemmDftChoice::kProducts) return products(out);
-  if (choice == cpu::GemmDftChoice::kTransforms) return transforms(out);
+  if (choice == cpu::GemmDftChoice::kProducts) return products(input, out);
+  if (choice == cpu::GemmDftChoice::kTransforms) return transforms(input, out);
   at::Tensor other = at::empty_like(out);
   auto verdict = cpu::GemmDftVerdict::kConfirm;
   for (int attempt = 0; attempt < 2 && verdict == cpu::GemmDftVerdict::kConfirm; ++attempt) {
     double t_products = std::numeric_limits<double>::infinity(), t_transforms = t_products;
     for (int round = 0; round < 3; ++round) {
       auto t0 = std::chrono::steady_clock::now();
-      products(out);
+      products(input, out);
       t_products = std::min(t_products, seconds_since(t0));
-      transforms(other, /*timed=*/true, &t_transforms);
+      const at::Tensor in = transforms_consume_input ? input.clone() : input;
+      t0 = std::chrono::steady_clock::now();
+      transforms(in, other);
+      t_transforms = std::min(t_transforms, seconds_since(t0));
     }
     verdict = cpu::gemm_dft_record(kind, t_products, t_transforms, /*confirming=*/attempt > 0);
   }
@@ -104,30 +110,23 @@ void run_small_grid(const cpu::GemmDftKind& kind, at::Tensor& out, Products prod
 
 }  // namespace
 
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::Tensor dest) {
   const int64_t B = x.size(0), k = x.size(1), nd = static_cast<int64_t>(grid.size());
-  // Zero padding (non-periodic statistics) stays with ATen, whose transforms pad as they go: DFTI
-  // would need a padded copy first, which made the non-periodic loss 8% slower (cutoff 20, 224^2).
-  // A strided x (some states of a batch, channels-last data) too: ATen's transforms read it in
-  // place where DFTI would need a contiguous copy first. And so does the moved layout: MKL's
-  // internal scatter into it cost more than ATen's transforms around one transposing copy (the
-  // windowed loss, timed in the same rounds with each transform on either path: 3-4% slower
-  // with DFTI here, 3-5% faster with DFTI for the inverse transform out of that layout).
   bool padded = false;
   for (int64_t d = 0; d < nd; ++d) padded = padded || grid[d] != x.size(d + 2);
   const auto sizes = half_sizes(B, k, grid, moved);
   check_dest(dest, sizes, "rfft_grid");
-  // Small 2D grids whose sides have a large prime factor: matrix products (cpu/gemm_dft.cpp).
+  // Small 2D grids: matrix products where they are chosen (cpu/gemm_dft.h).
   if (x.device().is_cpu() && !padded && x.is_contiguous() && cpu::gemm_dft_candidate(grid)) {
     at::Tensor out = dest.defined() ? dest : at::empty(sizes, x.options().dtype(c10::toComplexType(x.scalar_type())));
     const cpu::GemmDftKind kind{grid[0], grid[1], B * k, x.scalar_type() == at::kDouble, false, moved};
     run_small_grid(
-        kind, out, [&](at::Tensor& o) { cpu::gemm_rfft2(x, o, moved); },
-        [&](at::Tensor& o, bool timed = false, double* best = nullptr) {
-          const auto t0 = std::chrono::steady_clock::now();
-          rfft_transforms(x, grid, moved, padded, o);
-          if (timed) *best = std::min(*best, seconds_since(t0));
-        });
+        kind, x, false, out, [&](const at::Tensor& in, at::Tensor& o) { cpu::gemm_rfft2(in, o, moved); },
+        [&](const at::Tensor& in, at::Tensor& o) { rfft_transforms(in, grid, moved, padded, o); });
     return out;
   }
   return rfft_transforms(x, grid, moved, padded, dest);
@@ -144,17 +143,8 @@ at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, 
     at::Tensor out = dest.defined() ? dest : at::empty(sizes, spec.options().dtype(c10::toRealValueType(spec.scalar_type())));
     const cpu::GemmDftKind kind{grid[0], grid[1], B * k, spec.scalar_type() == at::kComplexDouble, true, moved};
     run_small_grid(
-        kind, out, [&](at::Tensor& o) { cpu::gemm_irfft2(spec, o, 1.0 / n, moved); },
-        [&](at::Tensor& o, bool timed = false, double* best = nullptr) {
-          if (!timed) {
-            irfft_transforms(spec, grid, moved, o);
-            return;
-          }
-          const auto scratch = spec.clone();  // the products read spec again in the next round
-          const auto t0 = std::chrono::steady_clock::now();
-          irfft_transforms(scratch, grid, moved, o);
-          *best = std::min(*best, seconds_since(t0));
-        });
+        kind, spec, true, out, [&](const at::Tensor& in, at::Tensor& o) { cpu::gemm_irfft2(in, o, 1.0 / n, moved); },
+        [&](const at::Tensor& in, at::Tensor& o) { irfft_transforms(in, grid, moved, o); });
     return out;
   }
   return irfft_transforms(spec, grid, moved, dest);

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <optional>
@@ -321,6 +322,8 @@ at::Tensor even_inverse(const at::Tensor& power_t, const Geometry& g);
 
 // ------------------------------------------------------------------ shared host helpers
 std::vector<int64_t> spatial_dims(int64_t ndim);
+// Seconds since t0 on the steady clock (the routes' trials and measurements).
+double seconds_since(std::chrono::steady_clock::time_point t0);
 // Samples per pass so that a pass's intermediates (per_sample_elems elements of x's type per
 // sample) stay in the last-level cache: CPU only, and only when at least 4 samples fit;
 // otherwise (and on the GPU) the whole batch.

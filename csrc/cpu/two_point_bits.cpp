@@ -827,10 +827,6 @@ at::Tensor probe_field(int64_t B, int64_t n, at::ScalarType dt) {
   return x;
 }
 
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
 // Measures the costs on this CPU at the calling thread's thread count: the counting route (kernel
 // k) on two windows, so that packing and counting get their own scale, and the transforms route
 // (the operator itself, forced), each in float32 and float64 (float64 counting on the small window
