@@ -150,6 +150,42 @@ PYBIND11_MODULE(_C, m) {
       },
       pybind11::arg("grid"), pybind11::arg("t_products"), pybind11::arg("t_transforms"), pybind11::arg("confirming"),
       "A trial's decision from its two best times (seconds), as the matrix products' trials take it (tests)");
+  // The matrix-product transforms alone, whatever the grid (tests compare them with torch.fft).
+  m.def(
+      "_gemm_rfft2",
+      [](const at::Tensor& x, bool moved) {
+        TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
+                        x.dim() >= 2,
+                    "_gemm_rfft2: x must be a CPU float32/float64 tensor with at least 2 dimensions");
+        const auto xc = x.contiguous();
+        auto sizes = xc.sizes().vec();
+        sizes.back() = sizes.back() / 2 + 1;
+        if (moved) std::swap(sizes[sizes.size() - 1], sizes[sizes.size() - 2]);
+        auto out = at::empty(sizes, xc.options().dtype(c10::toComplexType(xc.scalar_type())));
+        pymks_vae::cpu::gemm_rfft2(xc, out, moved);
+        return out;
+      },
+      pybind11::arg("x"), pybind11::arg("moved") = false,
+      "rfft over the last two axes as matrix products (moved: the first of them last in the result)");
+  m.def(
+      "_gemm_irfft2",
+      [](const at::Tensor& spec, int64_t m1, bool moved, double scale) {
+        TORCH_CHECK(spec.device().is_cpu() &&
+                        (spec.scalar_type() == at::kComplexFloat || spec.scalar_type() == at::kComplexDouble) &&
+                        spec.dim() >= 2,
+                    "_gemm_irfft2: spec must be a CPU complex64/complex128 tensor with at least 2 dimensions");
+        const auto sc = spec.contiguous();
+        auto sizes = sc.sizes().vec();
+        if (moved) std::swap(sizes[sizes.size() - 1], sizes[sizes.size() - 2]);
+        TORCH_CHECK(m1 >= 1 && sizes.back() == m1 / 2 + 1, "_gemm_irfft2: m1 = ", m1, " does not fit the spectrum's ",
+                    sizes.back(), " bins");
+        sizes.back() = m1;
+        auto out = at::empty(sizes, sc.options().dtype(c10::toRealValueType(sc.scalar_type())));
+        pymks_vae::cpu::gemm_irfft2(sc, out, scale, moved);
+        return out;
+      },
+      pybind11::arg("spec"), pybind11::arg("m1"), pybind11::arg("moved") = false, pybind11::arg("scale") = 1.0,
+      "irfft over the last two axes (times scale) as matrix products, from natural or moved spectra");
   m.def("_set_gemm_dft_trial_bias", &pymks_vae::cpu::set_gemm_dft_trial_bias, pybind11::arg("bias"),
         "Multiply the matrix products' measured time by bias in their trials (tests); returns the previous bias");
   m.def("_mkl_dft_available", &pymks_vae::cpu::dft_available, "Whether MKL's DFTI was found in the loaded torch");

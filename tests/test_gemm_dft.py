@@ -1,6 +1,7 @@
 """The CPU's matrix-product transforms for small 2D grids whose sides have a large prime factor
-(csrc/cpu/gemm_dft.cpp): the same numbers as MKL's transforms and the float64 reference, on the
-grids the rule takes, and no change on the others.
+(csrc/cpu/gemm_dft.cpp): alone against torch.fft on any grid (both forms, odd and even sides, both
+layouts, blocks of fields), and inside the operator and the losses the same numbers as MKL's
+transforms and the float64 reference on the grids the rule takes, and no change on the others.
 
 The route is switched per thread with ``_C._set_gemm_dft``; the two routes round differently, so
 on a grid the rule takes their float32 results differ in the last bits, and elsewhere they are
@@ -26,9 +27,11 @@ pytestmark = [
 ]
 
 PAIRS = [(0, 0), (0, 1), (1, 1)]
-# Every side m <= 103 with a prime factor p >= 17 and m <= 3p; LEFT has a side that is not.
-TAKEN = [(17, 17), (51, 51), (17, 34), (47, 53), (34, 19), (101, 101), (69, 23)]
-LEFT = [(21, 21), (64, 64), (51, 21), (51, 64), (68, 68), (102, 51), (113, 113)]
+# Every side m <= 127 with a prime factor p >= 17 and m / p odd or at most 3, or a prime up to 223;
+# LEFT has a side that is not. Grids under 25^2 take the dense form of the products, larger ones
+# the symmetric form.
+TAKEN = [(17, 17), (51, 51), (17, 34), (47, 53), (34, 19), (101, 101), (69, 23), (113, 113), (85, 19), (223, 17)]
+LEFT = [(21, 21), (64, 64), (51, 21), (51, 64), (68, 68), (102, 51), (262, 17)]
 
 
 @contextlib.contextmanager
@@ -66,6 +69,62 @@ def both_routes(fn):
     with gemm_dft(False):
         off = fn()
     return on, off
+
+
+# The transforms alone, on grids of both forms (the symmetric one from 25^2 on), odd and even
+# sides, sides of 1 and 2 (no odd part along that axis), and batches of 101^2 float64 fields that
+# span several blocks of 512 KB with a partial last one.
+GRIDS = [(1, 1), (2, 3), (3, 2), (5, 8), (8, 5), (24, 26), (25, 25), (26, 25), (25, 26), (30, 31), (32, 33),
+         (51, 64), (64, 51), (101, 17), (2, 400), (400, 2), (1, 700), (700, 1)]
+
+
+def batch_for(grid, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    lead = (14,) if grid == (101, 101) else (3, 2)  # 14 fields of 82 KB: blocks of 6, 6 and 2
+    return torch.randn(lead + grid, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("moved", [False, True], ids=["natural", "moved"])
+@pytest.mark.parametrize("grid", GRIDS + [(101, 101)], ids=str)
+def test_products_alone_match_torch_fft(grid, moved):
+    x = batch_for(grid, torch.float64, seed=sum(grid))
+    want = torch.fft.rfft2(x)
+    if moved:
+        want = want.transpose(-1, -2)
+    got = C._gemm_rfft2(x, moved)
+    assert got.shape == want.shape and got.dtype == torch.complex128
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * max(1.0, float(want.abs().max())))
+    # The c2r of arbitrary (not Hermitian) spectra, as torch's: the first axis inverted as complex
+    # data, then the imaginary parts of the last axis's bins 0 and m1 / 2 ignored.
+    g = torch.Generator().manual_seed(11)
+    spec = torch.complex(torch.randn(want.shape, generator=g, dtype=torch.float64),
+                         torch.randn(want.shape, generator=g, dtype=torch.float64))
+    natural = spec.transpose(-1, -2) if moved else spec
+    scale = 0.37
+    back = C._gemm_irfft2(spec.contiguous(), grid[1], moved, scale)
+    ref = torch.fft.irfft2(natural, s=grid) * (grid[0] * grid[1] * scale)
+    torch.testing.assert_close(back, ref, rtol=0, atol=1e-11 * max(1.0, float(ref.abs().max())))
+
+
+@pytest.mark.parametrize("grid", [(24, 26), (25, 25), (51, 64), (101, 17), (2, 400)], ids=str)
+def test_products_alone_float32_within_rounding(grid):
+    x = batch_for(grid, torch.float32, seed=3)
+    want = torch.fft.rfft2(x.double())
+    got = C._gemm_rfft2(x)
+    assert got.dtype == torch.complex64
+    scale = float(want.abs().max())
+    assert float((got.to(torch.complex128) - want).abs().max()) < 2e-6 * scale
+    back = C._gemm_irfft2(got, grid[1], False, 1.0 / (grid[0] * grid[1]))
+    assert float((back.double() - x.double()).abs().max()) < 2e-6 * float(x.abs().max())
+
+
+def test_products_alone_reject_what_they_cannot_take():
+    with pytest.raises(RuntimeError, match="x must be a CPU float32/float64"):
+        C._gemm_rfft2(torch.zeros(4, 4, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="spec must be a CPU complex64/complex128"):
+        C._gemm_irfft2(torch.zeros(4, 3), 4)
+    with pytest.raises(RuntimeError, match="m1 = 5 does not fit the spectrum's 4 bins"):
+        C._gemm_irfft2(torch.zeros(4, 4, dtype=torch.complex64), 5)
 
 
 @pytest.mark.parametrize("shape", TAKEN, ids=str)

@@ -7,8 +7,10 @@
 namespace pymks_vae {
 namespace cpu {
 
-// The fixed rule, measured on one CPU (see gemm_dft.cpp): 2D, each side m at most 103 with a prime
-// factor p >= 17 and m <= 3p (17, 19, 23, ..., 51, ..., 62, 67, 69, 71, ..., 101, 103).
+// The fixed rule, measured on one CPU (see gemm_dft.cpp): 2D, each side either at most 127 with a
+// prime factor p >= 17 and m / p odd or at most 3 (17, 19, 23, ..., 51, ..., 62, 67, 69, 71, 74,
+// ..., 85, ..., 95, ..., 101, ..., 115, 118, 119, ..., 127; not 68, 76, 92, 102, 114, 116, 124), or
+// a prime up to 223.
 bool gemm_dft_rule(at::IntArrayRef grid);
 
 // Whether the products may run on a grid at all (the route on for this thread and process, and a
