@@ -10,8 +10,10 @@ window; a lag window (224x224 cutoff 20, and 64x64 cutoff 7 as the VAE uses); pe
 the full window; non-periodic statistics (full window and cutoff 20). CUDA B=256 224x224 when a GPU
 is present. ``--cases small`` (not part of ``all``): CPU B=32 fields of PyMKS's sizes with windows over
 half the field (21x21 cutoff 8, 32x32 cutoff 12, 51x51 cutoff 20, 21x21 weighted whole window), where
-the window's statistics and gradient are matrix products, and the Parseval loss (periodic, full
-window) at 51x51 and 101x101, whose transforms are matrix products too.
+the window's statistics and gradient are matrix products, the Parseval loss (periodic, full
+window) at 51x51 and 101x101, whose transforms are matrix products too, and pairs (0,0), (1,1), (0,1)
+at 51x51 and 101x101 cutoff 20, whose cross pair takes the general kernel's pruned window transforms
+(matrix products on these sides).
 
 The three run in interleaved rounds (fused, torch.fft, floor, fused, ...: a warm-up call, then
 `repeats` timed calls each); times are medians of every timed call, and each ratio is computed per
@@ -94,8 +96,8 @@ def main(argv=None):
                    help="which rows to run (all: CPU, and CUDA when a GPU is present)")
     p.add_argument("--cases", choices=["all", "parseval", "general", "small"], default="all",
                    help="parseval: periodic full-window cases only; general: window, weights, non-periodic; "
-                        "small: small fields with windows over half the field, and the Parseval loss at 51^2 and "
-                        "101^2 (CPU; not part of all)")
+                        "small: small fields with windows over half the field, the Parseval loss at 51^2 and "
+                        "101^2, and a cross pair at 51^2 and 101^2 cutoff 20 (CPU; not part of all)")
     args = p.parse_args(argv)
     apply_cpu_fft_option(args)
     if args.threads is not None:
@@ -122,6 +124,8 @@ def main(argv=None):
             small_windows = [(21, dict(cutoff=8)), (32, dict(cutoff=12)), (51, dict(cutoff=20)), (21, dict(weighted=True)),
                              (51, {}), (101, {})]
             cases += [("cpu", B, n, [(0, 0)], kw) for n, kw in small_windows]
+            # Two auto pairs and a cross pair: the moved layout, with its pruned window transforms.
+            cases += [("cpu", B, n, [(0, 0), (1, 1), (0, 1)], dict(cutoff=20)) for n in (51, 101)]
     if args.device in ("all", "cuda") and torch.cuda.is_available():
         if args.cases in ("all", "parseval"):
             cases += [("cuda", 256, size, [(0, 0)], {}), ("cuda", 256, size, [(0, 0), (0, 1)], {})]

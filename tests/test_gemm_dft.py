@@ -194,6 +194,49 @@ def test_losses_match_the_reference(shape, kw, pairs):
     assert not torch.equal(grad, grad_off), "the matrix products did not run"
 
 
+# The windowed loss's pruned one-dimensional transforms (and the operator's even transform of the
+# auto pairs) run as matrix products along the rule's sides, in 1D, 2D and 3D: along the first and
+# last axes of (17, 6, 19), not the middle one.
+@pytest.mark.parametrize("shape", [(51,), (51, 51), (34, 19), (17, 6, 19)], ids=str)
+@pytest.mark.parametrize("pairs", [[(0, 0), (1, 1), (0, 1)], [(0, 1), (1, 2)]], ids=["autos+cross", "cross"])
+def test_window_transforms_as_products_match_the_reference(shape, pairs):
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.rand((2, 3) + shape, generator=g, dtype=torch.float64)
+    t = torch.rand((2, 3) + shape, generator=g, dtype=torch.float64)
+    cutoff = (5, 2, 5) if len(shape) == 3 else 8
+
+    def loss_and_grad(fn):
+        xr = x.clone().requires_grad_(True)
+        value = fn(xr, t, correlations=pairs, cutoff=cutoff)
+        value.backward()
+        return value.detach(), xr.grad
+
+    with gemm_dft(True):
+        value, grad = loss_and_grad(ops.spatial_stats_loss)
+        stats = ops.two_point_stats(x, pairs, cutoff=cutoff)
+    with gemm_dft(False):
+        value_off, grad_off = loss_and_grad(ops.spatial_stats_loss)
+        stats_off = ops.two_point_stats(x, pairs, cutoff=cutoff)
+    ref_value, ref_grad = loss_and_grad(reference.spatial_stats_loss_ref)
+    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(stats, reference.two_point_stats_ref(x, pairs, cutoff=cutoff), rtol=0, atol=1e-13)
+    assert not torch.equal(grad, grad_off), "the matrix products did not run"
+    if len(shape) == 2 and pairs[0] == (0, 0):  # the operator's even transform of the auto pairs
+        assert not torch.equal(stats, stats_off)
+
+
+def test_window_transforms_gradcheck():
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand((1, 2, 17, 19), generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.rand((1, 2, 17, 19), generator=g, dtype=torch.float64)
+    with gemm_dft(True):
+        assert torch.autograd.gradcheck(
+            lambda v: ops.spatial_stats_loss(v, t, correlations=[(0, 1), (1, 1)], cutoff=6), (x,), eps=1e-6, atol=1e-7)
+        assert torch.autograd.gradcheck(lambda v: ops.two_point_stats(v, [(0, 0), (0, 1)], cutoff=6), (x,),
+                                        eps=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("enabled", [True, False], ids=["products", "mkl"])
 def test_parseval_loss_second_backward_sees_the_same_spectrum(enabled):
     # The spectrum the Parseval loss keeps must not serve as the inverse transform's scratch space.

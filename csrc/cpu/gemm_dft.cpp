@@ -612,5 +612,130 @@ void gemm_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, bool mov
   symmetric_irfft2(spec, out, scale, moved);
 }
 
+namespace {
+
+// Tables of the window transforms (window_products_side), built in double and cached. Lag i of a
+// window of w is i - w / 2; its phase with bin k is (k lag) mod m, reduced in integers.
+enum class Win { kRealForward, kForward, kInverseToWindow, kRealPart, kRealBins };
+
+at::Tensor window_table(Win which, int64_t m, int64_t w, at::ScalarType real) {
+  using Key = std::tuple<int, int64_t, int64_t, int>;
+  static auto* cache = new TableCache<Key>(64);
+  return cache->get(Key{static_cast<int>(which), m, w, static_cast<int>(real)}, [&] {
+    const UnitCircle u(m);
+    const int64_t hw = w / 2, h = m / 2 + 1;
+    auto phase = [&](int64_t i, int64_t k) { return ((((i - hw) % m + m) % m) * k) % m; };
+    at::Tensor d;
+    switch (which) {
+      case Win::kRealForward: {  // (w, 2h): x_i . (cos, -sin)
+        d = at::empty({w, 2 * h}, at::kDouble);
+        double* p = d.data_ptr<double>();
+        for (int64_t i = 0; i < w; ++i)
+          for (int64_t k = 0; k < h; ++k) {
+            p[i * 2 * h + 2 * k] = u.c[phase(i, k)];
+            p[i * 2 * h + 2 * k + 1] = -u.s[phase(i, k)];
+          }
+        break;
+      }
+      case Win::kForward: {  // (2w, 2m): (re, im)_i times exp(-i theta) as a real block
+        d = at::empty({2 * w, 2 * m}, at::kDouble);
+        double* p = d.data_ptr<double>();
+        for (int64_t i = 0; i < w; ++i)
+          for (int64_t k = 0; k < m; ++k) {
+            const double c = u.c[phase(i, k)], s = -u.s[phase(i, k)];
+            p[(2 * i) * 2 * m + 2 * k] = c;
+            p[(2 * i) * 2 * m + 2 * k + 1] = s;
+            p[(2 * i + 1) * 2 * m + 2 * k] = -s;
+            p[(2 * i + 1) * 2 * m + 2 * k + 1] = c;
+          }
+        break;
+      }
+      case Win::kInverseToWindow: {  // (2m, 2w): (re, im)_k times exp(+i theta) / m
+        d = at::empty({2 * m, 2 * w}, at::kDouble);
+        double* p = d.data_ptr<double>();
+        const double inv = 1.0 / static_cast<double>(m);
+        for (int64_t k = 0; k < m; ++k)
+          for (int64_t i = 0; i < w; ++i) {
+            const double c = inv * u.c[phase(i, k)], s = inv * u.s[phase(i, k)];
+            p[(2 * k) * 2 * w + 2 * i] = c;
+            p[(2 * k) * 2 * w + 2 * i + 1] = s;
+            p[(2 * k + 1) * 2 * w + 2 * i] = -s;
+            p[(2 * k + 1) * 2 * w + 2 * i + 1] = c;
+          }
+        break;
+      }
+      case Win::kRealBins: {  // (m, 2w): the first w bins of a grid's rfft, x_j . (cos, -sin)
+        d = at::empty({m, 2 * w}, at::kDouble);
+        double* p = d.data_ptr<double>();
+        for (int64_t j = 0; j < m; ++j)
+          for (int64_t k = 0; k < w; ++k) {
+            p[j * 2 * w + 2 * k] = u.c[(j * k) % m];
+            p[j * 2 * w + 2 * k + 1] = -u.s[(j * k) % m];
+          }
+        break;
+      }
+      case Win::kRealPart: {  // (2w, m): Re((re + i im)_i exp(-i theta)) = re cos + im sin
+        d = at::empty({2 * w, m}, at::kDouble);
+        double* p = d.data_ptr<double>();
+        for (int64_t i = 0; i < w; ++i)
+          for (int64_t k = 0; k < m; ++k) {
+            p[(2 * i) * m + k] = u.c[phase(i, k)];
+            p[(2 * i + 1) * m + k] = u.s[phase(i, k)];
+          }
+        break;
+      }
+    }
+    return d.to(real);
+  });
+}
+
+// rows (.., n) of x as a (rows, n) real matrix (complex as interleaved pairs) times table.
+at::Tensor rows_times(const at::Tensor& x, const at::Tensor& table, int64_t out_last, bool complex_out) {
+  const auto xc = x.contiguous();
+  const at::Tensor xr = xc.is_complex() ? at::view_as_real(xc) : xc;
+  const int64_t cols = table.size(0), rows = cols > 0 ? xr.numel() / cols : 0;
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_last;
+  const auto real = xr.scalar_type();
+  at::Tensor out = at::empty(sizes, xc.options().dtype(complex_out ? c10::toComplexType(real) : real));
+  auto o = (complex_out ? at::view_as_real(out) : out).view({rows, table.size(1)});
+  at::mm_out(o, xr.reshape({rows, cols}), table);
+  return out;
+}
+
+}  // namespace
+
+bool window_products_side(int64_t m) { return tl_gemm_dft && env_enabled() && rule_side(m); }
+
+at::Tensor window_rfft_last(const at::Tensor& win, int64_t m) {
+  return rows_times(win, window_table(Win::kRealForward, m, win.size(-1), win.scalar_type()), m / 2 + 1, true);
+}
+
+at::Tensor window_fft_last(const at::Tensor& win, int64_t m) {
+  const auto real = c10::toRealValueType(win.scalar_type());
+  return rows_times(win, window_table(Win::kForward, m, win.size(-1), real), m, true);
+}
+
+at::Tensor ifft_last_to_window(const at::Tensor& spec, int64_t w) {
+  const auto real = c10::toRealValueType(spec.scalar_type());
+  return rows_times(spec, window_table(Win::kInverseToWindow, spec.size(-1), w, real), w, true);
+}
+
+at::Tensor irfft_last(const at::Tensor& spec, int64_t m) {
+  TORCH_CHECK(spec.size(-1) == m / 2 + 1, "irfft_last: ", spec.size(-1), " bins do not fit m = ", m);
+  const auto real = c10::toRealValueType(spec.scalar_type());
+  return rows_times(spec, table(Table::kInverseLast, m, 1.0 / static_cast<double>(m), real), m, false);
+}
+
+at::Tensor rfft_last_bins(const at::Tensor& x, int64_t bins) {
+  TORCH_CHECK(bins >= 0 && bins <= x.size(-1) / 2 + 1, "rfft_last_bins: ", bins, " bins of a length ", x.size(-1));
+  return rows_times(x, window_table(Win::kRealBins, x.size(-1), bins, x.scalar_type()), bins, true);
+}
+
+at::Tensor window_real_fft_last(const at::Tensor& win, int64_t m) {
+  const auto real = c10::toRealValueType(win.scalar_type());
+  return rows_times(win, window_table(Win::kRealPart, m, win.size(-1), real), m, false);
+}
+
 }  // namespace cpu
 }  // namespace pymks_vae

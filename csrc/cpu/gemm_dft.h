@@ -58,5 +58,28 @@ void gemm_rfft2(const at::Tensor& x, at::Tensor& out, bool moved = false);
 // and m1 / 2 are then ignored.
 void gemm_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, bool moved = false);
 
+// One-dimensional transforms along the last axis between a lag window and the grid, as one real
+// matrix product each (the windowed loss's pruned transforms with cross pairs). A window of w
+// lags along a grid side of m holds the lags -w/2 .. w - w/2 - 1 (mod m) in that order, as
+// grid_to_window_rows takes them. Contiguity is not required; results are contiguous.
+// Whether the CPU takes them along a side m: the route on for this thread and process (as
+// gemm_dft_candidate) and m one of the fixed rule's sides (the transforms there cost far more
+// per point than on smooth sides).
+bool window_products_side(int64_t m);
+// rfft over the last axis of a real window (.., w) placed on the zero grid: (.., m / 2 + 1).
+at::Tensor window_rfft_last(const at::Tensor& win, int64_t m);
+// fft over the last axis of a complex window (.., w) placed on the zero grid: (.., m).
+at::Tensor window_fft_last(const at::Tensor& win, int64_t m);
+// ifft (scaled 1 / m) over the last axis (.., m) complex, at the window's w lags only: (.., w).
+at::Tensor ifft_last_to_window(const at::Tensor& spec, int64_t w);
+// irfft (scaled 1 / m) over the last axis (.., m / 2 + 1) complex: (.., m) real, the imaginary
+// parts of bins 0 and m / 2 ignored as in ATen's.
+at::Tensor irfft_last(const at::Tensor& spec, int64_t m);
+// The first `bins` bins of rfft over the last axis of real x (.., m): (.., bins).
+at::Tensor rfft_last_bins(const at::Tensor& x, int64_t bins);
+// The real part of the unnormalised fft over the last axis of a complex window (.., w) placed on
+// the zero grid: (.., m) real (the whole transform where the window is even).
+at::Tensor window_real_fft_last(const at::Tensor& win, int64_t m);
+
 }  // namespace cpu
 }  // namespace pymks_vae
