@@ -126,7 +126,8 @@ at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::
   // reading x in place.
   if (x.device().is_cpu() && !padded && cpu::gemm_dft_candidate(grid)) {
     at::Tensor out = dest.defined() ? dest : at::empty(sizes, x.options().dtype(c10::toComplexType(x.scalar_type())));
-    const cpu::GemmDftKind kind{grid[0], grid[1], B * k, x.scalar_type() == at::kDouble, false, moved};
+    const cpu::GemmDftKind kind{grid[0], grid[1], B * k, x.scalar_type() == at::kDouble, false, moved,
+                                !x.is_contiguous()};
     run_small_grid(
         kind, x, false, out, [&](const at::Tensor& in, at::Tensor& o) { cpu::gemm_rfft2(in.contiguous(), o, moved); },
         [&](const at::Tensor& in, at::Tensor& o) { rfft_transforms(in, grid, moved, padded, o); });
@@ -144,7 +145,8 @@ at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, 
     double n = 1.0;
     for (auto m : grid) n *= static_cast<double>(m);
     at::Tensor out = dest.defined() ? dest : at::empty(sizes, spec.options().dtype(c10::toRealValueType(spec.scalar_type())));
-    const cpu::GemmDftKind kind{grid[0], grid[1], B * k, spec.scalar_type() == at::kComplexDouble, true, moved};
+    const cpu::GemmDftKind kind{grid[0], grid[1], B * k, spec.scalar_type() == at::kComplexDouble, true, moved,
+                                !spec.is_contiguous()};
     run_small_grid(
         kind, spec, true, out, [&](const at::Tensor& in, at::Tensor& o) { cpu::gemm_irfft2(in.contiguous(), o, 1.0 / n, moved); },
         [&](const at::Tensor& in, at::Tensor& o) { irfft_transforms(in, grid, moved, o); });

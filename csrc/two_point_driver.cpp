@@ -404,12 +404,12 @@ at::Tensor even_inverse(const at::Tensor& power_t, const Geometry& g) {
   // transforms run over contiguous memory and leave the even layout as they write it.
   // On the CPU along the sides where MKL's transforms are slowest, the kept bins as one matrix
   // product (cpu/gemm_dft.h), and in 2D the last axis's inverse too.
-  const bool cpu_products = power_t.device().is_cpu() && cpu::window_products_side(m0);
+  const bool cpu_products = power_t.device().is_cpu() && cpu::window_products(m0, even_rows(g.w[0]));
   auto q = (cpu_products ? cpu::rfft_last_bins(power_t, even_rows(g.w[0]))
                          : at::fft_rfft(power_t, m0, -1).narrow(-1, 0, even_rows(g.w[0])))
                .movedim(-1, 2)
                .contiguous();
-  if (nd == 2 && q.device().is_cpu() && cpu::window_products_side(g.m[1]))
+  if (nd == 2 && q.device().is_cpu() && cpu::window_products(g.m[1], g.m[1] / 2 + 1))
     return cpu::irfft_last(q, g.m[1]).view({B, na, -1});
   std::vector<int64_t> rest_sizes;
   for (int d = 1; d < nd; ++d) rest_sizes.push_back(g.m[d]);

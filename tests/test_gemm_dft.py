@@ -1,7 +1,8 @@
 """The CPU's matrix-product transforms for small 2D grids whose sides have a large prime factor
 (csrc/cpu/gemm_dft.cpp): alone against torch.fft on any grid (both forms, odd and even sides, both
 layouts, blocks of fields), and inside the operator and the losses the same numbers as MKL's
-transforms and the float64 reference on the grids the rule takes, and no change on the others.
+transforms and the float64 reference on the grids the rule takes, and no change on grids none of
+whose sides it takes; the pruned one-dimensional products along its sides likewise.
 
 The route is switched per thread with ``_C._set_gemm_dft``; the two routes round differently, so
 on a grid the rule takes their float32 results differ in the last bits, and elsewhere they are
@@ -28,10 +29,11 @@ pytestmark = [
 
 PAIRS = [(0, 0), (0, 1), (1, 1)]
 # Every side m <= 127 with a prime factor p >= 17 and m / p odd or at most 3, or a prime up to 223;
-# LEFT has a side that is not. Grids under 25^2 take the dense form of the products, larger ones
-# the symmetric form.
+# LEFT has none (a grid with one such side keeps MKL for its 2D transforms, but its pruned
+# one-dimensional transforms along that side are products: see the window tests below). Grids
+# under 25^2 take the dense form of the products, larger ones the symmetric form.
 TAKEN = [(17, 17), (51, 51), (17, 34), (47, 53), (34, 19), (101, 101), (69, 23), (113, 113), (85, 19), (223, 17)]
-LEFT = [(21, 21), (64, 64), (51, 21), (51, 64), (68, 68), (102, 51), (262, 17)]
+LEFT = [(21, 21), (64, 64), (21, 64), (68, 68), (102, 68), (262, 64)]
 
 
 @contextlib.contextmanager
@@ -106,7 +108,7 @@ def test_products_alone_match_torch_fft(grid, moved):
     torch.testing.assert_close(back, ref, rtol=0, atol=1e-11 * max(1.0, float(ref.abs().max())))
 
 
-@pytest.mark.parametrize("grid", [(24, 26), (25, 25), (51, 64), (101, 17), (2, 400)], ids=str)
+@pytest.mark.parametrize("grid", [(24, 26), (25, 25), (51, 64), (101, 17), (2, 400), (101, 101)], ids=str)
 def test_products_alone_float32_within_rounding(grid):
     x = batch_for(grid, torch.float32, seed=3)
     want = torch.fft.rfft2(x.double())
@@ -197,7 +199,8 @@ def test_losses_match_the_reference(shape, kw, pairs):
 # The windowed loss's pruned one-dimensional transforms (and the operator's even transform of the
 # auto pairs) run as matrix products along the rule's sides, in 1D, 2D and 3D: along the first and
 # last axes of (17, 6, 19), not the middle one.
-@pytest.mark.parametrize("shape", [(51,), (51, 51), (34, 19), (17, 6, 19)], ids=str)
+# (51, 64) and (64, 51) keep MKL for their 2D transforms: there only the pruned products differ.
+@pytest.mark.parametrize("shape", [(51,), (51, 51), (34, 19), (51, 64), (64, 51), (17, 6, 19)], ids=str)
 @pytest.mark.parametrize("pairs", [[(0, 0), (1, 1), (0, 1)], [(0, 1), (1, 2)]], ids=["autos+cross", "cross"])
 def test_window_transforms_as_products_match_the_reference(shape, pairs):
     g = torch.Generator().manual_seed(len(shape))
@@ -222,8 +225,43 @@ def test_window_transforms_as_products_match_the_reference(shape, pairs):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(stats, reference.two_point_stats_ref(x, pairs, cutoff=cutoff), rtol=0, atol=1e-13)
     assert not torch.equal(grad, grad_off), "the matrix products did not run"
-    if len(shape) == 2 and pairs[0] == (0, 0):  # the operator's even transform of the auto pairs
-        assert not torch.equal(stats, stats_off)
+    assert stats_off.shape == stats.shape
+
+
+# Auto pairs alone, with the small-window products of even_gemm.cpp off: the operator's even
+# transform (its kept bins, and in 2D the last axis's inverse) and the loss's even window
+# transform run as the pruned products.
+@pytest.mark.parametrize("shape", [(51, 64), (64, 51), (51, 51)], ids=str)
+@pytest.mark.parametrize("cutoff", [8, None], ids=["cutoff", "whole"])
+def test_even_transforms_as_products_match_the_reference(shape, cutoff):
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand((2, 2) + shape, generator=g, dtype=torch.float64)
+    t = torch.rand((2, 2) + shape, generator=g, dtype=torch.float64)
+    pairs = [(0, 0), (1, 1)]
+    weight = torch.rand((2,) + reference.window_shape(shape, cutoff), generator=g, dtype=torch.float64)
+
+    def run():
+        xr = x.clone().requires_grad_(True)
+        value = ops.spatial_stats_loss(xr, t, correlations=pairs, cutoff=cutoff, weight=weight)
+        value.backward()
+        return ops.two_point_stats(x, pairs, cutoff=cutoff), value.detach(), xr.grad
+
+    prev = C._set_even_gemm(False)
+    try:
+        with gemm_dft(True):
+            on = run()
+        with gemm_dft(False):
+            off = run()
+    finally:
+        C._set_even_gemm(prev)
+    xr = x.clone().requires_grad_(True)
+    ref_value = reference.spatial_stats_loss_ref(xr, t, correlations=pairs, cutoff=cutoff, weight=weight)
+    ref_value.backward()
+    torch.testing.assert_close(on[0], reference.two_point_stats_ref(x, pairs, cutoff=cutoff), rtol=0, atol=1e-13)
+    torch.testing.assert_close(on[1], ref_value.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(on[2], xr.grad, rtol=1e-9, atol=1e-11)
+    assert not torch.equal(on[0], off[0]), "the operator's even transform did not take the products"
+    assert not torch.equal(on[2], off[2]), "the loss's even window transform did not take the products"
 
 
 def test_window_transforms_gradcheck():
@@ -341,6 +379,18 @@ def test_trials_are_kept_per_kind():
         stats(4, shape=(64, 64))  # a power of two: never timed
         stats(4, shape=(51, 64))
         assert C._gemm_dft_trials() == n
+
+        # Two of three states, as the loss selects them, are a strided input: a kind of its own.
+        def loss(n_state):
+            x = torch.rand((4, n_state, 51, 51), generator=torch.Generator().manual_seed(n_state))
+            ops.spatial_stats_loss(x, x.flip(0), correlations=[(0, 0), (1, 1), (0, 1)], cutoff=20)
+
+        loss(2)
+        n = C._gemm_dft_trials()
+        loss(2)
+        assert C._gemm_dft_trials() == n
+        loss(3)
+        assert C._gemm_dft_trials() > n
 
 
 def test_deterministic_algorithms_keep_the_fixed_rule():

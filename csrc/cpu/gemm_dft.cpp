@@ -18,7 +18,7 @@
 //   o_j = v_j - v_{m-j}, j <= m / 2) against half tables of cosines and sines, and give the bins
 //   k and m - k from the same two sums: with C = Cos . e and S = Sin . o, X_k = C - i S and
 //   X_{m-k} = C + i S. The first axis's complex data are taken as real and imaginary planes, so
-//   that its products are real ones too, over every field at once (that axis outermost). About
+//   that its products are real ones too, over every field of a block (that axis outermost). About
 //   m0 m1 (m0 + m1) / 2 multiply-adds per field, a third of the dense form's on square grids, at
 //   the cost of four passes over the data; they run over blocks of fields that stay in cache.
 // Timed against each other (windowed loss, forward + backward, B = 32, one thread, thread CPU time,
@@ -95,7 +95,7 @@ constexpr double kTrialMargin = 1.15;
 std::vector<int64_t> trial_key(const GemmDftKind& k) {
   int64_t bucket = 0;  // batches within a factor of 2 share a trial
   for (int64_t b = k.batch; b > 1; b >>= 1) ++bucket;
-  return {k.m0, k.m1, bucket, k.is_double, k.inverse, k.moved, at::get_num_threads()};
+  return {k.m0, k.m1, bucket, k.is_double, k.inverse, k.moved, k.strided, at::get_num_threads()};
 }
 
 int64_t largest_prime_factor(int64_t n) {
@@ -218,7 +218,7 @@ at::Tensor half_table(Half which, int64_t m, double scale, at::ScalarType real) 
   });
 }
 
-// Work on fields [n0, n1) in blocks big enough to be worth a thread.
+// Work on items (fields or rows) [n0, n1) in blocks big enough to be worth a thread.
 template <class F>
 void for_fields(int64_t N, int64_t per_field, F f) {
   at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_field)), f);
@@ -230,9 +230,9 @@ void for_fields(int64_t N, int64_t per_field, F f) {
 
 // Rows of x (R, m) -> e (R, h), and the odd parts negated, -o (R, o) (the r2c's sines are -sin).
 template <typename T>
-void split_rows(const T* x, T* e, T* od, int64_t R, int64_t m, int64_t per_field) {
+void split_rows(const T* x, T* e, T* od, int64_t R, int64_t m) {
   const int64_t h = m / 2 + 1, o = (m - 1) / 2;
-  for_fields(R, per_field, [&](int64_t r0, int64_t r1) {
+  for_fields(R, m, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* v = x + r * m;
       T* er = e + r * h;
@@ -379,9 +379,9 @@ void join_inverse(const T* C, const T* S, T* zr, T* zi, int64_t N, int64_t m0, i
 // Rows of the c2r's last axis put together: out_0 = P_0, out_j = P_j - Q_{j-1} and
 // out_{m-j} = P_j + Q_{j-1} (1 <= j <= o), out_{m/2} = P_{m/2} for even m.
 template <typename T>
-void join_rows(const T* P, const T* Q, T* out, int64_t R, int64_t m, int64_t per_field) {
+void join_rows(const T* P, const T* Q, T* out, int64_t R, int64_t m) {
   const int64_t h = m / 2 + 1, o = (m - 1) / 2;
-  for_fields(R, per_field, [&](int64_t r0, int64_t r1) {
+  for_fields(R, m, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* p = P + r * h;
       const T* q = Q + r * o;
@@ -405,10 +405,17 @@ int64_t block_fields(int64_t m0, int64_t m1, int64_t elem) {
   return std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, m0 * m1 * elem));
 }
 
+// The first n fields' part of a block buffer of (rows, 2, nb, c): (rows, 2 n c), contiguous.
+at::Tensor block_head(const at::Tensor& buf, int64_t rows, int64_t n, int64_t c) {
+  return buf.view({buf.numel()}).narrow(0, 0, rows * 2 * n * c).view({rows, 2 * n * c});
+}
+
 void symmetric_rfft2(const at::Tensor& x, at::Tensor& out, bool moved) {
   TORCH_CHECK(x.dim() >= 2 && x.is_contiguous() && out.is_contiguous(), "gemm_rfft2: contiguous fields expected");
   const int64_t m0 = x.size(-2), m1 = x.size(-1), h1 = m1 / 2 + 1, N = m0 * m1 > 0 ? x.numel() / (m0 * m1) : 0;
-  TORCH_CHECK(out.numel() == N * m0 * h1 && out.is_complex(), "gemm_rfft2: the output does not fit");
+  TORCH_CHECK(out.numel() == N * m0 * h1 && out.scalar_type() == c10::toComplexType(x.scalar_type()) &&
+                  out.size(-1) == (moved ? m0 : h1) && out.size(-2) == (moved ? h1 : m0),
+              "gemm_rfft2: the output does not fit");
   if (N == 0) return;
   const int64_t o1 = (m1 - 1) / 2, h0 = m0 / 2 + 1, o0 = (m0 - 1) / 2;
   const auto real = x.scalar_type();
@@ -426,13 +433,13 @@ void symmetric_rfft2(const at::Tensor& x, at::Tensor& out, bool moved) {
     const int64_t n = std::min(nb, N - b0);
     auto e_ = e.narrow(0, 0, n * m0), od_ = od.narrow(0, 0, n * m0), re_ = re.narrow(0, 0, n * m0),
          im_ = im.narrow(0, 0, n * m0);
-    auto fe_ = fe.view({h0 * 2 * nb * h1}).narrow(0, 0, h0 * 2 * n * h1).view({h0, 2 * n * h1});
-    auto fo_ = fo.view({o0 * 2 * nb * h1}).narrow(0, 0, o0 * 2 * n * h1).view({o0, 2 * n * h1});
-    auto fc_ = fc.view({h0 * 2 * nb * h1}).narrow(0, 0, h0 * 2 * n * h1).view({h0, 2 * n * h1});
-    auto fs_ = fs.view({h0 * 2 * nb * h1}).narrow(0, 0, h0 * 2 * n * h1).view({h0, 2 * n * h1});
+    auto fe_ = block_head(fe, h0, n, h1);
+    auto fo_ = block_head(fo, o0, n, h1);
+    auto fc_ = block_head(fc, h0, n, h1);
+    auto fs_ = block_head(fs, h0, n, h1);
     AT_DISPATCH_FLOATING_TYPES(real, "gemm_rfft2", [&] {
       split_rows<scalar_t>(x.data_ptr<scalar_t>() + b0 * m0 * m1, e_.data_ptr<scalar_t>(), od_.data_ptr<scalar_t>(),
-                           n * m0, m1, m0 * m1);
+                           n * m0, m1);
       at::mm_out(re_, e_, cos1);
       at::mm_out(im_, od_, sin1);
       split_first<scalar_t>(re_.data_ptr<scalar_t>(), im_.data_ptr<scalar_t>(), fe_.data_ptr<scalar_t>(),
@@ -450,7 +457,8 @@ void symmetric_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, boo
               "gemm_irfft2: contiguous spectra expected");
   const int64_t m0 = out.size(-2), m1 = out.size(-1), h1 = m1 / 2 + 1;
   const int64_t N = m0 * m1 > 0 ? out.numel() / (m0 * m1) : 0;
-  TORCH_CHECK(spec.numel() == N * m0 * h1 && spec.size(-1) == (moved ? m0 : h1) && spec.size(-2) == (moved ? h1 : m0),
+  TORCH_CHECK(spec.numel() == N * m0 * h1 && spec.size(-1) == (moved ? m0 : h1) && spec.size(-2) == (moved ? h1 : m0) &&
+                  spec.scalar_type() == c10::toComplexType(out.scalar_type()),
               "gemm_irfft2: the spectra do not fit the output");
   if (N == 0) return;
   const int64_t o1 = (m1 - 1) / 2, h0 = m0 / 2 + 1, o0 = (m0 - 1) / 2;
@@ -468,10 +476,10 @@ void symmetric_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, boo
   const auto cosw = half_table(Half::kCosW, m1, scale, real), sinw = half_table(Half::kSinW, m1, scale, real);
   for (int64_t b0 = 0; b0 < N; b0 += nb) {
     const int64_t n = std::min(nb, N - b0);
-    auto fe_ = fe.view({h0 * 2 * nb * h1}).narrow(0, 0, h0 * 2 * n * h1).view({h0, 2 * n * h1});
-    auto fo_ = fo.view({o0 * 2 * nb * h1}).narrow(0, 0, o0 * 2 * n * h1).view({o0, 2 * n * h1});
-    auto fc_ = fc.view({h0 * 2 * nb * h1}).narrow(0, 0, h0 * 2 * n * h1).view({h0, 2 * n * h1});
-    auto fs_ = fs.view({h0 * 2 * nb * h1}).narrow(0, 0, h0 * 2 * n * h1).view({h0, 2 * n * h1});
+    auto fe_ = block_head(fe, h0, n, h1);
+    auto fo_ = block_head(fo, o0, n, h1);
+    auto fc_ = block_head(fc, h0, n, h1);
+    auto fs_ = block_head(fs, h0, n, h1);
     auto zr_ = zr.narrow(0, 0, n * m0), zi_ = zi.narrow(0, 0, n * m0), pr_ = pr.narrow(0, 0, n * m0),
          qr_ = qr.narrow(0, 0, n * m0);
     AT_DISPATCH_FLOATING_TYPES(real, "gemm_irfft2", [&] {
@@ -484,7 +492,7 @@ void symmetric_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, boo
       at::mm_out(pr_, zr_, cosw);
       at::mm_out(qr_, zi_, sinw);
       join_rows<scalar_t>(pr_.data_ptr<scalar_t>(), qr_.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + b0 * m0 * m1,
-                          n * m0, m1, m0 * m1);
+                          n * m0, m1);
     });
   }
 }
@@ -492,7 +500,8 @@ void symmetric_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, boo
 void dense_rfft2(const at::Tensor& x, at::Tensor& out, bool moved) {
   TORCH_CHECK(x.dim() >= 2 && x.is_contiguous() && out.is_contiguous(), "gemm_rfft2: contiguous fields expected");
   const int64_t m0 = x.size(-2), m1 = x.size(-1), h1 = m1 / 2 + 1, N = m0 * m1 > 0 ? x.numel() / (m0 * m1) : 0;
-  TORCH_CHECK(out.numel() == N * m0 * h1 && out.is_complex(), "gemm_rfft2: the output does not fit");
+  TORCH_CHECK(out.numel() == N * m0 * h1 && out.scalar_type() == c10::toComplexType(x.scalar_type()),
+              "gemm_rfft2: the output does not fit");
   const auto real = x.scalar_type();
   // The last axis: one real product over every row of every field, (N m0, m1) . (m1, 2 h1).
   const auto a = at::mm(x.view({N * m0, m1}), table(Table::kForwardLast, m1, 1.0, real));
@@ -514,7 +523,8 @@ void dense_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, bool mo
               "gemm_irfft2: contiguous spectra expected");
   const int64_t m0 = out.size(-2), m1 = out.size(-1), h1 = m1 / 2 + 1;
   const int64_t N = m0 * m1 > 0 ? out.numel() / (m0 * m1) : 0;
-  TORCH_CHECK(spec.numel() == N * m0 * h1 && spec.size(-1) == (moved ? m0 : h1) && spec.size(-2) == (moved ? h1 : m0),
+  TORCH_CHECK(spec.numel() == N * m0 * h1 && spec.size(-1) == (moved ? m0 : h1) && spec.size(-2) == (moved ? h1 : m0) &&
+                  spec.scalar_type() == c10::toComplexType(out.scalar_type()),
               "gemm_irfft2: the spectra do not fit the output");
   const auto real = out.scalar_type();
   // The first axis, inverted as complex data: conj(F0) . S_n for every field (S_n read transposed
@@ -614,7 +624,7 @@ void gemm_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, bool mov
 
 namespace {
 
-// Tables of the window transforms (window_products_side), built in double and cached. Lag i of a
+// Tables of the window transforms (window_products), built in double and cached. Lag i of a
 // window of w is i - w / 2; its phase with bin k is (k lag) mod m, reduced in integers.
 enum class Win { kRealForward, kForward, kInverseToWindow, kRealPart, kRealBins };
 
@@ -705,7 +715,13 @@ at::Tensor rows_times(const at::Tensor& x, const at::Tensor& table, int64_t out_
 
 }  // namespace
 
-bool window_products_side(int64_t m) { return tl_gemm_dft && env_enabled() && rule_side(m); }
+bool window_products(int64_t m, int64_t w) {
+  // Up to w m = 12000 the products were faster than ATen's transforms (the loss with a cross pair,
+  // ad-hoc, 0.75-0.84x at 51^2-223^2 with windows of 41-101 lags), level at 131^2 with 121 lags
+  // (15700) and slower at 223^2 over the whole window (49700: 1.22x).
+  constexpr int64_t kMaxWork = 12000;
+  return tl_gemm_dft && env_enabled() && rule_side(m) && w * m <= kMaxWork;
+}
 
 at::Tensor window_rfft_last(const at::Tensor& win, int64_t m) {
   return rows_times(win, window_table(Win::kRealForward, m, win.size(-1), win.scalar_type()), m / 2 + 1, true);

@@ -20,13 +20,14 @@ bool gemm_dft_candidate(at::IntArrayRef grid);
 
 // For a candidate grid: the rule's route where trials are off for this thread or torch's
 // deterministic algorithms are on (results must not depend on timings there); else the route timed
-// faster for this kind of call (grid, dtype, direction, layout, thread count, and the number of
-// fields transformed to within a power of two), or kTrial where this kind has not been timed yet:
+// faster for this kind of call (grid, dtype, direction, layout, strided input, thread count, and
+// the number of fields transformed to within a power of two), or kTrial where this kind has not been timed yet:
 // the caller times both and records them. Past 256 kinds the rule decides for new ones.
 enum class GemmDftChoice { kProducts, kTransforms, kTrial };
 struct GemmDftKind {
   int64_t m0, m1, batch;
   bool is_double, inverse, moved;
+  bool strided;  // the input is not contiguous (the products then copy it first)
 };
 GemmDftChoice gemm_dft_choice(const GemmDftKind& kind);
 // Records a trial's best times (seconds) and says which route won. Against the fixed rule a win
@@ -62,10 +63,10 @@ void gemm_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, bool mov
 // matrix product each (the windowed loss's pruned transforms with cross pairs). A window of w
 // lags along a grid side of m holds the lags -w/2 .. w - w/2 - 1 (mod m) in that order, as
 // grid_to_window_rows takes them. Contiguity is not required; results are contiguous.
-// Whether the CPU takes them along a side m: the route on for this thread and process (as
-// gemm_dft_candidate) and m one of the fixed rule's sides (the transforms there cost far more
-// per point than on smooth sides).
-bool window_products_side(int64_t m);
+// Whether the CPU takes them along a side m for a product over w lags or bins: the route on for
+// this thread and process (as gemm_dft_candidate), m one of the fixed rule's sides (the
+// transforms there cost far more per point than on smooth sides) and w m small enough.
+bool window_products(int64_t m, int64_t w);
 // rfft over the last axis of a real window (.., w) placed on the zero grid: (.., m / 2 + 1).
 at::Tensor window_rfft_last(const at::Tensor& win, int64_t m);
 // fft over the last axis of a complex window (.., w) placed on the zero grid: (.., m).

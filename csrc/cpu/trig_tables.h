@@ -22,6 +22,10 @@ struct UnitCircle {
       c[j] = std::cos(kTwoPi * static_cast<double>(j) / static_cast<double>(m));
       s[j] = std::sin(kTwoPi * static_cast<double>(j) / static_cast<double>(m));
     }
+    // The half and quarter turns exactly (sin(pi) is 1.2e-16 in double): the c2r tables' sines of
+    // bin m / 2 must drop its imaginary part, as a complex-to-real transform does.
+    if (m % 2 == 0) s[m / 2] = 0.0, c[m / 2] = -1.0;
+    if (m % 4 == 0) c[m / 4] = 0.0, s[m / 4] = 1.0, c[3 * m / 4] = 0.0, s[3 * m / 4] = -1.0;
   }
 };
 
