@@ -405,19 +405,34 @@ int64_t block_fields(int64_t m0, int64_t m1, int64_t elem) {
   return std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, m0 * m1 * elem));
 }
 
-// The first n fields' part of a block buffer of (rows, 2, nb, c): (rows, 2 n c), contiguous.
-at::Tensor block_head(const at::Tensor& buf, int64_t rows, int64_t n, int64_t c) {
-  return buf.view({buf.numel()}).narrow(0, 0, rows * 2 * n * c).view({rows, 2 * n * c});
-}
+// The first axis's buffers for a block of up to nb fields of (m0, c) complex values: its even and
+// odd parts (h0 | o0, 2, n, c) and their products with the half tables, C = Cos . e and
+// S = Sin^T . o (h0, 2, n, c); head(n) views the first n fields' part of each, contiguous.
+struct FirstAxisBlock {
+  at::Tensor e, o, c, s;
+  FirstAxisBlock(int64_t m0, int64_t nb, int64_t cols, const at::TensorOptions& opt)
+      : e(at::empty({(m0 / 2 + 1) * 2 * nb * cols}, opt)),
+        o(at::empty({((m0 - 1) / 2) * 2 * nb * cols}, opt)),
+        c(at::empty({(m0 / 2 + 1) * 2 * nb * cols}, opt)),
+        s(at::empty({(m0 / 2 + 1) * 2 * nb * cols}, opt)) {}
+  FirstAxisBlock(at::Tensor e_, at::Tensor o_, at::Tensor c_, at::Tensor s_)
+      : e(std::move(e_)), o(std::move(o_)), c(std::move(c_)), s(std::move(s_)) {}
+  FirstAxisBlock head(int64_t m0, int64_t n, int64_t cols) const {
+    const int64_t h0 = m0 / 2 + 1, o0 = (m0 - 1) / 2, w = 2 * n * cols;
+    return {e.narrow(0, 0, h0 * w).view({h0, w}), o.narrow(0, 0, o0 * w).view({o0, w}),
+            c.narrow(0, 0, h0 * w).view({h0, w}), s.narrow(0, 0, h0 * w).view({h0, w})};
+  }
+  // C and S from the parts (on a head).
+  void products(const at::Tensor& cos0, const at::Tensor& sin0t) {
+    at::mm_out(c, cos0, e);
+    at::mm_out(s, sin0t, o);
+  }
+};
 
+// The two forms, on inputs gemm_rfft2 / gemm_irfft2 have checked (at least one field).
 void symmetric_rfft2(const at::Tensor& x, at::Tensor& out, bool moved) {
-  TORCH_CHECK(x.dim() >= 2 && x.is_contiguous() && out.is_contiguous(), "gemm_rfft2: contiguous fields expected");
-  const int64_t m0 = x.size(-2), m1 = x.size(-1), h1 = m1 / 2 + 1, N = m0 * m1 > 0 ? x.numel() / (m0 * m1) : 0;
-  TORCH_CHECK(out.numel() == N * m0 * h1 && out.scalar_type() == c10::toComplexType(x.scalar_type()) &&
-                  out.size(-1) == (moved ? m0 : h1) && out.size(-2) == (moved ? h1 : m0),
-              "gemm_rfft2: the output does not fit");
-  if (N == 0) return;
-  const int64_t o1 = (m1 - 1) / 2, h0 = m0 / 2 + 1, o0 = (m0 - 1) / 2;
+  const int64_t m0 = x.size(-2), m1 = x.size(-1), h1 = m1 / 2 + 1, N = x.numel() / (m0 * m1);
+  const int64_t o1 = (m1 - 1) / 2;
   const auto real = x.scalar_type();
   const auto opt = x.options();
   const int64_t nb = std::min(N, block_fields(m0, m1, x.element_size()));
@@ -425,49 +440,36 @@ void symmetric_rfft2(const at::Tensor& x, at::Tensor& out, bool moved) {
   auto e = at::empty({nb * m0, h1}, opt), od = at::empty({nb * m0, o1}, opt);
   auto re = at::empty({nb * m0, h1}, opt), im = at::empty({nb * m0, h1}, opt);
   // The first axis's even and odd parts, that axis outermost: (h0 | o0, 2, n, h1).
-  auto fe = at::empty({h0, 2 * nb * h1}, opt), fo = at::empty({o0, 2 * nb * h1}, opt);
-  auto fc = at::empty({h0, 2 * nb * h1}, opt), fs = at::empty({h0, 2 * nb * h1}, opt);
+  const FirstAxisBlock first(m0, nb, h1, opt);
   const auto cos1 = half_table(Half::kCos, m1, 1.0, real), sin1 = half_table(Half::kSin, m1, 1.0, real);
   const auto cos0 = half_table(Half::kCos, m0, 1.0, real), sin0t = half_table(Half::kSin, m0, 1.0, real).t();
   for (int64_t b0 = 0; b0 < N; b0 += nb) {
     const int64_t n = std::min(nb, N - b0);
     auto e_ = e.narrow(0, 0, n * m0), od_ = od.narrow(0, 0, n * m0), re_ = re.narrow(0, 0, n * m0),
          im_ = im.narrow(0, 0, n * m0);
-    auto fe_ = block_head(fe, h0, n, h1);
-    auto fo_ = block_head(fo, o0, n, h1);
-    auto fc_ = block_head(fc, h0, n, h1);
-    auto fs_ = block_head(fs, h0, n, h1);
+    auto f = first.head(m0, n, h1);
     AT_DISPATCH_FLOATING_TYPES(real, "gemm_rfft2", [&] {
       split_rows<scalar_t>(x.data_ptr<scalar_t>() + b0 * m0 * m1, e_.data_ptr<scalar_t>(), od_.data_ptr<scalar_t>(),
                            n * m0, m1);
       at::mm_out(re_, e_, cos1);
       at::mm_out(im_, od_, sin1);
-      split_first<scalar_t>(re_.data_ptr<scalar_t>(), im_.data_ptr<scalar_t>(), fe_.data_ptr<scalar_t>(),
-                            fo_.data_ptr<scalar_t>(), n, m0, h1);
-      at::mm_out(fc_, cos0, fe_);
-      at::mm_out(fs_, sin0t, fo_);
-      join_forward<scalar_t>(fc_.data_ptr<scalar_t>(), fs_.data_ptr<scalar_t>(),
+      split_first<scalar_t>(re_.data_ptr<scalar_t>(), im_.data_ptr<scalar_t>(), f.e.data_ptr<scalar_t>(),
+                            f.o.data_ptr<scalar_t>(), n, m0, h1);
+      f.products(cos0, sin0t);
+      join_forward<scalar_t>(f.c.data_ptr<scalar_t>(), f.s.data_ptr<scalar_t>(),
                              reinterpret_cast<scalar_t*>(out.data_ptr()) + 2 * b0 * m0 * h1, n, m0, h1, moved);
     });
   }
 }
 
 void symmetric_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, bool moved) {
-  TORCH_CHECK(spec.dim() >= 2 && spec.is_contiguous() && out.is_contiguous() && spec.is_complex(),
-              "gemm_irfft2: contiguous spectra expected");
-  const int64_t m0 = out.size(-2), m1 = out.size(-1), h1 = m1 / 2 + 1;
-  const int64_t N = m0 * m1 > 0 ? out.numel() / (m0 * m1) : 0;
-  TORCH_CHECK(spec.numel() == N * m0 * h1 && spec.size(-1) == (moved ? m0 : h1) && spec.size(-2) == (moved ? h1 : m0) &&
-                  spec.scalar_type() == c10::toComplexType(out.scalar_type()),
-              "gemm_irfft2: the spectra do not fit the output");
-  if (N == 0) return;
-  const int64_t o1 = (m1 - 1) / 2, h0 = m0 / 2 + 1, o0 = (m0 - 1) / 2;
+  const int64_t m0 = out.size(-2), m1 = out.size(-1), h1 = m1 / 2 + 1, N = out.numel() / (m0 * m1);
+  const int64_t o1 = (m1 - 1) / 2;
   const auto real = out.scalar_type();
   const auto opt = out.options();
   const int64_t nb = std::min(N, block_fields(m0, m1, out.element_size()));
   // The first axis, inverted as complex data from its even and odd parts (h0 | o0, 2, n, h1).
-  auto fe = at::empty({h0, 2 * nb * h1}, opt), fo = at::empty({o0, 2 * nb * h1}, opt);
-  auto fc = at::empty({h0, 2 * nb * h1}, opt), fs = at::empty({h0, 2 * nb * h1}, opt);
+  const FirstAxisBlock first(m0, nb, h1, opt);
   auto zr = at::empty({nb * m0, h1}, opt), zi = at::empty({nb * m0, h1}, opt);
   // The last axis, complex to real over every row: P = Zr . CosW, Q = Zi . SinW (scaled; the
   // sines of bins 0 and m1 / 2 are 0, which drops their imaginary parts as c2r does).
@@ -476,18 +478,14 @@ void symmetric_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, boo
   const auto cosw = half_table(Half::kCosW, m1, scale, real), sinw = half_table(Half::kSinW, m1, scale, real);
   for (int64_t b0 = 0; b0 < N; b0 += nb) {
     const int64_t n = std::min(nb, N - b0);
-    auto fe_ = block_head(fe, h0, n, h1);
-    auto fo_ = block_head(fo, o0, n, h1);
-    auto fc_ = block_head(fc, h0, n, h1);
-    auto fs_ = block_head(fs, h0, n, h1);
+    auto f = first.head(m0, n, h1);
     auto zr_ = zr.narrow(0, 0, n * m0), zi_ = zi.narrow(0, 0, n * m0), pr_ = pr.narrow(0, 0, n * m0),
          qr_ = qr.narrow(0, 0, n * m0);
     AT_DISPATCH_FLOATING_TYPES(real, "gemm_irfft2", [&] {
       split_first_complex<scalar_t>(reinterpret_cast<const scalar_t*>(spec.data_ptr()) + 2 * b0 * m0 * h1,
-                                    fe_.data_ptr<scalar_t>(), fo_.data_ptr<scalar_t>(), n, m0, h1, moved);
-      at::mm_out(fc_, cos0, fe_);
-      at::mm_out(fs_, sin0t, fo_);
-      join_inverse<scalar_t>(fc_.data_ptr<scalar_t>(), fs_.data_ptr<scalar_t>(), zr_.data_ptr<scalar_t>(),
+                                    f.e.data_ptr<scalar_t>(), f.o.data_ptr<scalar_t>(), n, m0, h1, moved);
+      f.products(cos0, sin0t);
+      join_inverse<scalar_t>(f.c.data_ptr<scalar_t>(), f.s.data_ptr<scalar_t>(), zr_.data_ptr<scalar_t>(),
                              zi_.data_ptr<scalar_t>(), n, m0, h1);
       at::mm_out(pr_, zr_, cosw);
       at::mm_out(qr_, zi_, sinw);
@@ -498,10 +496,7 @@ void symmetric_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, boo
 }
 
 void dense_rfft2(const at::Tensor& x, at::Tensor& out, bool moved) {
-  TORCH_CHECK(x.dim() >= 2 && x.is_contiguous() && out.is_contiguous(), "gemm_rfft2: contiguous fields expected");
-  const int64_t m0 = x.size(-2), m1 = x.size(-1), h1 = m1 / 2 + 1, N = m0 * m1 > 0 ? x.numel() / (m0 * m1) : 0;
-  TORCH_CHECK(out.numel() == N * m0 * h1 && out.scalar_type() == c10::toComplexType(x.scalar_type()),
-              "gemm_rfft2: the output does not fit");
+  const int64_t m0 = x.size(-2), m1 = x.size(-1), h1 = m1 / 2 + 1, N = x.numel() / (m0 * m1);
   const auto real = x.scalar_type();
   // The last axis: one real product over every row of every field, (N m0, m1) . (m1, 2 h1).
   const auto a = at::mm(x.view({N * m0, m1}), table(Table::kForwardLast, m1, 1.0, real));
@@ -519,13 +514,7 @@ void dense_rfft2(const at::Tensor& x, at::Tensor& out, bool moved) {
 }
 
 void dense_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, bool moved) {
-  TORCH_CHECK(spec.dim() >= 2 && spec.is_contiguous() && out.is_contiguous() && spec.is_complex(),
-              "gemm_irfft2: contiguous spectra expected");
-  const int64_t m0 = out.size(-2), m1 = out.size(-1), h1 = m1 / 2 + 1;
-  const int64_t N = m0 * m1 > 0 ? out.numel() / (m0 * m1) : 0;
-  TORCH_CHECK(spec.numel() == N * m0 * h1 && spec.size(-1) == (moved ? m0 : h1) && spec.size(-2) == (moved ? h1 : m0) &&
-                  spec.scalar_type() == c10::toComplexType(out.scalar_type()),
-              "gemm_irfft2: the spectra do not fit the output");
+  const int64_t m0 = out.size(-2), m1 = out.size(-1), h1 = m1 / 2 + 1, N = out.numel() / (m0 * m1);
   const auto real = out.scalar_type();
   // The first axis, inverted as complex data: conj(F0) . S_n for every field (S_n read transposed
   // in place from the moved layout).
@@ -613,12 +602,26 @@ double set_gemm_dft_trial_bias(double bias) {
 }
 
 void gemm_rfft2(const at::Tensor& x, at::Tensor& out, bool moved) {
-  if (x.size(-2) * x.size(-1) < kSymmetricArea) return dense_rfft2(x, out, moved);
+  TORCH_CHECK(x.dim() >= 2 && x.is_contiguous() && out.is_contiguous(), "gemm_rfft2: contiguous fields expected");
+  const int64_t m0 = x.size(-2), m1 = x.size(-1), h1 = m1 / 2 + 1, N = m0 * m1 > 0 ? x.numel() / (m0 * m1) : 0;
+  TORCH_CHECK(out.numel() == N * m0 * h1 && out.scalar_type() == c10::toComplexType(x.scalar_type()) &&
+                  out.size(-1) == (moved ? m0 : h1) && out.size(-2) == (moved ? h1 : m0),
+              "gemm_rfft2: the output does not fit");
+  if (N == 0) return;
+  if (m0 * m1 < kSymmetricArea) return dense_rfft2(x, out, moved);
   symmetric_rfft2(x, out, moved);
 }
 
 void gemm_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, bool moved) {
-  if (out.size(-2) * out.size(-1) < kSymmetricArea) return dense_irfft2(spec, out, scale, moved);
+  TORCH_CHECK(spec.dim() >= 2 && spec.is_contiguous() && out.is_contiguous() && spec.is_complex(),
+              "gemm_irfft2: contiguous spectra expected");
+  const int64_t m0 = out.size(-2), m1 = out.size(-1), h1 = m1 / 2 + 1;
+  const int64_t N = m0 * m1 > 0 ? out.numel() / (m0 * m1) : 0;
+  TORCH_CHECK(spec.numel() == N * m0 * h1 && spec.size(-1) == (moved ? m0 : h1) && spec.size(-2) == (moved ? h1 : m0) &&
+                  spec.scalar_type() == c10::toComplexType(out.scalar_type()),
+              "gemm_irfft2: the spectra do not fit the output");
+  if (N == 0) return;
+  if (m0 * m1 < kSymmetricArea) return dense_irfft2(spec, out, scale, moved);
   symmetric_irfft2(spec, out, scale, moved);
 }
 
