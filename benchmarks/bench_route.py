@@ -101,7 +101,7 @@ def time_case(case, kernel, rounds, repeats):
 
     fns = {"transforms": with_route("off", call), "counting": with_route(kernel, call), "auto": with_route("auto", call)}
     # The first auto call also measures the costs, and where the model is unsure times both routes
-    # (a route trial, which returns the counted result): the second shows the route auto keeps.
+    # (a route trial, which returns the faster route's result): the second shows the route auto keeps.
     outs = {name: fn() for name, fn in fns.items()}
     outs["auto"] = fns["auto"]()
     if torch.equal(outs["auto"], outs["counting"]) and not torch.equal(outs["auto"], outs["transforms"]):

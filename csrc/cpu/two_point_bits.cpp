@@ -1031,9 +1031,11 @@ RouteEstimate binary_route_estimate(const std::vector<int64_t>& spatial, const s
 // scale otherwise (on an Intel Xeon, 2 threads, the model put counting 32 x 224^2 at cutoff 20 at
 // 0.91 of the transforms where it took 1.68 of them). Where the model's two estimates lie within
 // a factor g_trial_band of each other, the first call of a kind (shape, window, states, dtype,
-// thread count) therefore times both routes on its own input, keeps the counted result, and
-// remembers the faster route for the calls of that kind that follow. Set or environment costs are
-// never overridden (they exist to fix the route).
+// thread count) therefore times both routes on its own input, returns the faster route's result
+// (so that it gives the bits of the calls of that kind that follow: a seeded optimisation that
+// starts with a trial repeats itself) and remembers that route for them. Past kMaxTrials kinds the
+// model decides for new ones (a cleared table would time, and could switch, the old ones again).
+// Set or environment costs are never overridden (they exist to fix the route).
 namespace {
 
 std::mutex g_trials_mutex;
@@ -1058,7 +1060,9 @@ std::vector<int64_t> trial_key(const at::Tensor& x, const std::vector<std::pair<
 }
 
 // Counts into out and times both routes (the transforms into a scratch tensor): one round, a second
-// where the first is within 30%, the faster of each kept. False where x is not binary after all.
+// where the first is within 30%, the faster of each kept. True where counting was faster (its
+// result is in out); false where the transforms were, or x is not binary after all (the caller
+// then runs the transforms, as for the later calls of a kind the transforms won).
 bool trial_routes(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
                   bool periodic, const Geometry& g, const Choice& c, const std::vector<int64_t>& key, at::Tensor& out) {
   Choice counting = c;
@@ -1081,10 +1085,10 @@ bool trial_routes(const at::Tensor& x, const std::vector<std::pair<int64_t, int6
     t_transform = std::min(t_transform, seconds_since(t0));
     if (std::max(t_count, t_transform) > 1.3 * std::min(t_count, t_transform)) break;
   }
+  const bool counting_won = t_count <= t_transform;
   std::lock_guard<std::mutex> lock(g_trials_mutex);
-  if (g_trials.size() >= kMaxTrials) g_trials.clear();
-  g_trials[key] = t_count <= t_transform;
-  return true;
+  if (g_trials.size() < kMaxTrials) g_trials[key] = counting_won;
+  return counting_won;
 }
 
 }  // namespace
@@ -1114,11 +1118,14 @@ bool binary_stats_cpu(const at::Tensor& x, const std::vector<std::pair<int64_t, 
   if (!(ratio > 1.0 / band && ratio < band)) return binary_stats_with(x, req, check_partition, periodic, g, c, out);
   const std::vector<int64_t> key = trial_key(x, req, check_partition, periodic, g);
   std::optional<bool> known;
+  bool full = false;
   {
     std::lock_guard<std::mutex> lock(g_trials_mutex);
     const auto it = g_trials.find(key);
     if (it != g_trials.end()) known = it->second;
+    full = g_trials.size() >= kMaxTrials;
   }
+  if (!known && full) return binary_stats_with(x, req, check_partition, periodic, g, c, out);
   if (!known) return trial_routes(x, req, check_partition, periodic, g, c, key, out);
   if (!*known) return false;
   c.forced = true;  // counting was measured faster for this kind of call
