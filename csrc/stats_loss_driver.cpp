@@ -209,12 +209,7 @@ at::Tensor window_to_grid_rows(const at::Tensor& t, int64_t dim, int64_t m, int6
 }
 
 // The pruned one-dimensional transforms below run as matrix products on the CPU along the sides
-// where MKL's transforms are slowest, for windows not too large (cpu/gemm_dft.h, window_products):
-// at 51^2, three pairs with a cross pair, cutoff 20, ATen's transforms were about 60% of the
-// loss's time. w: the window's lags (or the bins) the product takes or gives along that side.
-bool products_along(const at::Tensor& t, int64_t m, int64_t w) {
-  return t.device().is_cpu() && cpu::window_products(m, w);
-}
+// where MKL's transforms are slowest, for windows not too large (cpu::window_products).
 
 // With cross pairs the general loss keeps its spectra in the "moved" layout: the first spatial
 // axis last, (B, k, m_1, .., h_{nd-1}, m_0) for 2D and 3D - power_half's layout, in which the
@@ -234,14 +229,17 @@ at::Tensor cross_window_inverse(const at::Tensor& spec, const Geometry& g) {
   const int nd = g.ndim;
   at::Tensor p = spec;
   if (nd > 1) {
-    p = (products_along(p, g.m[0], g.w[0]) ? cpu::ifft_last_to_window(p, g.w[0])
-                                   : grid_to_window_rows(at::fft_ifft(p, g.m[0], -1), nd + 1, g.m[0], g.w[0]))
+    p = (cpu::window_products(p, g.m[0], g.w[0])
+             ? cpu::ifft_last_to_window(p, g.w[0])
+             : grid_to_window_rows(at::fft_ifft(p, g.m[0], -1), nd + 1, g.m[0], g.w[0]))
             .movedim(-1, 2)
             .contiguous();
     for (int d = 1; d < nd - 1; ++d)
       p = grid_to_window_rows(at::fft_ifft(p, g.m[d], d + 2), d + 2, g.m[d], g.w[d]);
   }
-  auto out = products_along(p, g.m[nd - 1], g.m[nd - 1] / 2 + 1) ? cpu::irfft_last(p, g.m[nd - 1]) : at::fft_irfft(p, g.m[nd - 1], nd + 1);
+  const int64_t m_last = g.m[nd - 1];
+  auto out = cpu::window_products(p, m_last, m_last / 2 + 1) ? cpu::irfft_last(p, m_last)
+                                                             : at::fft_irfft(p, m_last, nd + 1);
   return out.contiguous().view({spec.size(0), spec.size(1), -1});
 }
 
@@ -250,7 +248,7 @@ at::Tensor cross_window_inverse(const at::Tensor& spec, const Geometry& g) {
 // window's rows on the grid. The first axis is left untransformed, on the window's w_0 rows.
 at::Tensor window_forward_rest(const at::Tensor& win, const Geometry& g) {
   const int nd = g.ndim;
-  auto p = products_along(win, g.m[nd - 1], g.w[nd - 1])
+  auto p = cpu::window_products(win, g.m[nd - 1], g.w[nd - 1])
                ? cpu::window_rfft_last(win, g.m[nd - 1])
                : at::fft_rfft(window_to_grid_rows(win, nd + 1, g.m[nd - 1], g.w[nd - 1]), g.m[nd - 1], nd + 1);
   for (int d = nd - 2; d >= 1; --d) p = at::fft_fft(window_to_grid_rows(p, d + 2, g.m[d], g.w[d]), g.m[d], d + 2);
@@ -262,7 +260,7 @@ at::Tensor window_forward_rest(const at::Tensor& win, const Geometry& g) {
 at::Tensor window_forward(const at::Tensor& win, const Geometry& g) {
   auto p = window_forward_rest(win, g);
   if (g.ndim == 1) return p.contiguous();
-  if (products_along(p, g.m[0], g.w[0])) return cpu::window_fft_last(p.movedim(2, -1), g.m[0]);
+  if (cpu::window_products(p, g.m[0], g.w[0])) return cpu::window_fft_last(p.movedim(2, -1), g.m[0]);
   p = window_to_grid_rows(p.movedim(2, -1), g.ndim + 1, g.m[0], g.w[0]);
   return at::fft_fft(p, g.m[0], -1);
 }
@@ -300,7 +298,7 @@ at::Tensor even_window_forward_real(const at::Tensor& win_in, const Geometry& g_
   }
   const auto p = window_forward_rest(even_part(win, g), g).movedim(2, -1);  // (B, k, .., w_0)
   const int64_t m0 = g.m[0], w0 = g.w[0], hw = w0 / 2, h0 = m0 / 2 + 1;
-  if (products_along(p, m0, w0)) return cpu::window_real_fft_last(p, m0);  // the whole transform's real part
+  if (cpu::window_products(p, m0, w0)) return cpu::window_real_fft_last(p, m0);  // the whole transform's real part
   auto sizes = p.sizes().vec();
   sizes.back() = h0;
   auto half = at::zeros(sizes, p.options());

@@ -404,12 +404,12 @@ at::Tensor even_inverse(const at::Tensor& power_t, const Geometry& g) {
   // transforms run over contiguous memory and leave the even layout as they write it.
   // On the CPU along the sides where MKL's transforms are slowest, the kept bins as one matrix
   // product (cpu/gemm_dft.h), and in 2D the last axis's inverse too.
-  const bool cpu_products = power_t.device().is_cpu() && cpu::window_products(m0, even_rows(g.w[0]));
-  auto q = (cpu_products ? cpu::rfft_last_bins(power_t, even_rows(g.w[0]))
-                         : at::fft_rfft(power_t, m0, -1).narrow(-1, 0, even_rows(g.w[0])))
+  const int64_t kept = even_rows(g.w[0]);
+  auto q = (cpu::window_products(power_t, m0, kept) ? cpu::rfft_last_bins(power_t, kept)
+                                                    : at::fft_rfft(power_t, m0, -1).narrow(-1, 0, kept))
                .movedim(-1, 2)
                .contiguous();
-  if (nd == 2 && q.device().is_cpu() && cpu::window_products(g.m[1], g.m[1] / 2 + 1))
+  if (nd == 2 && cpu::window_products(q, g.m[1], g.m[1] / 2 + 1))
     return cpu::irfft_last(q, g.m[1]).view({B, na, -1});
   std::vector<int64_t> rest_sizes;
   for (int d = 1; d < nd; ++d) rest_sizes.push_back(g.m[d]);
@@ -417,10 +417,8 @@ at::Tensor even_inverse(const at::Tensor& power_t, const Geometry& g) {
   // irfft_grid (on the CPU, DFTI straight into the result: ATen's irfftn cloned q twice first,
   // 2 ms of a 20 ms forward pass at 8 x 64^3). q is this function's own copy, which DFTI may use
   // as scratch.
-  auto qs = q.sizes().vec();
-  qs.erase(qs.begin(), qs.begin() + 2);
-  qs[0] = B * na * qs[0];
-  qs.insert(qs.begin() + 1, 1);
+  std::vector<int64_t> qs{B * na * q.size(2), 1};  // (B * na * R0, 1, the other axes' bins)
+  for (int64_t d = 3; d < q.dim(); ++d) qs.push_back(q.size(d));
   return irfft_grid(q.view(qs), rest_sizes, false).view({B, na, -1});  // (B, na, R0, m_1, .., m_{nd-1})
 }
 

@@ -629,7 +629,7 @@ namespace {
 
 // Tables of the window transforms (window_products), built in double and cached. Lag i of a
 // window of w is i - w / 2; its phase with bin k is (k lag) mod m, reduced in integers.
-enum class Win { kRealForward, kForward, kInverseToWindow, kRealPart, kRealBins };
+enum class Win { kRealForward, kForward, kInverseToWindow, kRealPart };
 
 at::Tensor window_table(Win which, int64_t m, int64_t w, at::ScalarType real) {
   using Key = std::tuple<int, int64_t, int64_t, int>;
@@ -677,16 +677,6 @@ at::Tensor window_table(Win which, int64_t m, int64_t w, at::ScalarType real) {
           }
         break;
       }
-      case Win::kRealBins: {  // (m, 2w): the first w bins of a grid's rfft, x_j . (cos, -sin)
-        d = at::empty({m, 2 * w}, at::kDouble);
-        double* p = d.data_ptr<double>();
-        for (int64_t j = 0; j < m; ++j)
-          for (int64_t k = 0; k < w; ++k) {
-            p[j * 2 * w + 2 * k] = u.c[(j * k) % m];
-            p[j * 2 * w + 2 * k + 1] = -u.s[(j * k) % m];
-          }
-        break;
-      }
       case Win::kRealPart: {  // (2w, m): Re((re + i im)_i exp(-i theta)) = re cos + im sin
         d = at::empty({2 * w, m}, at::kDouble);
         double* p = d.data_ptr<double>();
@@ -718,12 +708,13 @@ at::Tensor rows_times(const at::Tensor& x, const at::Tensor& table, int64_t out_
 
 }  // namespace
 
-bool window_products(int64_t m, int64_t w) {
-  // Up to w m = 12000 the products were faster than ATen's transforms (the loss with a cross pair,
+bool window_products(const at::Tensor& t, int64_t m, int64_t w) {
+  // At 51^2, three pairs with a cross pair, cutoff 20, ATen's pruned transforms were about 60% of
+  // the loss's time. Up to w m = 12000 the products were faster than ATen's transforms (the loss with a cross pair,
   // ad-hoc, 0.75-0.84x at 51^2-223^2 with windows of 41-101 lags), level at 131^2 with 121 lags
   // (15700) and slower at 223^2 over the whole window (49700: 1.22x).
   constexpr int64_t kMaxWork = 12000;
-  return tl_gemm_dft && env_enabled() && rule_side(m) && w * m <= kMaxWork;
+  return t.device().is_cpu() && tl_gemm_dft && env_enabled() && rule_side(m) && w * m <= kMaxWork;
 }
 
 at::Tensor window_rfft_last(const at::Tensor& win, int64_t m) {
@@ -748,7 +739,10 @@ at::Tensor irfft_last(const at::Tensor& spec, int64_t m) {
 
 at::Tensor rfft_last_bins(const at::Tensor& x, int64_t bins) {
   TORCH_CHECK(bins >= 0 && bins <= x.size(-1) / 2 + 1, "rfft_last_bins: ", bins, " bins of a length ", x.size(-1));
-  return rows_times(x, window_table(Win::kRealBins, x.size(-1), bins, x.scalar_type()), bins, true);
+  // The dense form's table of the last axis, its first `bins` bins (a strided view the product reads
+  // in place).
+  const auto t = table(Table::kForwardLast, x.size(-1), 1.0, x.scalar_type()).narrow(1, 0, 2 * bins);
+  return rows_times(x, t, bins, true);
 }
 
 at::Tensor window_real_fft_last(const at::Tensor& win, int64_t m) {

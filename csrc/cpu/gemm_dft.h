@@ -63,10 +63,11 @@ void gemm_irfft2(const at::Tensor& spec, at::Tensor& out, double scale, bool mov
 // matrix product each (the windowed loss's pruned transforms with cross pairs). A window of w
 // lags along a grid side of m holds the lags -w/2 .. w - w/2 - 1 (mod m) in that order, as
 // grid_to_window_rows takes them. Contiguity is not required; results are contiguous.
-// Whether the CPU takes them along a side m for a product over w lags or bins: the route on for
-// this thread and process (as gemm_dft_candidate), m one of the fixed rule's sides (the
-// transforms there cost far more per point than on smooth sides) and w m small enough.
-bool window_products(int64_t m, int64_t w);
+// Whether they take t (to be transformed) along a side m for a product over w lags or bins: t on
+// the CPU, the route on for this thread and process (as gemm_dft_candidate), m one of the fixed
+// rule's sides (the transforms there cost far more per point than on smooth sides) and w m small
+// enough.
+bool window_products(const at::Tensor& t, int64_t m, int64_t w);
 // rfft over the last axis of a real window (.., w) placed on the zero grid: (.., m / 2 + 1).
 at::Tensor window_rfft_last(const at::Tensor& win, int64_t m);
 // fft over the last axis of a complex window (.., w) placed on the zero grid: (.., m).
