@@ -13,6 +13,7 @@
 #endif
 
 #include "spectral.h"
+#include "cpu/direct_dft.h"
 #include "cpu/gemm_dft.h"
 #include "cpu/mkl_dft.h"
 #include "two_point.h"
@@ -129,6 +130,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_even_simd", &pymks_vae::set_even_simd, pybind11::arg("enabled"),
         "Let this thread's matrix-product route run its AVX2 + FMA passes where the CPU has them (True) or "
         "the baseline build's (False); returns the previous setting");
+  m.def(
+      "_set_direct_dft",
+      [](const std::string& mode) {
+        using pymks_vae::cpu::DirectIsa;
+        static const char* const kNames[] = {"auto", "generic"};
+        TORCH_CHECK(mode == "auto" || mode == "generic", "_set_direct_dft: mode must be 'auto' or 'generic', got '",
+                    mode, "'");
+        const DirectIsa isa = mode == "auto" ? DirectIsa::kAuto : DirectIsa::kGeneric;
+        return std::string(kNames[static_cast<int>(pymks_vae::cpu::set_direct_dft_isa(isa))]);
+      },
+      pybind11::arg("mode"),
+      "This thread's instruction set for the direct 2D transforms: 'auto' (AVX2 with FMA where the CPU has "
+      "them) or 'generic' (the baseline build); returns the previous mode (tests)");
+  m.def("_direct_dft_isa", &pymks_vae::cpu::direct_dft_isa, "What the direct form's loops run with now (tests)");
   m.def("_set_gemm_dft", &pymks_vae::cpu::set_gemm_dft, pybind11::arg("enabled"),
         "Let this thread's CPU transforms of small 2D grids run as matrix products where they are chosen (True) "
         "or as transforms always (False); returns the previous setting");

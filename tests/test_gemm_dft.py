@@ -1,8 +1,9 @@
-"""The CPU's matrix-product transforms for small 2D grids whose sides have a large prime factor
-(csrc/cpu/gemm_dft.cpp): alone against torch.fft on any grid (both forms, odd and even sides, both
-layouts, blocks of fields), and inside the operator and the losses the same numbers as MKL's
-transforms and the float64 reference on the grids the rule takes, and no change on grids none of
-whose sides it takes; the pruned one-dimensional products along its sides likewise.
+"""The CPU's direct transforms of small 2D grids (csrc/cpu/direct_dft.cpp, chosen in
+csrc/cpu/gemm_dft.cpp), and the pruned one-dimensional matrix products of the windowed loss: alone
+against torch.fft on any grid (odd and even sides, sides of 1 and 2, both layouts, partial groups
+of fields, both instruction sets of the loops), and inside the operator and the losses the same
+numbers as MKL's transforms and the float64 reference on the grids the rule takes, and no change
+on grids none of whose sides it takes.
 
 The route is switched per thread with ``_C._set_gemm_dft``; the two routes round differently, so
 on a grid the rule takes their float32 results differ in the last bits, and elsewhere they are
@@ -28,12 +29,13 @@ pytestmark = [
 ]
 
 PAIRS = [(0, 0), (0, 1), (1, 1)]
-# Every side m <= 127 with a prime factor p >= 17 and m / p odd or at most 3, or a prime up to 223;
-# LEFT has none (a grid with one such side keeps MKL for its 2D transforms, but its pruned
-# one-dimensional transforms along that side are products: see the window tests below). Grids
-# under 25^2 take the dense form of the products, larger ones the symmetric form.
-TAKEN = [(17, 17), (51, 51), (17, 34), (47, 53), (34, 19), (101, 101), (69, 23), (113, 113), (85, 19), (223, 17)]
-LEFT = [(21, 21), (64, 64), (21, 64), (68, 68), (102, 68), (262, 64)]
+# The rule: every side 9-40 but the multiples of 4, every side m <= 127 with a prime factor
+# p >= 17 and m / p odd or at most 3, and the primes up to 223. LEFT has none of them (a grid with
+# one such side keeps MKL for its 2D transforms, but its pruned one-dimensional transforms along a
+# side with a large prime factor are products: see the window tests below).
+TAKEN = [(17, 17), (21, 21), (13, 14), (15, 38), (51, 51), (17, 34), (47, 53), (34, 19), (101, 101), (69, 23),
+         (113, 113), (85, 19), (223, 17)]
+LEFT = [(8, 12), (16, 16), (64, 64), (21, 64), (68, 68), (102, 68), (262, 64)]
 
 
 @contextlib.contextmanager
@@ -73,22 +75,50 @@ def both_routes(fn):
     return on, off
 
 
-# The transforms alone, on grids of both forms (the symmetric one from 25^2 on), odd and even
-# sides, sides of 1 and 2 (no odd part along that axis), and batches of 101^2 float64 fields that
-# span several blocks of 512 KB with a partial last one.
-GRIDS = [(1, 1), (2, 3), (3, 2), (5, 8), (8, 5), (24, 26), (25, 25), (26, 25), (25, 26), (30, 31), (32, 33),
+# The transforms alone, with the loops built for AVX2 (where the CPU has it) and for the baseline
+# x86-64: odd and even sides, sides of 1 and 2 (no odd part along that axis), long thin grids, and
+# batches whose last group of fields (8 float32 or 4 float64 lanes) is partial.
+GRIDS = [(1, 1), (2, 3), (3, 2), (5, 8), (8, 5), (21, 21), (24, 26), (25, 25), (26, 25), (25, 26), (30, 31), (32, 33),
          (51, 64), (64, 51), (101, 17), (2, 400), (400, 2), (1, 700), (700, 1)]
 
 
 def batch_for(grid, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    lead = (14,) if grid == (101, 101) else (3, 2)  # 14 fields of 82 KB: blocks of 6, 6 and 2
+    # 6 fields: one partial group; 14: groups of 8 and 6 (float32), 4, 4, 4 and 2 (float64); 16: full.
+    lead = {(101, 101): (14,), (21, 21): (16,)}.get(grid, (3, 2))
     return torch.randn(lead + grid, generator=g, dtype=dtype)
 
 
+@contextlib.contextmanager
+def loops(isa):
+    prev = C._set_direct_dft(isa)
+    try:
+        yield
+    finally:
+        C._set_direct_dft(prev)
+
+
+def test_the_loops_run_with_avx2_where_the_cpu_has_it():
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    want = "avx2" if {"avx2", "fma"} <= set(flags) else "generic"
+    with loops("auto"):
+        assert C._direct_dft_isa() == want
+    with loops("generic"):
+        assert C._direct_dft_isa() == "generic"
+    with pytest.raises(RuntimeError, match="mode must be 'auto' or 'generic'"):
+        C._set_direct_dft("avx512")
+
+
+@pytest.mark.parametrize("isa", ["auto", "generic"])
 @pytest.mark.parametrize("moved", [False, True], ids=["natural", "moved"])
 @pytest.mark.parametrize("grid", GRIDS + [(101, 101)], ids=str)
-def test_products_alone_match_torch_fft(grid, moved):
+def test_products_alone_match_torch_fft(grid, moved, isa):
+    with loops(isa):
+        check_alone_against_torch_fft(grid, moved)
+
+
+def check_alone_against_torch_fft(grid, moved):
     x = batch_for(grid, torch.float64, seed=sum(grid))
     want = torch.fft.rfft2(x)
     if moved:
@@ -108,15 +138,17 @@ def test_products_alone_match_torch_fft(grid, moved):
     torch.testing.assert_close(back, ref, rtol=0, atol=1e-11 * max(1.0, float(ref.abs().max())))
 
 
-@pytest.mark.parametrize("grid", [(24, 26), (25, 25), (51, 64), (101, 17), (2, 400), (101, 101)], ids=str)
-def test_products_alone_float32_within_rounding(grid):
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("grid", [(21, 21), (24, 26), (25, 25), (51, 64), (101, 17), (2, 400), (101, 101)], ids=str)
+def test_products_alone_float32_within_rounding(grid, isa):
     x = batch_for(grid, torch.float32, seed=3)
     want = torch.fft.rfft2(x.double())
-    got = C._gemm_rfft2(x)
+    with loops(isa):
+        got = C._gemm_rfft2(x)
+        back = C._gemm_irfft2(got, grid[1], False, 1.0 / (grid[0] * grid[1]))
     assert got.dtype == torch.complex64
     scale = float(want.abs().max())
     assert float((got.to(torch.complex128) - want).abs().max()) < 2e-6 * scale
-    back = C._gemm_irfft2(got, grid[1], False, 1.0 / (grid[0] * grid[1]))
     assert float((back.double() - x.double()).abs().max()) < 2e-6 * float(x.abs().max())
 
 
@@ -312,8 +344,8 @@ def test_the_switch_is_per_thread_and_returns_the_previous_setting():
         C._set_gemm_dft(prev)
 
 
-# A candidate the fixed rule leaves to MKL (27 = 3^3) and one it takes (51 = 3 x 17).
-TRIAL_GRIDS = [(27, 27), (51, 51)]
+# A candidate the fixed rule leaves to MKL (45 = 3^2 x 5) and one it takes (51 = 3 x 17).
+TRIAL_GRIDS = [(45, 45), (51, 51)]
 
 
 @pytest.mark.parametrize("shape", TRIAL_GRIDS, ids=str)
@@ -350,10 +382,10 @@ def test_a_trial_runs_the_winner_from_its_first_call_on(shape, products):
     ((51, 51), 1.0, 1.1, False, "products"), ((51, 51), 1.0, 0.9, False, "products"),
     ((51, 51), 1.0, 0.8, False, "confirm"), ((51, 51), 1.0, 0.8, True, "transforms"),
     ((51, 51), 1.0, 1.1, True, "products"),
-    # 27^2 is not (MKL): the products must be over 15% faster, in two trials
-    ((27, 27), 1.0, 1.1, False, "transforms"), ((27, 27), 0.9, 1.0, False, "transforms"),
-    ((27, 27), 0.8, 1.0, False, "confirm"), ((27, 27), 0.8, 1.0, True, "products"),
-    ((27, 27), 1.0, 0.8, True, "transforms"),
+    # 45^2 is not (MKL): the products must be over 15% faster, in two trials
+    ((45, 45), 1.0, 1.1, False, "transforms"), ((45, 45), 0.9, 1.0, False, "transforms"),
+    ((45, 45), 0.8, 1.0, False, "confirm"), ((45, 45), 0.8, 1.0, True, "products"),
+    ((45, 45), 1.0, 0.8, True, "transforms"),
 ], ids=str)
 def test_a_trial_overturns_the_rule_only_by_a_margin_and_twice(grid, t_products, t_transforms, confirming, want):
     assert C._gemm_dft_verdict(list(grid), t_products, t_transforms, confirming) == want
@@ -394,7 +426,7 @@ def test_trials_are_kept_per_kind():
 
 
 def test_deterministic_algorithms_keep_the_fixed_rule():
-    x = field((27, 27), torch.float32)
+    x = field((45, 45), torch.float32)
     with gemm_dft(False):
         want = ops.two_point_stats(x, PAIRS, cutoff=4)
     prev = torch.are_deterministic_algorithms_enabled()
@@ -405,7 +437,7 @@ def test_deterministic_algorithms_keep_the_fixed_rule():
             assert C._gemm_dft_trials() == 0
     finally:
         torch.use_deterministic_algorithms(prev)
-    assert torch.equal(got, want)  # 27 is not the rule's: the transforms ran
+    assert torch.equal(got, want)  # 45 is not the rule's: the transforms ran
     with trials_won_by(True):  # the control: the same call runs a trial otherwise
         assert not torch.equal(ops.two_point_stats(x, PAIRS, cutoff=4), want)
         assert C._gemm_dft_trials() > 0
@@ -415,7 +447,7 @@ def test_rule_setting_of_the_environment_runs_no_trials():
     import subprocess
     import sys
     code = ("import torch; from pymks_vae import ops, _extension as e; "
-            "ops.two_point_stats(torch.rand(2, 1, 27, 27), [(0, 0)]); "
+            "ops.two_point_stats(torch.rand(2, 1, 45, 45), [(0, 0)]); "
             "ops.two_point_stats(torch.rand(2, 1, 51, 51), [(0, 0)]); print(e._C._gemm_dft_trials())")
     counts = {}
     for setting in ("rule", "auto"):

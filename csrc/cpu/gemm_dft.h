@@ -1,5 +1,7 @@
-// The real 2D transforms of small grids whose sides have a large prime factor, as matrix
-// products on the CPU (see gemm_dft.cpp for when and why).
+// The real 2D transforms of small grids and of grids whose sides have a large prime factor written
+// out on the CPU (the direct form, direct_dft.h), in place of MKL's where chosen; and the windowed
+// loss's pruned one-dimensional transforms as matrix products (see gemm_dft.cpp for when and why).
+// The route keeps its first name, "the matrix products" (set_gemm_dft, PYMKS_VAE_GEMM_DFT).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,10 +9,10 @@
 namespace pymks_vae {
 namespace cpu {
 
-// The fixed rule, measured on one CPU (see gemm_dft.cpp): 2D, each side either at most 127 with a
-// prime factor p >= 17 and m / p odd or at most 3 (17, 19, 23, ..., 51, ..., 62, 67, 69, 71, 74,
-// ..., 85, ..., 95, ..., 101, ..., 115, 118, 119, ..., 127; not 68, 76, 92, 102, 114, 116, 124), or
-// a prime up to 223.
+// The fixed rule, measured on one CPU (see gemm_dft.cpp): 2D, each side either from 9 to 40 and not
+// a multiple of 4, or at most 127 with a prime factor p >= 17 and m / p odd or at most 3 (..., 51,
+// ..., 62, 67, 69, 71, 74, ..., 85, ..., 95, ..., 101, ..., 115, 118, 119, ..., 127; not 68, 76, 92,
+// 102, 114, 116, 124), or a prime up to 223.
 bool gemm_dft_rule(at::IntArrayRef grid);
 
 // Whether the products may run on a grid at all (the route on for this thread and process, and a
