@@ -145,7 +145,8 @@ PYBIND11_MODULE(_C, m) {
       "them) or 'generic' (the baseline build); returns the previous mode (tests)");
   m.def("_direct_dft_isa", &pymks_vae::cpu::direct_dft_isa, "What the direct form's loops run with now (tests)");
   m.def("_set_gemm_dft", &pymks_vae::cpu::set_gemm_dft, pybind11::arg("enabled"),
-        "Let this thread's CPU transforms of small 2D grids run as matrix products where they are chosen (True) "
+        "Let this thread's CPU transforms of small 2D grids run written out (the route's first form was matrix "
+        "products) where they are chosen (True) "
         "or as transforms always (False); returns the previous setting");
   m.def("_set_gemm_dft_trials", &pymks_vae::cpu::set_gemm_dft_trials, pybind11::arg("enabled"),
         "Choose this thread's matrix products by timing them against the transforms at the first call of a kind "
@@ -172,6 +173,8 @@ PYBIND11_MODULE(_C, m) {
         TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
                         x.dim() >= 2,
                     "_gemm_rfft2: x must be a CPU float32/float64 tensor with at least 2 dimensions");
+        // The route stops at sides of 401; its tables grow as the square of a side.
+        TORCH_CHECK(x.size(-1) <= 4096 && x.size(-2) <= 4096, "_gemm_rfft2: sides up to 4096, got ", x.sizes());
         const auto xc = x.contiguous();
         auto sizes = xc.sizes().vec();
         sizes.back() = sizes.back() / 2 + 1;
@@ -181,7 +184,7 @@ PYBIND11_MODULE(_C, m) {
         return out;
       },
       pybind11::arg("x"), pybind11::arg("moved") = false,
-      "rfft over the last two axes as matrix products (moved: the first of them last in the result)");
+      "rfft over the last two axes, written out as the route of small grids runs it (moved: the first of them last in the result)");
   m.def(
       "_gemm_irfft2",
       [](const at::Tensor& spec, int64_t m1, bool moved, double scale) {
@@ -194,13 +197,15 @@ PYBIND11_MODULE(_C, m) {
         if (moved) std::swap(sizes[sizes.size() - 1], sizes[sizes.size() - 2]);
         TORCH_CHECK(m1 >= 1 && sizes.back() == m1 / 2 + 1, "_gemm_irfft2: m1 = ", m1, " does not fit the spectrum's ",
                     sizes.back(), " bins");
+        TORCH_CHECK(m1 <= 4096 && sizes[sizes.size() - 2] <= 4096, "_gemm_irfft2: sides up to 4096, got ", m1, " and ",
+                    sizes[sizes.size() - 2]);
         sizes.back() = m1;
         auto out = at::empty(sizes, sc.options().dtype(c10::toRealValueType(sc.scalar_type())));
         pymks_vae::cpu::gemm_irfft2(sc, out, scale, moved);
         return out;
       },
       pybind11::arg("spec"), pybind11::arg("m1"), pybind11::arg("moved") = false, pybind11::arg("scale") = 1.0,
-      "irfft over the last two axes (times scale) as matrix products, from natural or moved spectra");
+      "irfft over the last two axes (times scale), written out as the route of small grids runs it, from natural or moved spectra");
   m.def("_set_gemm_dft_trial_bias", &pymks_vae::cpu::set_gemm_dft_trial_bias, pybind11::arg("bias"),
         "Multiply the matrix products' measured time by bias in their trials (tests); returns the previous bias");
   m.def("_mkl_dft_available", &pymks_vae::cpu::dft_available, "Whether MKL's DFTI was found in the loaded torch");

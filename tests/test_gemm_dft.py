@@ -159,6 +159,10 @@ def test_products_alone_reject_what_they_cannot_take():
         C._gemm_irfft2(torch.zeros(4, 3), 4)
     with pytest.raises(RuntimeError, match="m1 = 5 does not fit the spectrum's 4 bins"):
         C._gemm_irfft2(torch.zeros(4, 4, dtype=torch.complex64), 5)
+    with pytest.raises(RuntimeError, match="sides up to 4096"):
+        C._gemm_rfft2(torch.zeros(1, 5000))
+    with pytest.raises(RuntimeError, match="sides up to 4096"):
+        C._gemm_irfft2(torch.zeros(5000, 2, dtype=torch.complex64), 2)
 
 
 @pytest.mark.parametrize("shape", TAKEN, ids=str)

@@ -81,8 +81,8 @@ Tables<T> tables(const at::Tensor& cos0, const at::Tensor& sin0, const at::Tenso
   return {cos0.data_ptr<T>(), sin0.data_ptr<T>(), last_cos.data_ptr<T>(), last_sin.data_ptr<T>()};
 }
 
-// A task's lane buffers, 32-byte aligned as V is (std::vector<V> would drop V's alignment, a
-// template argument's attributes being ignored).
+// A task's lane buffers, 32-byte aligned: the AVX2 loops load and store whole vectors with aligned
+// moves, and std::vector<V> gave 16-byte alignment here (the baseline build's alignment of V).
 template <typename V>
 struct LaneBuffer {
   explicit LaneBuffer(int64_t n) : p(static_cast<V*>(std::aligned_alloc(sizeof(V), sizeof(V) * std::max<int64_t>(1, n)))) {
@@ -101,7 +101,9 @@ void for_groups(int64_t N, int64_t m0, int64_t m1, F f) {
   using V = typename Lanes<T>::V;
   constexpr int64_t L = sizeof(V) / sizeof(T);
   const int64_t groups = (N + L - 1) / L, h1 = m1 / 2 + 1;
-  // About 64 K multiply-adds per task at least: a group of 21^2 holds ~10 K vector ones.
+  // About 64 K multiply-adds per task at least: a group of 21^2 holds ~10 K vector ones. A partial
+  // group costs what a full one does (a batch of 1 float32 field, 8 fields' work), which the
+  // route's first-use trials weigh against MKL.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, m0 * m1 * (m0 + m1) / 2));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     const LaneBuffer<V> a(m0 * m1), re(m0 * h1), im(m0 * h1), work(8 * (std::max(m0, m1) / 2 + 1));

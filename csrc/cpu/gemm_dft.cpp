@@ -9,7 +9,7 @@
 //
 // The 2D transforms run in the direct form (direct_dft.cpp): cos(2 pi j k / m) is even and sin odd
 // in j and in k, so each axis takes the even and odd parts of its input along it
-// (e_j = v_j + v_{m-j}, o_j = v_j - v_{m-j}, j <= m / 2) against half tables of cosines and sines
+// (e_j = v_j + v_{m-j} for j <= m / 2, o_j = v_j - v_{m-j} for 1 <= j <= (m - 1) / 2) against half tables of cosines and sines
 // (half_table), and gives the bins k and m - k from the same two sums: with C = Cos . e and
 // S = Sin . o, X_k = C - i S and X_{m-k} = C + i S; the first axis on the real and imaginary planes
 // of the last axis's half spectrum. About m0 m1 (m0 + m1) / 2 multiply-adds per field, run as loops
@@ -53,7 +53,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -169,7 +168,7 @@ at::Tensor table(Table which, int64_t m, double scale, at::ScalarType real) {
   });
 }
 
-// The half tables of the symmetric products (see gemm_rfft2): for side m, h = m / 2 + 1 and
+// The half tables of the direct form (direct_dft.cpp): for side m, h = m / 2 + 1 and
 // o = (m - 1) / 2,
 //   kCos   (h, h)  cos(2 pi j k / m),
 //   kSin   (o, h)  sin(2 pi (j + 1) k / m),
@@ -427,8 +426,8 @@ at::Tensor irfft_last(const at::Tensor& spec, int64_t m) {
 
 at::Tensor rfft_last_bins(const at::Tensor& x, int64_t bins) {
   TORCH_CHECK(bins >= 0 && bins <= x.size(-1) / 2 + 1, "rfft_last_bins: ", bins, " bins of a length ", x.size(-1));
-  // The dense form's table of the last axis, its first `bins` bins (a strided view the product reads
-  // in place).
+  // The last axis's forward table, its first `bins` bins (a strided view the product reads in
+  // place).
   const auto t = table(Table::kForwardLast, x.size(-1), 1.0, x.scalar_type()).narrow(1, 0, 2 * bins);
   return rows_times(x, t, bins, true);
 }
