@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 namespace pymks_vae {
 namespace cpu {
@@ -59,6 +60,22 @@ template <>
 struct Lanes<double> {
   using V = VD;
 };
+
+// The two builds of the group kernels.
+template <typename T, typename V>
+struct GroupKernels {
+  void (*rfft2)(const V*, int64_t, int64_t, const Tables<T>&, V*, V*, V*);
+  void (*irfft2)(V*, V*, int64_t, int64_t, const Tables<T>&, V*, V*);
+};
+template <typename T, typename V>
+constexpr GroupKernels<T, V> kGeneric{generic::rfft2_group<T, V>, generic::irfft2_group<T, V>};
+#ifdef PYMKS_VAE_DIRECT_AVX2
+template <typename T, typename V>
+constexpr GroupKernels<T, V> kAvx2{avx2::rfft2_group<T, V>, avx2::irfft2_group<T, V>};
+#else
+template <typename T, typename V>
+constexpr GroupKernels<T, V> kAvx2 = kGeneric<T, V>;  // never chosen: use_avx2() is false
+#endif
 
 // The instruction set the loops run with: "auto" (the best the CPU has), or one forced by tests.
 thread_local DirectIsa tl_isa = DirectIsa::kAuto;
@@ -114,6 +131,36 @@ void for_groups(int64_t N, int64_t m0, int64_t m1, F f) {
   });
 }
 
+// One field to (kToLanes) or from lane l of a group's buffer: a real field of S points, or a half
+// spectrum (interleaved complex, (m0, h1) or moved (h1, m0)) against the planes re, im (m0, h1).
+template <typename T, bool kToLanes>
+void move_field(std::conditional_t<kToLanes, const T*, T*> field, T* lanes, int64_t S, int64_t l) {
+  constexpr int64_t L = sizeof(typename Lanes<T>::V) / sizeof(T);
+  for (int64_t i = 0; i < S; ++i) {
+    if constexpr (kToLanes)
+      lanes[i * L + l] = field[i];
+    else
+      field[i] = lanes[i * L + l];
+  }
+}
+
+template <typename T, bool kToLanes>
+void move_spectrum(std::conditional_t<kToLanes, const T*, T*> spec, T* re, T* im, int64_t m0, int64_t h1, bool moved,
+                   int64_t l) {
+  constexpr int64_t L = sizeof(typename Lanes<T>::V) / sizeof(T);
+  for (int64_t k = 0; k < m0; ++k)
+    for (int64_t c = 0; c < h1; ++c) {
+      const int64_t at = moved ? c * m0 + k : k * h1 + c, i = (k * h1 + c) * L + l;
+      if constexpr (kToLanes) {
+        re[i] = spec[2 * at];
+        im[i] = spec[2 * at + 1];
+      } else {
+        spec[2 * at] = re[i];
+        spec[2 * at + 1] = im[i];
+      }
+    }
+}
+
 template <typename T>
 void rfft2_t(const T* x, T* out, int64_t N, int64_t m0, int64_t m1, bool moved, const Tables<T>& t) {
   using V = typename Lanes<T>::V;
@@ -121,31 +168,14 @@ void rfft2_t(const T* x, T* out, int64_t N, int64_t m0, int64_t m1, bool moved, 
   const int64_t h1 = m1 / 2 + 1, S = m0 * m1;
   const bool avx = use_avx2();
   for_groups<T>(N, m0, m1, [&](int64_t f0, int64_t nf, V* a, V* re, V* im, V* work) {
-    T* as = reinterpret_cast<T*>(a);
-    if (nf < L) std::memset(static_cast<void*>(a), 0, sizeof(V) * S);
-    for (int64_t l = 0; l < nf; ++l) {
-      const T* src = x + (f0 + l) * S;
-      for (int64_t i = 0; i < S; ++i) as[i * L + l] = src[i];
-    }
-#ifdef PYMKS_VAE_DIRECT_AVX2
-    if (avx)
-      avx2::rfft2_group<T, V>(a, m0, m1, t, re, im, work);
-    else
-#endif
-      generic::rfft2_group<T, V>(a, m0, m1, t, re, im, work);
-    const T* rs = reinterpret_cast<const T*>(re);
-    const T* is = reinterpret_cast<const T*>(im);
-    for (int64_t l = 0; l < nf; ++l) {
-      T* dst = out + 2 * (f0 + l) * m0 * h1;
-      for (int64_t k = 0; k < m0; ++k)
-        for (int64_t c = 0; c < h1; ++c) {
-          const int64_t at = moved ? c * m0 + k : k * h1 + c, i = (k * h1 + c) * L + l;
-          dst[2 * at] = rs[i];
-          dst[2 * at + 1] = is[i];
-        }
-    }
+    if (nf < L) std::memset(static_cast<void*>(a), 0, sizeof(V) * S);  // the empty lanes stay finite
+    for (int64_t l = 0; l < nf; ++l)
+      move_field<T, true>(x + (f0 + l) * S, reinterpret_cast<T*>(a), S, l);
+    (avx ? kAvx2<T, V>.rfft2 : kGeneric<T, V>.rfft2)(a, m0, m1, t, re, im, work);
+    for (int64_t l = 0; l < nf; ++l)
+      move_spectrum<T, false>(out + 2 * (f0 + l) * m0 * h1, reinterpret_cast<T*>(re), reinterpret_cast<T*>(im), m0,
+                              h1, moved, l);
   });
-  (void)avx;
 }
 
 template <typename T>
@@ -155,34 +185,16 @@ void irfft2_t(const T* spec, T* out, int64_t N, int64_t m0, int64_t m1, bool mov
   const int64_t h1 = m1 / 2 + 1, S = m0 * m1;
   const bool avx = use_avx2();
   for_groups<T>(N, m0, m1, [&](int64_t f0, int64_t nf, V* a, V* re, V* im, V* work) {
-    T* rs = reinterpret_cast<T*>(re);
-    T* is = reinterpret_cast<T*>(im);
     if (nf < L) {
       std::memset(static_cast<void*>(re), 0, sizeof(V) * m0 * h1);
       std::memset(static_cast<void*>(im), 0, sizeof(V) * m0 * h1);
     }
-    for (int64_t l = 0; l < nf; ++l) {
-      const T* src = spec + 2 * (f0 + l) * m0 * h1;
-      for (int64_t k = 0; k < m0; ++k)
-        for (int64_t c = 0; c < h1; ++c) {
-          const int64_t at = moved ? c * m0 + k : k * h1 + c, i = (k * h1 + c) * L + l;
-          rs[i] = src[2 * at];
-          is[i] = src[2 * at + 1];
-        }
-    }
-#ifdef PYMKS_VAE_DIRECT_AVX2
-    if (avx)
-      avx2::irfft2_group<T, V>(re, im, m0, m1, t, a, work);
-    else
-#endif
-      generic::irfft2_group<T, V>(re, im, m0, m1, t, a, work);
-    const T* as = reinterpret_cast<const T*>(a);
-    for (int64_t l = 0; l < nf; ++l) {
-      T* dst = out + (f0 + l) * S;
-      for (int64_t i = 0; i < S; ++i) dst[i] = as[i * L + l];
-    }
+    for (int64_t l = 0; l < nf; ++l)
+      move_spectrum<T, true>(spec + 2 * (f0 + l) * m0 * h1, reinterpret_cast<T*>(re),
+                             reinterpret_cast<T*>(im), m0, h1, moved, l);
+    (avx ? kAvx2<T, V>.irfft2 : kGeneric<T, V>.irfft2)(re, im, m0, m1, t, a, work);
+    for (int64_t l = 0; l < nf; ++l) move_field<T, false>(out + (f0 + l) * S, reinterpret_cast<T*>(a), S, l);
   });
-  (void)avx;
 }
 
 }  // namespace
