@@ -18,8 +18,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
-#include <type_traits>
 
 namespace pymks_vae {
 namespace cpu {
@@ -64,14 +62,14 @@ struct Lanes<double> {
 // The two builds of the group kernels.
 template <typename T, typename V>
 struct GroupKernels {
-  void (*rfft2)(const V*, int64_t, int64_t, const Tables<T>&, V*, V*, V*);
-  void (*irfft2)(V*, V*, int64_t, int64_t, const Tables<T>&, V*, V*);
+  void (*rfft2)(const T* const*, T* const*, int, int64_t, int64_t, bool, const Tables<T>&, V*, V*, V*, V*);
+  void (*irfft2)(const T* const*, T* const*, int, int64_t, int64_t, bool, const Tables<T>&, V*, V*, V*, V*);
 };
 template <typename T, typename V>
-constexpr GroupKernels<T, V> kGeneric{generic::rfft2_group<T, V>, generic::irfft2_group<T, V>};
+constexpr GroupKernels<T, V> kGeneric{generic::rfft2_fields<T, V>, generic::irfft2_fields<T, V>};
 #ifdef PYMKS_VAE_DIRECT_AVX2
 template <typename T, typename V>
-constexpr GroupKernels<T, V> kAvx2{avx2::rfft2_group<T, V>, avx2::irfft2_group<T, V>};
+constexpr GroupKernels<T, V> kAvx2{avx2::rfft2_fields<T, V>, avx2::irfft2_fields<T, V>};
 #else
 template <typename T, typename V>
 constexpr GroupKernels<T, V> kAvx2 = kGeneric<T, V>;  // never chosen: use_avx2() is false
@@ -112,9 +110,11 @@ struct LaneBuffer {
   V* p;
 };
 
-// Groups of L fields over at::parallel_for, each task with its own lane buffers.
-template <typename T, class F>
-void for_groups(int64_t N, int64_t m0, int64_t m1, F f) {
+// The N fields of `in` (in_stride values each) through a group kernel into `out` (out_stride
+// each), L fields per group over at::parallel_for, each task with its own lane buffers.
+template <typename T, class Kernel>
+void for_groups(const T* in, int64_t in_stride, T* out, int64_t out_stride, int64_t N, int64_t m0, int64_t m1,
+                bool moved, const Tables<T>& t, Kernel kernel) {
   using V = typename Lanes<T>::V;
   constexpr int64_t L = sizeof(V) / sizeof(T);
   const int64_t groups = (N + L - 1) / L, h1 = m1 / 2 + 1;
@@ -126,74 +126,14 @@ void for_groups(int64_t N, int64_t m0, int64_t m1, F f) {
     const LaneBuffer<V> a(m0 * m1), re(m0 * h1), im(m0 * h1), work(8 * (std::max(m0, m1) / 2 + 1));
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t f0 = g * L, nf = std::min(L, N - f0);
-      f(f0, nf, a.data(), re.data(), im.data(), work.data());
-    }
-  });
-}
-
-// One field to (kToLanes) or from lane l of a group's buffer: a real field of S points, or a half
-// spectrum (interleaved complex, (m0, h1) or moved (h1, m0)) against the planes re, im (m0, h1).
-template <typename T, bool kToLanes>
-void move_field(std::conditional_t<kToLanes, const T*, T*> field, T* lanes, int64_t S, int64_t l) {
-  constexpr int64_t L = sizeof(typename Lanes<T>::V) / sizeof(T);
-  for (int64_t i = 0; i < S; ++i) {
-    if constexpr (kToLanes)
-      lanes[i * L + l] = field[i];
-    else
-      field[i] = lanes[i * L + l];
-  }
-}
-
-template <typename T, bool kToLanes>
-void move_spectrum(std::conditional_t<kToLanes, const T*, T*> spec, T* re, T* im, int64_t m0, int64_t h1, bool moved,
-                   int64_t l) {
-  constexpr int64_t L = sizeof(typename Lanes<T>::V) / sizeof(T);
-  for (int64_t k = 0; k < m0; ++k)
-    for (int64_t c = 0; c < h1; ++c) {
-      const int64_t at = moved ? c * m0 + k : k * h1 + c, i = (k * h1 + c) * L + l;
-      if constexpr (kToLanes) {
-        re[i] = spec[2 * at];
-        im[i] = spec[2 * at + 1];
-      } else {
-        spec[2 * at] = re[i];
-        spec[2 * at + 1] = im[i];
+      const T* src[L];
+      T* dst[L];
+      for (int64_t l = 0; l < L; ++l) {
+        src[l] = in + (f0 + (l < nf ? l : 0)) * in_stride;
+        dst[l] = out + (f0 + (l < nf ? l : 0)) * out_stride;
       }
+      kernel(src, dst, static_cast<int>(nf), m0, m1, moved, t, a.data(), re.data(), im.data(), work.data());
     }
-}
-
-template <typename T>
-void rfft2_t(const T* x, T* out, int64_t N, int64_t m0, int64_t m1, bool moved, const Tables<T>& t) {
-  using V = typename Lanes<T>::V;
-  constexpr int64_t L = sizeof(V) / sizeof(T);
-  const int64_t h1 = m1 / 2 + 1, S = m0 * m1;
-  const bool avx = use_avx2();
-  for_groups<T>(N, m0, m1, [&](int64_t f0, int64_t nf, V* a, V* re, V* im, V* work) {
-    if (nf < L) std::memset(static_cast<void*>(a), 0, sizeof(V) * S);  // the empty lanes stay finite
-    for (int64_t l = 0; l < nf; ++l)
-      move_field<T, true>(x + (f0 + l) * S, reinterpret_cast<T*>(a), S, l);
-    (avx ? kAvx2<T, V>.rfft2 : kGeneric<T, V>.rfft2)(a, m0, m1, t, re, im, work);
-    for (int64_t l = 0; l < nf; ++l)
-      move_spectrum<T, false>(out + 2 * (f0 + l) * m0 * h1, reinterpret_cast<T*>(re), reinterpret_cast<T*>(im), m0,
-                              h1, moved, l);
-  });
-}
-
-template <typename T>
-void irfft2_t(const T* spec, T* out, int64_t N, int64_t m0, int64_t m1, bool moved, const Tables<T>& t) {
-  using V = typename Lanes<T>::V;
-  constexpr int64_t L = sizeof(V) / sizeof(T);
-  const int64_t h1 = m1 / 2 + 1, S = m0 * m1;
-  const bool avx = use_avx2();
-  for_groups<T>(N, m0, m1, [&](int64_t f0, int64_t nf, V* a, V* re, V* im, V* work) {
-    if (nf < L) {
-      std::memset(static_cast<void*>(re), 0, sizeof(V) * m0 * h1);
-      std::memset(static_cast<void*>(im), 0, sizeof(V) * m0 * h1);
-    }
-    for (int64_t l = 0; l < nf; ++l)
-      move_spectrum<T, true>(spec + 2 * (f0 + l) * m0 * h1, reinterpret_cast<T*>(re),
-                             reinterpret_cast<T*>(im), m0, h1, moved, l);
-    (avx ? kAvx2<T, V>.irfft2 : kGeneric<T, V>.irfft2)(re, im, m0, m1, t, a, work);
-    for (int64_t l = 0; l < nf; ++l) move_field<T, false>(out + (f0 + l) * S, reinterpret_cast<T*>(a), S, l);
   });
 }
 
@@ -210,18 +150,24 @@ const char* direct_dft_isa() { return use_avx2() ? "avx2" : "generic"; }
 void direct_rfft2(const at::Tensor& x, at::Tensor& out, bool moved, const at::Tensor& cos0, const at::Tensor& sin0,
                   const at::Tensor& cos1, const at::Tensor& sin1) {
   const int64_t m0 = x.size(-2), m1 = x.size(-1), N = x.numel() / (m0 * m1);
+  const bool avx = use_avx2();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_rfft2", [&] {
-    rfft2_t<scalar_t>(x.data_ptr<scalar_t>(), reinterpret_cast<scalar_t*>(out.data_ptr()), N, m0, m1, moved,
-                      tables<scalar_t>(cos0, sin0, cos1, sin1));
+    using V = typename Lanes<scalar_t>::V;
+    for_groups<scalar_t>(x.data_ptr<scalar_t>(), m0 * m1, reinterpret_cast<scalar_t*>(out.data_ptr()),
+                         2 * m0 * (m1 / 2 + 1), N, m0, m1, moved, tables<scalar_t>(cos0, sin0, cos1, sin1),
+                         avx ? kAvx2<scalar_t, V>.rfft2 : kGeneric<scalar_t, V>.rfft2);
   });
 }
 
 void direct_irfft2(const at::Tensor& spec, at::Tensor& out, bool moved, const at::Tensor& cos0, const at::Tensor& sin0,
                    const at::Tensor& cosw1, const at::Tensor& sinw1) {
   const int64_t m0 = out.size(-2), m1 = out.size(-1), N = out.numel() / (m0 * m1);
+  const bool avx = use_avx2();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "direct_irfft2", [&] {
-    irfft2_t<scalar_t>(reinterpret_cast<const scalar_t*>(spec.data_ptr()), out.data_ptr<scalar_t>(), N, m0, m1, moved,
-                       tables<scalar_t>(cos0, sin0, cosw1, sinw1));
+    using V = typename Lanes<scalar_t>::V;
+    for_groups<scalar_t>(reinterpret_cast<const scalar_t*>(spec.data_ptr()), 2 * m0 * (m1 / 2 + 1),
+                         out.data_ptr<scalar_t>(), m0 * m1, N, m0, m1, moved, tables<scalar_t>(cos0, sin0, cosw1, sinw1),
+                         avx ? kAvx2<scalar_t, V>.irfft2 : kGeneric<scalar_t, V>.irfft2);
   });
 }
 
