@@ -184,7 +184,8 @@ PYBIND11_MODULE(_C, m) {
         return out;
       },
       pybind11::arg("x"), pybind11::arg("moved") = false,
-      "rfft over the last two axes, written out as the route of small grids runs it (moved: the first of them last in the result)");
+      "rfft over the last two axes, written out as the route of small grids runs it (moved: the first of them "
+      "last in the result)");
   m.def(
       "_gemm_irfft2",
       [](const at::Tensor& spec, int64_t m1, bool moved, double scale) {
@@ -205,7 +206,8 @@ PYBIND11_MODULE(_C, m) {
         return out;
       },
       pybind11::arg("spec"), pybind11::arg("m1"), pybind11::arg("moved") = false, pybind11::arg("scale") = 1.0,
-      "irfft over the last two axes (times scale), written out as the route of small grids runs it, from natural or moved spectra");
+      "irfft over the last two axes (times scale), written out as the route of small grids runs it, from natural "
+      "or moved spectra");
   m.def("_set_gemm_dft_trial_bias", &pymks_vae::cpu::set_gemm_dft_trial_bias, pybind11::arg("bias"),
         "Multiply the matrix products' measured time by bias in their trials (tests); returns the previous bias");
   m.def("_mkl_dft_available", &pymks_vae::cpu::dft_available, "Whether MKL's DFTI was found in the loaded torch");

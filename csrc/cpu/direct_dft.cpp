@@ -89,7 +89,8 @@ bool use_avx2() {
 }
 
 template <typename T>
-Tables<T> tables(const at::Tensor& cos0, const at::Tensor& sin0, const at::Tensor& last_cos, const at::Tensor& last_sin) {
+Tables<T> tables(const at::Tensor& cos0, const at::Tensor& sin0, const at::Tensor& last_cos,
+                 const at::Tensor& last_sin) {
   for (const auto* t : {&cos0, &sin0, &last_cos, &last_sin})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == c10::CppTypeToScalarType<T>::value,
                 "direct_dft: the tables must be contiguous and of the data's real type");
@@ -100,7 +101,8 @@ Tables<T> tables(const at::Tensor& cos0, const at::Tensor& sin0, const at::Tenso
 // moves, and std::vector<V> gave 16-byte alignment here (the baseline build's alignment of V).
 template <typename V>
 struct LaneBuffer {
-  explicit LaneBuffer(int64_t n) : p(static_cast<V*>(std::aligned_alloc(sizeof(V), sizeof(V) * std::max<int64_t>(1, n)))) {
+  explicit LaneBuffer(int64_t n)
+      : p(static_cast<V*>(std::aligned_alloc(sizeof(V), sizeof(V) * std::max<int64_t>(1, n)))) {
     TORCH_CHECK(p != nullptr, "direct_dft: out of memory for ", n, " lane vectors");
   }
   ~LaneBuffer() { std::free(p); }
@@ -166,7 +168,8 @@ void direct_irfft2(const at::Tensor& spec, at::Tensor& out, bool moved, const at
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "direct_irfft2", [&] {
     using V = typename Lanes<scalar_t>::V;
     for_groups<scalar_t>(reinterpret_cast<const scalar_t*>(spec.data_ptr()), 2 * m0 * (m1 / 2 + 1),
-                         out.data_ptr<scalar_t>(), m0 * m1, N, m0, m1, moved, tables<scalar_t>(cos0, sin0, cosw1, sinw1),
+                         out.data_ptr<scalar_t>(), m0 * m1, N, m0, m1, moved,
+                         tables<scalar_t>(cos0, sin0, cosw1, sinw1),
                          avx ? kAvx2<scalar_t, V>.irfft2 : kGeneric<scalar_t, V>.irfft2);
   });
 }

@@ -8,28 +8,29 @@
 // where MKL's cost is mostly per call and per line.
 //
 // The 2D transforms run in the direct form (direct_dft.cpp): cos(2 pi j k / m) is even and sin odd
-// in j and in k, so each axis takes the even and odd parts of its input along it
-// (e_j = v_j + v_{m-j} for j <= m / 2, o_j = v_j - v_{m-j} for 1 <= j <= (m - 1) / 2) against half tables of cosines and sines
-// (half_table), and gives the bins k and m - k from the same two sums: with C = Cos . e and
-// S = Sin . o, X_k = C - i S and X_{m-k} = C + i S; the first axis on the real and imaginary planes
-// of the last axis's half spectrum. About m0 m1 (m0 + m1) / 2 multiply-adds per field, run as loops
-// over groups of fields, one field per lane of a vector. It replaced two forms of matrix products
-// (a dense one under 25^2 and the same sums as products over blocks of fields); the forward
-// transform of 32 float32 fields (one thread, thread CPU time, 15 alternated rounds) took 0.40-0.65x
-// their time at 15^2-45^2, 0.67-0.85x at 51^2-71^2, 0.81-0.94x at 79^2-131^2, 0.98x at 223^2 and
-// 1.05x at 401^2, the inverse alike.
+// in j and in k, so each axis takes the even and odd parts of its input along it (e_j = v_j +
+// v_{m-j} for j <= m / 2, o_j = v_j - v_{m-j} for 1 <= j <= (m - 1) / 2) against half tables of
+// cosines and sines (half_table), and gives the bins k and m - k from the same two sums: with C =
+// Cos . e and S = Sin . o, X_k = C - i S and X_{m-k} = C + i S; the first axis on the real and
+// imaginary planes of the last axis's half spectrum. About m0 m1 (m0 + m1) / 2 multiply-adds per
+// field, run as loops over groups of fields, one field per lane of a vector. It replaced two forms
+// of matrix products (a dense one under 25^2 and the same sums as products over blocks of fields);
+// the forward transform of 32 float32 fields (one thread, thread CPU time, 15 alternated rounds)
+// took 0.40-0.65x their time at 15^2-45^2, 0.67-0.85x at 51^2-71^2, 0.81-0.94x at 79^2-131^2, 0.98x
+// at 223^2 and 1.05x at 401^2, the inverse alike.
 //
 // Against MKL, measured with those matrix products (which the direct form only improves on): the
 // windowed loss, forward + backward, B = 32, one thread, 8 rounds; the products' time over MKL's:
-// 0.23-0.89x on the sides m <= 127 whose largest prime factor p >= 17 has m <= 3p (0.83x at 17 and 19, 0.59x at
-// 23, 0.23-0.71x on 29-62, 0.37-0.58x on 67-127 but 0.75-0.89x on 106, 118, 122), 0.58-0.71x on
-// their odd multiples 85, 95, 115 (5p) and 119 (7p) and 0.47-0.60x on the primes 131-223;
-// 0.78-1.05x on 4p and 6p (68, 76, 92, 102, 114, 116, 124) and on the primes 251-401 (0.75-0.80x,
-// rounds 0.55-1.07x), 1.40x at 503;
-// 0.72-0.97x on the odd sides 21-63 with small factors (21 0.95, 25 0.97, 27 0.85, 33 0.78,
-// 39 0.72, 45 0.85, 63 0.78); 1.1-2.4x on the even smooth sides (32 1.36, 64 1.97, 128 2.39),
-// 1.29x at 15 and 1.19-1.35x on 105, 121, 125. Hence the fixed rule (gemm_dft_rule): every side
-// m <= 127 with p >= 17 and m / p odd or at most 3, and the primes up to 223.
+// 0.23-0.89x on the sides m <= 127 whose largest prime factor p >= 17 has m <= 3p (0.83x at 17 and
+// 19, 0.59x at 23, 0.23-0.71x on 29-62, 0.37-0.58x on 67-127 but 0.75-0.89x on 106, 118, 122),
+// 0.58-0.71x on their odd multiples 85, 95, 115 (5p) and 119 (7p) and 0.47-0.60x on the primes
+// 131-223; 0.78-1.05x on 4p and 6p (68, 76, 92, 102, 114, 116, 124) and on the primes 251-401
+// (0.75-0.80x, rounds 0.55-1.07x), 1.40x at 503; 0.72-0.97x on the odd sides 21-63 with small
+// factors (21 0.95, 25 0.97, 27 0.85, 33 0.78, 39 0.72, 45 0.85, 63 0.78); 1.1-2.4x on the even
+// smooth sides (32 1.36, 64 1.97, 128 2.39), 1.29x at 15 and 1.19-1.35x on 105, 121, 125. Hence the
+// fixed rule (gemm_dft_rule): every side m <= 127 with p >= 17 and m / p odd or at most 3, and the
+// primes up to 223.
+//
 // With the direct form, on the small sides (the operator, forward + backward, B = 32 two-state
 // fields, the whole window, one thread, 6 alternated rounds; the direct form's time over MKL's):
 // 0.59-0.86x on the odd sides 9-39 (21: 0.68, 27: 0.59, 39: 0.60), 0.68-0.90x on twice an odd side
