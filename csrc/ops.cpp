@@ -123,6 +123,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_data_checks", &pymks_vae::set_data_checks, pybind11::arg("enabled"),
         "Turn this thread's data checks (NaN/Inf, mask range) on or off; returns the previous setting");
   m.def("_data_checks_enabled", &pymks_vae::data_checks_enabled, "Whether this thread's data checks are on");
+  m.def("_set_derive_eliminated", &pymks_vae::set_derive_eliminated, pybind11::arg("enabled"),
+        "Let this thread's operator derive the kept spectrum of the state an exact partition eliminates "
+        "(True) or transform it (False); returns the previous setting");
   // MKL's DFTI called directly for the CPU transforms (csrc/cpu/mkl_dft.h), and ATen's path instead.
   m.def("_set_even_gemm", &pymks_vae::set_even_gemm, pybind11::arg("enabled"),
         "Let this thread's windowed loss take the matrix-product route for small 2D windows (True) or the "

@@ -525,11 +525,15 @@ at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& 
   // even_grad_spectrum's states, on the device (the pruned even path only).
   const at::Tensor auto_pair_t = autos_only && even_path && !gemm ? ints_to(auto_pair, dev) : at::Tensor();
   at::Tensor gx = chunk >= B ? at::Tensor() : at::empty(gsizes, gw.options());
+  // The inverse transform's division by the grid size rides on the gradient spectra's products
+  // (an unnormalised inverse then saves DFTI a scaling pass over its result).
+  const double inv_grid = 1.0 / static_cast<double>(grid);
+  c.scale = inv_grid;
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
     at::Tensor spec;
     if (gemm) {  // autos_only
-      spec = be.even_gradient_gemm(gw.narrow(0, b0, n), xh.narrow(0, b0, n), auto_pair, g, 2.0);
+      spec = be.even_gradient_gemm(gw.narrow(0, b0, n), xh.narrow(0, b0, n), auto_pair, g, 2.0 * inv_grid);
     } else if (autos_only && !even_path) {
       // The window placed on the grid and transformed whole; combine_grad's auto pairs take
       // 2 Re(G) X from it.
@@ -542,14 +546,15 @@ at::Tensor stats_loss_window_backward(const at::Tensor& grad, const at::Tensor& 
       const auto gr = even_window_forward_real(gw.narrow(0, b0, n), g);
       const auto xc = xh.narrow(0, b0, n);
       spec = at::empty_like(xc);
-      be.even_grad_spectrum(xc, gr, auto_pair_t, 2.0, spec, false);
+      be.even_grad_spectrum(xc, gr, auto_pair_t, 2.0 * inv_grid, spec, false);
     } else {
       c.g_hat = window_forward(gw.narrow(0, b0, n), g);
       c.x_hat = xh.narrow(0, b0, n);
       spec = be.combine_grad(c);
     }
     // Into the chunk of gx (one chunk - the GPU, large fields - returns the transform itself).
-    auto part = irfft_grid(spec, lg.grid, !autos_only, chunk >= B ? at::Tensor() : gx.narrow(0, b0, n));
+    auto part = irfft_grid(spec, lg.grid, !autos_only, chunk >= B ? at::Tensor() : gx.narrow(0, b0, n),
+                           /*normalised=*/false);
     if (chunk >= B) gx = part;
   }
   if (!periodic)

@@ -59,7 +59,8 @@ at::Tensor rfft_transforms(const at::Tensor& x, at::IntArrayRef grid, bool moved
   return into(at::fft_fft(p, grid[0], -1), dest);  // n = m_0 pads the first axis, as rfftn's s does
 }
 
-at::Tensor irfft_transforms(const at::Tensor& spec, at::IntArrayRef grid, bool moved, at::Tensor dest) {
+at::Tensor irfft_transforms(const at::Tensor& spec, at::IntArrayRef grid, bool moved, at::Tensor dest,
+                            bool normalised) {
   const int64_t B = spec.size(0), k = spec.size(1), nd = static_cast<int64_t>(grid.size());
   const auto rtype = spec.options().dtype(c10::toRealValueType(spec.scalar_type()));
   double n = 1.0;
@@ -68,14 +69,18 @@ at::Tensor irfft_transforms(const at::Tensor& spec, at::IntArrayRef grid, bool m
     std::vector<int64_t> sizes{B, k};
     sizes.insert(sizes.end(), grid.begin(), grid.end());
     at::Tensor out = dest.defined() ? dest : at::empty(sizes, rtype);
-    if (cpu::dft_c2r(cpu::contiguous_layout(grid.vec(), B * k, moved), spec, out, 1.0 / n)) return out;
+    if (cpu::dft_c2r(cpu::contiguous_layout(grid.vec(), B * k, moved), spec, out, normalised ? 1.0 / n : 1.0))
+      return out;
   }
   std::vector<int64_t> dims;
   for (int64_t d = 0; d < nd; ++d) dims.push_back(d + 2);
-  if (!moved || nd == 1) return into(at::fft_irfftn(spec, grid, dims).contiguous(), dest);
+  // norm "forward" leaves the inverse unscaled.
+  const c10::optional<c10::string_view> norm =
+      normalised ? c10::optional<c10::string_view>() : c10::optional<c10::string_view>("forward");
+  if (!moved || nd == 1) return into(at::fft_irfftn(spec, grid, dims, norm).contiguous(), dest);
   std::vector<int64_t> rest_dims(dims.begin() + 1, dims.end()), rest_sizes(grid.begin() + 1, grid.end());
-  auto p = at::fft_ifft(spec, grid[0], -1).movedim(-1, 2).contiguous();
-  return into(at::fft_irfftn(p, rest_sizes, rest_dims).contiguous(), dest);
+  auto p = at::fft_ifft(spec, grid[0], -1, norm).movedim(-1, 2).contiguous();
+  return into(at::fft_irfftn(p, rest_sizes, rest_dims, norm).contiguous(), dest);
 }
 
 // Small 2D grids (cpu/gemm_dft.h): products(input, out) or transforms(input, out), as the chooser
@@ -136,7 +141,44 @@ at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::
   return rfft_transforms(x, grid, moved, padded, dest);
 }
 
-at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, at::Tensor dest) {
+void rfft_grid_into(const at::Tensor& x, at::IntArrayRef grid, at::Tensor& dest) {
+  const int64_t B = x.size(0), nd = static_cast<int64_t>(grid.size());
+  const auto sizes = half_sizes(B, x.size(1), grid, false);
+  TORCH_CHECK(dest.sizes() == at::IntArrayRef(sizes), "rfft_grid_into: the destination has shape ", dest.sizes(),
+              ", expected ", at::IntArrayRef(sizes));
+  for (int64_t d = 0; d < nd; ++d)
+    TORCH_CHECK(grid[d] == x.size(d + 2), "rfft_grid_into: x has spatial size ", x.sizes().slice(2),
+                ", expected the grid ", grid);
+  if (dest.is_contiguous()) {
+    rfft_grid(x, grid, false, dest);
+    return;
+  }
+  // One field per sample, each (real and half) stored row-major with its own distance between
+  // samples: DFTI takes those strides and writes the view in place, where a contiguous result and
+  // a copy into the view cost one more pass over the spectra. Small 2D grids keep their chooser.
+  auto row_major = [&](const at::Tensor& t, const std::vector<int64_t>& sizes) {
+    const auto st = cpu::row_major_strides(sizes);
+    for (int64_t d = 0; d < nd; ++d)
+      if (sizes[d] > 1 && t.stride(d + 2) != st[d]) return false;
+    return true;
+  };
+  std::vector<int64_t> half(grid.begin(), grid.end());
+  half.back() = half.back() / 2 + 1;
+  if (x.device().is_cpu() && cpu::dft_enabled() && x.size(1) == 1 && !cpu::gemm_dft_candidate(grid) &&
+      row_major(x, grid.vec()) && row_major(dest, half)) {
+    cpu::DftLayout l;
+    l.lengths = grid.vec();
+    l.count = B;
+    l.real_strides = cpu::row_major_strides(l.lengths);
+    l.real_dist = x.stride(0);
+    l.half_strides = cpu::row_major_strides(half);
+    l.half_dist = dest.stride(0);
+    if (cpu::dft_r2c(l, x, dest)) return;
+  }
+  dest.copy_(rfft_grid(x, grid, false));
+}
+
+at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, at::Tensor dest, bool normalised) {
   const int64_t B = spec.size(0), k = spec.size(1);
   std::vector<int64_t> sizes{B, k};
   sizes.insert(sizes.end(), grid.begin(), grid.end());
@@ -144,15 +186,16 @@ at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, 
   if (spec.device().is_cpu() && cpu::gemm_dft_candidate(grid)) {
     double n = 1.0;
     for (auto m : grid) n *= static_cast<double>(m);
+    const double scale = normalised ? 1.0 / n : 1.0;
     at::Tensor out = dest.defined() ? dest : at::empty(sizes, spec.options().dtype(c10::toRealValueType(spec.scalar_type())));
     const cpu::GemmDftKind kind{grid[0], grid[1], B * k, spec.scalar_type() == at::kComplexDouble, true, moved,
                                 !spec.is_contiguous()};
     run_small_grid(
-        kind, spec, true, out, [&](const at::Tensor& in, at::Tensor& o) { cpu::gemm_irfft2(in.contiguous(), o, 1.0 / n, moved); },
-        [&](const at::Tensor& in, at::Tensor& o) { irfft_transforms(in, grid, moved, o); });
+        kind, spec, true, out, [&](const at::Tensor& in, at::Tensor& o) { cpu::gemm_irfft2(in.contiguous(), o, scale, moved); },
+        [&](const at::Tensor& in, at::Tensor& o) { irfft_transforms(in, grid, moved, o, normalised); });
     return out;
   }
-  return irfft_transforms(spec, grid, moved, dest);
+  return irfft_transforms(spec, grid, moved, dest, normalised);
 }
 
 }  // namespace pymks_vae

@@ -73,13 +73,15 @@ struct CombineArgs {
   at::Tensor x_hat;  // (B, n_used, *h) complex
   at::Tensor begin, end, terms;  // plan tables on the device (int32, int32, bytes)
   int64_t n_states;
+  double scale = 1.0;  // multiplies every gradient spectrum
 };
 
 // The per-device passes of the two-point operator.
 struct TwoPointBackend {
-  // True when sum over states of x is within tol of 1 at every pixel (and x is finite). x may be
-  // strided (e.g. a channels-last view) as long as its spatial dims flatten to one stride.
-  bool (*partition_check)(const at::Tensor& x, double tol);
+  // 2 when the sum over states of x is exactly 1 at every pixel, 1 when it is within tol of 1
+  // everywhere (and x is finite), 0 otherwise. x may be strided (e.g. a channels-last view) as
+  // long as its spatial dims flatten to one stride.
+  int (*partition_check)(const at::Tensor& x, double tol);
   // P[b, k] = conj(X[b, a_k]) * X[b, b_k]  ->  (B, n_cross, *h)
   at::Tensor (*pair_products)(const at::Tensor& x_hat, const at::Tensor& a, const at::Tensor& b);
   // scale * |X[b, idx_k]|^2 on the half spectrum, with the first spatial axis moved last
@@ -288,11 +290,16 @@ bool set_even_simd(bool enabled);
 // such half spectra back to (B, k, *grid) (normalised by the grid size, as ATen's), in the natural
 // layout (the last axis halved) or with moved, the first axis last: (B, k, m_1, .., h_{d-1}, m_0).
 // The result goes into dest when it is given (contiguous, of the result's shape). irfft_grid may
-// overwrite spec: give it a spectrum the caller no longer needs.
+// overwrite spec: give it a spectrum the caller no longer needs. With normalised false it leaves
+// out the division by the grid size (for spectra scaled on their way, saving a pass).
 at::Tensor rfft_grid(const at::Tensor& x, at::IntArrayRef grid, bool moved, at::Tensor dest = at::Tensor());
 // Shape of the half spectra of k fields (B, k, ..) on grid, natural or moved (as rfft_grid).
 std::vector<int64_t> half_sizes(int64_t B, int64_t k, at::IntArrayRef grid, bool moved);
-at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, at::Tensor dest = at::Tensor());
+at::Tensor irfft_grid(const at::Tensor& spec, at::IntArrayRef grid, bool moved, at::Tensor dest = at::Tensor(),
+                      bool normalised = true);
+// rfft_grid of x (B, k, *spatial) on its own grid (no padding), natural layout, into dest, a view
+// of the result's shape that need not be contiguous (some states of a larger batch of spectra).
+void rfft_grid_into(const at::Tensor& x, at::IntArrayRef grid, at::Tensor& dest);
 
 // The two-point backends' combine_grad passes, shared with the loss's backward.
 at::Tensor combine_grad_cpu(const CombineArgs& args);
@@ -368,6 +375,10 @@ at::Tensor longs_to(const std::vector<int64_t>& v, const at::Device& device);
 bool data_checks_enabled();
 // Sets this thread's data checks; returns the previous setting.
 bool set_data_checks(bool enabled);
+// Whether this thread's forward pass, keeping the spectra of every state of one-hot data (an exact
+// partition) for the backward pass, derives the state the plan eliminates from the others'
+// spectra (true, the default) or transforms it (tests); returns the previous setting.
+bool set_derive_eliminated(bool enabled);
 // Argument checks of the registered operators. The operators are public (torch.compile and users
 // call them directly, not only through pymks_vae/ops.py), and their kernels read raw pointers of
 // one type on one device, so each entry point runs these before any kernel, naming the argument.

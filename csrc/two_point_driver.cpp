@@ -81,7 +81,14 @@ int64_t cache_chunk(const at::Tensor& x, int64_t per_sample_elems) {
 
 namespace {
 thread_local bool tl_data_checks = true;
+thread_local bool tl_derive_eliminated = true;
 }  // namespace
+
+bool set_derive_eliminated(bool enabled) {
+  const bool prev = tl_derive_eliminated;
+  tl_derive_eliminated = enabled;
+  return prev;
+}
 
 bool data_checks_enabled() { return tl_data_checks; }
 
@@ -462,15 +469,15 @@ int64_t batch_chunk(const at::Tensor& x, const Setup& s, const TwoPointPlan& pla
 }
 
 // Whether this call may use the partition-of-unity relations (see make_plan), checking x when
-// asked to (partition 2) over the whole batch, so that one plan serves every chunk.
-bool partition_holds(const at::Tensor& x, bool periodic, bool has_mask, int64_t partition,
-                     const TwoPointBackend& be) {
+// asked to (partition 2) over the whole batch, so that one plan serves every chunk: 0 no, 1 yes,
+// 2 yes and checked to hold exactly (the sum over states is 1 at every pixel, as in one-hot data).
+int partition_holds(const at::Tensor& x, bool periodic, bool has_mask, int64_t partition, const TwoPointBackend& be) {
   const int64_t n_state = x.size(1);
-  if (!periodic || has_mask || n_state < 2 || partition == 0) return false;
-  if (partition == 1) return true;
+  if (!periodic || has_mask || n_state < 2 || partition == 0) return 0;
+  if (partition == 1) return 1;
   // Checking reads the answer back to the host: on a GPU with data checks off (a training loop's
   // hot path) the relations go unused instead; the result is the same, a few transforms dearer.
-  if (!x.device().is_cpu() && !data_checks_enabled()) return false;
+  if (!x.device().is_cpu() && !data_checks_enabled()) return 0;
   const double tol = 64.0 * (x.scalar_type() == at::kFloat ? 1.1920929e-07 : 2.220446049250313e-16) * n_state;
   return be.partition_check(x, tol);
 }
@@ -506,11 +513,31 @@ void keep_spectra(const at::Tensor& x, const at::Tensor& x_hat, const std::vecto
   for (size_t k = 0; k < missing.size(); ++k) keep.select(1, missing_pos[k]).copy_(extra.select(1, k));
 }
 
+// keep[:, L] = S delta - sum of keep[:, lo .. lo + k): the spectrum of state L of fields that
+// partition every pixel exactly (x_L = 1 - the others), from the other states' spectra, which sit
+// at positions lo .. lo + k of keep. S: the number of pixels.
+void derive_eliminated(at::Tensor& keep, int64_t L, int64_t lo, int64_t k, double S) {
+  auto xl = keep.select(1, L);
+  const auto others = keep.narrow(1, lo, k);
+  if (k == 1) {
+    at::neg_out(xl, others.select(1, 0));
+  } else {
+    at::sum_out(xl, others, 1);
+    xl.neg_();
+  }
+  auto dc = xl;
+  while (dc.dim() > 1) dc = dc.select(1, 0);
+  dc.add_(S);
+}
+
 // The forward pass on one chunk of samples, written into out (that chunk of the output).
+// derived >= 0: every state is kept, the partition holds exactly, and the plan eliminates state
+// `derived`, the first or the last: its kept spectrum follows from the others' (derive_eliminated)
+// instead of a transform of its own.
 void forward_chunk(const at::Tensor& x, const TwoPointPlan& plan, const PlanTensors& tables, bool trusted_partition,
                    int64_t n_pairs, bool periodic, const Setup& s, const at::Tensor& mask_view,
                    const at::Tensor& zmask, const at::Tensor& zlevel, const TwoPointBackend& be, at::Tensor& out,
-                   at::Tensor* keep, const std::vector<int64_t>& keep_states) {
+                   at::Tensor* keep, const std::vector<int64_t>& keep_states, int64_t derived) {
   const char* op = "two_point_stats";
   const int64_t n_state = x.size(1);
   const bool has_mask = mask_view.defined();
@@ -523,9 +550,18 @@ void forward_chunk(const at::Tensor& x, const TwoPointPlan& plan, const PlanTens
   std::vector<int32_t> fpos;
   for (const int64_t st : plan.fwd_states)
     fpos.push_back(static_cast<int32_t>(std::lower_bound(x_states.begin(), x_states.end(), st) - x_states.begin()));
-  at::Tensor xs = select_states(x, x_states);
-  if (has_mask) xs = xs * mask_view;
-  auto x_hat = rfft_grid(xs, s.grid, false, via_keep ? *keep : at::Tensor());
+  at::Tensor x_hat;
+  if (derived >= 0) {
+    const int64_t k = n_state - 1, lo = derived == 0 ? 1 : 0;
+    auto dest = keep->narrow(1, lo, k);
+    rfft_grid_into(x.narrow(1, lo, k), s.grid, dest);
+    derive_eliminated(*keep, derived, lo, k, static_cast<double>(x.numel() / (x.size(0) * n_state)));
+    x_hat = *keep;
+  } else {
+    at::Tensor xs = select_states(x, x_states);
+    if (has_mask) xs = xs * mask_view;
+    x_hat = rfft_grid(xs, s.grid, false, via_keep ? *keep : at::Tensor());
+  }
   check_spectrum_finite(x_hat, op, "x");
   if (keep != nullptr && !via_keep) keep_spectra(x, x_hat, plan.fwd_states, keep_states, mask_view, s, *keep);
   auto at_pos = [&](std::vector<int32_t>::const_iterator b, std::vector<int32_t>::const_iterator e) {
@@ -634,8 +670,18 @@ at::Tensor forward_impl(const at::Tensor& x_in, at::IntArrayRef pair_i, at::IntA
     }
     return out;
   }
-  const bool use_partition = partition_holds(x, periodic, mask.defined(), partition, be);
+  const int partition_state = partition_holds(x, periodic, mask.defined(), partition, be);
+  const bool use_partition = partition_state > 0;
   const TwoPointPlan plan = make_plan(req, n_state, use_partition);
+  // Every state kept for the backward pass, of fields that partition every pixel exactly (one-hot
+  // data): the state the plan eliminates needs no transform of its own (forward_chunk), where it
+  // is the first or the last (the others then one run of states, transformed in place).
+  int64_t derived = -1;
+  if (keep != nullptr && partition_state == 2 && tl_derive_eliminated &&
+      static_cast<int64_t>(keep_states.size()) == n_state && static_cast<int64_t>(plan.fwd_states.size()) + 1 == n_state) {
+    const int64_t L = plan.fwd_states.front() == 0 ? n_state - 1 : 0;
+    if (!std::binary_search(plan.fwd_states.begin(), plan.fwd_states.end(), L)) derived = L;
+  }
   const PlanTensors tables{table_to(plan.pairs, x.device()), table_to(plan.terms, x.device()),
                            table_to(plan.vfs, x.device())};
   const int64_t chunk =
@@ -649,7 +695,7 @@ at::Tensor forward_impl(const at::Tensor& x_in, at::IntArrayRef pair_i, at::IntA
     forward_chunk(x.narrow(0, b0, n), plan, tables, use_partition && partition == 1, n_pairs, periodic, s,
                   per_sample ? mask_view.narrow(0, b0, n) : mask_view,
                   per_sample ? zmask.narrow(0, b0, n) : zmask, per_sample ? zlevel.narrow(0, b0, n) : zlevel,
-                  be, out_c, keep_c.defined() ? &keep_c : nullptr, keep_states);
+                  be, out_c, keep_c.defined() ? &keep_c : nullptr, keep_states, derived);
   }
   return out;
 }
@@ -890,6 +936,10 @@ at::Tensor two_point_backward_spectra(const at::Tensor& grad_in, const at::Tenso
   const EvenSplit split = even_split(pair_i, pair_j, cp, nd, !small_window || mask.defined() || !be.even_grad_spectrum);
   const at::Tensor state_even_t = split.even.empty() ? at::Tensor() : ints_to(split.state_even, dev);
   const at::Tensor even_norm = split.even.empty() ? at::Tensor() : lag_normaliser(s.geom, periodic, grad.options());
+  // The inverse transforms' division by the grid size rides on the gradient spectra's products
+  // (an unnormalised inverse then saves DFTI a scaling pass over each result).
+  const double inv_grid = 1.0 / static_cast<double>(grid);
+  c.scale = inv_grid;
   if (!split.even.empty()) {
     c.begin = ints_to(split.rest_plan.begin, dev);
     c.end = ints_to(split.rest_plan.end, dev);
@@ -919,14 +969,14 @@ at::Tensor two_point_backward_spectra(const at::Tensor& grad_in, const at::Tenso
       const auto re_g = even_window_spectrum(win, s.geom);
       const bool accumulate = spec.defined();
       if (!accumulate) spec = at::empty_like(c.x_hat);
-      be.even_grad_spectrum(c.x_hat, re_g, state_even_t, 2.0, spec, accumulate);
+      be.even_grad_spectrum(c.x_hat, re_g, state_even_t, 2.0 * inv_grid, spec, accumulate);
     }
     auto out_c = out.narrow(0, b0, n);
     if (periodic && !mask.defined() && nu == n_state) {
-      irfft_grid(spec, s.grid, false, out_c);  // straight into the output
+      irfft_grid(spec, s.grid, false, out_c, /*normalised=*/false);  // straight into the output
       continue;
     }
-    auto gx = irfft_grid(spec, s.grid, false);
+    auto gx = irfft_grid(spec, s.grid, false, at::Tensor(), /*normalised=*/false);
     if (!periodic)
       for (int64_t d = 0; d < nd; ++d) gx = gx.narrow(d + 2, 0, spatial[d]);
     if (mask.defined()) gx = gx * (per_sample_mask ? mask_view.narrow(0, b0, n) : mask_view);

@@ -219,6 +219,78 @@ def test_gradient_of_partition_input_is_that_of_the_definition(device):
     assert ours[:, 2].abs().max() > 0  # the eliminated state still gets its gradient
 
 
+def _stats_and_grad(x, pairs, g, derive):
+    """Statistics and the gradient of sum(f * g) with the derivation of the eliminated state's
+    kept spectrum on or off (this thread)."""
+    prev = pymks_vae._C._set_derive_eliminated(derive)
+    try:
+        xr = x.detach().clone().requires_grad_(True)
+        f = ops.two_point_stats(xr, pairs)
+        return f.detach(), torch.autograd.grad((f * g).sum(), xr)[0]
+    finally:
+        pymks_vae._C._set_derive_eliminated(prev)
+
+
+@pytest.mark.parametrize("spatial", [(45,), (48, 50), (41, 43), (12, 10, 9), (5, 6)])
+@pytest.mark.parametrize("n_state,pairs", [
+    (2, [(1, 1), (0, 1)]), (2, [(0, 0), (1, 0)]), (3, [(2, 2), (0, 2), (1, 0)]), (3, [(0, 0), (1, 2), (2, 1)]),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dft", ["auto", "aten"])
+def test_eliminated_state_spectrum_derived(spatial, n_state, pairs, dtype, dft, monkeypatch):
+    """One-hot data partitions every pixel exactly, and when the backward pass keeps every state's
+    spectrum, the state the plan eliminates gets S delta minus the others' spectra instead of a
+    transform (through strided DFTI writes, or a copy on ATen's path and the small grids' matrix
+    products). The statistics and the gradient stay those of the direct definition."""
+    monkeypatch.setenv("PYMKS_VAE_BINARY_PATH", "off")  # the transforms, not the exact counts
+    if dft == "aten":
+        prev_dft = pymks_vae._C._set_mkl_dft(False)
+    try:
+        x = one_hot(3, n_state, spatial, dtype)
+        g = torch.randn((3, len(pairs)) + spatial, dtype=torch.float64).to(dtype)
+        f_on, g_on = _stats_and_grad(x, pairs, g, True)
+        f_off, g_off = _stats_and_grad(x, pairs, g, False)
+    finally:
+        if dft == "aten":
+            pymks_vae._C._set_mkl_dft(prev_dft)
+    xr = x.detach().double().clone().requires_grad_(True)
+    ref = torch.autograd.grad((reference.two_point_stats_ref(xr, pairs) * g.double()).sum(), xr)[0]
+    rel = 1e-5 if dtype == torch.float32 else 1e-11
+    for f in (f_on, f_off):
+        assert_close(f, np_two_point(x.double().numpy(), pairs, True, None), rel)
+    for grad in (g_on, g_off):
+        assert_close(grad, ref.numpy(), rel)
+    if dtype == torch.float64 and spatial == (48, 50) and n_state == 2 and dft == "auto":
+        # The derived spectra round differently from transformed ones: proof that the derivation ran.
+        assert not torch.equal(g_on, g_off)
+
+
+def test_eliminated_state_derived_only_for_exact_partitions(monkeypatch):
+    """A near-partition (each pixel's sum 1e-5 off, within float32's tolerance) still takes the
+    partition relations, but its eliminated state's spectrum must be transformed: derived from
+    the others it would drop the offset, an error of 2e-5 of the gradient."""
+    monkeypatch.setenv("PYMKS_VAE_BINARY_PATH", "off")
+    x1 = (torch.rand(4, 48, 50) > 0.5).float()
+    x = torch.stack([1 - x1 + 1e-5, x1], 1)
+    assert 0 < (x.sum(1) - 1).abs().max() < 1.4e-5
+    pairs = [(1, 1), (0, 1)]
+    g = torch.ones((4, 2, 48, 50))
+    _, grad = _stats_and_grad(x, pairs, g, True)
+    xr = x.detach().double().clone().requires_grad_(True)
+    ref = torch.autograd.grad((reference.two_point_stats_ref(xr, pairs) * g.double()).sum(), xr)[0]
+    assert_close(grad, ref.numpy(), 5e-6)
+
+
+@pytest.mark.parametrize("spatial", [(5, 6), (3, 4, 3)])
+def test_gradcheck_one_hot(spatial, monkeypatch):
+    """At one-hot input the analytical gradient comes from the derived spectrum; the finite
+    differences step off the partition, where every state is transformed."""
+    monkeypatch.setenv("PYMKS_VAE_BINARY_PATH", "off")
+    x = one_hot(2, 2, spatial).requires_grad_(True)
+    fn = lambda t: ops.two_point_stats(t, [(1, 1), (0, 1)])
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
 @pytest.mark.parametrize("spatial,periodic,cutoff,masked", [
     ((7,), True, None, False), ((6,), False, 2, False), ((5, 4), True, 1, True),
     ((4, 5), False, None, True), ((3, 4, 3), True, None, False), ((3, 3, 4), False, 1, False),

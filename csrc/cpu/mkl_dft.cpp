@@ -153,7 +153,13 @@ bool usable(const DftLayout& l, const at::Tensor& real, const at::Tensor& half) 
     real_span += (n - 1) * l.real_strides[k];
     half_span += (h - 1) * l.half_strides[k];
   }
-  return real.is_contiguous() && half.is_contiguous() && real_span <= real.numel() && half_span <= half.numel();
+  // A view that is not contiguous (some states of a batch) is addressed through the layout's
+  // strides from its first element: what its storage holds from there bounds the span.
+  auto room = [](const at::Tensor& t) {
+    if (t.is_contiguous()) return t.numel();
+    return static_cast<int64_t>(t.storage().nbytes() / t.element_size()) - t.storage_offset();
+  };
+  return real_span <= room(real) && half_span <= room(half);
 }
 
 }  // namespace

@@ -46,6 +46,8 @@ bool set_dft_enabled(bool enabled);
 bool dft_enabled();
 
 // half = rfftn(real), unnormalised. real: float or double; half: the matching complex type.
+// Both are addressed from their first element through the layout's strides alone (a view that is
+// not contiguous must come with a layout of its own strides); the tensors' storage bounds them.
 // Returns false, having written nothing, where DFTI is unavailable or refuses the layout (a
 // failure of the transform itself, after DFTI accepted it, is an error).
 bool dft_r2c(const DftLayout& layout, const at::Tensor& real, at::Tensor& half);

@@ -17,7 +17,7 @@ namespace {
 using cpu::parallel_rows;
 
 template <typename T>
-bool partition_check_t(const at::Tensor& x, double tol) {
+int partition_check_t(const at::Tensor& x, double tol) {
   // x is (B, n, *spatial) with spatial dims flattening to one stride (two_point_forward sees to it):
   // contiguous channels first, or PyMKS's channels last read in place.
   const int64_t B = x.size(0), n = x.size(1), S = x.numel() / (B * n);
@@ -25,7 +25,7 @@ bool partition_check_t(const at::Tensor& x, double tol) {
   const T* p = x.data_ptr<T>();
   constexpr int64_t kChunk = 2048;
   const int64_t chunks = (S + kChunk - 1) / kChunk;
-  std::atomic<bool> ok{true};
+  std::atomic<bool> ok{true}, exact{true};
   const T t = static_cast<T>(tol);
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     T buf[kChunk];
@@ -33,9 +33,14 @@ bool partition_check_t(const at::Tensor& x, double tol) {
       const int64_t b = task / chunks, lo = (task % chunks) * kChunk;
       const int64_t len = std::min(kChunk, S - lo);
       const T* src = p + b * sb + lo * si;
-      int64_t n_ok = 0;  // counting (dev <= t) vectorises, and NaN never counts
+      // Counting (dev <= t) and (dev == 0) vectorises, and NaN never counts.
+      int64_t n_ok = 0, n_exact = 0;
       if (ss == 1 && si == n && n == 2) {  // channels-last two-phase data, the common PyMKS case
-        for (int64_t i = 0; i < len; ++i) n_ok += std::abs(src[2 * i] + src[2 * i + 1] - T(1)) <= t;
+        for (int64_t i = 0; i < len; ++i) {
+          const T dev = std::abs(src[2 * i] + src[2 * i + 1] - T(1));
+          n_ok += dev <= t;
+          n_exact += dev == T(0);
+        }
       } else {
         if (si == 1) {
           for (int64_t i = 0; i < len; ++i) buf[i] = src[i];
@@ -48,17 +53,21 @@ bool partition_check_t(const at::Tensor& x, double tol) {
             buf[i] = v;
           }
         }
-        for (int64_t i = 0; i < len; ++i) n_ok += std::abs(buf[i] - T(1)) <= t;
+        for (int64_t i = 0; i < len; ++i) {
+          const T dev = std::abs(buf[i] - T(1));
+          n_ok += dev <= t;
+          n_exact += dev == T(0);
+        }
       }
-      const bool bad = n_ok != len;
-      if (bad) ok.store(false, std::memory_order_relaxed);
+      if (n_ok != len) ok.store(false, std::memory_order_relaxed);
+      if (n_exact != len) exact.store(false, std::memory_order_relaxed);
     }
   });
-  return ok.load();
+  return ok.load() ? (exact.load() ? 2 : 1) : 0;
 }
 
-bool partition_check(const at::Tensor& x, double tol) {
-  bool r = false;
+int partition_check(const at::Tensor& x, double tol) {
+  int r = 0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "partition_check", [&] { r = partition_check_t<scalar_t>(x, tol); });
   return r;
 }
@@ -345,40 +354,49 @@ void combine_grad_t(const CombineArgs& a, at::Tensor& out) {
   const int32_t* begin = a.begin.data_ptr<int32_t>();
   const int32_t* end = a.end.data_ptr<int32_t>();
   const auto* terms = reinterpret_cast<const CombineTerm*>(a.terms.data_ptr());
-  // One pass over the row per term, so that each inner loop is a plain elementwise product
-  // (vectorised; the per-bin loop over the term table was not), the first term writing the row.
-  // An auto pair's two terms, conj(G) X + G X, come as one: 2 Re(G) X.
+  const T scale = static_cast<T>(a.scale);
+  // One pass per term over a block of the row, so that each inner loop is a plain elementwise
+  // product (vectorised; the per-bin loop over the term table was not), the first term writing
+  // the block; the block (4-8 KiB) stays in L1 between a state's terms and the scaling. An auto
+  // pair's two terms, conj(G) X + G X, come as one: 2 Re(G) X.
+  constexpr int64_t kBlock = 512;
   parallel_rows(B * a.n_states, H, [&](int64_t row, int64_t i0, int64_t i1) {
     const int64_t b = row / a.n_states, u = row % a.n_states;
-    cpx<T>* o = O + row * H;
-    bool first = true;
-    for (int32_t k = begin[u]; k < end[u]; ++k) {
-      const CombineTerm t = terms[k];
-      const cpx<T>* g = G + (b * nq + t.pair) * H;
-      const cpx<T>* x = X + (b * nu + t.other) * H;
-      const bool pair_of_auto = k + 1 < end[u] && terms[k + 1].pair == t.pair && terms[k + 1].other == t.other &&
-                                terms[k + 1].conj != t.conj;
-      if (pair_of_auto) {
-        ++k;
-        if (first)
-          for (int64_t i = i0; i < i1; ++i) o[i] = cscale(x[i], T(2) * g[i].re);
-        else
-          for (int64_t i = i0; i < i1; ++i) o[i] = cadd(o[i], cscale(x[i], T(2) * g[i].re));
-      } else if (t.conj) {
-        if (first)
-          for (int64_t i = i0; i < i1; ++i) o[i] = cmul_conj(g[i], x[i]);
-        else
-          for (int64_t i = i0; i < i1; ++i) o[i] = cadd(o[i], cmul_conj(g[i], x[i]));
-      } else {
-        if (first)
-          for (int64_t i = i0; i < i1; ++i) o[i] = cmul(g[i], x[i]);
-        else
-          for (int64_t i = i0; i < i1; ++i) o[i] = cadd(o[i], cmul(g[i], x[i]));
+    for (int64_t j0 = i0; j0 < i1; j0 += kBlock) {
+      const int64_t j1 = std::min(i1, j0 + kBlock);
+      cpx<T>* o = O + row * H;
+      bool first = true;
+      for (int32_t k = begin[u]; k < end[u]; ++k) {
+        const CombineTerm t = terms[k];
+        const cpx<T>* g = G + (b * nq + t.pair) * H;
+        const cpx<T>* x = X + (b * nu + t.other) * H;
+        const bool pair_of_auto = k + 1 < end[u] && terms[k + 1].pair == t.pair &&
+                                  terms[k + 1].other == t.other && terms[k + 1].conj != t.conj;
+        if (pair_of_auto) {
+          ++k;
+          if (first)
+            for (int64_t i = j0; i < j1; ++i) o[i] = cscale(x[i], T(2) * g[i].re);
+          else
+            for (int64_t i = j0; i < j1; ++i) o[i] = cadd(o[i], cscale(x[i], T(2) * g[i].re));
+        } else if (t.conj) {
+          if (first)
+            for (int64_t i = j0; i < j1; ++i) o[i] = cmul_conj(g[i], x[i]);
+          else
+            for (int64_t i = j0; i < j1; ++i) o[i] = cadd(o[i], cmul_conj(g[i], x[i]));
+        } else {
+          if (first)
+            for (int64_t i = j0; i < j1; ++i) o[i] = cmul(g[i], x[i]);
+          else
+            for (int64_t i = j0; i < j1; ++i) o[i] = cadd(o[i], cmul(g[i], x[i]));
+        }
+        first = false;
       }
-      first = false;
+      if (first) {
+        for (int64_t i = j0; i < j1; ++i) o[i] = cpx<T>{T(0), T(0)};
+      } else if (scale != T(1)) {
+        for (int64_t i = j0; i < j1; ++i) o[i] = cscale(o[i], scale);
+      }
     }
-    if (first)
-      for (int64_t i = i0; i < i1; ++i) o[i] = cpx<T>{T(0), T(0)};
   });
 }
 
