@@ -156,24 +156,17 @@ void rfft_grid_into(const at::Tensor& x, at::IntArrayRef grid, at::Tensor& dest)
   // One field per sample, each (real and half) stored row-major with its own distance between
   // samples: DFTI takes those strides and writes the view in place, where a contiguous result and
   // a copy into the view cost one more pass over the spectra. Small 2D grids keep their chooser.
-  auto row_major = [&](const at::Tensor& t, const std::vector<int64_t>& sizes) {
-    const auto st = cpu::row_major_strides(sizes);
-    for (int64_t d = 0; d < nd; ++d)
-      if (sizes[d] > 1 && t.stride(d + 2) != st[d]) return false;
-    return true;
-  };
-  std::vector<int64_t> half(grid.begin(), grid.end());
-  half.back() = half.back() / 2 + 1;
-  if (x.device().is_cpu() && cpu::dft_enabled() && x.size(1) == 1 && !cpu::gemm_dft_candidate(grid) &&
-      row_major(x, grid.vec()) && row_major(dest, half)) {
-    cpu::DftLayout l;
-    l.lengths = grid.vec();
-    l.count = B;
-    l.real_strides = cpu::row_major_strides(l.lengths);
+  if (x.device().is_cpu() && cpu::dft_enabled() && x.size(1) == 1 && !cpu::gemm_dft_candidate(grid)) {
+    cpu::DftLayout l = cpu::contiguous_layout(grid.vec(), B, false);
     l.real_dist = x.stride(0);
-    l.half_strides = cpu::row_major_strides(half);
     l.half_dist = dest.stride(0);
-    if (cpu::dft_r2c(l, x, dest)) return;
+    bool row_major = true;
+    for (int64_t d = 0; d < nd; ++d) {
+      const int64_t h = d + 1 < nd ? grid[d] : grid[d] / 2 + 1;
+      row_major = row_major && (grid[d] == 1 || x.stride(d + 2) == l.real_strides[d]) &&
+                  (h == 1 || dest.stride(d + 2) == l.half_strides[d]);
+    }
+    if (row_major && cpu::dft_r2c(l, x, dest)) return;
   }
   dest.copy_(rfft_grid(x, grid, false));
 }

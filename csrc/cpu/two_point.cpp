@@ -362,9 +362,9 @@ void combine_grad_t(const CombineArgs& a, at::Tensor& out) {
   constexpr int64_t kBlock = 512;
   parallel_rows(B * a.n_states, H, [&](int64_t row, int64_t i0, int64_t i1) {
     const int64_t b = row / a.n_states, u = row % a.n_states;
+    cpx<T>* o = O + row * H;
     for (int64_t j0 = i0; j0 < i1; j0 += kBlock) {
       const int64_t j1 = std::min(i1, j0 + kBlock);
-      cpx<T>* o = O + row * H;
       bool first = true;
       for (int32_t k = begin[u]; k < end[u]; ++k) {
         const CombineTerm t = terms[k];
