@@ -143,20 +143,38 @@ def test_two_processes_follow_the_single_process_run(two_process_run):
         for k, g in g_single.items():
             torch.testing.assert_close(g_dist[k], g, rtol=1e-3, atol=1e-6 * float(scale), msg=f"{name}: grad {k}")
 
-        # Adam's early steps are nearly sign(g) * lr, so elements whose gradient is rounding noise
-        # (biases ahead of a BatchNorm, zero gradient in exact arithmetic) may step either way: a
-        # 1e-6 relative change of the initial weights moves some tensors by 15-30% (L2) after these
-        # 6 steps here. The distributed run stays far closer than that.
+        # Adam's early steps are nearly sign(g) * lr, so a float32 rounding difference in one
+        # gradient element can flip a step, and the runs drift apart chaotically: a single process
+        # started from weights moved by 1e-6 (relative, element by element) ends 1.5-2.3% away from
+        # the unmoved run over all parameters, and 19-33% in its worst tensor (a bias of 16
+        # numbers; measured on a 2-core AMD EPYC, Zen 3). A per-tensor bound therefore depends on
+        # the CPU's rounding (a 5% one failed there). The distributed run must stay within twice
+        # the drift of two such perturbed single runs, measured over all parameters here.
         h = dist0["history"]
         assert h["world_size"] == 2 and h["global_batch_size"] == worker.BATCH
         assert h["images_seen"] == single["images_seen"] == 2 * worker.N_IMAGES
         torch.testing.assert_close(torch.tensor(h["train_loss"]), torch.tensor(single["train_loss"]), rtol=1e-3, atol=0)
         torch.testing.assert_close(torch.tensor(h["val_loss"]), torch.tensor(single["val_loss"]), rtol=1e-3, atol=0)
-        for k, w in model.named_parameters():
-            if float(g_single[k].abs().max()) < 1e-6 * float(scale):
-                continue  # a bias ahead of a BatchNorm: its gradient is rounding noise, its steps random
-            rel = float((dist0["state"][k] - w.detach()).norm() / w.detach().norm().clamp_min(1e-12))
-            assert rel < 0.05, (name, k, rel)
+        # Biases ahead of a BatchNorm have a gradient of rounding noise and random steps: left out.
+        keys = [k for k, _ in model.named_parameters() if float(g_single[k].abs().max()) >= 1e-6 * float(scale)]
+        final = dict(model.named_parameters())
+
+        def drift(state):
+            num = sum(float((state[k] - final[k].detach()).square().sum()) for k in keys)
+            return (num / sum(float(final[k].detach().square().sum()) for k in keys)) ** 0.5
+
+        noise = []
+        for seed in (1, 2):
+            perturbed = worker.model()
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in perturbed.parameters():
+                    p.mul_(1 + 1e-6 * torch.randn(p.shape, generator=g))
+            train_vae(perturbed, loss, worker.lines(), worker.config(str(out / f"noise{seed}"), name, 2),
+                      val_data=worker.lines()[:6])
+            noise.append(drift(dict(perturbed.named_parameters())))
+        assert min(noise) > 0, (name, noise)  # the perturbation did move the run: the bound is not zero
+        assert drift(dist0["state"]) < 2 * sum(noise) / len(noise), (name, drift(dist0["state"]), noise)
         # every rank ends with the very same model
         for k, v in dist0["state"].items():
             assert torch.equal(v, dist1["state"][k]), (name, k)
