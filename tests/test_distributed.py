@@ -160,7 +160,7 @@ def test_two_processes_follow_the_single_process_run(two_process_run):
         final = dict(model.named_parameters())
 
         def drift(state):
-            num = sum(float((state[k] - final[k].detach()).square().sum()) for k in keys)
+            num = sum(float((state[k].detach() - final[k].detach()).square().sum()) for k in keys)
             return (num / sum(float(final[k].detach().square().sum()) for k in keys)) ** 0.5
 
         noise = []
