@@ -273,6 +273,13 @@ PYBIND11_MODULE(_C, m) {
       "Override the binary route's costs (a dict), or None to clear the override; returns the previous one");
   m.def("_binary_route_trials", &pymks_vae::binary_route_trials,
         "How many kinds of call have had both binary routes timed (route trials)");
+  m.def(
+      "_last_binary_route_trial",
+      [] {
+        const auto r = pymks_vae::last_binary_route_trial();
+        return pybind11::make_tuple(r.rounds, r.count_s, r.transform_s);
+      },
+      "The latest route trial: (rounds, counting's faster time, the transforms' faster time), in seconds");
   m.def("_clear_binary_route_trials", &pymks_vae::clear_binary_route_trials, "Forget the route trials");
   m.def("_set_binary_route_trial_band", &pymks_vae::set_binary_route_trial_band, pybind11::arg("band"),
         "Time both routes where the model's ratio lies within this band (0: never); returns the previous band");

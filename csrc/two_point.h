@@ -159,6 +159,13 @@ std::optional<RouteCosts> set_binary_route_costs(const RouteCosts* costs);
 // is timed (0 or 1: never; default 3). The band returned is the previous one.
 int64_t binary_route_trials();
 void clear_binary_route_trials();
+// The latest route trial's rounds and the faster time of each route in it, in seconds (all zero
+// before the first trial).
+struct TrialRecord {
+  int rounds = 0;
+  double count_s = 0.0, transform_s = 0.0;
+};
+TrialRecord last_binary_route_trial();
 double set_binary_route_trial_band(double band);
 
 // The route chooser's estimate for one call on binary input of `batch` fields of shape `spatial`

@@ -393,6 +393,12 @@ def test_route_trial_times_both_routes_once_and_keeps_the_faster(route, shape, c
     # checks that the trial's verdict is one of the two routes and that every call, the first
     # included, gives its bits, not which route won: timings are for benchmarks/bench_route.py.
     assert torch.equal(first, counted) or torch.equal(first, transformed)
+    # Two rounds at least (one noisy round cannot decide), a third only while the routes are
+    # within 30% of each other; the verdict is the faster of the two times kept.
+    rounds, t_count, t_transform = _C._last_binary_route_trial()
+    assert rounds in (2, 3) and t_count > 0 and t_transform > 0
+    assert rounds == 3 or max(t_count, t_transform) > 1.3 * min(t_count, t_transform)
+    assert torch.equal(first, counted if t_count <= t_transform else transformed)
     kept = ops.two_point_stats(x, PAIRS, cutoff=cutoff)
     assert torch.equal(kept, first)
     assert torch.equal(ops.two_point_stats(x, PAIRS, cutoff=cutoff), kept)

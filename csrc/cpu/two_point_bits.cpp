@@ -1041,6 +1041,7 @@ namespace {
 std::mutex g_trials_mutex;
 std::map<std::vector<int64_t>, bool> g_trials;  // kind -> counting was faster
 double g_trial_band = 3.0;                      // 0: no trials
+TrialRecord g_last_trial;                       // the latest trial's timings (for tests and diagnosis)
 constexpr size_t kMaxTrials = 256;
 
 std::vector<int64_t> trial_key(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req,
@@ -1059,10 +1060,16 @@ std::vector<int64_t> trial_key(const at::Tensor& x, const std::vector<std::pair<
   return k;
 }
 
-// Counts into out and times both routes (the transforms into a scratch tensor): one round, a second
-// where the first is within 30%, the faster of each kept. True where counting was faster (its
-// result is in out); false where the transforms were, or x is not binary after all (the caller
-// then runs the transforms, as for the later calls of a kind the transforms won).
+// Counts into out and times both routes (the transforms into a scratch tensor), the faster time of
+// each kept: two rounds, the second in the other order (a route run second can find the input in
+// cache), and a third while the two are within 30% of each other. True where counting was faster
+// (its result is in out); false where the transforms were, or x is not binary after all (the
+// caller then runs the transforms, as for the later calls of a kind the transforms won).
+// Why two rounds at least: on the 2-core Zen 3 EPYC, 2 threads, 8 x 64^3 float64 at cutoff 5
+// (counting 24-28 ms, transforms 30-34 ms), a host busy for a few hundred milliseconds made one
+// round count in 48-82 ms, and a trial stopping after a round 30% apart chose the transforms in
+// 1-4 of 12-16 fresh trials (and in the one a benchmark run drew); with two rounds, 32 of 32 trials
+// chose counting.
 bool trial_routes(const at::Tensor& x, const std::vector<std::pair<int64_t, int64_t>>& req, bool check_partition,
                   bool periodic, const Geometry& g, const Choice& c, const std::vector<int64_t>& key, at::Tensor& out) {
   Choice counting = c;
@@ -1073,20 +1080,35 @@ bool trial_routes(const at::Tensor& x, const std::vector<std::pair<int64_t, int6
     pj.push_back(j);
   }
   double t_count = std::numeric_limits<double>::infinity(), t_transform = t_count;
-  for (int round = 0; round < 2; ++round) {
-    auto t0 = std::chrono::steady_clock::now();
+  auto time_count = [&] {
+    const auto t0 = std::chrono::steady_clock::now();
     if (!binary_stats_with(x, req, check_partition, periodic, g, counting, out)) return false;
     t_count = std::min(t_count, seconds_since(t0));
-    t0 = std::chrono::steady_clock::now();
+    return true;
+  };
+  auto time_transforms = [&] {
+    const auto t0 = std::chrono::steady_clock::now();
     {
       const TransformsOnly only;
       two_point_forward(x, pi, pj, periodic, window, c10::nullopt, check_partition ? 2 : 0, cpu_two_point_backend());
     }
     t_transform = std::min(t_transform, seconds_since(t0));
-    if (std::max(t_count, t_transform) > 1.3 * std::min(t_count, t_transform)) break;
+  };
+  int rounds = 0;
+  for (int round = 0; round < 3; ++round) {
+    ++rounds;
+    if (round % 2 == 0) {
+      if (!time_count()) return false;
+      time_transforms();
+    } else {
+      time_transforms();
+      if (!time_count()) return false;  // (counting's result stays in out either way)
+    }
+    if (round >= 1 && std::max(t_count, t_transform) > 1.3 * std::min(t_count, t_transform)) break;
   }
   const bool counting_won = t_count <= t_transform;
   std::lock_guard<std::mutex> lock(g_trials_mutex);
+  g_last_trial = {rounds, t_count, t_transform};
   if (g_trials.size() < kMaxTrials) g_trials[key] = counting_won;
   return counting_won;
 }
@@ -1140,6 +1162,11 @@ int64_t binary_route_trials() {
 void clear_binary_route_trials() {
   std::lock_guard<std::mutex> lock(g_trials_mutex);
   g_trials.clear();
+}
+
+TrialRecord last_binary_route_trial() {
+  std::lock_guard<std::mutex> lock(g_trials_mutex);
+  return g_last_trial;
 }
 
 double set_binary_route_trial_band(double band) {
