@@ -157,11 +157,11 @@ def test_two_processes_follow_the_single_process_run(two_process_run):
         torch.testing.assert_close(torch.tensor(h["val_loss"]), torch.tensor(single["val_loss"]), rtol=1e-3, atol=0)
         # Biases ahead of a BatchNorm have a gradient of rounding noise and random steps: left out.
         keys = [k for k, _ in model.named_parameters() if float(g_single[k].abs().max()) >= 1e-6 * float(scale)]
-        final = dict(model.named_parameters())
+        final = {k: w.detach() for k, w in model.named_parameters()}
+        final_sq = sum(float(final[k].square().sum()) for k in keys)
 
         def drift(state):
-            num = sum(float((state[k].detach() - final[k].detach()).square().sum()) for k in keys)
-            return (num / sum(float(final[k].detach().square().sum()) for k in keys)) ** 0.5
+            return (sum(float((state[k].detach() - final[k]).square().sum()) for k in keys) / final_sq) ** 0.5
 
         noise = []
         for seed in (1, 2):
@@ -174,7 +174,8 @@ def test_two_processes_follow_the_single_process_run(two_process_run):
                       val_data=worker.lines()[:6])
             noise.append(drift(dict(perturbed.named_parameters())))
         assert min(noise) > 0, (name, noise)  # the perturbation did move the run: the bound is not zero
-        assert drift(dist0["state"]) < 2 * sum(noise) / len(noise), (name, drift(dist0["state"]), noise)
+        dist_drift = drift(dist0["state"])
+        assert dist_drift < 2 * sum(noise) / len(noise), (name, dist_drift, noise)
         # every rank ends with the very same model
         for k, v in dist0["state"].items():
             assert torch.equal(v, dist1["state"][k]), (name, k)

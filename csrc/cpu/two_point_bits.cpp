@@ -1095,16 +1095,16 @@ bool trial_routes(const at::Tensor& x, const std::vector<std::pair<int64_t, int6
     t_transform = std::min(t_transform, seconds_since(t0));
   };
   int rounds = 0;
-  for (int round = 0; round < 3; ++round) {
-    ++rounds;
-    if (round % 2 == 0) {
+  while (rounds < 3) {
+    if (rounds % 2 == 0) {
       if (!time_count()) return false;
       time_transforms();
-    } else {
+    } else {  // the other order; counting's result stays in out either way
       time_transforms();
-      if (!time_count()) return false;  // (counting's result stays in out either way)
+      if (!time_count()) return false;
     }
-    if (round >= 1 && std::max(t_count, t_transform) > 1.3 * std::min(t_count, t_transform)) break;
+    ++rounds;
+    if (rounds >= 2 && std::max(t_count, t_transform) > 1.3 * std::min(t_count, t_transform)) break;
   }
   const bool counting_won = t_count <= t_transform;
   std::lock_guard<std::mutex> lock(g_trials_mutex);
